@@ -1,0 +1,1 @@
+"""edgeloop contracts: every message that crosses a process boundary."""

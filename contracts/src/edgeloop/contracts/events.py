@@ -1,0 +1,413 @@
+"""Every event of the loop, as frozen pydantic models.
+
+Rules (DESIGN §3): past-tense names; every event carries ``event_id``, ``occurred_at``,
+``schema_version`` and the ids a trace or audit query needs; an event changes only by
+adding optional fields; a breaking change gets a new subject or schema version.
+Inputs are validated with ``extra="forbid"`` so a producer's typo is caught at the
+boundary instead of being silently dropped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, NonNegativeInt
+
+from edgeloop.contracts import subjects as s
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(BaseModel):
+    """Base of every event that crosses a process boundary."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    subject: ClassVar[str] = ""
+    """The subject this event is published on (a class constant, not a field)."""
+
+    event_id: uuid.UUID = Field(default_factory=uuid.uuid4)
+    occurred_at: AwareDatetime = Field(default_factory=_now)
+    schema_version: int = 1
+    trace_parent: str | None = Field(
+        default=None, description="W3C traceparent of the span that caused this event"
+    )
+
+    def to_json(self) -> bytes:
+        """Serialise for the wire."""
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Any:
+        """Parse and validate wire bytes (raises ``pydantic.ValidationError``)."""
+        return cls.model_validate_json(data)
+
+
+class ModelRef(BaseModel):
+    """``NAME@VERSION`` of a model version."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(min_length=1, max_length=128)
+    version: str = Field(min_length=1, max_length=64)
+
+
+# --- registry ---------------------------------------------------------------------
+
+
+class ArtifactRef(BaseModel):
+    """A content-addressed blob in the OCI registry."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    size: NonNegativeInt
+    media_type: str
+
+
+class ModelCommitted(Event, ModelRef):
+    """A model version was registered (ONNX + metadata + suite + reference profile)."""
+
+    subject: ClassVar[str] = s.MODEL_COMMITTED
+
+    repository: str = Field(description="OCI repository holding the artifacts")
+    model_artifact: ArtifactRef
+    suite_artifact: ArtifactRef | None = None
+    reference_artifact: ArtifactRef | None = None
+    source_commit: str | None = None
+    data_digest: str | None = None
+    parent: ModelRef | None = None
+    params: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
+    retrain_request_id: uuid.UUID | None = None
+
+
+# --- builder -----------------------------------------------------------------------
+
+
+class ImageBuilt(Event, ModelRef):
+    """The builder pushed an OCI image for a model version."""
+
+    subject: ClassVar[str] = s.IMAGE_BUILT
+
+    image: str = Field(description="repository reference, e.g. host:port/models/iris")
+    digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    size: NonNegativeInt
+    signature_digest: str | None = None
+    backend: Literal["oci", "docker"] = "oci"
+
+
+class ImageBuildFailed(Event, ModelRef):
+    """The builder gave up on a model version."""
+
+    subject: ClassVar[str] = s.IMAGE_BUILD_FAILED
+
+    reason: str
+    attempts: NonNegativeInt = 1
+
+
+# --- validator ---------------------------------------------------------------------
+
+
+class ValidationPassed(Event, ModelRef):
+    """The image's model met its thresholds and did not regress against the champion."""
+
+    subject: ClassVar[str] = s.VALIDATION_PASSED
+
+    image: str
+    digest: str
+    metrics: dict[str, float] = Field(default_factory=dict)
+    report_id: uuid.UUID | None = None
+    validated_tag: str | None = None
+
+
+class ValidationFailed(Event, ModelRef):
+    """The image's model failed validation; ``reasons`` lists every failed check."""
+
+    subject: ClassVar[str] = s.VALIDATION_FAILED
+
+    image: str | None = None
+    digest: str | None = None
+    reasons: list[str]
+    metrics: dict[str, float] = Field(default_factory=dict)
+    report_id: uuid.UUID | None = None
+
+
+# --- deployer ----------------------------------------------------------------------
+
+
+class WavePlan(BaseModel):
+    """One wave: a device count or a percentage of the selected devices."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    count: NonNegativeInt | None = None
+    percent: float | None = Field(default=None, gt=0, le=100)
+
+
+class RolloutRequested(Event, ModelRef):
+    """An operator (or the loop) asked to roll a validated image out."""
+
+    subject: ClassVar[str] = s.ROLLOUT_REQUESTED
+
+    rollout_id: uuid.UUID
+    digest: str | None = None
+    selector: dict[str, str]
+    waves: list[WavePlan]
+    bake_seconds: float = Field(default=30.0, ge=0)
+    converge_timeout_seconds: float = Field(default=120.0, gt=0)
+    max_failures: int | None = Field(default=None, ge=0)
+    max_failures_percent: float | None = Field(default=None, ge=0, le=100)
+    requested_by: str | None = None
+
+
+class _RolloutEvent(Event, ModelRef):
+    rollout_id: uuid.UUID
+
+
+class _WaveEvent(_RolloutEvent):
+    wave: NonNegativeInt
+    devices: list[str] = Field(default_factory=list)
+
+
+class RolloutWaveStarted(_WaveEvent):
+    """Desired state was written for a wave's devices."""
+
+    subject: ClassVar[str] = s.ROLLOUT_WAVE_STARTED
+
+
+class RolloutWaveSucceeded(_WaveEvent):
+    """A wave converged, baked and got a passing verdict."""
+
+    subject: ClassVar[str] = s.ROLLOUT_WAVE_SUCCEEDED
+
+    converged: NonNegativeInt = 0
+    failed: NonNegativeInt = 0
+
+
+class RolloutWaveFailed(_WaveEvent):
+    """A wave exceeded its failure budget or got a failing verdict."""
+
+    subject: ClassVar[str] = s.ROLLOUT_WAVE_FAILED
+
+    reason: str
+    converged: NonNegativeInt = 0
+    failed: NonNegativeInt = 0
+
+
+class RolloutCompleted(_RolloutEvent):
+    """Every wave succeeded."""
+
+    subject: ClassVar[str] = s.ROLLOUT_COMPLETED
+
+
+class RolloutRolledBack(_RolloutEvent):
+    """Every device of the rollout got its previous desired image back."""
+
+    subject: ClassVar[str] = s.ROLLOUT_ROLLED_BACK
+
+    reason: str
+    automatic: bool = True
+
+
+class RolloutPaused(_RolloutEvent):
+    """An operator paused the rollout."""
+
+    subject: ClassVar[str] = s.ROLLOUT_PAUSED
+
+    actor: str | None = None
+
+
+class RolloutResumed(_RolloutEvent):
+    """An operator resumed the rollout."""
+
+    subject: ClassVar[str] = s.ROLLOUT_RESUMED
+
+    actor: str | None = None
+
+
+class RolloutAborted(_RolloutEvent):
+    """An operator aborted the rollout (devices keep what they have)."""
+
+    subject: ClassVar[str] = s.ROLLOUT_ABORTED
+
+    actor: str | None = None
+    reason: str | None = None
+
+
+class Verdict(StrEnum):
+    """The monitor's judgement of a canary cohort."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    INCONCLUSIVE = "inconclusive"
+
+
+class CanaryVerdict(_RolloutEvent):
+    """The monitor compared a wave's canary cohort with the baseline cohort."""
+
+    subject: ClassVar[str] = s.ROLLOUT_CANARY_VERDICT
+
+    wave: NonNegativeInt
+    verdict: Verdict
+    reasons: list[str] = Field(default_factory=list)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+# --- devices ---------------------------------------------------------------------
+
+
+class DeviceState(StrEnum):
+    """Where a device is with its desired model."""
+
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    ACTIVATING = "activating"
+    RUNNING = "running"
+    FAILED = "failed"
+    OFFLINE = "offline"
+
+
+class DeviceStatusReported(Event):
+    """A device's reported state changed (device twin, reported half)."""
+
+    subject: ClassVar[str] = s.DEVICE_STATUS_PREFIX
+
+    device_id: str = Field(min_length=1, max_length=128)
+    state: DeviceState
+    model: str | None = None
+    version: str | None = None
+    digest: str | None = None
+    desired_digest: str | None = None
+    rollout_id: uuid.UUID | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    error: str | None = None
+
+    def bus_subject(self) -> str:
+        """``device.status.<device>``."""
+        return s.device_status_subject(self.device_id)
+
+
+class Histogram(BaseModel):
+    """A mergeable fixed-edge histogram (counts per bin, plus under/overflow)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    edges: list[float]
+    counts: list[NonNegativeInt]
+
+
+class TelemetryBatch(Event, ModelRef):
+    """Many inferences of one device in one bus message (DESIGN §6: batching)."""
+
+    subject: ClassVar[str] = s.TELEMETRY_PREFIX
+
+    device_id: str = Field(min_length=1, max_length=128)
+    digest: str | None = None
+    window_start: AwareDatetime
+    window_end: AwareDatetime
+    count: NonNegativeInt
+    errors: NonNegativeInt = 0
+    low_confidence: NonNegativeInt = 0
+    feature_names: list[str] = Field(default_factory=list)
+    feature_histograms: list[Histogram] = Field(default_factory=list)
+    prediction_counts: dict[str, NonNegativeInt] = Field(default_factory=dict)
+    confidence_histogram: Histogram | None = None
+    latency_ms_histogram: Histogram | None = None
+    samples: list[dict[str, Any]] = Field(
+        default_factory=list, description="bounded sample of raw low-confidence inputs"
+    )
+    dropped_batches: NonNegativeInt = 0
+
+    def bus_subject(self) -> str:
+        """``device.telemetry.<model>.<device>``."""
+        return s.telemetry_subject(self.model, self.device_id)
+
+
+# --- monitor -----------------------------------------------------------------------
+
+
+class AlarmKind(StrEnum):
+    """What an alarm is about."""
+
+    DRIFT = "drift"
+    KPI = "kpi"
+
+
+class AlarmRaised(Event, ModelRef):
+    """A drift or KPI rule fired."""
+
+    subject: ClassVar[str] = s.ALARM_RAISED
+
+    alarm_id: uuid.UUID
+    kind: AlarmKind
+    rule: str
+    severity: Literal["info", "warning", "critical"] = "warning"
+    group: str | None = None
+    window_start: AwareDatetime | None = None
+    window_end: AwareDatetime | None = None
+    scores: dict[str, float] = Field(default_factory=dict)
+    message: str = ""
+
+
+class AlarmResolved(Event, ModelRef):
+    """An alarm's condition cleared (after hysteresis) or it was resolved by hand."""
+
+    subject: ClassVar[str] = s.ALARM_RESOLVED
+
+    alarm_id: uuid.UUID
+    rule: str
+    resolved_by: str | None = None
+
+
+class DatasetSelection(BaseModel):
+    """Which stored samples to retrain on, and how to export them."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kinds: list[Literal["low-confidence", "misclassified", "labelled"]]
+    since: AwareDatetime | None = None
+    until: AwareDatetime | None = None
+    sample_count: NonNegativeInt = 0
+    export_command: str | None = None
+
+
+class RetrainRequested(Event, ModelRef):
+    """An alarm asks for a new version trained on the selected data (closes the loop)."""
+
+    subject: ClassVar[str] = s.RETRAIN_REQUESTED
+
+    request_id: uuid.UUID
+    alarm_id: uuid.UUID | None = None
+    reason: str
+    evidence: dict[str, Any] = Field(default_factory=dict)
+    dataset: DatasetSelection
+
+
+LIFECYCLE_EVENTS: tuple[type[Event], ...] = (
+    ModelCommitted,
+    ImageBuilt,
+    ImageBuildFailed,
+    ValidationPassed,
+    ValidationFailed,
+    RolloutRequested,
+    RolloutWaveStarted,
+    RolloutWaveSucceeded,
+    RolloutWaveFailed,
+    RolloutCompleted,
+    RolloutRolledBack,
+    RolloutPaused,
+    RolloutResumed,
+    RolloutAborted,
+    CanaryVerdict,
+    AlarmRaised,
+    AlarmResolved,
+    RetrainRequested,
+)
+
+EVENTS_BY_SUBJECT: dict[str, type[Event]] = {e.subject: e for e in LIFECYCLE_EVENTS}
