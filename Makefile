@@ -1,0 +1,62 @@
+# edgeloop — the two commands: `make up` (run the platform here) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+BIN := $(VENV)/bin
+UV_VERSION := 0.13.9
+
+.PHONY: setup system-deps up down status test test-fast lint format bench proto clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q "uv==$(UV_VERSION)"
+
+# Debian's OCI registry (Distribution) and skopeo are what the tests and `make up` use.
+system-deps:
+	@if ! command -v docker-registry >/dev/null || ! command -v skopeo >/dev/null; then \
+		echo "installing docker-registry and skopeo (Debian packages)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-registry skopeo >/dev/null; \
+	fi
+
+$(VENV)/.synced: $(UV) uv.lock pyproject.toml */pyproject.toml services/*/pyproject.toml
+	$(UV) sync --all-packages --locked
+	@touch $@
+
+setup: system-deps $(VENV)/.synced
+
+up: setup
+	$(BIN)/python -m edgeloop.devstack.up
+
+down:
+	$(BIN)/python -m edgeloop.devstack.down
+
+status: setup
+	$(BIN)/edgeloop status
+
+lint: $(VENV)/.synced
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(VENV)/.synced
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: setup lint
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -x -q
+
+bench: setup
+	$(BIN)/python -m bench
+
+proto: $(VENV)/.synced
+	PATH=$(abspath $(BIN)):$$PATH bash scripts/gen_proto.sh
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

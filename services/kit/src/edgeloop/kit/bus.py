@@ -1,0 +1,186 @@
+"""NATS: broker factory and idempotent declaration of streams, KV buckets and consumers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from faststream.nats import NatsBroker
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from opentelemetry.sdk.trace import TracerProvider
+
+from edgeloop.contracts import subjects as s
+
+log = logging.getLogger(__name__)
+
+DAY = 24 * 3600.0
+
+#: The duplicate window must cover the relay's longest re-send (a relay killed between
+#: publish and mark-sent re-publishes as soon as it is back, well within 2 minutes).
+DUPLICATE_WINDOW_SECONDS = 120.0
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Streams and KV buckets of the platform (DESIGN §2)."""
+
+    streams: tuple[StreamConfig, ...]
+    kv: tuple[KeyValueConfig, ...] = field(default=())
+
+
+def default_topology(*, telemetry_max_bytes: int = 1 << 30) -> Topology:
+    """The platform's streams and buckets, with the retention DESIGN §2 gives them."""
+    return Topology(
+        streams=(
+            StreamConfig(
+                name=s.STREAM_LIFECYCLE,
+                subjects=list(s.LIFECYCLE_SUBJECTS),
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=365 * DAY,
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            ),
+            StreamConfig(
+                name=s.STREAM_TELEMETRY,
+                subjects=list(s.TELEMETRY_SUBJECTS),
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=2 * DAY,
+                max_bytes=telemetry_max_bytes,
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            ),
+            StreamConfig(
+                name=s.STREAM_DEVICE,
+                subjects=list(s.DEVICE_SUBJECTS),
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=30 * DAY,
+                max_msgs_per_subject=100,
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            ),
+            StreamConfig(
+                name=s.STREAM_DLQ,
+                subjects=list(s.DLQ_SUBJECTS),
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=90 * DAY,
+                duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            ),
+        ),
+        kv=(
+            KeyValueConfig(bucket=s.KV_DESIRED, history=5, storage=StorageType.FILE),
+            KeyValueConfig(bucket=s.KV_REPORTED, history=5, storage=StorageType.FILE),
+        ),
+    )
+
+
+async def declare_topology(js: JetStreamContext, topology: Topology | None = None) -> None:
+    """Create or update every stream and bucket; safe to call from every service at start."""
+    topology = topology or default_topology()
+    for cfg in topology.streams:
+        await declare_stream(js, cfg)
+    for kv in topology.kv:
+        try:
+            await js.key_value(kv.bucket)
+        except (NotFoundError, BadRequestError):
+            await js.create_key_value(config=kv)
+
+
+async def declare_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
+    """Create ``cfg``'s stream, or bring an existing one to ``cfg``."""
+    assert cfg.name is not None
+    try:
+        await js.stream_info(cfg.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(config=cfg)
+            log.info("created stream %s", cfg.name)
+            return
+        except BadRequestError as exc:  # another replica created it in between
+            if exc.err_code != 10058:
+                raise
+    await js.update_stream(config=cfg)
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer shared by every replica of a service.
+
+    ``max_deliver`` is the application's budget (after it, the message is dead-lettered);
+    the server's own limit is set a little higher so a crash on the last attempt still
+    leads to a redelivery that the application can dead-letter instead of losing.
+    """
+
+    stream: str
+    durable: str
+    filter_subjects: tuple[str, ...]
+    max_deliver: int = 5
+    backoff: tuple[float, ...] = (0.5, 2.0, 5.0, 15.0)
+    ack_wait: float = 30.0
+    max_ack_pending: int = 1000
+    deliver_new_only: bool = False
+
+    def config(self) -> ConsumerConfig:
+        """The JetStream consumer configuration."""
+        multi = len(self.filter_subjects) > 1
+        return ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.ack_wait,
+            max_deliver=self.max_deliver + 3,
+            max_ack_pending=self.max_ack_pending,
+            deliver_policy=DeliverPolicy.NEW if self.deliver_new_only else DeliverPolicy.ALL,
+            filter_subject=None if multi else self.filter_subjects[0],
+            filter_subjects=list(self.filter_subjects) if multi else None,
+        )
+
+    def delay_after(self, deliveries: int) -> float:
+        """Back-off before the next attempt, after ``deliveries`` failed ones."""
+        if not self.backoff:
+            return 0.0
+        return self.backoff[min(max(deliveries, 1), len(self.backoff)) - 1]
+
+
+async def declare_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
+    """Create or update a durable consumer (idempotent)."""
+    await js.add_consumer(spec.stream, config=spec.config())
+
+
+def make_broker(
+    servers: str,
+    *,
+    tracer_provider: TracerProvider | None = None,
+    graceful_timeout: float = 15.0,
+    name: str = "edgeloop",
+) -> NatsBroker:
+    """A FastStream NATS broker that reconnects forever and propagates trace context.
+
+    FastStream's telemetry middleware puts ``traceparent`` in every message's headers and
+    continues the trace on the consumer side; the Prometheus middleware counts messages.
+    """
+    from faststream.nats.opentelemetry import NatsTelemetryMiddleware
+    from faststream.nats.prometheus import NatsPrometheusMiddleware
+    from prometheus_client import REGISTRY
+
+    middlewares = [
+        NatsTelemetryMiddleware(tracer_provider=tracer_provider),
+        NatsPrometheusMiddleware(registry=REGISTRY, app_name=name),
+    ]
+    return NatsBroker(
+        servers=[u.strip() for u in servers.split(",") if u.strip()],
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        graceful_timeout=graceful_timeout,
+        middlewares=middlewares,
+    )

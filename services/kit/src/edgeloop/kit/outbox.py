@@ -1,0 +1,184 @@
+"""Transactional outbox and its relay.
+
+``add_event`` writes an event row in the caller's transaction, next to the state change
+that causes it: both commit or neither. ``OutboxRelay`` publishes unsent rows to
+JetStream with ``Nats-Msg-Id = event_id`` (so the stream's duplicate window drops a
+re-send), then marks them sent. A relay killed between the publish and the mark
+re-publishes on restart; the duplicate window and the consumers' inbox make that
+harmless. Several relays (replicas) share the table through ``FOR UPDATE SKIP LOCKED``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+from nats.js import JetStreamContext
+from prometheus_client import Counter, Gauge
+
+from edgeloop.contracts.events import Event
+from edgeloop.kit import failpoints
+from edgeloop.kit.db import TRANSIENT_DB_ERRORS, Conn, check_schema
+from edgeloop.kit.tracing import inject_headers
+
+log = logging.getLogger(__name__)
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+RELAYED = Counter("edgeloop_outbox_relayed_total", "Outbox events published", ["schema"])
+RELAY_ERRORS = Counter("edgeloop_outbox_relay_errors_total", "Relay rounds that failed", ["schema"])
+UNSENT = Gauge("edgeloop_outbox_unsent", "Outbox rows not yet published (last seen)", ["schema"])
+
+
+async def add_event(
+    conn: Conn,
+    schema: str,
+    event: Event,
+    *,
+    subject: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Queue ``event`` for publishing, in the caller's transaction.
+
+    The current trace context is stored with the row so the relay's publish continues
+    the trace of the change that caused the event. Adding the same ``event_id`` twice is
+    a no-op (the row is unique by event id).
+    """
+    if not conn.is_in_transaction():
+        raise RuntimeError("add_event must run inside the transaction of the state change")
+    hdrs = {**inject_headers(), **(headers or {})}
+    await conn.execute(
+        f"""INSERT INTO {check_schema(schema)}.outbox (event_id, subject, payload, headers)
+            VALUES ($1, $2, $3, $4::jsonb) ON CONFLICT (event_id) DO NOTHING""",
+        event.event_id,
+        subject or event.subject,
+        event.to_json(),
+        json.dumps(hdrs),
+    )
+
+
+class OutboxRelay:
+    """Publishes a schema's outbox rows to JetStream, at least once, in order per relay."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        js: JetStreamContext,
+        *,
+        batch: int = 256,
+        poll_seconds: float = 1.0,
+        publish_timeout: float = 10.0,
+    ) -> None:
+        self._pool = pool
+        self._schema = check_schema(schema)
+        self._js = js
+        self._batch = batch
+        self._poll = poll_seconds
+        self._publish_timeout = publish_timeout
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._listen_conn: PoolConnectionProxy | None = None
+
+    async def publish_pending(self) -> int:
+        """Publish up to one batch of unsent rows; return how many were published."""
+        s = self._schema
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"""SELECT id, event_id, subject, payload, headers FROM {s}.outbox
+                    WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED""",
+                self._batch,
+            )
+            if not rows:
+                return 0
+            failpoints.hit("relay.before_publish")
+            futures: list[asyncio.Future[Any]] = []
+            for row in rows:
+                headers: dict[str, str] = json.loads(row["headers"]) if row["headers"] else {}
+                headers[MSG_ID_HEADER] = str(row["event_id"])
+                futures.append(
+                    await self._js.publish_async(row["subject"], row["payload"], headers=headers)
+                )
+            try:
+                await asyncio.wait_for(asyncio.gather(*futures), self._publish_timeout)
+            except BaseException:
+                for f in futures:
+                    f.cancel()
+                raise
+            failpoints.hit("relay.after_publish")
+            await conn.execute(
+                f"UPDATE {s}.outbox SET sent_at = now() WHERE id = ANY($1::bigint[])",
+                [r["id"] for r in rows],
+            )
+        RELAYED.labels(s).inc(len(rows))
+        return len(rows)
+
+    async def run(self) -> None:
+        """Publish until stopped; survives NATS and PostgreSQL outages (retries)."""
+        delay = 0.1
+        while not self._stopping:
+            try:
+                await self._ensure_listener()
+                published = await self.publish_pending()
+                delay = 0.1
+                if published == self._batch:
+                    continue
+                if published == 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._poll)
+                    self._wake.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                RELAY_ERRORS.labels(self._schema).inc()
+                log.warning("outbox relay (%s): %s; retrying in %.1fs", self._schema, exc, delay)
+                await self._drop_listener()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def start(self) -> None:
+        """Run in the background."""
+        self._task = asyncio.create_task(self.run(), name=f"outbox-relay-{self._schema}")
+
+    async def stop(self) -> None:
+        """Finish the current batch, then stop."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), 10)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        await self._drop_listener()
+
+    async def _ensure_listener(self) -> None:
+        if self._listen_conn is not None and not self._listen_conn.is_closed():
+            return
+        conn = await self._pool.acquire()
+        try:
+            await conn.add_listener(f"edgeloop_outbox_{self._schema}", self._on_notify)
+        except BaseException:
+            await self._pool.release(conn)
+            raise
+        self._listen_conn = conn
+
+    async def _drop_listener(self) -> None:
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+            await conn.remove_listener(f"edgeloop_outbox_{self._schema}", self._on_notify)
+        with contextlib.suppress(*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+            await self._pool.release(conn, timeout=2)
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()

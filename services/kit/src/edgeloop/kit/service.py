@@ -1,0 +1,253 @@
+"""The runtime every edgeloop service is made of.
+
+``Service`` wires a FastStream NATS broker, an asyncpg pool with the service's schema and
+migrations, the outbox relay, durable pull consumers under the kit's acknowledgement
+policy, OpenTelemetry, and a health/metrics endpoint. Pools and connections are created in
+the lifespan, never at import time. SIGTERM stops fetching, lets in-flight handlers finish
+(``graceful_timeout``), then stops the relay and closes the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+from faststream import AckPolicy, FastStream
+from faststream.nats import JStream, PullSub
+from faststream.nats.annotations import NatsMessage
+from nats.js import JetStreamContext
+
+from edgeloop.contracts.events import Event
+from edgeloop.kit import failpoints
+from edgeloop.kit.bus import ConsumerSpec, declare_consumer, declare_topology, make_broker
+from edgeloop.kit.consumer import DeadLetters, EventProcessor, Handler
+from edgeloop.kit.db import create_pool, migrate, read_migrations
+from edgeloop.kit.http import HealthServer
+from edgeloop.kit.outbox import OutboxRelay
+from edgeloop.kit.settings import ServiceSettings
+from edgeloop.kit.tracing import setup_tracing
+
+log = logging.getLogger(__name__)
+
+E = TypeVar("E", bound=Event)
+
+Background = Callable[["Service"], Coroutine[Any, Any, None]]
+
+
+class Service:
+    """One edgeloop service process.
+
+    Example::
+
+        svc = Service("builder", BuilderSettings(), migrations=Path(__file__).parent / "sql")
+
+        @svc.consume(ModelCommitted, ConsumerSpec(STREAM_LIFECYCLE, "builder", (MODEL_COMMITTED,)))
+        async def on_model_committed(event: ModelCommitted, tx: Tx) -> None:
+            ...  # state change via tx.conn, events via tx.publish(...)
+
+        asyncio.run(svc.run())
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: ServiceSettings,
+        *,
+        schema: str | None = None,
+        migrations: Path | None = None,
+        fetch_batch: int = 32,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.schema = schema or name.replace("-", "_")
+        self.migrations = migrations
+        self.fetch_batch = fetch_batch
+        self.tracer_provider = setup_tracing(name, settings.otlp_endpoint)
+        self.broker = make_broker(
+            settings.nats_url,
+            tracer_provider=self.tracer_provider,
+            graceful_timeout=settings.graceful_timeout,
+            name=name,
+        )
+        self.app = FastStream(self.broker)
+        """The FastStream app (AsyncAPI docs); lifecycle is :meth:`start`/:meth:`stop`."""
+        self._pool: asyncpg.Pool | None = None
+        self._js: JetStreamContext | None = None
+        self._relay: OutboxRelay | None = None
+        self._specs: list[ConsumerSpec] = []
+        self._background: list[Background] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.health = HealthServer(
+            settings.http_host,
+            settings.http_port,
+            {"postgres": self._check_postgres, "nats": self._check_nats},
+        )
+        self.ready = asyncio.Event()
+
+    # --- wiring ---------------------------------------------------------------------
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The service's PostgreSQL pool (available once started)."""
+        if self._pool is None:
+            raise RuntimeError(f"{self.name}: the pool exists only while the service runs")
+        return self._pool
+
+    @property
+    def js(self) -> JetStreamContext:
+        """JetStream context of the broker's connection (available once started)."""
+        if self._js is None:
+            raise RuntimeError(f"{self.name}: JetStream exists only while the service runs")
+        return self._js
+
+    def consume(
+        self, event_type: type[E], spec: ConsumerSpec
+    ) -> Callable[[Handler[E]], Handler[E]]:
+        """Register ``handler`` for ``event_type`` on a durable pull consumer."""
+
+        def register(handler: Handler[E]) -> Handler[E]:
+            processor = EventProcessor(
+                event_type=event_type,
+                handler=handler,
+                spec=spec,
+                schema=self.schema,
+                pool=lambda: self.pool,
+                dead_letters=lambda: DeadLetters(self.js),
+            )
+            subscriber = self.broker.subscriber(
+                spec.filter_subjects[0],
+                stream=JStream(spec.stream, declare=False),
+                durable=spec.durable,
+                pull_sub=PullSub(batch_size=self.fetch_batch, timeout=1.0),
+                ack_policy=AckPolicy.MANUAL,
+                title=f"{spec.durable}:{event_type.__name__}",
+            )
+
+            async def on_message(message: NatsMessage) -> None:
+                await processor.process(message.raw_message)
+
+            on_message.__name__ = f"on_{handler.__name__.removeprefix('on_')}"
+            subscriber(on_message)
+            self._specs.append(spec)
+            return handler
+
+        return register
+
+    def background(self, task: Background) -> Background:
+        """Run ``task(service)`` once the service is ready; cancelled at shutdown."""
+        self._background.append(task)
+        return task
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Connect, migrate, declare, then start consuming, relaying and serving health."""
+        s = self.settings
+        failpoints.load()
+        self._pool = await create_pool(
+            s.database_url, self.schema, min_size=s.db_pool_min, max_size=s.db_pool_max
+        )
+        await migrate(self._pool, self.schema, read_migrations(self.migrations))
+        await self.broker.connect()
+        self._js = self.broker.config.connection_state.stream
+        await declare_topology(self._js)
+        for spec in self._specs:
+            await declare_consumer(self._js, spec)
+        self._relay = OutboxRelay(
+            self._pool,
+            self.schema,
+            self._js,
+            batch=s.relay_batch,
+            poll_seconds=s.relay_poll_seconds,
+        )
+        self._relay.start()
+        await self.broker.start()
+        await self.health.start()
+        self._tasks = [
+            asyncio.create_task(t(self), name=f"{self.name}-{t.__name__}") for t in self._background
+        ]
+        self.ready.set()
+        log.info("%s ready; health on http://%s:%d", self.name, s.http_host, self.health.port)
+
+    async def stop(self) -> None:
+        """Stop fetching, let in-flight handlers finish, flush the relay, close the pool."""
+        self.ready.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        await self.broker.stop()
+        if self._relay is not None:
+            await self._relay.stop()
+            self._relay = None
+        await self.health.stop()
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+        self._js = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Service]:
+        """Run for the duration of a ``with`` block (tests, embedding)."""
+        await self.start()
+        try:
+            yield self
+        finally:
+            await self.stop()
+
+    async def run(self) -> None:
+        """Run until SIGINT/SIGTERM, then shut down gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+            log.info("%s: signal received, shutting down gracefully", self.name)
+        finally:
+            await self.stop()
+
+    # --- readiness ----------------------------------------------------------------------
+
+    async def _check_postgres(self) -> tuple[bool, str]:
+        if self._pool is None:
+            return False, "not started"
+        async with self._pool.acquire(timeout=2) as conn:
+            await conn.fetchval("SELECT 1")
+        return True, ""
+
+    async def _check_nats(self) -> tuple[bool, str]:
+        if self._js is None:
+            return False, "not started"
+        nc = self.broker.connection
+        if not nc.is_connected:
+            return False, "disconnected"
+        return True, ""
+
+
+def configure_logging(level: str) -> None:
+    """Structured-enough logs: time, level, logger, trace id when there is one."""
+    from edgeloop.kit.tracing import current_trace_id
+
+    class _TraceFilter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.trace_id = current_trace_id() or "-"
+            return True
+
+    handler = logging.StreamHandler()
+    handler.addFilter(_TraceFilter())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(name)s trace=%(trace_id)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

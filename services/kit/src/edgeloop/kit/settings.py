@@ -1,0 +1,97 @@
+"""Settings base every service builds on (pydantic-settings, one env prefix per service).
+
+Infrastructure URLs are shared by every service and read from ``EDGELOOP_NATS_URL``,
+``EDGELOOP_DATABASE_URL`` …; a service may override one for itself with its own prefix
+(``EDGELOOP_BUILDER_NATS_URL``). Secrets have no default, and a placeholder secret is
+refused at start (the full-stack-fastapi-template rule).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRETS = frozenset({"changeme", "changethis", "secret", "password", "placeholder"})
+
+#: Fields every service shares, readable from the common ``EDGELOOP_`` prefix too.
+SHARED_FIELDS = (
+    "nats_url",
+    "database_url",
+    "oci_registry_url",
+    "otlp_endpoint",
+    "log_level",
+)
+
+
+class ServiceSettings(BaseSettings):
+    """Base settings of an edgeloop service.
+
+    Subclass it per service with ``model_config = SettingsConfigDict(env_prefix=...)``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_", extra="ignore")
+
+    service_name: ClassVar[str] = "service"
+
+    nats_url: str = "nats://127.0.0.1:14222"
+    """NATS server URL(s), comma separated for a cluster."""
+    database_url: str = "postgresql://postgres@127.0.0.1:15432/edgeloop"
+    """PostgreSQL DSN; the service keeps its tables in its own schema."""
+    oci_registry_url: str = "http://127.0.0.1:15000"
+    """Base URL of the OCI (Distribution) registry that holds every byte."""
+    otlp_endpoint: str | None = None
+    """OTLP/gRPC endpoint for traces (e.g. http://127.0.0.1:4317); unset: no export."""
+    log_level: str = "INFO"
+    """Python logging level."""
+    http_host: str = "127.0.0.1"
+    """Address of the health/metrics HTTP endpoint."""
+    http_port: int = 0
+    """Port of the health/metrics endpoint (0: any free port)."""
+    db_pool_min: int = 1
+    """Minimum PostgreSQL connections in the pool."""
+    db_pool_max: int = 10
+    """Maximum PostgreSQL connections in the pool."""
+    relay_batch: int = 256
+    """Outbox rows the relay publishes per round trip."""
+    relay_poll_seconds: float = 1.0
+    """How often the relay looks for unsent rows when no notification arrives."""
+    graceful_timeout: float = 15.0
+    """Seconds to let in-flight messages finish on SIGTERM."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        """Let shared fields also be read from the common ``EDGELOOP_`` prefix."""
+        super().__pydantic_init_subclass__(**kwargs)
+        prefix = str(cls.model_config.get("env_prefix", "EDGELOOP_"))
+        changed = False
+        for name in SHARED_FIELDS:
+            info: FieldInfo | None = cls.model_fields.get(name)
+            if info is None or prefix == "EDGELOOP_":
+                continue
+            info.validation_alias = AliasChoices(
+                f"{prefix}{name}".upper(), f"EDGELOOP_{name}".upper(), name
+            )
+            changed = True
+        if changed:
+            cls.model_config["populate_by_name"] = True
+            cls.model_rebuild(force=True)
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> ServiceSettings:
+        for name, value in self:
+            if isinstance(value, SecretStr) and (
+                value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS
+                or not value.get_secret_value().strip()
+            ):
+                raise ValueError(
+                    f"{name} is a placeholder or empty; set a real secret in the environment"
+                )
+        return self
+
+
+def secret_field(description: str) -> Any:
+    """A required secret: no default, never logged (``SecretStr``)."""
+    return Field(..., description=description)

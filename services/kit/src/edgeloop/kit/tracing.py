@@ -1,0 +1,56 @@
+"""OpenTelemetry set-up: OTLP exporter from settings, W3C context in NATS headers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+log = logging.getLogger(__name__)
+
+_asyncpg_instrumented = False
+
+
+def setup_tracing(service_name: str, otlp_endpoint: str | None) -> TracerProvider:
+    """A tracer provider for ``service_name``, exporting by OTLP/gRPC when configured.
+
+    Also instruments asyncpg once per process, so PostgreSQL calls show as spans.
+    """
+    global _asyncpg_instrumented
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
+        )
+    if not _asyncpg_instrumented:
+        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
+        AsyncPGInstrumentor().instrument(  # type: ignore[no-untyped-call]
+            tracer_provider=provider
+        )
+        _asyncpg_instrumented = True
+    return provider
+
+
+def inject_headers() -> dict[str, str]:
+    """The current trace context as NATS headers (``traceparent``/``tracestate``)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
+
+
+def current_trace_id() -> str | None:
+    """Hex trace id of the current span, for structured logs."""
+    ctx = trace.get_current_span().get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def extract_context(headers: Mapping[str, str] | None) -> object:
+    """An OTel context from message headers (for spans started outside FastStream)."""
+    return propagate.extract(dict(headers or {}))

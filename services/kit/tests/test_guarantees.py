@@ -1,0 +1,292 @@
+"""The kit's delivery guarantees, against a real nats-server (JetStream) and PostgreSQL.
+
+Each test runs the sample service as a real process and, where the guarantee is about a
+crash, makes it SIGKILL itself at a fail point inside the window the guarantee covers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from edgeloop.contracts import subjects as s
+from edgeloop.contracts.events import ArtifactRef, ModelCommitted
+from edgeloop.kit import consumer as kc
+from edgeloop.kit.bus import declare_topology
+from edgeloop.kit.db import create_pool, migrate, read_migrations
+from edgeloop.kit.outbox import MSG_ID_HEADER, add_event
+
+from kit_helpers import SampleProcess, connect, eventually, free_port, scrape, stream_messages
+
+SQL = Path(__file__).parent / "sample_sql"
+
+
+def committed(subject_model: str, version: str = "1") -> ModelCommitted:
+    return ModelCommitted(
+        model=subject_model,
+        version=version,
+        repository="models/sample",
+        model_artifact=ArtifactRef(digest="sha256:" + "0" * 64, size=1, media_type="x"),
+    )
+
+
+class Ctx:
+    """Per-test names (schema, subjects, durable) and connections."""
+
+    def __init__(self, unique: str, pool: asyncpg.Pool, js: JetStreamContext, env: dict[str, str]):
+        self.unique = unique
+        self.schema = f"t_{unique}"
+        self.subject = f"model.t{unique}"
+        self.emit_subject = f"image.t{unique}"
+        self.durable = f"sample_{unique}"
+        self.pool = pool
+        self.js = js
+        self.env = {
+            **env,
+            "EDGELOOP_SAMPLE_SCHEMA_NAME": self.schema,
+            "EDGELOOP_SAMPLE_SUBJECT": self.subject,
+            "EDGELOOP_SAMPLE_DURABLE": self.durable,
+        }
+
+    async def effects(self, event_id: uuid.UUID) -> int:
+        return int(
+            await self.pool.fetchval(
+                f"SELECT count(*) FROM {self.schema}.effects WHERE event_id = $1", event_id
+            )
+        )
+
+    async def publish(self, event: ModelCommitted | bytes) -> None:
+        if isinstance(event, bytes):
+            await self.js.publish(self.subject, event)
+        else:
+            await self.js.publish(
+                self.subject, event.to_json(), headers={MSG_ID_HEADER: str(event.event_id)}
+            )
+
+    async def wait_consumer(self) -> None:
+        """Wait until the service has declared its durable consumer (it is consuming)."""
+
+        async def exists() -> bool:
+            try:
+                await self.js.consumer_info(s.STREAM_LIFECYCLE, self.durable)
+            except NotFoundError:
+                return False
+            return True
+
+        await eventually(exists, what=f"consumer {self.durable}")
+
+    async def consumer_settled(self) -> bool:
+        info = await self.js.consumer_info(s.STREAM_LIFECYCLE, self.durable)
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+@pytest.fixture
+async def ctx(
+    nats_url: str, pg_dsn: str, unique: str, tmp_path: Path
+) -> AsyncIterator[Ctx]:
+    nc, js = await connect(nats_url)
+    await declare_topology(js)
+    pool = await create_pool(pg_dsn, f"t_{unique}")
+    await migrate(pool, f"t_{unique}", read_migrations(SQL))
+    c = Ctx(
+        unique,
+        pool,
+        js,
+        {"EDGELOOP_NATS_URL": nats_url, "EDGELOOP_DATABASE_URL": pg_dsn},
+    )
+    c.tmp = tmp_path  # type: ignore[attr-defined]
+    try:
+        yield c
+    finally:
+        await pool.close()
+        await nc.close()
+
+
+def sample(c: Ctx, **env: str) -> SampleProcess:
+    return SampleProcess(c.tmp, {**c.env, **env})  # type: ignore[attr-defined]
+
+
+async def _write_state_and_event(c: Ctx, event: ModelCommitted) -> None:
+    """A producer's state change and its event, in one transaction (the outbox write)."""
+    async with c.pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            f"INSERT INTO {c.schema}.effects (event_id, model, version, deliveries) "
+            "VALUES ($1, 'producer', '0', 0)",
+            event.event_id,
+        )
+        await add_event(conn, c.schema, event, subject=c.subject)
+
+
+async def _sent(c: Ctx, event_id: uuid.UUID) -> bool:
+    return bool(
+        await c.pool.fetchval(
+            f"SELECT sent_at IS NOT NULL FROM {c.schema}.outbox WHERE event_id = $1", event_id
+        )
+    )
+
+
+def _ids(msgs: list) -> list[str]:  # type: ignore[type-arg]
+    return [m.headers.get(MSG_ID_HEADER, "") if m.headers else "" for m in msgs]
+
+
+async def test_outbox_killed_between_commit_and_publish(ctx: Ctx) -> None:
+    event = committed("outbox-before")
+    await _write_state_and_event(ctx, event)
+    # The relay dies just before it publishes: the committed event must not be lost.
+    proc = sample(ctx, EDGELOOP_FAILPOINTS="relay.before_publish").start()
+    assert proc.wait(60) == -signal.SIGKILL, proc.tail()
+    assert await stream_messages(ctx.js, s.STREAM_LIFECYCLE, ctx.subject) == []
+    assert not await _sent(ctx, event.event_id)
+
+    proc = sample(ctx, EDGELOOP_SAMPLE_DURABLE=f"other_{ctx.unique}").start()
+    try:
+        await eventually(lambda: _sent(ctx, event.event_id), what="relay to publish after restart")
+    finally:
+        proc.terminate()
+    msgs = await stream_messages(ctx.js, s.STREAM_LIFECYCLE, ctx.subject)
+    assert _ids(msgs) == [str(event.event_id)]
+
+
+async def test_outbox_killed_between_publish_and_mark_sent(ctx: Ctx) -> None:
+    event = committed("outbox-after")
+    await _write_state_and_event(ctx, event)
+    proc = sample(ctx, EDGELOOP_FAILPOINTS="relay.after_publish").start()
+    assert proc.wait(60) == -signal.SIGKILL, proc.tail()
+    # Published, but the row still says unsent: the restarted relay sends it again ...
+    assert len(await stream_messages(ctx.js, s.STREAM_LIFECYCLE, ctx.subject)) == 1
+    assert not await _sent(ctx, event.event_id)
+
+    proc = sample(ctx, EDGELOOP_SAMPLE_DURABLE=f"other_{ctx.unique}").start()
+    try:
+        await eventually(lambda: _sent(ctx, event.event_id), what="relay to re-publish")
+    finally:
+        proc.terminate()
+    # ... and the stream's duplicate window keeps one copy.
+    msgs = await stream_messages(ctx.js, s.STREAM_LIFECYCLE, ctx.subject)
+    assert _ids(msgs) == [str(event.event_id)]
+
+
+async def test_same_event_published_twice_is_stored_once(ctx: Ctx) -> None:
+    event = committed("twice")
+    await ctx.publish(event)
+    await ctx.publish(event)
+    async with ctx.pool.acquire() as conn, conn.transaction():
+        await add_event(conn, ctx.schema, event, subject=ctx.subject)
+        await add_event(conn, ctx.schema, event, subject=ctx.subject)
+    rows = await ctx.pool.fetchval(
+        f"SELECT count(*) FROM {ctx.schema}.outbox WHERE event_id = $1", event.event_id
+    )
+    assert rows == 1
+    proc = sample(ctx).start()
+    try:
+        await eventually(lambda: _sent(ctx, event.event_id), what="relay")
+        await eventually(lambda: ctx.effects(event.event_id), what="effect")
+        await eventually(ctx.consumer_settled, what="consumer to ack")
+    finally:
+        proc.terminate()
+    msgs = await stream_messages(ctx.js, s.STREAM_LIFECYCLE, ctx.subject)
+    assert _ids(msgs) == [str(event.event_id)]
+    assert await ctx.effects(event.event_id) == 1
+
+
+async def test_consumer_killed_after_commit_before_ack_has_one_effect(ctx: Ctx) -> None:
+    event = committed("after-commit")
+    proc = sample(
+        ctx, EDGELOOP_FAILPOINTS="consumer.after_commit", EDGELOOP_SAMPLE_ACK_WAIT="1"
+    ).start()
+    try:
+        await ctx.wait_consumer()
+        await ctx.publish(event)
+        assert await asyncio.to_thread(proc.wait, 60) == -signal.SIGKILL, proc.tail()
+    finally:
+        proc.kill()
+    assert await ctx.effects(event.event_id) == 1  # committed, never acked
+
+    port = free_port()
+    proc = sample(ctx, EDGELOOP_SAMPLE_ACK_WAIT="1", EDGELOOP_SAMPLE_HTTP_PORT=str(port)).start()
+    try:
+        await eventually(ctx.consumer_settled, what="redelivery to be acked")
+        # It really was delivered again, and the inbox recognised it.
+        metrics = await eventually(
+            lambda: scrape(port, f'consumer="{ctx.durable}",outcome="duplicate"'),
+            what="duplicate outcome in /metrics",
+        )
+        assert metrics == 1.0
+    finally:
+        proc.terminate()
+    assert await ctx.effects(event.event_id) == 1
+
+
+async def _dlq(c: Ctx) -> list:  # type: ignore[type-arg]
+    return await stream_messages(c.js, s.STREAM_DLQ, s.dlq_subject(c.subject))
+
+
+async def test_malformed_payload_is_dead_lettered_and_consumer_goes_on(ctx: Ctx) -> None:
+    good = committed("good")
+    proc = sample(ctx).start()
+    try:
+        await ctx.wait_consumer()
+        await ctx.publish(b"{not json")
+        await ctx.publish(b'{"model": "x", "version": "1"}')  # misses required fields
+        await ctx.publish(good)
+        await eventually(lambda: ctx.effects(good.event_id), what="good event processed")
+        dlq = await eventually(
+            lambda: _ndlq(ctx, 2), what="two dead letters"
+        )
+    finally:
+        proc.terminate()
+    reasons = [m.headers[kc.DLQ_REASON] for m in dlq]
+    assert "malformed payload" in reasons[0] or "Invalid JSON" in reasons[0]
+    assert "repository" in reasons[1] and "Field required" in reasons[1]
+    assert dlq[0].data == b"{not json"  # kept byte for byte, for replay
+    assert all(m.headers[kc.DLQ_CONSUMER] == ctx.durable for m in dlq)
+    assert all(m.headers[kc.DLQ_SUBJECT] == ctx.subject for m in dlq)
+
+
+async def _ndlq(c: Ctx, n: int) -> list | None:  # type: ignore[type-arg]
+    msgs = await _dlq(c)
+    return msgs if len(msgs) >= n else None
+
+
+async def test_always_failing_handler_is_retried_then_dead_lettered(ctx: Ctx) -> None:
+    poison = committed("bad", version="poison")
+    invalid = committed("bad", version="invalid")
+    good = committed("good")
+    proc = sample(ctx, EDGELOOP_SAMPLE_MAX_DELIVER="3", EDGELOOP_SAMPLE_BACKOFF="0.3,0.6").start()
+    try:
+        await ctx.wait_consumer()
+        await ctx.publish(poison)
+        await ctx.publish(invalid)
+        await ctx.publish(good)
+        # The good event is not held up behind the poison one's retries.
+        await eventually(lambda: ctx.effects(good.event_id), what="good event")
+        assert not await _ndlq(ctx, 2)
+        dlq = await eventually(lambda: _ndlq(ctx, 2), what="dead letters")
+        await eventually(ctx.consumer_settled, what="consumer to settle")
+    finally:
+        proc.terminate()
+    by_id = {m.headers[kc.DLQ_DELIVERIES]: m for m in dlq}
+    assert set(by_id) == {"3", "1"}  # poison after 3 attempts; permanent error at once
+    assert "failed 3 times" in by_id["3"].headers[kc.DLQ_REASON]
+    assert "cannot handle bad@poison" in by_id["3"].headers[kc.DLQ_REASON]
+    assert "PermanentError" in by_id["1"].headers[kc.DLQ_REASON]
+    assert await ctx.effects(poison.event_id) == 0
+
+
+async def test_sigterm_finishes_in_flight_work(ctx: Ctx) -> None:
+    event = committed("graceful")
+    proc = sample(ctx, EDGELOOP_SAMPLE_HANDLER_SLEEP="1.5").start()
+    await ctx.wait_consumer()
+    await ctx.publish(event)
+    await asyncio.sleep(0.6)  # the handler is now sleeping inside its transaction
+    assert await asyncio.to_thread(proc.terminate, 30) == 0, proc.tail()
+    assert await ctx.effects(event.event_id) == 1
+    assert await ctx.consumer_settled()
