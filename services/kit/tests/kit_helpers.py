@@ -57,17 +57,17 @@ class SampleProcess:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[Any]], *, timeout: float = 20, what: str = "condition"
+    check: Callable[[], Awaitable[Any]], *, within: float = 20, what: str = "condition"
 ) -> Any:
     """Poll ``check`` until it returns something truthy."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     last: Any = None
     while time.monotonic() < deadline:
         last = await check()
         if last:
             return last
         await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {last!r}")
+    raise AssertionError(f"timed out after {within}s waiting for {what}; last value {last!r}")
 
 
 async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from kit_helpers import SampleProcess, connect, eventually, free_port, scrape, stream_messages
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -23,8 +24,6 @@ from edgeloop.kit import consumer as kc
 from edgeloop.kit.bus import declare_topology
 from edgeloop.kit.db import create_pool, migrate, read_migrations
 from edgeloop.kit.outbox import MSG_ID_HEADER, add_event
-
-from kit_helpers import SampleProcess, connect, eventually, free_port, scrape, stream_messages
 
 SQL = Path(__file__).parent / "sample_sql"
 
@@ -89,9 +88,7 @@ class Ctx:
 
 
 @pytest.fixture
-async def ctx(
-    nats_url: str, pg_dsn: str, unique: str, tmp_path: Path
-) -> AsyncIterator[Ctx]:
+async def ctx(nats_url: str, pg_dsn: str, unique: str, tmp_path: Path) -> AsyncIterator[Ctx]:
     nc, js = await connect(nats_url)
     await declare_topology(js)
     pool = await create_pool(pg_dsn, f"t_{unique}")
@@ -238,14 +235,13 @@ async def test_malformed_payload_is_dead_lettered_and_consumer_goes_on(ctx: Ctx)
         await ctx.publish(b'{"model": "x", "version": "1"}')  # misses required fields
         await ctx.publish(good)
         await eventually(lambda: ctx.effects(good.event_id), what="good event processed")
-        dlq = await eventually(
-            lambda: _ndlq(ctx, 2), what="two dead letters"
-        )
+        dlq = await eventually(lambda: _ndlq(ctx, 2), what="two dead letters")
     finally:
         proc.terminate()
     reasons = [m.headers[kc.DLQ_REASON] for m in dlq]
     assert "malformed payload" in reasons[0] or "Invalid JSON" in reasons[0]
-    assert "repository" in reasons[1] and "Field required" in reasons[1]
+    assert "repository" in reasons[1]
+    assert "Field required" in reasons[1]
     assert dlq[0].data == b"{not json"  # kept byte for byte, for replay
     assert all(m.headers[kc.DLQ_CONSUMER] == ctx.durable for m in dlq)
     assert all(m.headers[kc.DLQ_SUBJECT] == ctx.subject for m in dlq)

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -123,7 +123,13 @@ def describe_validation_error(exc: ValidationError) -> str:
 
 
 class EventProcessor(Generic[E]):
-    """Runs one handler under the kit's acknowledgement policy."""
+    """Runs one handler under the kit's acknowledgement policy.
+
+    Messages arrive in fetched batches. A batch is applied in one transaction (every
+    inbox claim and every effect), which amortises the commit; if any handler in it
+    raises, that transaction is rolled back and the batch is applied again one event per
+    transaction, so only the failing event is retried or dead-lettered.
+    """
 
     def __init__(
         self,
@@ -145,42 +151,82 @@ class EventProcessor(Generic[E]):
         self._heartbeat = heartbeat_seconds or max(spec.ack_wait / 3, 1.0)
 
     async def process(self, msg: Msg) -> str:
-        """Handle one delivery; returns the outcome (for metrics and tests)."""
-        started = time.perf_counter()
-        consumer = self.spec.durable
-        deliveries = msg.metadata.num_delivered if msg.reply else 1
-        try:
-            event = self.event_type.model_validate_json(msg.data)
-        except ValidationError as exc:
-            await self._dead_letter(msg, describe_validation_error(exc), deliveries)
-            return self._done("malformed", started)
-        except ValueError as exc:  # not JSON at all
-            await self._dead_letter(msg, f"malformed payload: {exc}", deliveries)
-            return self._done("malformed", started)
+        """Handle one delivery; returns its outcome (for metrics and tests)."""
+        return (await self.process_batch([msg]))[0]
 
-        keepalive = asyncio.create_task(self._keep_alive(msg))
+    async def process_batch(self, msgs: Sequence[Msg]) -> list[str]:
+        """Handle a fetched batch; returns each message's outcome, in order."""
+        started = time.perf_counter()
+        outcomes: list[str] = [""] * len(msgs)
+        parsed: list[tuple[int, Msg, E]] = []
+        for i, msg in enumerate(msgs):
+            try:
+                parsed.append((i, msg, self.event_type.model_validate_json(msg.data)))
+            except ValidationError as exc:
+                await self._dead_letter(msg, describe_validation_error(exc))
+                outcomes[i] = "malformed"
+            except ValueError as exc:  # not JSON at all
+                await self._dead_letter(msg, f"malformed payload: {exc}")
+                outcomes[i] = "malformed"
+        if parsed:
+            keepalive = asyncio.create_task(  # noqa: RUF006 (cancelled below)
+                self._keep_alive([m for _, m, _ in parsed])
+            )
+            try:
+                await self._apply_all(parsed, outcomes)
+            finally:
+                keepalive.cancel()
+        elapsed = time.perf_counter() - started
+        for outcome in outcomes:
+            HANDLED.labels(self.spec.durable, outcome).inc()
+            HANDLE_SECONDS.labels(self.spec.durable).observe(elapsed)
+        return outcomes
+
+    async def _apply_all(self, parsed: list[tuple[int, Msg, E]], outcomes: list[str]) -> None:
+        if len(parsed) > 1:
+            try:
+                results = await self._transaction(parsed)
+            except asyncio.CancelledError:
+                await self._nak_all([m for _, m, _ in parsed])
+                raise
+            except Exception as exc:
+                log.info(
+                    "%s: batch of %d failed (%s: %s); applying one by one",
+                    self.spec.durable,
+                    len(parsed),
+                    type(exc).__name__,
+                    exc,
+                )
+            else:
+                failpoints.hit("consumer.after_commit")
+                for (i, msg, _), result in zip(parsed, results, strict=True):
+                    await msg.ack()
+                    outcomes[i] = result
+                return
+        for i, msg, event in parsed:
+            outcomes[i] = await self._apply_one(msg, event)
+
+    async def _apply_one(self, msg: Msg, event: E) -> str:
+        deliveries = _deliveries(msg)
         try:
-            outcome = await self._apply(event, msg, deliveries)
+            (result,) = await self._transaction([(0, msg, event)])
         except PermanentError as exc:
-            await self._dead_letter(msg, f"{type(exc).__name__}: {exc}", deliveries)
-            return self._done("dead_lettered", started)
+            await self._dead_letter(msg, f"{type(exc).__name__}: {exc}")
+            return "dead_lettered"
         except asyncio.CancelledError:
             # Shutting down mid-handler: the transaction rolled back; let it be redelivered.
-            with contextlib.suppress(Exception):
-                await msg.nak()
+            await self._nak_all([msg])
             raise
         except Exception as exc:
             if deliveries >= self.spec.max_deliver:
                 await self._dead_letter(
-                    msg,
-                    f"failed {deliveries} times, last error {type(exc).__name__}: {exc}",
-                    deliveries,
+                    msg, f"failed {deliveries} times, last error {type(exc).__name__}: {exc}"
                 )
-                return self._done("dead_lettered", started)
+                return "dead_lettered"
             delay = self.spec.delay_after(deliveries)
             log.warning(
                 "%s: %s on %s (delivery %d), retrying in %.1fs",
-                consumer,
+                self.spec.durable,
                 type(exc).__name__,
                 msg.subject,
                 deliveries,
@@ -188,37 +234,56 @@ class EventProcessor(Generic[E]):
                 exc_info=True,
             )
             await msg.nak(delay=delay)
-            return self._done("retried", started)
-        finally:
-            keepalive.cancel()
+            return "retried"
         failpoints.hit("consumer.after_commit")
         await msg.ack()
-        return self._done(outcome, started)
+        return result
 
-    async def _apply(self, event: E, msg: Msg, deliveries: int) -> str:
+    async def _transaction(self, items: list[tuple[int, Msg, E]]) -> list[str]:
+        """Claim every event in the inbox and apply the new ones, in one transaction."""
         async with self._pool().acquire() as conn, conn.transaction():
-            if not await inbox.claim(
-                conn, self.schema, self.spec.durable, event.event_id, msg.subject
-            ):
-                return "duplicate"
-            await self.handler(
-                event,
-                Tx(conn=conn, schema=self.schema, event_id=event.event_id, deliveries=deliveries),
+            fresh = await inbox.claim_many(
+                conn,
+                self.schema,
+                self.spec.durable,
+                [(event.event_id, msg.subject) for _, msg, event in items],
             )
-        return "processed"
+            results = []
+            for _, msg, event in items:
+                if event.event_id not in fresh:
+                    results.append("duplicate")
+                    continue
+                fresh.discard(event.event_id)  # the same event twice in one batch
+                await self.handler(
+                    event,
+                    Tx(
+                        conn=conn,
+                        schema=self.schema,
+                        event_id=event.event_id,
+                        deliveries=_deliveries(msg),
+                    ),
+                )
+                results.append("processed")
+            return results
 
-    async def _dead_letter(self, msg: Msg, reason: str, deliveries: int) -> None:
-        await self._dead_letters().send(msg, self.spec.durable, reason, deliveries)
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        await self._dead_letters().send(msg, self.spec.durable, reason, _deliveries(msg))
         await msg.term()
 
-    async def _keep_alive(self, msg: Msg) -> None:
-        """Tell the server a long handler is still working, so it is not redelivered."""
+    @staticmethod
+    async def _nak_all(msgs: Sequence[Msg]) -> None:
+        for msg in msgs:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+
+    async def _keep_alive(self, msgs: Sequence[Msg]) -> None:
+        """Tell the server long handlers are still working, so they are not redelivered."""
         while True:
             await asyncio.sleep(self._heartbeat)
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
+            for msg in msgs:
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
 
-    def _done(self, outcome: str, started: float) -> str:
-        HANDLED.labels(self.spec.durable, outcome).inc()
-        HANDLE_SECONDS.labels(self.spec.durable).observe(time.perf_counter() - started)
-        return outcome
+
+def _deliveries(msg: Msg) -> int:
+    return msg.metadata.num_delivered if msg.reply else 1

@@ -15,12 +15,12 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import asyncpg
-from faststream import AckPolicy, FastStream
+from faststream import AckPolicy, Context, FastStream
 from faststream.nats import JStream, PullSub
-from faststream.nats.annotations import NatsMessage
+from faststream.nats.message import NatsBatchMessage as _NatsBatchMessage
 from nats.js import JetStreamContext
 
 from edgeloop.contracts.events import Event
@@ -36,6 +36,8 @@ from edgeloop.kit.tracing import setup_tracing
 log = logging.getLogger(__name__)
 
 E = TypeVar("E", bound=Event)
+
+NatsBatchMessage = Annotated[_NatsBatchMessage, Context("message")]
 
 Background = Callable[["Service"], Coroutine[Any, Any, None]]
 
@@ -61,13 +63,11 @@ class Service:
         *,
         schema: str | None = None,
         migrations: Path | None = None,
-        fetch_batch: int = 32,
     ) -> None:
         self.name = name
         self.settings = settings
         self.schema = schema or name.replace("-", "_")
         self.migrations = migrations
-        self.fetch_batch = fetch_batch
         self.tracer_provider = setup_tracing(name, settings.otlp_endpoint)
         self.broker = make_broker(
             settings.nats_url,
@@ -124,13 +124,13 @@ class Service:
                 spec.filter_subjects[0],
                 stream=JStream(spec.stream, declare=False),
                 durable=spec.durable,
-                pull_sub=PullSub(batch_size=self.fetch_batch, timeout=1.0),
+                pull_sub=PullSub(batch_size=spec.batch_size, timeout=spec.max_wait, batch=True),
                 ack_policy=AckPolicy.MANUAL,
                 title=f"{spec.durable}:{event_type.__name__}",
             )
 
-            async def on_message(message: NatsMessage) -> None:
-                await processor.process(message.raw_message)
+            async def on_message(message: NatsBatchMessage) -> None:
+                await processor.process_batch(message.raw_message)
 
             on_message.__name__ = f"on_{handler.__name__.removeprefix('on_')}"
             subscriber(on_message)

@@ -15,19 +15,22 @@ log = logging.getLogger(__name__)
 _asyncpg_instrumented = False
 
 
-def setup_tracing(service_name: str, otlp_endpoint: str | None) -> TracerProvider:
-    """A tracer provider for ``service_name``, exporting by OTLP/gRPC when configured.
+def setup_tracing(service_name: str, otlp_endpoint: str | None) -> TracerProvider | None:
+    """A tracer provider for ``service_name`` exporting by OTLP/gRPC, when configured.
 
-    Also instruments asyncpg once per process, so PostgreSQL calls show as spans.
+    With no endpoint there is nowhere to send spans, so none are recorded (the global
+    no-op provider): trace context still travels in message headers, at no cost. With
+    one, PostgreSQL calls are traced too (asyncpg instrumentation, once per process).
     """
     global _asyncpg_instrumented
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
-    if otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    if not otlp_endpoint:
+        return None
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
-        )
+    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
+    provider.add_span_processor(
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
+    )
     if not _asyncpg_instrumented:
         from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
