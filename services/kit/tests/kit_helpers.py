@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import nats
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 SAMPLE_APP = Path(__file__).parent / "sample_app.py"
 
@@ -56,51 +51,9 @@ class SampleProcess:
             return "<no log>"
 
 
-async def eventually(
-    check: Callable[[], Awaitable[Any]], *, within: float = 20, what: str = "condition"
-) -> Any:
-    """Poll ``check`` until it returns something truthy."""
-    deadline = time.monotonic() + within
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out after {within}s waiting for {what}; last value {last!r}")
-
-
-async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
-    """Every message currently stored in ``stream`` on ``subject``."""
-    info = await js.stream_info(stream, subjects_filter=subject)
-    total = (info.state.subjects or {}).get(subject, 0) if info.state.subjects else 0
-    if total == 0:
-        return []
-    sub = await js.pull_subscribe(
-        subject,
-        stream=stream,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
-    )
-    msgs: list[Msg] = []
-    try:
-        while len(msgs) < total:
-            msgs.extend(await sub.fetch(total - len(msgs), timeout=5))
-    finally:
-        await sub.unsubscribe()
-    return msgs
-
-
 async def connect(url: str) -> tuple[nats.NATS, JetStreamContext]:
     nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     return nc, nc.jetstream()
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def scrape(port: int, labels: str, name: str = "edgeloop_events_handled_total") -> float:

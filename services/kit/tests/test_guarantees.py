@@ -14,12 +14,14 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from kit_helpers import SampleProcess, connect, eventually, free_port, scrape, stream_messages
+from kit_helpers import SampleProcess, connect, scrape
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ArtifactRef, ModelCommitted
+from edgeloop.devstack.servers import free_port
+from edgeloop.devstack.testing import eventually, stream_messages
 from edgeloop.kit import consumer as kc
 from edgeloop.kit.bus import declare_topology
 from edgeloop.kit.db import create_pool, migrate, read_migrations

@@ -24,7 +24,7 @@ from faststream.nats.message import NatsBatchMessage as _NatsBatchMessage
 from nats.js import JetStreamContext
 
 from edgeloop.contracts.events import Event
-from edgeloop.kit import failpoints
+from edgeloop.kit import compat, failpoints
 from edgeloop.kit.bus import ConsumerSpec, declare_consumer, declare_topology, make_broker
 from edgeloop.kit.consumer import DeadLetters, EventProcessor, Handler
 from edgeloop.kit.db import create_pool, migrate, read_migrations
@@ -34,6 +34,8 @@ from edgeloop.kit.settings import ServiceSettings
 from edgeloop.kit.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
+
+compat.apply()
 
 E = TypeVar("E", bound=Event)
 

@@ -1,0 +1,23 @@
+"""The ``edgeloop`` command."""
+
+from __future__ import annotations
+
+import typer
+
+from edgeloop.cli.status import status
+
+app = typer.Typer(
+    help="edgeloop: closed-loop MLOps for models on fleets of edge devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.command()(status)
+
+
+@app.callback()
+def main() -> None:
+    """edgeloop: closed-loop MLOps for models on fleets of edge devices."""
+
+
+if __name__ == "__main__":
+    app()
