@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from edgeloop.cli import models
 from edgeloop.cli.status import status
 
 app = typer.Typer(
@@ -12,6 +13,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command()(status)
+app.add_typer(models.app, name="models")
 
 
 @app.callback()

@@ -1,0 +1,165 @@
+"""``edgeloop models …``: register, list, show, alias — a client of the registry's API."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+app = typer.Typer(help="Register model versions and look at them.", no_args_is_help=True)
+alias_app = typer.Typer(help="Point aliases (champion, candidate, …) at versions.")
+app.add_typer(alias_app, name="alias")
+
+DEFAULT_API = "http://127.0.0.1:18100"
+
+
+def _client() -> httpx.Client:
+    token = os.environ.get("EDGELOOP_API_TOKEN", "")
+    if not token:
+        typer.secho(
+            "set EDGELOOP_API_TOKEN to a registry API token (make up prints one)",
+            err=True,
+            fg="red",
+        )
+        raise typer.Exit(2)
+    return httpx.Client(
+        base_url=os.environ.get("EDGELOOP_REGISTRY_API", DEFAULT_API),
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=120,
+    )
+
+
+def _check(resp: httpx.Response) -> Any:
+    if resp.status_code >= 400:
+        try:
+            detail = resp.json().get("detail", resp.text)
+        except ValueError:
+            detail = resp.text
+        typer.secho(f"error ({resp.status_code}): {detail}", err=True, fg="red")
+        raise typer.Exit(1)
+    return resp.json()
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            typer.secho(f"{what} takes key=value, got {item!r}", err=True, fg="red")
+            raise typer.Exit(2)
+        out[key] = value
+    return out
+
+
+def _request(method: str, url: str, **kwargs: Any) -> Any:
+    try:
+        with _client() as client:
+            return _check(client.request(method, url, **kwargs))
+    except httpx.TransportError as exc:
+        typer.secho(f"the registry API is not reachable: {exc}", err=True, fg="red")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def register(
+    model: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="MODEL.onnx")],
+    name: Annotated[str, typer.Option("--name", help="model name")],
+    version: Annotated[str | None, typer.Option(help="version; next number when omitted")] = None,
+    suite: Annotated[Path | None, typer.Option(exists=True, help="npz with X, y")] = None,
+    reference: Annotated[Path | None, typer.Option(exists=True, help="npz with X")] = None,
+    commit: Annotated[str | None, typer.Option(help="source commit")] = None,
+    data_digest: Annotated[str | None, typer.Option(help="training data digest")] = None,
+    param: Annotated[list[str] | None, typer.Option(help="k=v, repeatable")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="k=v, repeatable")] = None,
+    parent: Annotated[str | None, typer.Option(help="NAME@VERSION this one derives from")] = None,
+    retrain_request: Annotated[str | None, typer.Option(help="retrain request id")] = None,
+) -> None:
+    """Register a model version; prints the version."""
+    files: dict[str, tuple[str, bytes]] = {"model": (model.name, model.read_bytes())}
+    if suite:
+        files["suite"] = (suite.name, suite.read_bytes())
+    if reference:
+        files["reference"] = (reference.name, reference.read_bytes())
+    form = {
+        k: v
+        for k, v in {
+            "version": version,
+            "source_commit": commit,
+            "data_digest": data_digest,
+            "params": json.dumps(_pairs(param, "--param")),
+            "tags": json.dumps(_pairs(tag, "--tag")),
+            "parent": parent,
+            "retrain_request_id": retrain_request,
+        }.items()
+        if v is not None
+    }
+    body = _request("POST", f"/api/v1/models/{name}/versions", data=form, files=files)
+    typer.echo(body["version"])
+
+
+@app.command("list")
+def list_models(json_out: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Every registered model."""
+    models = _request("GET", "/api/v1/models")
+    if json_out:
+        typer.echo(json.dumps(models, indent=2))
+        return
+    typer.echo(f"{'MODEL':30} {'VERSIONS':>8} {'LATEST':>10}")
+    for m in models:
+        typer.echo(f"{m['name']:30} {m['versions']:>8} {m['latest'] or '-':>10}")
+
+
+@app.command()
+def show(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION")],
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """A model's versions and aliases, or one version's lineage, artifacts and state."""
+    name, _, version = ref.partition("@")
+    if not version:
+        body = _request("GET", f"/api/v1/models/{name}")
+        if json_out:
+            typer.echo(json.dumps(body, indent=2))
+            return
+        aliases = ", ".join(f"{a}→{v}" for a, v in body["aliases"].items()) or "none"
+        typer.echo(f"model {name}  aliases: {aliases}")
+        typer.echo(f"{'VERSION':>8}  {'BUILD':8} {'VALIDATION':10} {'COMMIT':12} CREATED")
+        for v in body["versions"]:
+            typer.echo(
+                f"{v['version']:>8}  {v['build_state']:8} {v['validation_state']:10} "
+                f"{(v['source_commit'] or '-')[:12]:12} {v['created_at']}"
+            )
+        return
+    v = _request("GET", f"/api/v1/models/{name}/versions/{version}")
+    if json_out:
+        typer.echo(json.dumps(v, indent=2))
+        return
+    parent = f"{v['parent_model']}@{v['parent_version']}" if v.get("parent_model") else "-"
+    lines = [
+        f"{name}@{version}",
+        f"  aliases        {', '.join(v['aliases']) or '-'}",
+        f"  source commit  {v['source_commit'] or '-'}",
+        f"  data digest    {v['data_digest'] or '-'}",
+        f"  parent         {parent}",
+        f"  params         {json.dumps(v['params'])}",
+        f"  tags           {json.dumps(v['tags'])}",
+        f"  model          {v['model_digest']} ({v['model_size']} bytes)",
+        f"  suite          {v['suite_digest'] or '-'}",
+        f"  reference      {v['reference_digest'] or '-'}",
+        f"  repository     {v['repository']} (manifest {v['artifact_manifest']})",
+        f"  build          {v['build_state']} {json.dumps(v['build_detail'] or {})}",
+        f"  validation     {v['validation_state']} {json.dumps(v['validation_detail'] or {})}",
+        f"  registered     {v['created_at']} by {v['created_by'] or '-'}",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@alias_app.command("set")
+def alias_set(name: str, alias: str, version: str) -> None:
+    """Point ALIAS of NAME at VERSION."""
+    _request("PUT", f"/api/v1/models/{name}/aliases/{alias}", json={"version": version})
+    typer.echo(f"{name}: {alias} → {version}")

@@ -1,0 +1,3 @@
+from edgeloop.registry.app import main
+
+main()

@@ -1,0 +1,172 @@
+"""The registry's HTTP API (FastAPI; OpenAPI at ``/docs``). Thin: parse, call, answer."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from edgeloop.registry.errors import InvalidInput, NotFound, RegistryError, TooLarge
+from edgeloop.registry.service import Registration, Registry, check_alias, check_name, check_version
+from edgeloop.registry.store import PgStore
+
+_HIDDEN = {"profile", "event_id", "seq"}
+
+
+class AliasBody(BaseModel):
+    """Body of ``PUT …/aliases/{alias}``."""
+
+    version: str
+
+
+def _public(record: dict[str, Any], *, with_profile: bool = False) -> dict[str, Any]:
+    out = {k: v for k, v in record.items() if with_profile or k not in _HIDDEN}
+    for k, v in list(out.items()):
+        if hasattr(v, "isoformat"):
+            out[k] = v.isoformat()
+        elif k.endswith("_id") and v is not None:
+            out[k] = str(v)
+    return out
+
+
+async def _read_limited(upload: UploadFile | None, limit: int, what: str) -> bytes | None:
+    if upload is None:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await upload.read(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"{what} file is larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _kv(text: str | None, what: str) -> dict[str, str]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{what} must be a JSON object of strings: {exc}") from exc
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise InvalidInput(f'{what} must be a JSON object of strings, e.g. {{"lr": "0.1"}}')
+    return value
+
+
+async def _actor(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
+    """The caller, from ``Authorization: Bearer <token>``; 401 without a valid token."""
+    tokens: frozenset[str] = request.app.state.tokens
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not any(
+        hmac.compare_digest(token.encode(), t.encode()) for t in tokens
+    ):
+        raise HTTPException(
+            status_code=401,
+            detail="missing or invalid API token: send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    # Identify the caller without keeping the secret (audit needs more: issue 8).
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+
+
+Actor = Annotated[str, Depends(_actor)]
+
+
+def create_api(registry: Registry, store: PgStore, tokens: frozenset[str]) -> FastAPI:
+    """The ASGI app."""
+    api = FastAPI(
+        title="edgeloop registry",
+        version="1",
+        description="Model versions, lineage, aliases and artifacts.",
+    )
+
+    @api.exception_handler(RegistryError)
+    async def registry_error(_: Request, exc: RegistryError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    api.state.tokens = tokens
+
+    @api.post("/api/v1/models/{name}/versions", status_code=201)
+    async def register(
+        name: str,
+        who: Actor,
+        model: Annotated[UploadFile, File(description="the ONNX model")],
+        suite: Annotated[UploadFile | None, File(description="npz with X and y")] = None,
+        reference: Annotated[UploadFile | None, File(description="npz with X")] = None,
+        version: Annotated[str | None, Form()] = None,
+        source_commit: Annotated[str | None, Form()] = None,
+        data_digest: Annotated[str | None, Form()] = None,
+        params: Annotated[str | None, Form(description="JSON object")] = None,
+        tags: Annotated[str | None, Form(description="JSON object")] = None,
+        parent: Annotated[str | None, Form(description="NAME@VERSION")] = None,
+        retrain_request_id: Annotated[str | None, Form()] = None,
+    ) -> JSONResponse:
+        import uuid
+
+        try:
+            request_id = uuid.UUID(retrain_request_id) if retrain_request_id else None
+        except ValueError as exc:
+            raise InvalidInput(f"retrain_request_id is not a UUID: {exc}") from exc
+        reg = Registration(
+            name=check_name(name),
+            version=version or None,
+            model=await _read_limited(model, registry.max_model_bytes, "model") or b"",
+            suite=await _read_limited(suite, registry.max_data_bytes, "suite"),
+            reference=await _read_limited(reference, registry.max_data_bytes, "reference"),
+            source_commit=source_commit or None,
+            data_digest=data_digest or None,
+            params=_kv(params, "params"),
+            tags=_kv(tags, "tags"),
+            parent=parent or None,
+            retrain_request_id=request_id,
+            actor=who,
+        )
+        result = await registry.register(reg)
+        body = {"name": result.name, "version": result.version, "created": result.created}
+        body.update(_public(result.record))
+        return JSONResponse(body, status_code=201 if result.created else 200)
+
+    @api.get("/api/v1/models")
+    async def list_models(_: Actor) -> list[dict[str, Any]]:
+        return [_public(m) for m in await store.list_models()]
+
+    @api.get("/api/v1/models/{name}")
+    async def show_model(name: str, _: Actor) -> dict[str, Any]:
+        if not await store.model_exists(check_name(name)):
+            raise NotFound(f"model {name!r} is not registered")
+        return {
+            "name": name,
+            "aliases": await store.aliases(name),
+            "versions": [_public(v) for v in await store.list_versions(name)],
+        }
+
+    @api.get("/api/v1/models/{name}/versions/{version}")
+    async def show_version(
+        name: str, version: str, _: Actor, profile: bool = False
+    ) -> dict[str, Any]:
+        record = await registry.get(name, version)
+        aliases = {a: v for a, v in (await store.aliases(name)).items() if v == version}
+        return {**_public(record, with_profile=profile), "aliases": sorted(aliases)}
+
+    @api.put("/api/v1/models/{name}/aliases/{alias}")
+    async def set_alias(name: str, alias: str, body: AliasBody, who: Actor) -> dict[str, str]:
+        await registry.get(name, check_version(body.version))
+        await store.set_alias(name, check_alias(alias), body.version, who)
+        return {"name": name, "alias": alias, "version": body.version}
+
+    @api.get("/api/v1/models/{name}/aliases/{alias}")
+    async def get_alias(name: str, alias: str, _: Actor) -> dict[str, Any]:
+        version = (await store.aliases(check_name(name))).get(check_alias(alias))
+        if version is None:
+            raise NotFound(f"model {name!r} has no alias {alias!r}")
+        return _public(await registry.get(name, version))
+
+    return api

@@ -1,0 +1,72 @@
+"""Wiring of the registry service: kit Service (consumers, outbox relay, health) plus the
+HTTP API served by uvicorn in the same event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import uvicorn
+
+from edgeloop.kit.oci import OciClient
+from edgeloop.kit.service import Service, configure_logging
+from edgeloop.registry.api import create_api
+from edgeloop.registry.artifacts import OciArtifactStore
+from edgeloop.registry.config import RegistrySettings
+from edgeloop.registry.handlers import register_handlers
+from edgeloop.registry.service import Registry
+from edgeloop.registry.store import PgStore
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parents[3] / "migrations"
+
+
+def build(settings: RegistrySettings) -> Service:
+    """The registry service, ready to ``run()``."""
+    svc = Service("registry", settings, migrations=MIGRATIONS)
+    register_handlers(svc)
+
+    @svc.background
+    async def serve_api(service: Service) -> None:
+        oci = OciClient(settings.oci_registry_url)
+        store = PgStore(service.pool, service.schema)
+        registry = Registry(
+            store,
+            OciArtifactStore(oci),
+            repository_prefix=settings.repository_prefix,
+            max_model_bytes=settings.max_model_bytes,
+            max_data_bytes=settings.max_data_bytes,
+            profile_bins=settings.profile_bins,
+        )
+        config = uvicorn.Config(
+            create_api(registry, store, settings.tokens()),
+            host=settings.api_host,
+            port=settings.api_port,
+            log_level="warning",
+            lifespan="off",
+        )
+        # The kit's Service owns SIGTERM; uvicorn must not install its own handlers.
+        server = _QuietServer(config)
+        try:
+            await server.serve()
+        finally:
+            server.should_exit = True
+            with contextlib.suppress(Exception):
+                await oci.aclose()
+
+    return svc
+
+
+class _QuietServer(uvicorn.Server):
+    def install_signal_handlers(self) -> None:
+        """Leave signal handling to the Service."""
+
+
+def main() -> None:
+    """``python -m edgeloop.registry``."""
+    settings = RegistrySettings()
+    configure_logging(settings.log_level)
+    asyncio.run(build(settings).run())

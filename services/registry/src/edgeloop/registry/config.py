@@ -1,0 +1,36 @@
+"""Registry settings (``EDGELOOP_REGISTRY_…``)."""
+
+from __future__ import annotations
+
+from pydantic import SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from edgeloop.kit.settings import ServiceSettings, secret_field
+
+
+class RegistrySettings(ServiceSettings):
+    """Settings of the registry service."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_REGISTRY_", extra="ignore")
+
+    api_tokens: SecretStr = secret_field(
+        "Comma-separated API tokens; a request must bear one (Authorization: Bearer …)"
+    )
+    api_host: str = "127.0.0.1"
+    """Address of the HTTP API."""
+    api_port: int = 18100
+    """Port of the HTTP API (OpenAPI at /docs)."""
+    max_model_bytes: int = 256 * 1024 * 1024
+    """Largest accepted ONNX file."""
+    max_data_bytes: int = 256 * 1024 * 1024
+    """Largest accepted suite or reference file."""
+    repository_prefix: str = "edgeloop/models"
+    """OCI repository prefix; a model's artifacts go to <prefix>/<name>."""
+    profile_bins: int = 10
+    """Quantile bins per numeric feature in the reference profile."""
+
+    def tokens(self) -> frozenset[str]:
+        """The accepted API tokens."""
+        return frozenset(
+            t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip()
+        )

@@ -1,0 +1,113 @@
+"""Event handlers: the registry keeps a projection of builds, validations and retrain
+requests so ``models show`` can tell a version's whole state (it never reads other
+services' tables)."""
+
+from __future__ import annotations
+
+import json
+
+from edgeloop.contracts import subjects as s
+from edgeloop.contracts.events import (
+    ImageBuildFailed,
+    ImageBuilt,
+    RetrainRequested,
+    ValidationFailed,
+    ValidationPassed,
+)
+from edgeloop.kit.bus import ConsumerSpec
+from edgeloop.kit.consumer import Tx
+from edgeloop.kit.service import Service
+
+CANDIDATE_ALIAS = "candidate"
+
+
+def _spec(durable: str, subject: str) -> ConsumerSpec:
+    return ConsumerSpec(stream=s.STREAM_LIFECYCLE, durable=durable, filter_subjects=(subject,))
+
+
+def register_handlers(svc: Service) -> None:
+    """Subscribe the registry's consumers."""
+
+    @svc.consume(ImageBuilt, _spec("registry-image-built", s.IMAGE_BUILT))
+    async def on_image_built(event: ImageBuilt, tx: Tx) -> None:
+        detail = {
+            "image": event.image,
+            "digest": event.digest,
+            "size": event.size,
+            "signature_digest": event.signature_digest,
+            "backend": event.backend,
+        }
+        await tx.conn.execute(
+            """UPDATE versions SET build_state = 'built', build_detail = $3::jsonb
+               WHERE model = $1 AND version = $2""",
+            event.model,
+            event.version,
+            json.dumps(detail),
+        )
+
+    @svc.consume(ImageBuildFailed, _spec("registry-image-build-failed", s.IMAGE_BUILD_FAILED))
+    async def on_image_build_failed(event: ImageBuildFailed, tx: Tx) -> None:
+        await tx.conn.execute(
+            """UPDATE versions SET build_state = 'failed', build_detail = $3::jsonb
+               WHERE model = $1 AND version = $2 AND build_state <> 'built'""",
+            event.model,
+            event.version,
+            json.dumps({"reason": event.reason, "attempts": event.attempts}),
+        )
+
+    @svc.consume(ValidationPassed, _spec("registry-validation-passed", s.VALIDATION_PASSED))
+    async def on_validation_passed(event: ValidationPassed, tx: Tx) -> None:
+        detail = {
+            "metrics": event.metrics,
+            "validated_tag": event.validated_tag,
+            "report_id": str(event.report_id) if event.report_id else None,
+            "digest": event.digest,
+        }
+        updated = await tx.conn.execute(
+            """UPDATE versions SET validation_state = 'passed', validation_detail = $3::jsonb
+               WHERE model = $1 AND version = $2""",
+            event.model,
+            event.version,
+            json.dumps(detail),
+        )
+        if updated == "UPDATE 1":
+            await tx.conn.execute(
+                """INSERT INTO aliases (model, alias, version, updated_by)
+                   VALUES ($1, $2, $3, 'validator')
+                   ON CONFLICT (model, alias) DO UPDATE
+                   SET version = EXCLUDED.version, updated_at = now(), updated_by = 'validator'""",
+                event.model,
+                CANDIDATE_ALIAS,
+                event.version,
+            )
+
+    @svc.consume(ValidationFailed, _spec("registry-validation-failed", s.VALIDATION_FAILED))
+    async def on_validation_failed(event: ValidationFailed, tx: Tx) -> None:
+        detail = {
+            "reasons": event.reasons,
+            "metrics": event.metrics,
+            "report_id": str(event.report_id) if event.report_id else None,
+        }
+        await tx.conn.execute(
+            """UPDATE versions SET validation_state = 'failed', validation_detail = $3::jsonb
+               WHERE model = $1 AND version = $2""",
+            event.model,
+            event.version,
+            json.dumps(detail),
+        )
+
+    @svc.consume(RetrainRequested, _spec("registry-retrain", s.RETRAIN_REQUESTED))
+    async def on_retrain_requested(event: RetrainRequested, tx: Tx) -> None:
+        await tx.conn.execute(
+            """INSERT INTO retrain_requests
+                   (request_id, model, version, alarm_id, reason, evidence, dataset)
+               VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb)
+               ON CONFLICT (request_id) DO NOTHING""",
+            event.request_id,
+            event.model,
+            event.version,
+            event.alarm_id,
+            event.reason,
+            json.dumps(event.evidence),
+            event.dataset.model_dump_json(),
+        )

@@ -1,0 +1,361 @@
+"""Registration logic: checks, profile, artifacts, immutable versions, lineage.
+
+No web framework and no database driver here: the API adapter calls :class:`Registry`,
+which talks to a :class:`~edgeloop.registry.store.Store` and an :class:`ArtifactStore`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from edgeloop.contracts.events import ArtifactRef, ModelCommitted, ModelRef
+from edgeloop.edge.runtime import ModelLoadError, OnnxModel
+from edgeloop.registry.errors import Conflict, InvalidInput, NotFound, TooLarge
+from edgeloop.registry.profile import compute_profile
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
+ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+MEDIA_ONNX = "application/vnd.onnx.model"
+MEDIA_NPZ = "application/vnd.edgeloop.dataset.npz"
+MEDIA_PROFILE = "application/vnd.edgeloop.profile.v1+json"
+MEDIA_SIGNATURE = "application/vnd.edgeloop.model-signature.v1+json"
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """One file of a model version, as pushed to the module store."""
+
+    name: str
+    media_type: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StoredArtifacts:
+    """Where a version's files landed: the artifact manifest and a descriptor per file."""
+
+    manifest_digest: str
+    files: dict[str, ArtifactRef]
+
+
+class ArtifactStore(Protocol):
+    """The module store (an OCI registry), content-addressed."""
+
+    async def store(
+        self,
+        repository: str,
+        tag: str,
+        files: Sequence[ArtifactFile],
+        annotations: dict[str, str],
+    ) -> StoredArtifacts:
+        """Push the files and an artifact manifest that references them, tagged ``tag``."""
+        ...
+
+
+@dataclass
+class Registration:
+    """What a data scientist or CI pipeline registers."""
+
+    name: str
+    model: bytes
+    version: str | None = None
+    suite: bytes | None = None
+    reference: bytes | None = None
+    source_commit: str | None = None
+    data_digest: str | None = None
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    parent: str | None = None
+    retrain_request_id: uuid.UUID | None = None
+    actor: str | None = None
+
+
+@dataclass(frozen=True)
+class Registered:
+    """The outcome: the version, and whether this call created it (False: same bytes)."""
+
+    name: str
+    version: str
+    created: bool
+    record: dict[str, Any]
+
+
+class Store(Protocol):
+    """Persistence the registry logic needs (asyncpg implementation in store.py)."""
+
+    async def register(
+        self,
+        name: str,
+        version: str | None,
+        content_digest: str,
+        row: dict[str, Any],
+        event_factory: Any,
+    ) -> tuple[dict[str, Any], bool]: ...
+
+    async def get_version(self, name: str, version: str) -> dict[str, Any] | None: ...
+
+
+def check_name(name: str) -> str:
+    """A model name: lowercase letters, digits, ``.``, ``_``, ``-``; at most 64."""
+    if not NAME_RE.match(name):
+        raise InvalidInput(
+            f"bad model name {name!r}: use lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, at most 64 characters"
+        )
+    return name
+
+
+def check_version(version: str) -> str:
+    """A version label such as ``3`` or ``1.4.0``."""
+    if not VERSION_RE.match(version):
+        raise InvalidInput(
+            f"bad version {version!r}: use letters, digits, '.', '_', '+' or '-', "
+            "starting with a letter or digit, at most 64 characters"
+        )
+    return version
+
+
+def check_alias(alias: str) -> str:
+    """An alias such as ``champion`` or ``candidate``."""
+    if not ALIAS_RE.match(alias):
+        raise InvalidInput(
+            f"bad alias {alias!r}: use lowercase letters, digits, '_' or '-', "
+            "starting with a letter, at most 32 characters"
+        )
+    return alias
+
+
+def parse_ref(ref: str) -> tuple[str, str | None]:
+    """``NAME[@VERSION]`` → (name, version or None)."""
+    name, _, version = ref.partition("@")
+    return check_name(name), (check_version(version) if version else None)
+
+
+def sha256_digest(data: bytes) -> str:
+    """``sha256:<hex>`` of ``data``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def load_npz(data: bytes, what: str, required: Sequence[str]) -> dict[str, npt.NDArray[Any]]:
+    """Arrays of an ``.npz`` upload, with the required keys present."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except Exception as exc:  # numpy raises several types for a non-npz file
+        raise InvalidInput(
+            f"{what} is not a NumPy .npz file ({type(exc).__name__}: {exc}); "
+            f"save it with numpy.savez(path, {', '.join(f'{k}=...' for k in required)})"
+        ) from exc
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise InvalidInput(
+            f"{what} lacks the array(s) {', '.join(missing)}; it has "
+            f"{', '.join(sorted(arrays)) or 'none'}"
+        )
+    return arrays
+
+
+class Registry:
+    """Registers model versions."""
+
+    def __init__(
+        self,
+        store: Store,
+        artifacts: ArtifactStore,
+        *,
+        repository_prefix: str,
+        max_model_bytes: int,
+        max_data_bytes: int,
+        profile_bins: int = 10,
+    ) -> None:
+        self.store = store
+        self.artifacts = artifacts
+        self.repository_prefix = repository_prefix.strip("/")
+        self.max_model_bytes = max_model_bytes
+        self.max_data_bytes = max_data_bytes
+        self.profile_bins = profile_bins
+
+    def repository(self, name: str) -> str:
+        """The OCI repository holding ``name``'s artifacts."""
+        return f"{self.repository_prefix}/{name}"
+
+    def inspect(self, reg: Registration) -> tuple[list[ArtifactFile], dict[str, Any]]:
+        """Every check of an upload; returns the files to store and the derived metadata."""
+        check_name(reg.name)
+        if reg.version is not None:
+            check_version(reg.version)
+        if len(reg.model) > self.max_model_bytes:
+            raise TooLarge(
+                f"model file is {len(reg.model)} bytes; the limit is {self.max_model_bytes}"
+            )
+        for what, blob in (("suite", reg.suite), ("reference", reg.reference)):
+            if blob is not None and len(blob) > self.max_data_bytes:
+                raise TooLarge(
+                    f"{what} file is {len(blob)} bytes; the limit is {self.max_data_bytes}"
+                )
+        try:
+            model = OnnxModel(reg.model)
+        except ModelLoadError as exc:
+            raise InvalidInput(f"model file: {exc}") from exc
+        files = [ArtifactFile("model.onnx", MEDIA_ONNX, reg.model)]
+        meta: dict[str, Any] = {"signature": model.signature(), "profile": None}
+        if reg.suite is not None:
+            suite = load_npz(reg.suite, "suite", ("X", "y"))
+            try:
+                x = model.check_features(suite["X"], "suite X")
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from exc
+            if len(suite["y"]) != len(x):
+                raise InvalidInput(
+                    f"suite has {len(x)} rows in X but {len(suite['y'])} labels in y"
+                )
+            if len(x) == 0:
+                raise InvalidInput("suite X has no rows")
+            files.append(ArtifactFile("suite.npz", MEDIA_NPZ, reg.suite))
+            meta["suite_rows"] = len(x)
+        if reg.reference is not None:
+            ref = load_npz(reg.reference, "reference", ("X",))
+            names = [str(n) for n in ref["feature_names"]] if "feature_names" in ref else None
+            try:
+                profile = compute_profile(model, ref["X"], names, bins=self.profile_bins)
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from exc
+            files.append(ArtifactFile("reference.npz", MEDIA_NPZ, reg.reference))
+            files.append(
+                ArtifactFile(
+                    "profile.json", MEDIA_PROFILE, json.dumps(profile, sort_keys=True).encode()
+                )
+            )
+            meta["profile"] = profile
+        files.append(
+            ArtifactFile(
+                "signature.json",
+                MEDIA_SIGNATURE,
+                json.dumps(meta["signature"], sort_keys=True).encode(),
+            )
+        )
+        return files, meta
+
+    async def register(self, reg: Registration) -> Registered:
+        """Check, store the bytes, record the version and queue ``model.committed``.
+
+        Idempotent: the same bytes under the same version return the existing version;
+        different bytes under an existing version are a conflict.
+        """
+        files, meta = self.inspect(reg)
+        parent: ModelRef | None = None
+        if reg.parent:
+            pname, pversion = parse_ref(reg.parent)
+            if pversion is None:
+                raise InvalidInput(f"--parent needs NAME@VERSION, got {reg.parent!r}")
+            if await self.store.get_version(pname, pversion) is None:
+                raise InvalidInput(f"parent {pname}@{pversion} is not a registered version")
+            parent = ModelRef(model=pname, version=pversion)
+        content_digest = sha256_digest(
+            b"\n".join(f"{f.name}={sha256_digest(f.data)}".encode() for f in files)
+            + b"\n"
+            + json.dumps(
+                {
+                    "commit": reg.source_commit,
+                    "data": reg.data_digest,
+                    "params": reg.params,
+                    "tags": reg.tags,
+                    "parent": reg.parent,
+                },
+                sort_keys=True,
+            ).encode()
+        )
+        if reg.version is not None:
+            existing = await self.store.get_version(reg.name, reg.version)
+            if existing is not None:
+                return self._same_or_conflict(reg.name, reg.version, existing, content_digest)
+        repository = self.repository(reg.name)
+        stored = await self.artifacts.store(
+            repository,
+            f"content-{content_digest.removeprefix('sha256:')[:32]}",
+            files,
+            {
+                "edgeloop.model": reg.name,
+                "org.opencontainers.image.revision": reg.source_commit or "",
+                "edgeloop.data_digest": reg.data_digest or "",
+            },
+        )
+        row: dict[str, Any] = {
+            "repository": repository,
+            "artifact_manifest": stored.manifest_digest,
+            "model_digest": stored.files["model.onnx"].digest,
+            "model_size": stored.files["model.onnx"].size,
+            "suite_digest": _digest(stored, "suite.npz"),
+            "reference_digest": _digest(stored, "reference.npz"),
+            "profile_digest": _digest(stored, "profile.json"),
+            "signature": meta["signature"],
+            "profile": meta["profile"],
+            "source_commit": reg.source_commit,
+            "data_digest": reg.data_digest,
+            "params": reg.params,
+            "tags": reg.tags,
+            "parent_model": parent.model if parent else None,
+            "parent_version": parent.version if parent else None,
+            "retrain_request_id": reg.retrain_request_id,
+            "created_by": reg.actor,
+        }
+
+        def event_factory(version: str, event_id: uuid.UUID) -> ModelCommitted:
+            return ModelCommitted(
+                event_id=event_id,
+                model=reg.name,
+                version=version,
+                repository=repository,
+                model_artifact=stored.files["model.onnx"],
+                suite_artifact=stored.files.get("suite.npz"),
+                reference_artifact=stored.files.get("profile.json"),
+                source_commit=reg.source_commit,
+                data_digest=reg.data_digest,
+                parent=parent,
+                params=reg.params,
+                tags=reg.tags,
+                retrain_request_id=reg.retrain_request_id,
+            )
+
+        record, created = await self.store.register(
+            reg.name, reg.version, content_digest, row, event_factory
+        )
+        if not created:
+            return self._same_or_conflict(reg.name, record["version"], record, content_digest)
+        return Registered(reg.name, record["version"], True, record)
+
+    @staticmethod
+    def _same_or_conflict(
+        name: str, version: str, existing: dict[str, Any], content_digest: str
+    ) -> Registered:
+        if existing["content_digest"] != content_digest:
+            raise Conflict(
+                f"{name}@{version} already exists with different content "
+                f"({existing['content_digest'][:19]}…); versions are immutable, "
+                "register under a new version"
+            )
+        return Registered(name, version, False, existing)
+
+    async def get(self, name: str, version: str) -> dict[str, Any]:
+        """One version, or NotFound."""
+        record = await self.store.get_version(check_name(name), check_version(version))
+        if record is None:
+            raise NotFound(f"{name}@{version} is not registered")
+        return record
+
+
+def _digest(stored: StoredArtifacts, name: str) -> str | None:
+    ref = stored.files.get(name)
+    return ref.digest if ref else None

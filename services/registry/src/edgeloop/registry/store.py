@@ -1,0 +1,184 @@
+"""The registry's PostgreSQL store (schema ``registry``)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from edgeloop.contracts.events import Event
+from edgeloop.kit.db import Conn
+from edgeloop.kit.outbox import add_event
+
+_JSON_COLUMNS = (
+    "signature",
+    "profile",
+    "params",
+    "tags",
+    "build_detail",
+    "validation_detail",
+    "evidence",
+    "dataset",
+)
+
+_VERSION_COLUMNS = (
+    "repository",
+    "artifact_manifest",
+    "model_digest",
+    "model_size",
+    "suite_digest",
+    "reference_digest",
+    "profile_digest",
+    "signature",
+    "profile",
+    "source_commit",
+    "data_digest",
+    "params",
+    "tags",
+    "parent_model",
+    "parent_version",
+    "retrain_request_id",
+    "created_by",
+)
+
+
+def _record(row: asyncpg.Record | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    out = dict(row)
+    for key in _JSON_COLUMNS:
+        if isinstance(out.get(key), str):
+            out[key] = json.loads(out[key])
+    return out
+
+
+class PgStore:
+    """asyncpg implementation of the registry's store."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str = "registry") -> None:
+        self.pool = pool
+        self.schema = schema
+
+    async def register(
+        self,
+        name: str,
+        version: str | None,
+        content_digest: str,
+        row: dict[str, Any],
+        event_factory: Callable[[str, uuid.UUID], Event],
+    ) -> tuple[dict[str, Any], bool]:
+        """Insert a version (auto-numbered when ``version`` is None) and queue its event.
+
+        Returns the record and True, or the existing record and False when the version
+        exists already (the caller decides between idempotent success and conflict).
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            # One registration per model at a time: version numbers stay dense and a
+            # concurrent duplicate sees the first one's row.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"registry:{name}")
+            await conn.execute(
+                "INSERT INTO models (name, created_by) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                name,
+                row.get("created_by"),
+            )
+            if version is not None:
+                existing = await self._version(conn, name, version)
+                if existing is not None:
+                    return existing, False
+            elif row.get("retrain_request_id") is not None:
+                # A retrain request registers at most one version, even when retried.
+                again = await conn.fetchrow(
+                    "SELECT * FROM versions WHERE model = $1 AND retrain_request_id = $2",
+                    name,
+                    row["retrain_request_id"],
+                )
+                if again is not None:
+                    rec = _record(again)
+                    assert rec is not None
+                    return rec, False
+            seq = await conn.fetchval(
+                "SELECT coalesce(max(seq), 0) + 1 FROM versions WHERE model = $1", name
+            )
+            if version is None:
+                version = str(seq)
+                while await self._version(conn, name, version) is not None:
+                    seq += 1
+                    version = str(seq)
+            event_id = uuid.uuid4()
+            values = [row[c] for c in _VERSION_COLUMNS]
+            json_idx = {i for i, c in enumerate(_VERSION_COLUMNS) if c in _JSON_COLUMNS}
+            values = [json.dumps(v) if i in json_idx else v for i, v in enumerate(values)]
+            cols = ", ".join(_VERSION_COLUMNS)
+            params = ", ".join(
+                f"${i + 6}::jsonb" if i in json_idx else f"${i + 6}"
+                for i in range(len(_VERSION_COLUMNS))
+            )
+            inserted = await conn.fetchrow(
+                f"""INSERT INTO versions (model, version, seq, event_id, content_digest, {cols})
+                    VALUES ($1, $2, $3, $4, $5, {params}) RETURNING *""",
+                name,
+                version,
+                seq,
+                event_id,
+                content_digest,
+                *values,
+            )
+            await add_event(conn, self.schema, event_factory(version, event_id))
+            rec = _record(inserted)
+            assert rec is not None
+            return rec, True
+
+    async def _version(self, conn: Conn, name: str, version: str) -> dict[str, Any] | None:
+        return _record(
+            await conn.fetchrow(
+                "SELECT * FROM versions WHERE model = $1 AND version = $2", name, version
+            )
+        )
+
+    async def get_version(self, name: str, version: str) -> dict[str, Any] | None:
+        """One version's record."""
+        async with self.pool.acquire() as conn:
+            return await self._version(conn, name, version)
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        """Every model with its latest version and version count."""
+        rows = await self.pool.fetch(
+            """SELECT m.name, m.created_at, count(v.version) AS versions,
+                      (SELECT version FROM versions WHERE model = m.name
+                        ORDER BY seq DESC LIMIT 1) AS latest
+               FROM models m LEFT JOIN versions v ON v.model = m.name
+               GROUP BY m.name, m.created_at ORDER BY m.name"""
+        )
+        return [dict(r) for r in rows]
+
+    async def list_versions(self, name: str) -> list[dict[str, Any]]:
+        """Every version of a model, oldest first."""
+        rows = await self.pool.fetch("SELECT * FROM versions WHERE model = $1 ORDER BY seq", name)
+        return [r for r in (_record(row) for row in rows) if r is not None]
+
+    async def model_exists(self, name: str) -> bool:
+        """Whether ``name`` is registered."""
+        return bool(await self.pool.fetchval("SELECT 1 FROM models WHERE name = $1", name))
+
+    async def aliases(self, name: str) -> dict[str, str]:
+        """alias → version."""
+        rows = await self.pool.fetch(
+            "SELECT alias, version FROM aliases WHERE model = $1 ORDER BY alias", name
+        )
+        return {r["alias"]: r["version"] for r in rows}
+
+    async def set_alias(
+        self, name: str, alias: str, version: str, actor: str | None, conn: Conn | None = None
+    ) -> None:
+        """Point ``alias`` at ``version`` (the version must exist)."""
+        sql = """INSERT INTO aliases (model, alias, version, updated_by) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (model, alias) DO UPDATE
+                 SET version = EXCLUDED.version, updated_at = now(),
+                     updated_by = EXCLUDED.updated_by"""
+        if conn is not None:
+            await conn.execute(sql, name, alias, version, actor)
+        else:
+            await self.pool.execute(sql, name, alias, version, actor)
