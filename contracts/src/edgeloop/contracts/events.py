@@ -100,6 +100,11 @@ class ImageBuilt(Event, ModelRef):
     size: NonNegativeInt
     signature_digest: str | None = None
     backend: Literal["oci", "docker"] = "oci"
+    model_digest: str | None = Field(default=None, description="the ONNX blob in the image")
+    source_repository: str | None = Field(
+        default=None, description="OCI repository of the version's registered artifacts"
+    )
+    suite_artifact: ArtifactRef | None = None
 
 
 class ImageBuildFailed(Event, ModelRef):
@@ -124,6 +129,7 @@ class ValidationPassed(Event, ModelRef):
     metrics: dict[str, float] = Field(default_factory=dict)
     report_id: uuid.UUID | None = None
     validated_tag: str | None = None
+    report: dict[str, Any] = Field(default_factory=dict)
 
 
 class ValidationFailed(Event, ModelRef):
@@ -136,6 +142,7 @@ class ValidationFailed(Event, ModelRef):
     reasons: list[str]
     metrics: dict[str, float] = Field(default_factory=dict)
     report_id: uuid.UUID | None = None
+    report: dict[str, Any] = Field(default_factory=dict)
 
 
 # --- deployer ----------------------------------------------------------------------

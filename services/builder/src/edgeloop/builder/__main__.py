@@ -1,0 +1,3 @@
+from edgeloop.builder.app import main
+
+main()
