@@ -16,6 +16,10 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 
+class OutputShapeError(ValueError):
+    """The model's output does not have one row per input row."""
+
+
 class ModelLoadError(ValueError):
     """The bytes are not an ONNX model onnxruntime can run, or not one edgeloop serves."""
 
@@ -106,6 +110,13 @@ class OnnxModel:
         feats = self.check_features(x, "input")
         results = self.session.run(None, {self.inputs[0].name: feats})
         by_name = {o.name: r for o, r in zip(self.outputs, results, strict=True)}
+        first = results[0]
+        rows = len(first) if isinstance(first, list) else np.asarray(first).shape[0]
+        if rows != len(feats):
+            raise OutputShapeError(
+                f"wrong output shape: {len(feats)} input rows gave {rows} output rows "
+                f"(output {self.outputs[0].name!r})"
+            )
         label_name = self._label_output()
         if label_name is None:
             values = np.asarray(results[0], dtype=np.float32).reshape(len(feats), -1)

@@ -62,6 +62,7 @@ def register_handlers(svc: Service) -> None:
             "validated_tag": event.validated_tag,
             "report_id": str(event.report_id) if event.report_id else None,
             "digest": event.digest,
+            "report": event.report,
         }
         updated = await tx.conn.execute(
             """UPDATE versions SET validation_state = 'passed', validation_detail = $3::jsonb
@@ -87,6 +88,7 @@ def register_handlers(svc: Service) -> None:
             "reasons": event.reasons,
             "metrics": event.metrics,
             "report_id": str(event.report_id) if event.report_id else None,
+            "report": event.report,
         }
         await tx.conn.execute(
             """UPDATE versions SET validation_state = 'failed', validation_detail = $3::jsonb

@@ -1,0 +1,3 @@
+from edgeloop.validator.app import main
+
+main()
