@@ -14,6 +14,7 @@ app = typer.Typer(
 )
 app.command()(status)
 app.add_typer(models.app, name="models")
+app.add_typer(models.validations_app, name="validations")
 
 
 @app.callback()

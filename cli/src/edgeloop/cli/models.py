@@ -10,6 +10,8 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from edgeloop.devstack.up import load_stack_json, state_dir
+
 app = typer.Typer(help="Register model versions and look at them.", no_args_is_help=True)
 alias_app = typer.Typer(help="Point aliases (champion, candidate, …) at versions.")
 app.add_typer(alias_app, name="alias")
@@ -18,19 +20,27 @@ DEFAULT_API = "http://127.0.0.1:18100"
 
 
 def _client() -> httpx.Client:
-    token = os.environ.get("EDGELOOP_API_TOKEN", "")
+    token = os.environ.get("EDGELOOP_API_TOKEN", "") or _token_from_state()
     if not token:
         typer.secho(
-            "set EDGELOOP_API_TOKEN to a registry API token (make up prints one)",
+            "set EDGELOOP_API_TOKEN to a registry API token (`make up` writes one to "
+            ".edgeloop/api-token)",
             err=True,
             fg="red",
         )
         raise typer.Exit(2)
     return httpx.Client(
-        base_url=os.environ.get("EDGELOOP_REGISTRY_API", DEFAULT_API),
+        base_url=os.environ.get("EDGELOOP_REGISTRY_API")
+        or load_stack_json().get("registry_api", DEFAULT_API),
         headers={"Authorization": f"Bearer {token}"},
         timeout=120,
     )
+
+
+def _token_from_state() -> str:
+    """The token `make up` generated, when this machine runs the stack."""
+    path = state_dir() / "api-token"
+    return path.read_text().strip() if path.exists() else ""
 
 
 def _check(resp: httpx.Response) -> Any:
@@ -156,6 +166,59 @@ def show(
         f"  registered     {v['created_at']} by {v['created_by'] or '-'}",
     ]
     typer.echo("\n".join(lines))
+
+
+validations_app = typer.Typer(help="Validation reports.", no_args_is_help=True)
+
+
+@validations_app.command("show")
+def validations_show(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    json_out: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """A version's validation report: verdict, reasons, metrics, champion, profile."""
+    name, _, version = ref.partition("@")
+    if not version:
+        typer.secho("give NAME@VERSION", err=True, fg="red")
+        raise typer.Exit(2)
+    v = _request("GET", f"/api/v1/models/{name}/versions/{version}")
+    detail = v.get("validation_detail") or {}
+    report = detail.get("report") or {}
+    if json_out:
+        typer.echo(json.dumps({"state": v["validation_state"], **report}, indent=2))
+        return
+    typer.echo(f"{name}@{version}: validation {v['validation_state']}  (build {v['build_state']})")
+    if v["build_state"] == "failed":
+        typer.echo(f"  build failed: {(v.get('build_detail') or {}).get('reason')}")
+    for reason in report.get("reasons", detail.get("reasons", [])):
+        typer.echo(f"  ✗ {reason}")
+    for metric, value in sorted((report.get("metrics") or {}).items()):
+        typer.echo(f"  {metric:24} {value:.4f}")
+    champion = report.get("champion")
+    if champion:
+        typer.echo(f"  champion: version {champion['version']}")
+        for metric, pair in champion["metrics"].items():
+            typer.echo(
+                f"    {metric:22} candidate {pair['candidate']:.4f}  "
+                f"champion {pair['champion']:.4f}"
+            )
+    prof = report.get("profile")
+    if prof:
+        typer.echo("  latency (single row)   threads  p50 ms  p95 ms  p99 ms  memory MB")
+        for n, r in sorted(prof["threads"].items(), key=lambda kv: int(kv[0])):
+            typer.echo(
+                f"  {'':22} {n:>7} {r['p50_ms']:7.3f} {r['p95_ms']:7.3f} "
+                f"{r['p99_ms']:7.3f} {r['memory_mb']:10.1f}"
+            )
+        typer.echo(
+            f"  recommended: {prof['recommended_threads']} thread(s), memory limit "
+            f"{prof['recommended_memory_limit_mb']} MB"
+        )
+    if v["validation_state"] == "passed":
+        typer.echo(
+            f"  image {(v.get('build_detail') or {}).get('image')}:"
+            f"{detail.get('validated_tag')} ({detail.get('digest')})"
+        )
 
 
 @alias_app.command("set")

@@ -67,6 +67,30 @@ def _secret(path: Path) -> str:
     return value
 
 
+def _signing_keys(root: Path) -> tuple[str, str]:
+    """The Ed25519 key the builder signs images with (generated once, mode 600)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private, public = root / "signing-key.pem", root / "signing-key.pub"
+    if not private.exists():
+        key = Ed25519PrivateKey.generate()
+        private.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        private.chmod(0o600)
+        public.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+    return private.read_text(), public.read_text()
+
+
 @dataclass
 class ServiceProcess:
     """One supervised service."""
@@ -174,11 +198,18 @@ def main() -> None:
             registry_url = reg.url
 
         api_token = _secret(root / "api-token")
+        private_pem, public_pem = _signing_keys(root)
+        registry_api = f"http://127.0.0.1:{_port('EDGELOOP_REGISTRY_API_PORT', 18100)}"
         common = {
             "EDGELOOP_NATS_URL": nats_url,
             "EDGELOOP_DATABASE_URL": database_url,
             "EDGELOOP_OCI_REGISTRY_URL": registry_url,
             "EDGELOOP_REGISTRY_API_TOKENS": api_token,
+            "EDGELOOP_REGISTRY_API_PORT": registry_api.rsplit(":", 1)[1],
+            "EDGELOOP_BUILDER_SIGNING_KEY": private_pem,
+            "EDGELOOP_VALIDATOR_PUBLIC_KEY": public_pem,
+            "EDGELOOP_VALIDATOR_REGISTRY_API": registry_api,
+            "EDGELOOP_VALIDATOR_REGISTRY_TOKEN": api_token,
         }
         logs = root / "logs"
         logs.mkdir(exist_ok=True)
@@ -196,7 +227,8 @@ def main() -> None:
             "nats_url": nats_url,
             "database_url": database_url,
             "registry_url": registry_url,
-            "registry_api": "http://127.0.0.1:18100",
+            "registry_api": registry_api,
+            "public_key": str(root / "signing-key.pub"),
             "services": {
                 s.name: {
                     "health_url": f"http://127.0.0.1:{s.http_port}/healthz",
@@ -215,7 +247,8 @@ def main() -> None:
             print(f"  {s.name:17} http://127.0.0.1:{s.http_port}/healthz   (log {s.log_path})")
         if not services:
             print("  (no services yet)")
-        print(f"  API token         in {root / 'api-token'} (export EDGELOOP_API_TOKEN=$(cat ...))")
+        print(f"  registry API      {registry_api}/docs")
+        print(f"  API token         export EDGELOOP_API_TOKEN=$(cat {root / 'api-token'})")
         print(
             "check it:   .venv/bin/edgeloop status      stop it:   Ctrl-C or `make down`",
             flush=True,

@@ -1,0 +1,161 @@
+"""The issue's user story through `make up`'s supervisor and the `edgeloop` CLI: a real
+scikit-learn model registered from the command line ends in a signed image that skopeo
+accepts and a validation report the CLI shows; a bad model ends in a clear failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgeloop.cli.main import app
+from edgeloop.devstack.servers import free_port
+from tests.modelzoo import classifier
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    state = tmp_path_factory.mktemp("up")
+    env = {
+        **os.environ,
+        "EDGELOOP_STATE_DIR": str(state),
+        "EDGELOOP_NATS_PORT": str(free_port()),
+        "EDGELOOP_NATS_MONITOR_PORT": str(free_port()),
+        "EDGELOOP_PG_PORT": str(free_port()),
+        "EDGELOOP_OCI_REGISTRY_PORT": str(free_port()),
+        "EDGELOOP_REGISTRY_API_PORT": str(free_port()),
+        "EDGELOOP_FIRST_HTTP_PORT": str(free_port()),
+    }
+    for key in ("EDGELOOP_NATS_URL", "EDGELOOP_DATABASE_URL", "EDGELOOP_OCI_REGISTRY_URL"):
+        env.pop(key, None)
+    log = (state / "up.out").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeloop.devstack.up"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    cli_env = {"EDGELOOP_STATE_DIR": str(state)}
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (state / "up.out").read_text()
+            if (state / "stack.json").exists():
+                result = runner.invoke(app, ["status"], env=cli_env)
+                if result.exit_code == 0:
+                    break
+            assert time.monotonic() < deadline, result.output
+            time.sleep(0.5)
+        yield cli_env
+    finally:
+        proc.terminate()
+        proc.wait(60)
+        log.close()
+
+
+def _wait_report(env: dict[str, str], ref: str) -> dict[str, object]:
+    deadline = time.monotonic() + 90
+    while True:
+        result = runner.invoke(app, ["validations", "show", ref, "--json"], env=env)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output)
+        if report["state"] != "pending":
+            return dict(report)
+        assert time.monotonic() < deadline, "validation did not finish"
+        time.sleep(0.5)
+
+
+def test_register_to_validated_from_the_cli(stack: dict[str, str], tmp_path: Path) -> None:
+    m = classifier()
+    (tmp_path / "model.onnx").write_bytes(m.onnx)
+    (tmp_path / "suite.npz").write_bytes(m.suite)
+    (tmp_path / "reference.npz").write_bytes(m.reference)
+    result = runner.invoke(
+        app,
+        [
+            "models",
+            "register",
+            str(tmp_path / "model.onnx"),
+            "--name",
+            "breast-cancer",
+            "--suite",
+            str(tmp_path / "suite.npz"),
+            "--reference",
+            str(tmp_path / "reference.npz"),
+            "--commit",
+            "0123abc",
+            "--param",
+            "threshold.accuracy=0.9",
+            "--tag",
+            "team=ds",
+        ],
+        env=stack,
+    )
+    assert result.exit_code == 0, result.output
+    version = result.output.strip()
+    assert version == "1"
+    report = _wait_report(stack, f"breast-cancer@{version}")
+    assert report["state"] == "passed", report
+    human = runner.invoke(app, ["validations", "show", f"breast-cancer@{version}"], env=stack)
+    assert "accuracy" in human.output
+    assert "recommended:" in human.output
+    shown = runner.invoke(app, ["models", "show", f"breast-cancer@{version}", "--json"], env=stack)
+    body = json.loads(shown.output)
+    assert body["source_commit"] == "0123abc"
+    assert body["aliases"] == ["candidate"]
+    image = body["build_detail"]["image"]
+    skopeo = shutil.which("skopeo")
+    if skopeo is None:
+        pytest.skip("skopeo is not installed (apt-get install skopeo)")
+    out = subprocess.run(
+        [skopeo, "inspect", "--tls-verify=false", f"docker://{image}:{version}-validated"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(out.stdout)["Labels"]["edgeloop.source_commit"] == "0123abc"
+
+
+def test_bad_model_ends_in_a_clear_failure(stack: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "bad.onnx").write_bytes(b"this is a pickle, not onnx")
+    result = runner.invoke(
+        app, ["models", "register", str(tmp_path / "bad.onnx"), "--name", "bad"], env=stack
+    )
+    assert result.exit_code == 1
+    assert "not a model onnxruntime can load" in result.output
+    weak = classifier(c=1e-5)
+    (tmp_path / "weak.onnx").write_bytes(weak.onnx)
+    (tmp_path / "suite.npz").write_bytes(weak.suite)
+    result = runner.invoke(
+        app,
+        [
+            "models",
+            "register",
+            str(tmp_path / "weak.onnx"),
+            "--name",
+            "weak",
+            "--suite",
+            str(tmp_path / "suite.npz"),
+            "--param",
+            "threshold.accuracy=0.99",
+        ],
+        env=stack,
+    )
+    assert result.exit_code == 0, result.output
+    report = _wait_report(stack, "weak@1")
+    assert report["state"] == "failed"
+    assert any("below the threshold 0.99" in r for r in report["reasons"])  # type: ignore[attr-defined]
+    human = runner.invoke(app, ["validations", "show", "weak@1"], env=stack)
+    assert "below the threshold" in human.output
