@@ -14,8 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import kit_throughput
-from edgeloop.devstack.servers import NatsServer, Postgres
+from bench import kit_throughput, loop_latency
+from edgeloop.devstack.servers import NatsServer, OciRegistry, Postgres
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -25,7 +25,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench")
     parser.add_argument("--events", type=int, default=5000, help="events per kit run")
     parser.add_argument("--runs", type=int, default=3, help="repetitions (median reported)")
+    parser.add_argument("--only", choices=["kit", "loop"], help="run one benchmark")
+    parser.add_argument("--burst", type=int, default=50, help="commits in the loop burst")
     args = parser.parse_args()
+    if args.only != "loop":
+        kit(args)
+    if args.only != "kit":
+        loop(args)
+
+
+def loop(args: argparse.Namespace) -> None:
+    """Commit → validation.passed through the registry, builder and validator processes."""
+    RESULTS.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
+        root = Path(tmp)
+        nats = NatsServer(root / "nats").start()
+        pg = Postgres.from_env(root / "pg").start()
+        reg = OciRegistry(root / "registry").start()
+        try:
+            dsn = pg.create_database("bench_loop")
+            results = asyncio.run(loop_latency.run(nats.url, dsn, reg.url, root, args.burst))
+        finally:
+            reg.stop()
+            pg.stop()
+            nats.stop()
+    (RESULTS / "loop_latency.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+def kit(args: argparse.Namespace) -> None:
+    """The kit's exactly-once path against raw nats-py."""
     RESULTS.mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
         nats = NatsServer(Path(tmp) / "nats").start()
