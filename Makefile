@@ -13,13 +13,16 @@ $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install -q "uv==$(UV_VERSION)"
 
-# Debian's OCI registry (Distribution) and skopeo are what the tests and `make up` use.
+# Debian's OCI registry (Distribution), skopeo and a Docker engine (for the builder's
+# Docker backend; its test starts a private dockerd) are what the tests and `make up` use.
 system-deps:
-	@if ! command -v docker-registry >/dev/null || ! command -v skopeo >/dev/null; then \
-		echo "installing docker-registry and skopeo (Debian packages)"; \
+	@if ! command -v docker-registry >/dev/null || ! command -v skopeo >/dev/null \
+		|| ! command -v dockerd >/dev/null; then \
+		echo "installing docker-registry, skopeo and docker.io (Debian packages)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq docker-registry skopeo >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+			docker-registry skopeo docker.io >/dev/null; \
 	fi
 
 $(VENV)/.synced: $(UV) uv.lock pyproject.toml */pyproject.toml services/*/pyproject.toml

@@ -1,18 +1,22 @@
-"""The ``edgeloop`` command."""
+"""The ``edgeloop`` command.
+
+Each command group lives in its own module with its own ``typer.Typer`` and is mounted
+here with ``app.add_typer`` (``edgeloop models …``, later ``edgeloop rollout …``);
+single commands (``edgeloop status``) are registered with ``app.command``.
+"""
 
 from __future__ import annotations
 
 import typer
 
-from edgeloop.cli import models
-from edgeloop.cli.status import status
+from edgeloop.cli import models, status
 
 app = typer.Typer(
     help="edgeloop: closed-loop MLOps for models on fleets of edge devices.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-app.command()(status)
+app.command("status")(status.status)
 app.add_typer(models.app, name="models")
 app.add_typer(models.validations_app, name="validations")
 

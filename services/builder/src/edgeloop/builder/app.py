@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from edgeloop.builder.config import BuilderSettings
+from edgeloop.builder.docker_backend import DockerBackend
 from edgeloop.builder.handlers import register_handlers
 from edgeloop.builder.service import Builder
 from edgeloop.kit.oci import OciClient
@@ -24,6 +25,9 @@ def build(settings: BuilderSettings) -> Service:
         load_private_key(settings.signing_key.get_secret_value()),
         image_prefix=settings.image_prefix,
         base_image=settings.base_image,
+        docker=DockerBackend(settings.docker_base_image, settings.docker_host)
+        if settings.backend == "docker"
+        else None,
     )
     backoff = tuple(float(x) for x in settings.retry_backoff.split(",") if x.strip())
     register_handlers(svc, builder, settings.max_attempts, backoff)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 
@@ -20,6 +22,13 @@ class BuilderSettings(ServiceSettings):
     """OCI repository prefix; a model's images go to <prefix>/<name>."""
     base_image: str | None = None
     """Runtime base image in the same registry, ``repository:tag``; none: model-only image."""
+    backend: Literal["oci", "docker"] = "oci"
+    """``oci``: daemonless and reproducible; ``docker``: a Docker engine builds a generated
+    Dockerfile with a model server."""
+    docker_host: str | None = None
+    """Docker engine address (default: DOCKER_HOST / the local socket)."""
+    docker_base_image: str = "edgeloop/runtime-base:py311"
+    """Image the Docker backend builds FROM (a local image or a registry reference)."""
     max_attempts: int = 4
     """Attempts (with back-off) before a build is given up and reported failed."""
     retry_backoff: str = "1,3,10,30"

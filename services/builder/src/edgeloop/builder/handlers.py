@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from edgeloop.builder.docker_backend import DockerBuildError
 from edgeloop.builder.service import Builder, BuildError
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ImageBuildFailed, ModelCommitted
@@ -42,7 +43,7 @@ def register_handlers(
             return  # built (or given up) before: a re-sent event has no second effect
         try:
             result = await builder.build(event)
-        except (BuildError, OciError, OSError) as exc:
+        except (BuildError, DockerBuildError, OciError, OSError) as exc:
             permanent = isinstance(exc, BuildError)
             if not permanent and tx.deliveries < max_attempts:
                 raise  # transient: retried with back-off

@@ -13,9 +13,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edgeloop.builder.docker_backend import DockerBackend
 from edgeloop.contracts.events import ImageBuilt, ModelCommitted
 from edgeloop.edge.runtime import ModelLoadError, OnnxModel
 from edgeloop.kit.oci import OciClient
+from edgeloop.kit.oci.client import MANIFEST_OCI
 from edgeloop.kit.oci.image import BaseImage, build_model_image, push_image
 from edgeloop.kit.oci.signing import attach_signature, sign_manifest
 
@@ -67,7 +69,9 @@ class Builder:
         *,
         image_prefix: str,
         base_image: str | None = None,
+        docker: DockerBackend | None = None,
     ) -> None:
+        self.docker = docker
         self.oci = oci
         self.key = key
         self.image_prefix = image_prefix.strip("/")
@@ -84,10 +88,6 @@ class Builder:
             model = await asyncio.to_thread(OnnxModel, onnx)
         except ModelLoadError as exc:
             raise BuildError(f"{event.model}@{event.version}: {exc}") from exc
-        base = None
-        if self.base_image:
-            repo, _, tag = self.base_image.rpartition(":")
-            base = await BaseImage.from_registry(self.oci, repo, tag or "latest")
         meta = {
             "org.opencontainers.image.title": event.model,
             "org.opencontainers.image.version": event.version,
@@ -98,22 +98,41 @@ class Builder:
             "edgeloop.data_digest": event.data_digest or "",
             "edgeloop.model_digest": event.model_artifact.digest,
         }
-        image = build_model_image(
-            {
-                MODEL_PATH: onnx,
-                MANIFEST_PATH: json.dumps(
-                    model_manifest(event, model), sort_keys=True, indent=1
-                ).encode(),
-            },
-            annotations=meta,
-            labels=meta,
-            base=base,
-            env={"EDGELOOP_MODEL_PATH": f"/{MODEL_PATH}"},
-        )
+        files = {
+            MODEL_PATH: onnx,
+            MANIFEST_PATH: json.dumps(
+                model_manifest(event, model), sort_keys=True, indent=1
+            ).encode(),
+        }
         repo = self.repository(event.model)
-        digest = await push_image(self.oci, repo, image, tag=event.version)
+        if self.docker is not None:
+            digest = await self.docker.build_and_push(
+                f"{self.oci.host}/{repo}:{event.version}", files, meta
+            )
+            manifest, media_type, _ = await self.oci.get_manifest(repo, digest)
+            m = json.loads(manifest)
+            size = len(manifest) + m["config"]["size"] + sum(x["size"] for x in m["layers"])
+        else:
+            base = None
+            if self.base_image:
+                base_repo, _, tag = self.base_image.rpartition(":")
+                base = await BaseImage.from_registry(self.oci, base_repo, tag or "latest")
+            image = build_model_image(
+                files,
+                annotations=meta,
+                labels=meta,
+                base=base,
+                env={"EDGELOOP_MODEL_PATH": f"/{MODEL_PATH}"},
+            )
+            digest = await push_image(self.oci, repo, image, tag=event.version)
+            manifest, media_type, size = image.manifest, MANIFEST_OCI, image.size
         signature = await attach_signature(
-            self.oci, repo, digest, len(image.manifest), sign_manifest(self.key, repo, digest)
+            self.oci,
+            repo,
+            digest,
+            len(manifest),
+            sign_manifest(self.key, repo, digest),
+            media_type,
         )
         return BuildResult(
             ImageBuilt(
@@ -121,9 +140,9 @@ class Builder:
                 version=event.version,
                 image=f"{self.oci.host}/{repo}",
                 digest=digest,
-                size=image.size,
+                size=size,
                 signature_digest=signature,
-                backend="oci",
+                backend="docker" if self.docker is not None else "oci",
                 model_digest=event.model_artifact.digest,
                 source_repository=event.repository,
                 suite_artifact=event.suite_artifact,

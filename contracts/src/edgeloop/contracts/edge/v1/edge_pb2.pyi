@@ -3,6 +3,16 @@
 isort:skip_file
 edgeloop edge protocol (DESIGN §6): one bidirectional stream per device, and
 resumable artifact downloads by digest and offset.
+
+Evolution rules: fields are only ever added; a field number is never reused (delete a
+field by moving its number into `reserved`); an agent and a gateway of different
+releases must keep working, so every new field has a safe zero value. A breaking
+change gets a new package (edgeloop.edge.v2). Numbers 1-15 encode in one byte: the
+oneof arms of the envelopes keep room there for frequent messages.
+
+Python stubs: `make proto` (scripts/gen_proto.sh) generates them into the contracts
+package as edgeloop.contracts.edge.v1.edge_pb2; converters to the bus events live in
+edgeloop.contracts.convert.
 """
 
 from collections import abc as _abc
@@ -29,20 +39,30 @@ class _DeviceState:
 class _DeviceStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeviceState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DEVICE_STATE_UNSPECIFIED: _DeviceState.ValueType  # 0
+    """refused: every report names its state"""
     DEVICE_STATE_IDLE: _DeviceState.ValueType  # 1
+    """no model desired, none running"""
     DEVICE_STATE_DOWNLOADING: _DeviceState.ValueType  # 2
     DEVICE_STATE_ACTIVATING: _DeviceState.ValueType  # 3
+    """verifying, loading, warm-up inference"""
     DEVICE_STATE_RUNNING: _DeviceState.ValueType  # 4
+    """digest == desired_digest once converged"""
     DEVICE_STATE_FAILED: _DeviceState.ValueType  # 5
+    """rolled back to last known good; see error"""
 
 class DeviceState(_DeviceState, metaclass=_DeviceStateEnumTypeWrapper): ...
 
 DEVICE_STATE_UNSPECIFIED: DeviceState.ValueType  # 0
+"""refused: every report names its state"""
 DEVICE_STATE_IDLE: DeviceState.ValueType  # 1
+"""no model desired, none running"""
 DEVICE_STATE_DOWNLOADING: DeviceState.ValueType  # 2
 DEVICE_STATE_ACTIVATING: DeviceState.ValueType  # 3
+"""verifying, loading, warm-up inference"""
 DEVICE_STATE_RUNNING: DeviceState.ValueType  # 4
+"""digest == desired_digest once converged"""
 DEVICE_STATE_FAILED: DeviceState.ValueType  # 5
+"""rolled back to last known good; see error"""
 Global___DeviceState: _TypeAlias = DeviceState  # noqa: Y015
 
 class _CommandKind:
@@ -53,13 +73,17 @@ class _CommandKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CommandKi
     DESCRIPTOR: _descriptor.EnumDescriptor
     COMMAND_KIND_UNSPECIFIED: _CommandKind.ValueType  # 0
     COMMAND_KIND_REPORT_NOW: _CommandKind.ValueType  # 1
+    """send a StatusReport now"""
     COMMAND_KIND_RESTART: _CommandKind.ValueType  # 2
+    """restart the runtime (the agent keeps its session)"""
 
 class CommandKind(_CommandKind, metaclass=_CommandKindEnumTypeWrapper): ...
 
 COMMAND_KIND_UNSPECIFIED: CommandKind.ValueType  # 0
 COMMAND_KIND_REPORT_NOW: CommandKind.ValueType  # 1
+"""send a StatusReport now"""
 COMMAND_KIND_RESTART: CommandKind.ValueType  # 2
+"""restart the runtime (the agent keeps its session)"""
 Global___CommandKind: _TypeAlias = CommandKind  # noqa: Y015
 
 @_typing.final
@@ -72,14 +96,19 @@ class AgentMessage(_message.Message):
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     TELEMETRY_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    COMMAND_RESULT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def hello(self) -> Global___Hello: ...
+    def hello(self) -> Global___Hello:
+        """first message of every session, exactly once"""
+
     @_builtins.property
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def telemetry(self) -> Global___TelemetryBatch: ...
     @_builtins.property
     def status(self) -> Global___StatusReport: ...
+    @_builtins.property
+    def command_result(self) -> Global___CommandResult: ...
     def __init__(
         self,
         *,
@@ -87,12 +116,13 @@ class AgentMessage(_message.Message):
         heartbeat: Global___Heartbeat | None = ...,
         telemetry: Global___TelemetryBatch | None = ...,
         status: Global___StatusReport | None = ...,
+        command_result: Global___CommandResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "status", b"status", "telemetry", b"telemetry"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "status", b"status", "telemetry", b"telemetry"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "status", b"status", "telemetry", b"telemetry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "heartbeat", b"heartbeat", "hello", b"hello", "kind", b"kind", "status", b"status", "telemetry", b"telemetry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "telemetry", "status"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["hello", "heartbeat", "telemetry", "status", "command_result"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
@@ -100,6 +130,8 @@ Global___AgentMessage: _TypeAlias = AgentMessage  # noqa: Y015
 
 @_typing.final
 class Hello(_message.Message):
+    """The agent introduces itself (device twin: identity, tags, what it runs)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -131,6 +163,7 @@ class Hello(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     DESIRED_REVISION_FIELD_NUMBER: _builtins.int
     device_id: _builtins.str
+    """must match the client certificate's identity"""
     model: _builtins.str
     """what runs now ("" when nothing does)"""
     version: _builtins.str
@@ -138,9 +171,11 @@ class Hello(_message.Message):
     """image manifest digest of what runs now"""
     agent_version: _builtins.str
     desired_revision: _builtins.int
-    """last desired-state revision applied"""
+    """revision of the last desired state applied"""
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """selector labels, e.g. site=berlin, hw=jetson"""
+
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """e.g. "onnxruntime", "resume-download" """
@@ -167,11 +202,17 @@ Global___Hello: _TypeAlias = Hello  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
+    """Liveness: the gateway marks a device offline after a few missed heartbeats."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SENT_AT_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    BUFFERED_BATCHES_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
+    """per session, from 1"""
+    buffered_batches: _builtins.int
+    """telemetry batches waiting in the offline buffer"""
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -179,10 +220,11 @@ class Heartbeat(_message.Message):
         *,
         sent_at: _timestamp_pb2.Timestamp | None = ...,
         seq: _builtins.int = ...,
+        buffered_batches: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffered_batches", b"buffered_batches", "sent_at", b"sent_at", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -190,14 +232,16 @@ Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
 @_typing.final
 class Histogram(_message.Message):
+    """A fixed-edge histogram: n edges make n+1 bins, the first and last being under- and
+    overflow, so histograms with the same edges merge by adding counts.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EDGES_FIELD_NUMBER: _builtins.int
     COUNTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """n edges → n+1 bins (under- and overflow included)"""
-
+    def edges(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
     def counts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -216,16 +260,23 @@ Global___Histogram: _TypeAlias = Histogram  # noqa: Y015
 
 @_typing.final
 class Sample(_message.Message):
+    """One raw inference kept for retraining (low confidence, error, or labelled)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FEATURES_FIELD_NUMBER: _builtins.int
     PREDICTION_FIELD_NUMBER: _builtins.int
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
     prediction: _builtins.str
     confidence: _builtins.float
+    label: _builtins.str
+    """ground truth where the device knows it, else "" """
     @_builtins.property
-    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """in TelemetryBatch.feature_names order"""
+
     @_builtins.property
     def at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -235,10 +286,11 @@ class Sample(_message.Message):
         prediction: _builtins.str = ...,
         confidence: _builtins.float = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
+        label: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "confidence", b"confidence", "features", b"features", "prediction", b"prediction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "confidence", b"confidence", "features", b"features", "label", b"label", "prediction", b"prediction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -246,7 +298,10 @@ Global___Sample: _TypeAlias = Sample  # noqa: Y015
 
 @_typing.final
 class TelemetryBatch(_message.Message):
-    """Many inferences in one message: per-message cost dominates, so the agent batches."""
+    """Many inferences in one message: per-message cost dominates, so the agent batches.
+    The gateway answers each batch with Ack(batch_id) once it is on the bus; the agent
+    keeps unacknowledged batches (bounded, on disk) and re-sends them after a reconnect.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -287,17 +342,22 @@ class TelemetryBatch(_message.Message):
     LATENCY_MS_HISTOGRAM_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
     DROPPED_BATCHES_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
-    """unique per device; the gateway acks it"""
+    """unique per device (a UUID): re-sends de-duplicate"""
     device_id: _builtins.str
     model: _builtins.str
     version: _builtins.str
     digest: _builtins.str
+    """image manifest digest the inferences ran on"""
     count: _builtins.int
+    """inferences in the window"""
     errors: _builtins.int
     low_confidence: _builtins.int
     dropped_batches: _builtins.int
     """dropped from the offline buffer since the last batch"""
+    trace_parent: _builtins.str
+    """W3C traceparent, when the batch belongs to a trace"""
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -305,9 +365,13 @@ class TelemetryBatch(_message.Message):
     @_builtins.property
     def feature_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
-    def feature_histograms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Histogram]: ...
+    def feature_histograms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Histogram]:
+        """one per feature_names entry"""
+
     @_builtins.property
-    def prediction_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
+    def prediction_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """predicted class → count"""
+
     @_builtins.property
     def confidence_histogram(self) -> Global___Histogram: ...
     @_builtins.property
@@ -336,10 +400,11 @@ class TelemetryBatch(_message.Message):
         latency_ms_histogram: Global___Histogram | None = ...,
         samples: _abc.Iterable[Global___Sample] | None = ...,
         dropped_batches: _builtins.int = ...,
+        trace_parent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["confidence_histogram", b"confidence_histogram", "latency_ms_histogram", b"latency_ms_histogram", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "confidence_histogram", b"confidence_histogram", "count", b"count", "device_id", b"device_id", "digest", b"digest", "dropped_batches", b"dropped_batches", "errors", b"errors", "feature_histograms", b"feature_histograms", "feature_names", b"feature_names", "latency_ms_histogram", b"latency_ms_histogram", "low_confidence", b"low_confidence", "model", b"model", "prediction_counts", b"prediction_counts", "samples", b"samples", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "confidence_histogram", b"confidence_histogram", "count", b"count", "device_id", b"device_id", "digest", b"digest", "dropped_batches", b"dropped_batches", "errors", b"errors", "feature_histograms", b"feature_histograms", "feature_names", b"feature_names", "latency_ms_histogram", b"latency_ms_histogram", "low_confidence", b"low_confidence", "model", b"model", "prediction_counts", b"prediction_counts", "samples", b"samples", "trace_parent", b"trace_parent", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -347,6 +412,10 @@ Global___TelemetryBatch: _TypeAlias = TelemetryBatch  # noqa: Y015
 
 @_typing.final
 class StatusReport(_message.Message):
+    """Reported state (device twin, reported half); sent on every state change and on
+    Command REPORT_NOW.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATE_FIELD_NUMBER: _builtins.int
@@ -358,6 +427,7 @@ class StatusReport(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     REPORTED_AT_FIELD_NUMBER: _builtins.int
     DESIRED_REVISION_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
     state: Global___DeviceState.ValueType
     model: _builtins.str
     version: _builtins.str
@@ -366,8 +436,13 @@ class StatusReport(_message.Message):
     desired_digest: _builtins.str
     """what the agent was asked to run"""
     rollout_id: _builtins.str
+    """from the DesiredState being applied"""
     error: _builtins.str
+    """why, when FAILED"""
     desired_revision: _builtins.int
+    """DesiredState.revision this report is about"""
+    trace_parent: _builtins.str
+    """DesiredState.trace_parent: activation joins the rollout trace"""
     @_builtins.property
     def reported_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -382,14 +457,42 @@ class StatusReport(_message.Message):
         error: _builtins.str = ...,
         reported_at: _timestamp_pb2.Timestamp | None = ...,
         desired_revision: _builtins.int = ...,
+        trace_parent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reported_at", b"reported_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired_digest", b"desired_digest", "desired_revision", b"desired_revision", "digest", b"digest", "error", b"error", "model", b"model", "reported_at", b"reported_at", "rollout_id", b"rollout_id", "state", b"state", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired_digest", b"desired_digest", "desired_revision", b"desired_revision", "digest", b"digest", "error", b"error", "model", b"model", "reported_at", b"reported_at", "rollout_id", b"rollout_id", "state", b"state", "trace_parent", b"trace_parent", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusReport: _TypeAlias = StatusReport  # noqa: Y015
+
+@_typing.final
+class CommandResult(_message.Message):
+    """The agent's answer to a Command."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    command_id: _builtins.str
+    ok: _builtins.bool
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        command_id: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "message", b"message", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
 
 @_typing.final
 class GatewayMessage(_message.Message):
@@ -403,7 +506,9 @@ class GatewayMessage(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def welcome(self) -> Global___Welcome: ...
+    def welcome(self) -> Global___Welcome:
+        """answer to Hello, exactly once"""
+
     @_builtins.property
     def desired(self) -> Global___DesiredState: ...
     @_builtins.property
@@ -438,20 +543,30 @@ class Welcome(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     SERVER_TIME_FIELD_NUMBER: _builtins.int
     HEARTBEAT_INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     heartbeat_interval_seconds: _builtins.int
+    device_id: _builtins.str
+    """the identity the session is bound to"""
+    max_message_bytes: _builtins.int
+    """larger AgentMessages are refused (0: gRPC's limit)"""
     @_builtins.property
-    def server_time(self) -> _timestamp_pb2.Timestamp: ...
+    def server_time(self) -> _timestamp_pb2.Timestamp:
+        """lets the agent spot a skewed clock"""
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         server_time: _timestamp_pb2.Timestamp | None = ...,
         heartbeat_interval_seconds: _builtins.int = ...,
+        device_id: _builtins.str = ...,
+        max_message_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server_time", b"server_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval_seconds", b"heartbeat_interval_seconds", "server_time", b"server_time", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device_id", b"device_id", "heartbeat_interval_seconds", b"heartbeat_interval_seconds", "max_message_bytes", b"max_message_bytes", "server_time", b"server_time", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -459,6 +574,14 @@ Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
 
 @_typing.final
 class DesiredState(_message.Message):
+    """The model the device should run (device twin, desired half). It replaces any earlier
+    one; an empty manifest_digest means "run nothing". The agent verifies the signature
+    over signature_payload with its trusted key, checks the payload names
+    manifest_digest, fetches the manifest and the model blob with FetchArtifact, checks
+    their digests, and refuses a version older than the current one unless
+    explicit_rollback is set (anti-rollback, as TUF/Uptane define it).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
@@ -474,19 +597,21 @@ class DesiredState(_message.Message):
     EXPLICIT_ROLLBACK_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     TRACE_PARENT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_KEY_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     image: _builtins.str
-    """repository reference"""
+    """repository reference, e.g. host:port/models/iris"""
     manifest_digest: _builtins.str
     model_digest: _builtins.str
     """the ONNX blob inside the image"""
     model_size: _builtins.int
     signature: _builtins.bytes
-    """over the manifest digest"""
+    """over signature_payload"""
     signature_algorithm: _builtins.str
     """"ed25519" """
     signature_payload: _builtins.bytes
+    """simple-signing JSON naming image and manifest_digest"""
     rollout_id: _builtins.str
     explicit_rollback: _builtins.bool
     """permits an older version (anti-rollback otherwise)"""
@@ -494,6 +619,8 @@ class DesiredState(_message.Message):
     """KV revision; monotonic per device"""
     trace_parent: _builtins.str
     """W3C traceparent of the rollout"""
+    signature_key_id: _builtins.str
+    """which trusted key signed it (key rotation)"""
     def __init__(
         self,
         *,
@@ -510,10 +637,11 @@ class DesiredState(_message.Message):
         explicit_rollback: _builtins.bool = ...,
         revision: _builtins.int = ...,
         trace_parent: _builtins.str = ...,
+        signature_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["explicit_rollback", b"explicit_rollback", "image", b"image", "manifest_digest", b"manifest_digest", "model", b"model", "model_digest", b"model_digest", "model_size", b"model_size", "revision", b"revision", "rollout_id", b"rollout_id", "signature", b"signature", "signature_algorithm", b"signature_algorithm", "signature_payload", b"signature_payload", "trace_parent", b"trace_parent", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explicit_rollback", b"explicit_rollback", "image", b"image", "manifest_digest", b"manifest_digest", "model", b"model", "model_digest", b"model_digest", "model_size", b"model_size", "revision", b"revision", "rollout_id", b"rollout_id", "signature", b"signature", "signature_algorithm", b"signature_algorithm", "signature_key_id", b"signature_key_id", "signature_payload", b"signature_payload", "trace_parent", b"trace_parent", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -545,7 +673,10 @@ class Command(_message.Message):
 
     KIND_FIELD_NUMBER: _builtins.int
     ARGS_FIELD_NUMBER: _builtins.int
+    COMMAND_ID_FIELD_NUMBER: _builtins.int
     kind: Global___CommandKind.ValueType
+    command_id: _builtins.str
+    """echoed in CommandResult"""
     @_builtins.property
     def args(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -553,10 +684,11 @@ class Command(_message.Message):
         *,
         kind: Global___CommandKind.ValueType = ...,
         args: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        command_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command_id", b"command_id", "kind", b"kind"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -591,6 +723,8 @@ Global___Error: _TypeAlias = Error  # noqa: Y015
 
 @_typing.final
 class Ack(_message.Message):
+    """The batch is on the bus: the agent may delete it from its buffer."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BATCH_ID_FIELD_NUMBER: _builtins.int
@@ -617,22 +751,26 @@ class FetchArtifactRequest(_message.Message):
     DIGEST_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
-    """sha256:<hex>"""
+    """sha256:<hex> of a blob or a manifest"""
     offset: _builtins.int
-    """resume here"""
+    """resume here (bytes already held and verified)"""
     max_chunk_bytes: _builtins.int
     """0: the gateway's default"""
+    image: _builtins.str
+    """DesiredState.image the digest belongs to; the gateway"""
     def __init__(
         self,
         *,
         digest: _builtins.str = ...,
         offset: _builtins.int = ...,
         max_chunk_bytes: _builtins.int = ...,
+        image: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "max_chunk_bytes", b"max_chunk_bytes", "offset", b"offset"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "image", b"image", "max_chunk_bytes", b"max_chunk_bytes", "offset", b"offset"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -647,11 +785,15 @@ class ArtifactChunk(_message.Message):
     DATA_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     LAST_FIELD_NUMBER: _builtins.int
+    MEDIA_TYPE_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
     offset: _builtins.int
+    """of data[0] within the artifact"""
     data: _builtins.bytes
     total_size: _builtins.int
     last: _builtins.bool
+    media_type: _builtins.str
+    """of the artifact (set on every chunk)"""
     def __init__(
         self,
         *,
@@ -660,10 +802,11 @@ class ArtifactChunk(_message.Message):
         data: _builtins.bytes = ...,
         total_size: _builtins.int = ...,
         last: _builtins.bool = ...,
+        media_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "digest", b"digest", "last", b"last", "offset", b"offset", "total_size", b"total_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "digest", b"digest", "last", b"last", "media_type", b"media_type", "offset", b"offset", "total_size", b"total_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -51,15 +51,19 @@ class EdgeGatewayServicer:
 
     def Connect(self, request_iterator, context):
         """The device's session. The agent opens it with Hello, then sends heartbeats,
-        telemetry batches and status reports; the gateway answers Welcome, then pushes
-        desired state and commands. mTLS: the certificate's identity must equal Hello.device_id.
+        telemetry batches and status reports; the gateway answers Welcome, then pushes the
+        current desired state at once and every change after it, and commands.
+        mTLS: the certificate's identity must equal Hello.device_id.
+        Trace context of the session travels in gRPC metadata; per-message context (one
+        stream carries many rollouts) travels in the trace_parent fields.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FetchArtifact(self, request, context):
-        """Artifact bytes by digest from an offset, so a dropped download resumes.
+        """Artifact bytes (a blob or a manifest of the device's desired image) by digest, from
+        an offset, so a dropped download resumes where it stopped.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

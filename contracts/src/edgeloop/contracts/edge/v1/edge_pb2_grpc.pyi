@@ -3,6 +3,16 @@
 isort:skip_file
 edgeloop edge protocol (DESIGN §6): one bidirectional stream per device, and
 resumable artifact downloads by digest and offset.
+
+Evolution rules: fields are only ever added; a field number is never reused (delete a
+field by moving its number into `reserved`); an agent and a gateway of different
+releases must keep working, so every new field has a safe zero value. A breaking
+change gets a new package (edgeloop.edge.v2). Numbers 1-15 encode in one byte: the
+oneof arms of the envelopes keep room there for frequent messages.
+
+Python stubs: `make proto` (scripts/gen_proto.sh) generates them into the contracts
+package as edgeloop.contracts.edge.v1.edge_pb2; converters to the bus events live in
+edgeloop.contracts.convert.
 """
 
 from collections import abc as _abc
@@ -35,22 +45,32 @@ class EdgeGatewayStub:
     def __new__(cls, channel: _aio.Channel) -> EdgeGatewayAsyncStub: ...
     Connect: _grpc.StreamStreamMultiCallable[_edge_pb2.AgentMessage, _edge_pb2.GatewayMessage]
     """The device's session. The agent opens it with Hello, then sends heartbeats,
-    telemetry batches and status reports; the gateway answers Welcome, then pushes
-    desired state and commands. mTLS: the certificate's identity must equal Hello.device_id.
+    telemetry batches and status reports; the gateway answers Welcome, then pushes the
+    current desired state at once and every change after it, and commands.
+    mTLS: the certificate's identity must equal Hello.device_id.
+    Trace context of the session travels in gRPC metadata; per-message context (one
+    stream carries many rollouts) travels in the trace_parent fields.
     """
     FetchArtifact: _grpc.UnaryStreamMultiCallable[_edge_pb2.FetchArtifactRequest, _edge_pb2.ArtifactChunk]
-    """Artifact bytes by digest from an offset, so a dropped download resumes."""
+    """Artifact bytes (a blob or a manifest of the device's desired image) by digest, from
+    an offset, so a dropped download resumes where it stopped.
+    """
 
 @_typing.type_check_only
 class EdgeGatewayAsyncStub(EdgeGatewayStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Connect: _aio.StreamStreamMultiCallable[_edge_pb2.AgentMessage, _edge_pb2.GatewayMessage]  # type: ignore[assignment]
     """The device's session. The agent opens it with Hello, then sends heartbeats,
-    telemetry batches and status reports; the gateway answers Welcome, then pushes
-    desired state and commands. mTLS: the certificate's identity must equal Hello.device_id.
+    telemetry batches and status reports; the gateway answers Welcome, then pushes the
+    current desired state at once and every change after it, and commands.
+    mTLS: the certificate's identity must equal Hello.device_id.
+    Trace context of the session travels in gRPC metadata; per-message context (one
+    stream carries many rollouts) travels in the trace_parent fields.
     """
     FetchArtifact: _aio.UnaryStreamMultiCallable[_edge_pb2.FetchArtifactRequest, _edge_pb2.ArtifactChunk]  # type: ignore[assignment]
-    """Artifact bytes by digest from an offset, so a dropped download resumes."""
+    """Artifact bytes (a blob or a manifest of the device's desired image) by digest, from
+    an offset, so a dropped download resumes where it stopped.
+    """
 
 class EdgeGatewayServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -60,8 +80,11 @@ class EdgeGatewayServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_edge_pb2.GatewayMessage], _abc.AsyncIterator[_edge_pb2.GatewayMessage]]:
         """The device's session. The agent opens it with Hello, then sends heartbeats,
-        telemetry batches and status reports; the gateway answers Welcome, then pushes
-        desired state and commands. mTLS: the certificate's identity must equal Hello.device_id.
+        telemetry batches and status reports; the gateway answers Welcome, then pushes the
+        current desired state at once and every change after it, and commands.
+        mTLS: the certificate's identity must equal Hello.device_id.
+        Trace context of the session travels in gRPC metadata; per-message context (one
+        stream carries many rollouts) travels in the trace_parent fields.
         """
 
     @_abc_1.abstractmethod
@@ -70,6 +93,8 @@ class EdgeGatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _edge_pb2.FetchArtifactRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_edge_pb2.ArtifactChunk], _abc.AsyncIterator[_edge_pb2.ArtifactChunk]]:
-        """Artifact bytes by digest from an offset, so a dropped download resumes."""
+        """Artifact bytes (a blob or a manifest of the device's desired image) by digest, from
+        an offset, so a dropped download resumes where it stopped.
+        """
 
 def add_EdgeGatewayServicer_to_server(servicer: EdgeGatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

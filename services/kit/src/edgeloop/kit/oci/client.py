@@ -1,16 +1,22 @@
-"""An async client of the OCI Distribution API (the module store).
+"""An async client of the OCI Distribution API v2 (the module store).
 
-Everything is content-addressed: uploads are checked against their sha256 and every
-download is verified before it is returned. Connection errors and 5xx answers are retried
-with exponential back-off a bounded number of times, then raised as
-``RegistryUnavailable``.
+Written against the Distribution registry (``registry:2``; Debian's ``docker-registry``
+2.8) and nothing beyond the spec it implements: no referrers API, no token auth.
+
+Everything is content-addressed: an upload is checked against its sha256 before it is
+committed, and every download is verified before it is handed back (a ranged read can't
+be verified alone; :meth:`OciClient.iter_blob` and :meth:`OciClient.download_blob`
+verify the assembled blob). Connection errors, 429 and 5xx answers are retried with
+exponential back-off a bounded number of times, then raised as ``RegistryUnavailable``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,19 +27,37 @@ import httpx
 MANIFEST_OCI = "application/vnd.oci.image.manifest.v1+json"
 INDEX_OCI = "application/vnd.oci.image.index.v1+json"
 MANIFEST_DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
-ACCEPT_MANIFESTS = ", ".join((MANIFEST_OCI, INDEX_OCI, MANIFEST_DOCKER))
+LIST_DOCKER = "application/vnd.docker.distribution.manifest.list.v2+json"
+ACCEPT_MANIFESTS = ", ".join((MANIFEST_OCI, INDEX_OCI, MANIFEST_DOCKER, LIST_DOCKER))
+INDEX_TYPES = frozenset({INDEX_OCI, LIST_DOCKER})
 
-_REPO_RE = re.compile(r"^[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*$")
+# The Distribution spec's grammar: path components of lower-case alphanumerics joined by
+# one separator, and at most 255 characters in all.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_REPO_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Registries commonly refuse manifests above 4 MiB; anything larger is not a manifest we
+# wrote, so it is refused rather than held in memory.
+MAX_MANIFEST_BYTES = 4 << 20
+# Upload chunk: large enough that a 50 MB model is a handful of requests, small enough
+# that a retried chunk costs little and memory stays flat.
 CHUNK = 8 << 20
+# Below this, a blob is sent in one PUT; above, as PATCH chunks streamed from disk.
+MONOLITHIC_MAX = CHUNK
+_RETRY_STATUS = frozenset({408, 429})
 
 
 class OciError(Exception):
-    """A registry answered something unexpected."""
+    """A registry answered something unexpected (the message says what and why)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class RegistryUnavailable(OciError):
-    """The registry is down or failing (after retries)."""
+    """The registry is unreachable or failing (after the bounded retries)."""
 
 
 class BlobNotFound(OciError):
@@ -50,7 +74,7 @@ class DigestMismatch(OciError):
 
 @dataclass(frozen=True)
 class Descriptor:
-    """An OCI content descriptor."""
+    """An OCI content descriptor (what a manifest says about a blob or manifest)."""
 
     media_type: str
     digest: str
@@ -58,7 +82,7 @@ class Descriptor:
     annotations: dict[str, str] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON form."""
+        """The descriptor's JSON form (annotations sorted, omitted when empty)."""
         out: dict[str, Any] = {
             "mediaType": self.media_type,
             "digest": self.digest,
@@ -68,42 +92,153 @@ class Descriptor:
             out["annotations"] = dict(sorted(self.annotations.items()))
         return out
 
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any]) -> Descriptor:
+        """A descriptor from its JSON form.
+
+        Raises:
+            OciError: a field is missing or of the wrong type.
+        """
+        try:
+            return cls(
+                str(obj["mediaType"]),
+                check_digest(str(obj["digest"])),
+                int(obj["size"]),
+                dict(obj["annotations"]) if obj.get("annotations") else None,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise OciError(f"malformed descriptor {obj!r}: {exc}") from exc
+
+
+def sha256(data: bytes) -> str:
+    """``sha256:<hex>`` of ``data``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(``sha256:<hex>``, size) of a file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return "sha256:" + h.hexdigest(), size
+
+
+def _hash_partial(path: Path) -> tuple[hashlib._Hash, int]:
+    """(running sha256, size) of what a broken download left in ``path``."""
+    h = hashlib.sha256()
+    size = 0
+    if path.exists():
+        with path.open("rb") as f:
+            while block := f.read(CHUNK):
+                h.update(block)
+                size += len(block)
+    return h, size
+
+
+def check_repository(repo: str) -> str:
+    """``repo`` if the Distribution spec allows it as a repository name.
+
+    Raises:
+        ValueError: upper case, empty components, a leading or trailing separator, or
+            longer than 255 characters.
+    """
+    if len(repo) > 255 or not _REPO_RE.match(repo):
+        raise ValueError(
+            f"invalid OCI repository name {repo!r}: use lower-case path components "
+            "[a-z0-9]+ joined by '.', '_', '__' or '-', separated by '/'"
+        )
+    return repo
+
+
+def check_digest(digest: str) -> str:
+    """``digest`` if it is ``sha256:<64 lower-case hex>``.
+
+    Raises:
+        ValueError: anything else (other algorithms are not used here).
+    """
+    if not _DIGEST_RE.match(digest):
+        raise ValueError(f"invalid digest {digest!r}: expected sha256:<64 hex digits>")
+    return digest
+
+
+def check_reference(ref: str) -> str:
+    """``ref`` if it is a valid tag or a sha256 digest.
+
+    Raises:
+        ValueError: neither.
+    """
+    if _TAG_RE.match(ref) or _DIGEST_RE.match(ref):
+        return ref
+    raise ValueError(
+        f"invalid reference {ref!r}: expected a tag ([A-Za-z0-9_][A-Za-z0-9._-]{{0,127}}) "
+        "or sha256:<64 hex digits>"
+    )
+
 
 def _with_digest(location: str, digest: str) -> str:
     """The upload URL with ``digest=`` added (it already carries the registry's state)."""
     return f"{location}{'&' if '?' in location else '?'}digest={digest}"
 
 
-def sha256(data: bytes) -> str:
-    """``sha256:<hex>``."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def _registry_errors(resp: httpx.Response) -> str:
+    """The registry's error codes and messages (its JSON error body), else the raw text."""
+    try:
+        errors = resp.json().get("errors") or []
+        text = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
+    except (ValueError, AttributeError):
+        text = ""
+    return text or resp.text[:300]
 
 
-def check_repository(repo: str) -> str:
-    """Refuse a repository name the Distribution spec does not allow."""
-    if not _REPO_RE.match(repo):
-        raise ValueError(f"invalid OCI repository name {repo!r}")
-    return repo
-
-
-def check_digest(digest: str) -> str:
-    """Refuse anything but ``sha256:<64 hex>``."""
-    if not _DIGEST_RE.match(digest):
-        raise ValueError(f"invalid digest {digest!r}: expected sha256:<64 hex digits>")
-    return digest
+class _Retryable(Exception):
+    """A transient failure inside a retried operation."""
 
 
 class OciClient:
-    """Client of one registry (``http://host:port``)."""
+    """Async client of one registry (``http://host:port``).
+
+    Use it as an async context manager, or call :meth:`aclose`. ``retries`` bounds the
+    retries of every request (so a call makes at most ``retries + 1`` attempts), waiting
+    ``backoff``, then twice that, and so on between them.
+    """
 
     def __init__(
-        self, base_url: str, *, timeout: float = 60, retries: int = 4, backoff: float = 0.25
+        self,
+        base_url: str,
+        *,
+        timeout: float = 30,
+        retries: int = 4,
+        backoff: float = 0.25,
+        chunk_size: int = CHUNK,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """Create a client.
+
+        Args:
+            base_url: ``http://host:port`` or ``https://host:port`` of the registry.
+            timeout: Seconds for connecting and for each read or write.
+            retries: Retries of a failed request (connection error, 408, 429, 5xx).
+            backoff: Seconds before the first retry; doubled for each next one.
+            chunk_size: Bytes per PATCH when a file is uploaded in chunks.
+            transport: An httpx transport (tests inject faults with it).
+
+        Raises:
+            ValueError: ``base_url`` has no ``http://`` or ``https://`` scheme.
+        """
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"OCI registry URL {base_url!r} needs a scheme: http://host:port or https://..."
+            )
         self.base_url = base_url.rstrip("/")
-        self.host = self.base_url.split("://", 1)[-1]
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+        self.host = self.base_url.split("://", 1)[1]
+        """``host:port``, as image references spell the registry."""
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, transport=transport)
         self._retries = retries
         self._backoff = backoff
+        self._chunk = chunk_size
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -115,28 +250,44 @@ class OciClient:
     async def __aexit__(self, *_: object) -> None:
         await self.aclose()
 
+    # --- plumbing ------------------------------------------------------------------
+
+    def _delays(self) -> list[float]:
+        return [self._backoff * 2**i for i in range(self._retries)]
+
+    def _unavailable(self, what: str, attempts: int, error: str) -> RegistryUnavailable:
+        return RegistryUnavailable(
+            f"OCI registry {self.base_url} failed {what} after {attempts} attempts: {error}"
+        )
+
     async def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        delay = self._backoff
-        for attempt in range(self._retries + 1):
+        """One request, retried on connection errors, 408, 429 and 5xx."""
+        delays = self._delays()
+        for attempt in range(len(delays) + 1):
             try:
                 resp = await self._http.request(method, url, **kwargs)
             except httpx.TransportError as exc:
-                error: str = f"{type(exc).__name__}: {exc}"
+                error = f"{type(exc).__name__}: {exc}"
             else:
-                if resp.status_code < 500:
+                if resp.status_code < 500 and resp.status_code not in _RETRY_STATUS:
                     return resp
-                error = f"HTTP {resp.status_code}: {resp.text[:200]}"
-            if attempt == self._retries:
-                raise RegistryUnavailable(
-                    f"OCI registry {self.base_url} failed {method} {url} "
-                    f"after {attempt + 1} attempts: {error}"
-                )
-            await asyncio.sleep(delay)
-            delay *= 2
+                error = f"HTTP {resp.status_code}: {_registry_errors(resp)}"
+            if attempt == len(delays):
+                raise self._unavailable(f"{method} {url}", attempt + 1, error)
+            await asyncio.sleep(delays[attempt])
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def _expect(resp: httpx.Response, status: int | tuple[int, ...], what: str) -> None:
+        wanted = (status,) if isinstance(status, int) else status
+        if resp.status_code not in wanted:
+            raise OciError(
+                f"{what}: HTTP {resp.status_code}: {_registry_errors(resp)}",
+                status=resp.status_code,
+            )
+
     async def ping(self) -> bool:
-        """Whether the registry answers ``/v2/``."""
+        """Whether the registry answers ``GET /v2/`` with 200 (after the retries)."""
         try:
             return (await self._request("GET", "/v2/")).status_code == 200
         except RegistryUnavailable:
@@ -145,63 +296,152 @@ class OciClient:
     # --- blobs ---------------------------------------------------------------------
 
     async def blob_exists(self, repo: str, digest: str) -> bool:
-        """HEAD the blob."""
-        resp = await self._request(
-            "HEAD", f"/v2/{check_repository(repo)}/blobs/{check_digest(digest)}"
-        )
-        return resp.status_code == 200
+        """Whether ``repo`` holds the blob ``digest`` (HEAD).
+
+        Raises:
+            OciError: the registry answered neither 200 nor 404.
+        """
+        url = f"/v2/{check_repository(repo)}/blobs/{check_digest(digest)}"
+        resp = await self._request("HEAD", url)
+        if resp.status_code == 404:
+            return False
+        self._expect(resp, 200, f"HEAD blob {digest} in {repo}")
+        return True
 
     async def push_blob(
-        self, repo: str, data: bytes | Path, media_type: str = "application/octet-stream"
+        self,
+        repo: str,
+        data: bytes | Path,
+        media_type: str = "application/octet-stream",
+        *,
+        digest: str | None = None,
     ) -> Descriptor:
-        """Upload a blob (skipped when present); bytes at once, a file in chunks."""
+        """Upload a blob unless ``repo`` has it already.
+
+        Bytes and small files go in one POST + PUT; a larger file is streamed from disk
+        in PATCH chunks (memory stays at one chunk), and a chunk whose answer was lost
+        resumes at the offset the registry reports.
+
+        Args:
+            repo: Repository name.
+            data: The bytes, or a file to stream.
+            media_type: Media type recorded in the returned descriptor.
+            digest: The digest the caller expects; checked before anything is sent.
+
+        Returns:
+            The blob's descriptor.
+
+        Raises:
+            DigestMismatch: ``data`` does not hash to ``digest``, or the registry
+                computed another digest (the file changed while it was being sent).
+        """
         check_repository(repo)
         if isinstance(data, Path):
-            return await self._push_file(repo, data, media_type)
-        digest = sha256(data)
-        if not await self.blob_exists(repo, digest):
-            location = await self._start_upload(repo)
+            actual, size = await asyncio.to_thread(file_digest, data)
+        else:
+            actual, size = sha256(data), len(data)
+        if digest is not None and check_digest(digest) != actual:
+            raise DigestMismatch(f"blob for {repo} hashes to {actual}, not to {digest}")
+        desc = Descriptor(media_type, actual, size)
+        if await self.blob_exists(repo, actual):
+            return desc
+        location = await self._start_upload(repo)
+        if isinstance(data, Path) and size > MONOLITHIC_MAX:
+            location = await self._patch_file(repo, location, data, size)
+            await self._finish_upload(repo, location, actual, b"")
+        elif isinstance(data, Path):
+            body = await asyncio.to_thread(data.read_bytes)
+            await self._finish_upload(repo, location, actual, body)
+        else:
+            await self._finish_upload(repo, location, actual, data)
+        return desc
+
+    async def _start_upload(self, repo: str) -> str:
+        resp = await self._request("POST", f"/v2/{repo}/blobs/uploads/")
+        self._expect(resp, 202, f"opening an upload session in {repo}")
+        return str(resp.headers["Location"])
+
+    async def _finish_upload(self, repo: str, location: str, digest: str, data: bytes) -> None:
+        try:
             resp = await self._request(
                 "PUT",
                 _with_digest(location, digest),
                 content=data,
                 headers={"Content-Type": "application/octet-stream"},
             )
-            self._expect(resp, 201, f"upload of {digest} to {repo}")
-        return Descriptor(media_type, digest, len(data))
+        except RegistryUnavailable:
+            # The PUT may have landed and only its answer been lost: then the blob is
+            # there and the upload session is gone, which is success.
+            if await self.blob_exists(repo, digest):
+                return
+            raise
+        if resp.status_code == 404 and await self.blob_exists(repo, digest):
+            return  # a retried PUT after one that landed
+        if resp.status_code == 400 and "DIGEST_INVALID" in resp.text:
+            raise DigestMismatch(
+                f"the registry computed another digest than {digest} for the upload to "
+                f"{repo} (the source changed while it was sent?): {_registry_errors(resp)}"
+            )
+        self._expect(resp, 201, f"committing blob {digest} in {repo}")
 
-    async def _push_file(self, repo: str, path: Path, media_type: str) -> Descriptor:
-        h = hashlib.sha256()
-        size = 0
-        with path.open("rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                size += len(chunk)
-        digest = "sha256:" + h.hexdigest()
-        if await self.blob_exists(repo, digest):
-            return Descriptor(media_type, digest, size)
-        location = await self._start_upload(repo)
+    async def _patch_file(self, repo: str, location: str, path: Path, size: int) -> str:
+        """Send ``path`` in chunks; returns the upload location to commit."""
+        delays = self._delays()
+        failures = 0
         offset = 0
         with path.open("rb") as f:
-            while chunk := f.read(CHUNK):
-                resp = await self._request(
-                    "PATCH",
-                    location,
-                    content=chunk,
-                    headers={
-                        "Content-Type": "application/octet-stream",
-                        "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
-                    },
-                )
-                self._expect(resp, 202, f"chunk upload of {path.name}")
-                location = resp.headers["Location"]
-                offset += len(chunk)
-        resp = await self._request("PUT", _with_digest(location, digest))
-        self._expect(resp, 201, f"upload of {path.name}")
-        return Descriptor(media_type, digest, size)
+            while offset < size:
+                f.seek(offset)
+                chunk = f.read(self._chunk)
+                try:
+                    resp = await self._http.patch(
+                        location,
+                        content=chunk,
+                        headers={
+                            "Content-Type": "application/octet-stream",
+                            "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
+                        },
+                    )
+                    if resp.status_code == 202:
+                        location = resp.headers["Location"]
+                        offset += len(chunk)
+                        failures = 0
+                        continue
+                    # 416: the registry has a different offset than we think (a chunk
+                    # that landed although its answer was lost); ask it where to go on.
+                    if resp.status_code != 416 and resp.status_code < 500:
+                        self._expect(resp, 202, f"chunk {offset} of {path.name} to {repo}")
+                    error = f"HTTP {resp.status_code}: {_registry_errors(resp)}"
+                except httpx.TransportError as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                if failures == len(delays):
+                    raise self._unavailable(f"uploading {path.name} to {repo}", failures + 1, error)
+                await asyncio.sleep(delays[failures])
+                failures += 1
+                location, offset = await self._upload_status(repo, location)
+        return location
+
+    async def _upload_status(self, repo: str, location: str) -> tuple[str, int]:
+        """(location, bytes received) of an upload session, from the registry."""
+        resp = await self._request("GET", location)
+        self._expect(resp, 204, f"status of an upload to {repo}")
+        # Distribution answers "0-<last byte>", and "0-0" for both 0 and 1 bytes; the
+        # ambiguous case restarts at 0 (a chunk never is a single byte here).
+        _, _, last = resp.headers.get("Range", "0-0").partition("-")
+        received = int(last) + 1 if int(last) > 0 else 0
+        if received == 0:
+            return await self._start_upload(repo), 0
+        return resp.headers.get("Location", location), received
 
     async def mount_blob(self, repo: str, digest: str, from_repo: str) -> None:
-        """Make a blob of ``from_repo`` available in ``repo`` without moving its bytes."""
+        """Make a blob of ``from_repo`` available in ``repo`` without moving its bytes.
+
+        When the registry refuses the cross-repository mount, the blob is copied through
+        a temporary file (verified on the way).
+
+        Raises:
+            BlobNotFound: ``from_repo`` has no such blob.
+        """
         resp = await self._request(
             "POST",
             f"/v2/{check_repository(repo)}/blobs/uploads/",
@@ -209,99 +449,296 @@ class OciClient:
         )
         if resp.status_code == 201:
             return
-        if resp.status_code == 202:  # mount refused: copy the bytes
-            await self.push_blob(repo, await self.get_blob(from_repo, digest))
-            return
-        self._expect(resp, 201, f"mount of {digest} from {from_repo}")
-
-    async def _start_upload(self, repo: str) -> str:
-        resp = await self._request("POST", f"/v2/{repo}/blobs/uploads/")
-        self._expect(resp, 202, f"upload session in {repo}")
-        return str(resp.headers["Location"])
+        self._expect(resp, 202, f"mount of {digest} from {from_repo} into {repo}")
+        # Refused (the blob is not in from_repo, or mounting is off): the 202 opened a
+        # plain upload session we do not use; the registry purges idle sessions.
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "blob"
+            await self.download_blob(from_repo, digest, path)
+            await self.push_blob(repo, path, digest=digest)
 
     async def get_blob(
         self, repo: str, digest: str, offset: int = 0, length: int | None = None
     ) -> bytes:
-        """A blob's bytes; the whole blob is verified against its digest.
+        """A blob's bytes, whole (verified against ``digest``) or a range of them.
 
-        With ``offset``/``length`` only that range is returned (not verifiable alone:
-        the caller verifies the assembled blob, as a resuming download does).
+        Args:
+            repo: Repository name.
+            digest: The blob's digest.
+            offset: First byte to return (to resume an interrupted download).
+            length: Bytes to return from ``offset``; ``None``: to the end.
+
+        Returns:
+            The bytes. A range can't be verified alone: the caller verifies the
+            assembled blob (or uses :meth:`download_blob`, which does).
+
+        Raises:
+            BlobNotFound: no such blob in ``repo``.
+            DigestMismatch: the whole blob does not hash to ``digest``.
+            OciError: the range is beyond the blob's end (HTTP 416).
         """
         url = f"/v2/{check_repository(repo)}/blobs/{check_digest(digest)}"
+        ranged = bool(offset) or length is not None
         headers = {}
-        if offset or length is not None:
+        if ranged:
+            if offset < 0 or (length is not None and length <= 0):
+                raise ValueError(f"invalid range: offset {offset}, length {length}")
             end = "" if length is None else str(offset + length - 1)
             headers["Range"] = f"bytes={offset}-{end}"
         resp = await self._request("GET", url, headers=headers, follow_redirects=True)
         if resp.status_code == 404:
-            raise BlobNotFound(f"blob {digest} not found in {repo}")
-        self._expect(resp, 206 if headers else 200, f"download of {digest}")
-        if not headers and sha256(resp.content) != digest:
-            raise DigestMismatch(f"blob {digest} from {repo} hashes to {sha256(resp.content)}")
+            raise BlobNotFound(f"blob {digest} not found in {repo}", status=404)
+        if ranged and resp.status_code == 200:
+            # A server that ignores Range sends the whole blob: verify it, then cut.
+            if sha256(resp.content) != digest:
+                raise DigestMismatch(f"blob {digest} in {repo} hashes to {sha256(resp.content)}")
+            return resp.content[offset : None if length is None else offset + length]
+        self._expect(resp, 206 if ranged else 200, f"download of blob {digest} from {repo}")
+        if not ranged and sha256(resp.content) != digest:
+            raise DigestMismatch(f"blob {digest} in {repo} hashes to {sha256(resp.content)}")
         return resp.content
 
     async def iter_blob(
         self, repo: str, digest: str, offset: int = 0, chunk: int = 1 << 20
     ) -> AsyncIterator[bytes]:
-        """Stream a blob from ``offset`` in chunks (for resumable downloads)."""
+        """Stream a blob from ``offset`` in chunks of ``chunk`` bytes.
+
+        A connection that breaks mid-stream is re-opened at the byte where it broke
+        (bounded retries), so a consumer sees one uninterrupted stream. From offset 0
+        the whole stream is verified: ``DigestMismatch`` is raised after the last chunk,
+        so a consumer must not use the bytes before the iteration ends cleanly.
+
+        Raises:
+            BlobNotFound: no such blob in ``repo``.
+            DigestMismatch: (offset 0 only) the bytes do not hash to ``digest``.
+            RegistryUnavailable: the stream could not be completed within the retries.
+        """
         url = f"/v2/{check_repository(repo)}/blobs/{check_digest(digest)}"
-        headers = {"Range": f"bytes={offset}-"} if offset else {}
-        async with self._http.stream("GET", url, headers=headers, follow_redirects=True) as resp:
-            if resp.status_code == 404:
-                raise BlobNotFound(f"blob {digest} not found in {repo}")
-            if resp.status_code not in (200, 206):
-                raise OciError(f"download of {digest}: HTTP {resp.status_code}")
-            async for data in resp.aiter_bytes(chunk):
-                yield data
+        h = hashlib.sha256() if offset == 0 else None
+        pos = offset
+        delays = self._delays()
+        failures = 0
+        while True:
+            headers = {"Range": f"bytes={pos}-"} if pos else {}
+            try:
+                async with self._http.stream(
+                    "GET", url, headers=headers, follow_redirects=True
+                ) as resp:
+                    if resp.status_code == 404:
+                        raise BlobNotFound(f"blob {digest} not found in {repo}", status=404)
+                    if resp.status_code >= 500 or resp.status_code in _RETRY_STATUS:
+                        raise _Retryable(f"HTTP {resp.status_code}")
+                    if resp.status_code not in (200, 206):
+                        await resp.aread()
+                        self._expect(resp, 206 if pos else 200, f"download of {digest}")
+                    # A server that ignores Range restarts at 0: skip what we have.
+                    skip = pos if (pos and resp.status_code == 200) else 0
+                    async for data in resp.aiter_bytes(chunk):
+                        if skip:
+                            cut = min(skip, len(data))
+                            data, skip = data[cut:], skip - cut
+                            if not data:
+                                continue
+                        pos += len(data)
+                        if h is not None:
+                            h.update(data)
+                        failures = 0  # progress: the retry budget is per stall
+                        yield data
+                break
+            except (httpx.TransportError, _Retryable) as exc:
+                if failures == len(delays):
+                    raise self._unavailable(
+                        f"download of {digest} from {repo} at byte {pos}",
+                        failures + 1,
+                        f"{type(exc).__name__}: {exc}",
+                    ) from exc
+                await asyncio.sleep(delays[failures])
+                failures += 1
+        if h is not None and "sha256:" + h.hexdigest() != digest:
+            raise DigestMismatch(f"blob {digest} in {repo} hashes to sha256:{h.hexdigest()}")
+
+    async def download_blob(self, repo: str, digest: str, dest: Path) -> Descriptor:
+        """Download a blob to ``dest``, resuming a partial ``dest`` left by a broken run.
+
+        Returns:
+            The blob's descriptor (media type ``application/octet-stream``).
+
+        Raises:
+            DigestMismatch: the assembled file does not hash to ``digest`` (the file is
+                removed, so the next attempt starts from scratch).
+        """
+        h, have = await asyncio.to_thread(_hash_partial, dest)
+        with dest.open("ab") as f:
+            try:
+                async for data in self.iter_blob(repo, digest, offset=have):
+                    f.write(data)
+                    h.update(data)
+                    have += len(data)
+            except OciError as exc:
+                if exc.status != 416:  # 416: the partial file was complete already
+                    raise
+        if "sha256:" + h.hexdigest() != digest:
+            await asyncio.to_thread(dest.unlink)
+            raise DigestMismatch(f"blob {digest} from {repo} hashes to sha256:{h.hexdigest()}")
+        return Descriptor("application/octet-stream", digest, have)
+
+    async def delete_blob(self, repo: str, digest: str) -> None:
+        """Delete a blob from ``repo`` (the registry must have deletes enabled).
+
+        Raises:
+            BlobNotFound: no such blob.
+        """
+        resp = await self._request(
+            "DELETE", f"/v2/{check_repository(repo)}/blobs/{check_digest(digest)}"
+        )
+        if resp.status_code == 404:
+            raise BlobNotFound(f"blob {digest} not found in {repo}", status=404)
+        self._expect(resp, 202, f"delete of blob {digest} in {repo}")
 
     # --- manifests -----------------------------------------------------------------
 
     async def put_manifest(
         self, repo: str, ref: str, manifest: bytes, media_type: str = MANIFEST_OCI
     ) -> str:
-        """Store a manifest under a tag or its digest; returns its digest."""
+        """Store a manifest under a tag or its own digest.
+
+        Returns:
+            The manifest's digest.
+
+        Raises:
+            DigestMismatch: ``ref`` is a digest other than the manifest's, or the
+                registry stored it under another digest.
+            OciError: the registry refused it (e.g. MANIFEST_BLOB_UNKNOWN: push the
+                blobs first).
+        """
+        digest = sha256(manifest)
+        if check_reference(ref).startswith("sha256:") and ref != digest:
+            raise DigestMismatch(f"manifest hashes to {digest}; it can't be stored as {ref}")
         resp = await self._request(
             "PUT",
             f"/v2/{check_repository(repo)}/manifests/{ref}",
             content=manifest,
             headers={"Content-Type": media_type},
         )
-        self._expect(resp, 201, f"manifest {ref} of {repo}")
-        digest = sha256(manifest)
+        self._expect(resp, 201, f"put of manifest {ref} in {repo}")
         returned = resp.headers.get("Docker-Content-Digest")
         if returned and returned != digest:
             raise DigestMismatch(f"registry stored manifest {ref} as {returned}, not {digest}")
         return digest
 
     async def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str, str]:
-        """(bytes, media type, digest) of a manifest by tag or digest, verified."""
+        """A manifest by tag or digest, verified.
+
+        Returns:
+            (bytes, media type, digest).
+
+        Raises:
+            ManifestNotFound: no such tag or digest in ``repo``.
+            DigestMismatch: the bytes do not hash to the digest asked for, or (for a
+                tag) to the digest the registry says the tag points at.
+        """
         resp = await self._request(
             "GET",
-            f"/v2/{check_repository(repo)}/manifests/{ref}",
+            f"/v2/{check_repository(repo)}/manifests/{check_reference(ref)}",
             headers={"Accept": ACCEPT_MANIFESTS},
         )
         if resp.status_code == 404:
-            raise ManifestNotFound(f"manifest {ref} not found in {repo}")
-        self._expect(resp, 200, f"manifest {ref} of {repo}")
+            raise ManifestNotFound(f"manifest {ref} not found in {repo}", status=404)
+        self._expect(resp, 200, f"get of manifest {ref} in {repo}")
+        if len(resp.content) > MAX_MANIFEST_BYTES:
+            raise OciError(f"manifest {ref} in {repo} is {len(resp.content)} bytes: too large")
         digest = sha256(resp.content)
+        expected = ref if ref.startswith("sha256:") else resp.headers.get("Docker-Content-Digest")
+        if expected and digest != expected:
+            raise DigestMismatch(f"manifest {ref} in {repo} hashes to {digest}, not {expected}")
+        media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        if not media_type or media_type == "application/json":
+            media_type = _declared_media_type(resp.content)
+        return resp.content, media_type, digest
+
+    async def resolve(self, repo: str, ref: str) -> Descriptor:
+        """The descriptor (media type, digest, size) of a manifest, without its body.
+
+        Raises:
+            ManifestNotFound: no such tag or digest in ``repo``.
+        """
+        resp = await self._request(
+            "HEAD",
+            f"/v2/{check_repository(repo)}/manifests/{check_reference(ref)}",
+            headers={"Accept": ACCEPT_MANIFESTS},
+        )
+        if resp.status_code == 404:
+            raise ManifestNotFound(f"manifest {ref} not found in {repo}", status=404)
+        self._expect(resp, 200, f"HEAD of manifest {ref} in {repo}")
+        digest = resp.headers.get("Docker-Content-Digest")
+        size = resp.headers.get("Content-Length")
+        media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        if not digest or size is None or not media_type:
+            # No usable headers: fall back to the (verified) body.
+            body, media_type, digest = await self.get_manifest(repo, ref)
+            return Descriptor(media_type, digest, len(body))
         if ref.startswith("sha256:") and digest != ref:
-            raise DigestMismatch(f"manifest {ref} from {repo} hashes to {digest}")
-        return resp.content, resp.headers.get("Content-Type", MANIFEST_OCI), digest
+            raise DigestMismatch(f"registry resolves {ref} in {repo} to {digest}")
+        return Descriptor(media_type, check_digest(digest), int(size))
 
     async def tag(self, repo: str, tag: str, digest: str) -> None:
-        """Point ``tag`` at the manifest ``digest``."""
-        manifest, media_type, _ = await self.get_manifest(repo, digest)
+        """Point ``tag`` at the manifest ``digest`` (re-puts the manifest under it).
+
+        Raises:
+            ManifestNotFound: no manifest ``digest`` in ``repo``.
+        """
+        manifest, media_type, _ = await self.get_manifest(repo, check_digest(digest))
         await self.put_manifest(repo, tag, manifest, media_type)
 
     async def list_tags(self, repo: str) -> list[str]:
-        """Tags of a repository ([] when it has none)."""
-        resp = await self._request("GET", f"/v2/{check_repository(repo)}/tags/list")
-        if resp.status_code == 404:
-            return []
-        self._expect(resp, 200, f"tags of {repo}")
-        return list(resp.json().get("tags") or [])
+        """Tags of a repository, following pagination ([] when it has none)."""
+        url: str | None = f"/v2/{check_repository(repo)}/tags/list"
+        tags: list[str] = []
+        while url:
+            resp = await self._request("GET", url)
+            if resp.status_code == 404:
+                return tags
+            self._expect(resp, 200, f"tags of {repo}")
+            tags.extend(resp.json().get("tags") or [])
+            url = _next_link(resp.headers.get("Link"))
+        return tags
 
-    @staticmethod
-    def _expect(resp: httpx.Response, status: int, what: str) -> None:
-        if resp.status_code != status:
-            raise OciError(f"{what}: HTTP {resp.status_code}: {resp.text[:300]}")
+    async def delete_manifest(self, repo: str, digest: str) -> None:
+        """Delete the manifest ``digest`` (and so every tag pointing at it).
+
+        Distribution deletes by digest only; resolve a tag first if that is what is
+        meant. The registry must run with ``storage.delete.enabled: true``.
+
+        Raises:
+            ManifestNotFound: no manifest ``digest`` in ``repo``.
+            OciError: deletes are disabled in the registry (HTTP 405).
+        """
+        resp = await self._request(
+            "DELETE", f"/v2/{check_repository(repo)}/manifests/{check_digest(digest)}"
+        )
+        if resp.status_code == 404:
+            raise ManifestNotFound(f"manifest {digest} not found in {repo}", status=404)
+        if resp.status_code == 405:
+            raise OciError(
+                f"the registry refuses deletes ({_registry_errors(resp)}): "
+                "enable storage.delete in its configuration",
+                status=405,
+            )
+        self._expect(resp, 202, f"delete of manifest {digest} in {repo}")
+
+
+def _declared_media_type(manifest: bytes) -> str:
+    """The ``mediaType`` a manifest declares in its body (OCI manifest if none)."""
+    try:
+        declared = json.loads(manifest).get("mediaType")
+    except (ValueError, AttributeError):
+        declared = None
+    return str(declared) if declared else MANIFEST_OCI
+
+
+def _next_link(link: str | None) -> str | None:
+    """The URL of a ``Link: <url>; rel="next"`` header (tag list pagination)."""
+    if not link or 'rel="next"' not in link:
+        return None
+    start, end = link.find("<"), link.find(">")
+    return link[start + 1 : end] if 0 <= start < end else None

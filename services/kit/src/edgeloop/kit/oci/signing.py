@@ -130,7 +130,12 @@ def signature_tag(manifest_digest: str) -> str:
 
 
 async def attach_signature(
-    client: OciClient, repo: str, manifest_digest: str, manifest_size: int, sig: Signature
+    client: OciClient,
+    repo: str,
+    manifest_digest: str,
+    manifest_size: int,
+    sig: Signature,
+    media_type: str = MANIFEST_OCI,
 ) -> str:
     """Store ``sig`` next to the image; returns the signature manifest's digest."""
     empty = await client.push_blob(repo, b"{}", EMPTY_MEDIA)
@@ -148,7 +153,7 @@ async def attach_signature(
                 {SIGNATURE_ANNOTATION: base64.b64encode(sig.signature).decode()},
             ).as_dict()
         ],
-        "subject": Descriptor(MANIFEST_OCI, manifest_digest, manifest_size).as_dict(),
+        "subject": Descriptor(media_type, manifest_digest, manifest_size).as_dict(),
     }
     body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     return await client.put_manifest(repo, signature_tag(manifest_digest), body)

@@ -1,0 +1,106 @@
+"""Where the platform's parts are, for every command group.
+
+``make up`` writes ``$EDGELOOP_STATE_DIR/stack.json`` (default ``.edgeloop/stack.json``)::
+
+    {"nats_url": ..., "database_url": ..., "registry_url": ...,
+     "services": {"registry": {"health_url": "http://127.0.0.1:PORT/healthz", "pid": N}}}
+
+Environment variables override the file, so the CLI also points at a stack it did not
+start (docker compose, a remote deployment).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from edgeloop.devstack.up import load_stack_json, state_dir
+
+ENV_NATS_URL = "EDGELOOP_NATS_URL"
+ENV_DATABASE_URL = "EDGELOOP_DATABASE_URL"
+ENV_OCI_REGISTRY_URL = "EDGELOOP_OCI_REGISTRY_URL"
+
+
+@dataclass(frozen=True)
+class ServiceEndpoint:
+    """A service's health endpoints, as ``make up`` recorded them."""
+
+    name: str
+    health_url: str
+    """``/healthz``: the process is alive ("" when stack.json gives none)."""
+    ready_url: str
+    """``/readyz``: its dependencies answer ("" when stack.json gives none)."""
+    pid: int | None = None
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """The endpoints of one stack; ``None`` where neither environment nor file names one."""
+
+    nats_url: str | None
+    database_url: str | None
+    registry_url: str | None
+    services: tuple[ServiceEndpoint, ...]
+    stack_file: Path
+    """The ``stack.json`` consulted (it may not exist)."""
+
+
+def ready_url_for(health_url: str) -> str:
+    """``…/healthz`` → ``…/readyz`` (the kit's health server serves both)."""
+    parts = urlsplit(health_url)
+    base, _, last = parts.path.rstrip("/").rpartition("/")
+    path = f"{base}/readyz" if last == "healthz" else f"{parts.path.rstrip('/')}/readyz"
+    return urlunsplit(parts._replace(path=path, query=""))
+
+
+def _service(name: str, entry: Any) -> ServiceEndpoint:
+    if not isinstance(entry, dict):
+        return ServiceEndpoint(name, "", "")
+    health = str(entry.get("health_url") or "")
+    ready = str(entry.get("ready_url") or (ready_url_for(health) if health else ""))
+    pid = entry.get("pid")
+    return ServiceEndpoint(name, health, ready, pid if isinstance(pid, int) else None)
+
+
+def load_endpoints(environ: Mapping[str, str] | None = None) -> Endpoints:
+    """The stack's endpoints: ``stack.json`` of the state dir, overridden by the environment.
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+    """
+    env = os.environ if environ is None else environ
+    stack_file = Path(env.get("EDGELOOP_STATE_DIR") or state_dir()).resolve() / "stack.json"
+    stack = load_stack_json(stack_file)
+    services = stack.get("services")
+    return Endpoints(
+        nats_url=env.get(ENV_NATS_URL) or stack.get("nats_url") or None,
+        database_url=env.get(ENV_DATABASE_URL) or stack.get("database_url") or None,
+        registry_url=env.get(ENV_OCI_REGISTRY_URL) or stack.get("registry_url") or None,
+        services=tuple(
+            _service(str(name), entry)
+            for name, entry in sorted(services.items() if isinstance(services, dict) else [])
+        ),
+        stack_file=stack_file,
+    )
+
+
+def redact(url: str) -> str:
+    """``url`` fit to print: a password, or a bare user token (``nats://TOKEN@host``),
+    becomes ``***``."""
+    try:
+        parts = urlsplit(url)
+        if not parts.username and not parts.password:
+            return url
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        user = f"{parts.username}:***" if parts.password is not None else "***"
+        return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+    except ValueError:  # unparsable: show no part of it that might be a secret
+        return url.split("@")[-1]
