@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -44,9 +45,7 @@ class Stack:
 
     def report(self) -> tuple[int, dict[str, dict[str, Any]]]:
         result = self.status("--json")
-        assert result.exception is None or isinstance(result.exception, SystemExit), (
-            result.output
-        )
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.output
         checks = {c["component"]: c for c in json.loads(result.output)["checks"]}
         return result.exit_code, checks
 
@@ -84,7 +83,10 @@ def test_all_healthy_exits_zero(healthy: Stack) -> None:
     assert code == 0, checks
     assert set(checks) == {"nats", "postgres", "oci-registry"}
     assert all(c["healthy"] and c["status"] == "ok" for c in checks.values())
-    assert "JetStream" in checks["nats"]["detail"]
+    assert re.fullmatch(
+        r"nats-server \d+\.\d+\.\d+, JetStream: \d+ streams, \d+ consumers",
+        checks["nats"]["detail"],
+    )
     assert checks["postgres"]["detail"].startswith("PostgreSQL ")
     assert checks["oci-registry"]["endpoint"].endswith("/v2/")
 
@@ -169,11 +171,12 @@ def test_nats_without_jetstream_is_unhealthy(healthy: Stack, nats_without_jetstr
     )
 
 
-def test_a_port_that_does_not_speak_nats_fails_fast(healthy: Stack, registry_url: str) -> None:
-    healthy.env(EDGELOOP_NATS_URL=registry_url.replace("http://", "nats://"))
+def test_a_port_that_does_not_speak_nats_times_out(healthy: Stack, registry_url: str) -> None:
+    url = registry_url.replace("http://", "nats://")
+    healthy.env(EDGELOOP_NATS_URL=url)
     code, checks = healthy.report()
     assert code == 1
-    assert checks["nats"]["detail"].startswith("NATS at nats://127.0.0.1:")
+    assert checks["nats"]["detail"] == f"NATS at {url}: no answer within 2 s"
 
 
 def test_without_endpoints_it_says_where_they_come_from(stack: Stack) -> None:
@@ -309,3 +312,5 @@ def test_ready_url_and_redaction() -> None:
     assert redact("postgresql://u:pw@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert redact("nats://token@h:4222") == "nats://***@h:4222"
     assert redact("nats://h:4222") == "nats://h:4222"
+    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"  # a user name is no secret
+    assert redact("postgresql://u:@h/db") == "postgresql://u:***@h/db"

@@ -24,6 +24,8 @@ ENV_NATS_URL = "EDGELOOP_NATS_URL"
 ENV_DATABASE_URL = "EDGELOOP_DATABASE_URL"
 ENV_OCI_REGISTRY_URL = "EDGELOOP_OCI_REGISTRY_URL"
 
+_NATS_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
+
 
 @dataclass(frozen=True)
 class ServiceEndpoint:
@@ -89,11 +91,12 @@ def load_endpoints(environ: Mapping[str, str] | None = None) -> Endpoints:
 
 
 def redact(url: str) -> str:
-    """``url`` fit to print: a password, or a bare user token (``nats://TOKEN@host``),
-    becomes ``***``."""
+    """``url`` fit to print: a password, or a NATS token (``nats://TOKEN@host``), becomes
+    ``***``."""
     try:
         parts = urlsplit(url)
-        if not parts.username and not parts.password:
+        token = bool(parts.username) and parts.scheme in _NATS_SCHEMES
+        if parts.password is None and not token:
             return url
         host = parts.hostname or ""
         if ":" in host:

@@ -149,9 +149,17 @@ async def check_nats(url: str) -> Check:
         "nats",
         shown,
         True,
-        f"nats-server {nc.connected_server_version}, JetStream: "
+        f"nats-server {_nats_version(nc)}, JetStream: "
         f"{info.streams} streams, {info.consumers} consumers",
     )
+
+
+def _nats_version(nc: Any) -> str:
+    version = nc.connected_server_version
+    try:
+        return f"{version.major}.{version.minor}.{version.patch}"
+    except ValueError:  # not semver: nats-py cannot parse it
+        return "(unknown version)"
 
 
 async def check_postgres(dsn: str) -> Check:

@@ -16,7 +16,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-app.command("status")(status.status)
+app.command("status", help=status.HELP)(status.status)
 app.add_typer(models.app, name="models")
 app.add_typer(models.validations_app, name="validations")
 

@@ -12,6 +12,17 @@ import typer
 from edgeloop.cli.config import load_endpoints
 from edgeloop.cli.health import Check, run_checks
 
+HELP = (
+    "Check NATS (JetStream), PostgreSQL, the OCI registry and every service of the stack."
+    "\n\n"
+    "Endpoints come from .edgeloop/stack.json (written by `make up`; its directory is "
+    "$EDGELOOP_STATE_DIR when set) and from EDGELOOP_NATS_URL, EDGELOOP_DATABASE_URL and "
+    "EDGELOOP_OCI_REGISTRY_URL, which override the file."
+    "\n\n"
+    "Exit status: 0 when every part is healthy, 1 otherwise."
+)
+"""``edgeloop status --help`` (one string: typer keeps a docstring's line breaks)."""
+
 HEADER = ("COMPONENT", "ENDPOINT", "STATUS", "DETAIL")
 
 
@@ -33,12 +44,10 @@ def status(
         bool, typer.Option("--json", help="Print a JSON report instead of a table.")
     ] = False,
 ) -> None:
-    """Check NATS (JetStream), PostgreSQL, the OCI registry and every service of the stack.
+    """Print the health of every part of the stack; exit 0 only when all are healthy.
 
-    Endpoints come from .edgeloop/stack.json (written by `make up`; directory
-    $EDGELOOP_STATE_DIR) and the environment (EDGELOOP_NATS_URL, EDGELOOP_DATABASE_URL,
-    EDGELOOP_OCI_REGISTRY_URL), which overrides the file. Exit status 0 only when every
-    part is healthy, 1 otherwise.
+    Raises:
+        typer.Exit: always, with code 0 (all healthy) or 1.
     """
     endpoints = load_endpoints()
     checks = asyncio.run(run_checks(endpoints))

@@ -64,6 +64,14 @@ class DockerEngine(ManagedProcess):
             == 0
         )
 
+    def stop(self, timeout: float = 20) -> None:
+        """Stop the engine, then unmount what it left mounted (its network namespace)."""
+        super().stop(timeout)
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            target = line.split()[1]
+            if target.startswith(str(self.data_dir)):
+                subprocess.run(["umount", "-l", target], capture_output=True)
+
 
 def _libs(binaries: list[Path]) -> set[Path]:
     found: set[Path] = set()

@@ -1,4 +1,4 @@
-"""``make down``: stop what ``make up`` started (SIGTERM, then wait)."""
+"""``make down``: stop what ``make up`` started (SIGTERM, then wait until it is gone)."""
 
 from __future__ import annotations
 
@@ -9,38 +9,43 @@ import time
 
 import psutil
 
-from edgeloop.devstack.up import state_dir
+from edgeloop.devstack.up import running_pid, state_dir
+
+#: services get 20 s, then each server up to 20 s: enough for a stuck one to be killed
+TIMEOUT = 90.0
 
 
-def _alive(pid: int) -> bool:
-    """Running, and not a zombie waiting for its parent to reap it."""
+def _gone(pid: int) -> bool:
+    """Exited (a zombie waiting for its parent to reap it counts as exited)."""
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
-        return False
+        return True
 
 
 def main() -> None:
     """Stop the running stack, if any."""
-    pid_file = state_dir() / "up.pid"
-    try:
-        pid = int(pid_file.read_text())
-    except (FileNotFoundError, ValueError):
-        print("edgeloop is not running")
+    root = state_dir()
+    pid = running_pid(root)
+    if pid is None:
+        pid_file = root / "up.pid"
+        if pid_file.exists():
+            pid_file.unlink()
+            print("edgeloop was not running (stale pid file removed)")
+        else:
+            print("edgeloop is not running")
         return
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        pid_file.unlink(missing_ok=True)
-        print("edgeloop was not running (stale pid file removed)")
+        print("edgeloop stopped")
         return
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            print("edgeloop stopped")
-            return
+    deadline = time.monotonic() + TIMEOUT
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            sys.exit(f"edgeloop (pid {pid}) did not stop within {TIMEOUT:.0f} s")
         time.sleep(0.2)
-    sys.exit(f"edgeloop (pid {pid}) did not stop within 60 s")
+    print("edgeloop stopped")
 
 
 if __name__ == "__main__":

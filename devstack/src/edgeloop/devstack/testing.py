@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+#: an ephemeral consumer a crashed test leaves behind goes after this many seconds
+_INACTIVE_THRESHOLD = 30.0
+_BATCH = 256
 
 
 async def eventually(
     check: Callable[[], Awaitable[Any]], *, within: float = 20, what: str = "condition"
 ) -> Any:
-    """Poll ``check`` until it returns something truthy; its value."""
+    """Poll ``check`` until it returns something truthy; its value.
+
+    Raises:
+        AssertionError: still falsy after ``within`` seconds (with the last value).
+    """
     deadline = time.monotonic() + within
     last: Any = None
     while time.monotonic() < deadline:
@@ -27,38 +37,97 @@ async def eventually(
     raise AssertionError(f"timed out after {within}s waiting for {what}; last value {last!r}")
 
 
-async def stream_messages(js: JetStreamContext, stream: str, subject: str) -> list[Msg]:
-    """Every message currently stored in ``stream`` on ``subject`` (wildcards allowed)."""
-    info = await js.stream_info(stream, subjects_filter=subject)
-    total = sum((info.state.subjects or {}).values())
-    if total == 0:
-        return []
-    sub = await js.pull_subscribe(
-        subject,
+def _split(js_or_nc: JetStreamContext | Client) -> tuple[JetStreamContext, Client]:
+    if isinstance(js_or_nc, JetStreamContext):
+        # nats-py keeps a context's connection only privately
+        return js_or_nc, js_or_nc._nc
+    return js_or_nc.jetstream(), js_or_nc
+
+
+async def _ephemeral(
+    js: JetStreamContext, stream: str, subject_filter: str
+) -> JetStreamContext.PullSubscription:
+    """A pull consumer over everything stored for ``subject_filter``, no acks needed."""
+    return await js.pull_subscribe(
+        subject_filter,
         stream=stream,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=_INACTIVE_THRESHOLD,
+        ),
     )
-    msgs: list[Msg] = []
+
+
+async def _discard(
+    js: JetStreamContext, stream: str, sub: JetStreamContext.PullSubscription
+) -> None:
+    with contextlib.suppress(Exception):  # best effort: inactive_threshold removes it anyway
+        name = (await sub.consumer_info()).name
+        await sub.unsubscribe()
+        await js.delete_consumer(stream, name)
+
+
+async def stream_messages(
+    js_or_nc: JetStreamContext | Client, stream: str, subject_filter: str
+) -> list[Msg]:
+    """Every message stored in ``stream`` right now that matches ``subject_filter``.
+
+    In stream order, read through an ephemeral pull consumer that is deleted afterwards;
+    for assertions such as "exactly one message with this id". Wildcards are allowed.
+    """
+    js, _ = _split(js_or_nc)
+    sub = await _ephemeral(js, stream, subject_filter)
     try:
+        # what matched when the consumer was created: later messages are not "current"
+        total = int((await sub.consumer_info()).num_pending or 0)
+        msgs: list[Msg] = []
         while len(msgs) < total:
-            msgs.extend(await sub.fetch(total - len(msgs), timeout=5))
+            msgs.extend(await sub.fetch(min(total - len(msgs), _BATCH), timeout=5))
+        return msgs
     finally:
-        await sub.unsubscribe()
-    return msgs
+        await _discard(js, stream, sub)
 
 
-async def wait_for_message(nc: Client, stream: str, subject: str, *, within: float = 10) -> Msg:
-    """The first message on ``subject`` in ``stream`` (stored or yet to come)."""
-    js = nc.jetstream()
-    sub = await js.pull_subscribe(
-        subject,
-        stream=stream,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
-    )
+async def wait_for_message(
+    js_or_nc: JetStreamContext | Client,
+    subject: str,
+    # a parameter, not asyncio.timeout(): it becomes the pull request's server-side expiry
+    timeout: float = 10,  # noqa: ASYNC109
+    *,
+    stream: str | None = None,
+) -> Msg:
+    """The first message on ``subject``: already stored, or the next to come.
+
+    On a subject a JetStream stream captures (``stream``, or the one found for the
+    subject), the stream is read from its start by an ephemeral consumer. On any other
+    subject this waits for the next message published on core NATS.
+
+    Raises:
+        TimeoutError: no message within ``timeout`` seconds; the message names the subject.
+    """
+    js, nc = _split(js_or_nc)
+    if stream is None:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
+            stream = await js.find_stream_name_by_subject(subject)
+    if stream is None:
+        core = await nc.subscribe(subject)
+        try:
+            return await core.next_msg(timeout=timeout)
+        except TimeoutError as exc:
+            raise TimeoutError(
+                f"no message on {subject!r} within {timeout}s (no stream captures it; "
+                "waited on core NATS)"
+            ) from exc
+        finally:
+            await core.unsubscribe()
+    sub = await _ephemeral(js, stream, subject)
     try:
-        msgs = await sub.fetch(1, timeout=within)
-    except TimeoutError as exc:
-        raise TimeoutError(f"no message on {subject} within {within}s") from exc
+        (msg,) = await sub.fetch(1, timeout=timeout)
+        return msg
+    except TimeoutError as exc:  # nats.errors.TimeoutError is a subclass
+        raise TimeoutError(
+            f"no message on {subject!r} in stream {stream} within {timeout}s"
+        ) from exc
     finally:
-        await sub.unsubscribe()
-    return msgs[0]
+        await _discard(js, stream, sub)

@@ -4,12 +4,20 @@ Starts NATS, PostgreSQL and the OCI registry with their state under ``.edgeloop/
 second run keeps the data), or uses the external ones named by ``EDGELOOP_NATS_URL``,
 ``EDGELOOP_DATABASE_URL`` and ``EDGELOOP_OCI_REGISTRY_URL``; then every service that
 exists as its own process, restarted with back-off if it crashes. Writes
-``.edgeloop/stack.json`` (what ``edgeloop status`` reads), prints the endpoints, and on
-Ctrl-C / SIGTERM (``make down``) stops the services, then the servers.
+``.edgeloop/stack.json`` (what ``edgeloop status`` reads) and ``.edgeloop/up.pid``,
+prints the endpoints, and on Ctrl-C / SIGTERM (``make down``) stops the services, then
+the servers.
+
+Environment: ``EDGELOOP_STATE_DIR`` (default ``.edgeloop``); ports
+``EDGELOOP_NATS_PORT`` (14222), ``EDGELOOP_NATS_MONITOR_PORT`` (18222),
+``EDGELOOP_PG_PORT`` (15432), ``EDGELOOP_OCI_REGISTRY_PORT`` (15000),
+``EDGELOOP_REGISTRY_API_PORT`` (18100) and ``EDGELOOP_FIRST_HTTP_PORT`` (18080, the
+services' health ports count up from it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -18,14 +26,16 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgeloop.devstack.servers import NatsServer, OciRegistry, Postgres
+import psutil
+
+from edgeloop.devstack.servers import ManagedProcess, NatsServer, OciRegistry, Postgres
 
 #: (name, module) of every service, in start order; a service starts when its module
-#: is importable (later issues add theirs).
+#: is importable (later issues add theirs). ``python -m <module>`` runs it.
 SERVICES: tuple[tuple[str, str], ...] = (
     ("registry", "edgeloop.registry"),
     ("builder", "edgeloop.builder"),
@@ -35,7 +45,18 @@ SERVICES: tuple[tuple[str, str], ...] = (
     ("gateway", "edgeloop.gateway"),
 )
 
+NATS_PORT = 14222
+NATS_MONITOR_PORT = 18222
+PG_PORT = 15432
+OCI_REGISTRY_PORT = 15000
+REGISTRY_API_PORT = 18100
 FIRST_HTTP_PORT = 18080
+DATABASE = "edgeloop"
+#: a service stopped with SIGTERM gets this long before SIGKILL
+SERVICE_STOP_TIMEOUT = 20.0
+#: a service that ran this long is stable again: its back-off starts over
+STABLE_AFTER = 60.0
+MAX_BACKOFF = 30.0
 
 
 def state_dir() -> Path:
@@ -44,17 +65,50 @@ def state_dir() -> Path:
 
 
 def _port(env: str, default: int) -> int:
-    return int(os.environ.get(env, default))
+    value = os.environ.get(env)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        sys.exit(f"{env}={value!r} is not a port number")
 
 
 def load_stack_json(path: Path | None = None) -> dict[str, Any]:
-    """What ``make up`` wrote about the running stack ({} when nothing runs)."""
+    """What ``make up`` wrote about the running stack ({} when nothing runs).
+
+    Args:
+        path: the file; default ``stack.json`` in :func:`state_dir`.
+    """
     path = path or state_dir() / "stack.json"
     try:
-        data: dict[str, Any] = json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-    return data
+    return data if isinstance(data, dict) else {}
+
+
+def running_pid(root: Path | None = None) -> int | None:
+    """The pid of the ``make up`` that runs with state in ``root``, if one does.
+
+    A pid file whose process is gone, or is some other program by now, does not count.
+    """
+    pid_file = (root or state_dir()) / "up.pid"
+    try:
+        pid = int(pid_file.read_text())
+        proc = psutil.Process(pid)
+        alive = proc.status() != psutil.STATUS_ZOMBIE
+        ours = any(arg.endswith("edgeloop.devstack.up") for arg in proc.cmdline())
+    except (FileNotFoundError, ValueError, psutil.Error):
+        return None
+    return pid if alive and ours else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 def _secret(path: Path) -> str:
@@ -91,9 +145,14 @@ def _signing_keys(root: Path) -> tuple[str, str]:
     return private.read_text(), public.read_text()
 
 
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
 @dataclass
 class ServiceProcess:
-    """One supervised service."""
+    """One supervised service: ``python -m <module>`` in its own process group."""
 
     name: str
     module: str
@@ -103,49 +162,135 @@ class ServiceProcess:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
-    started_at: float = field(default=0.0)
+    started_at: float = 0.0
+
+    @property
+    def health_url(self) -> str:
+        """``/healthz`` on the service's HTTP port."""
+        return f"http://127.0.0.1:{self.http_port}/healthz"
+
+    @property
+    def ready_url(self) -> str:
+        """``/readyz`` on the service's HTTP port."""
+        return f"http://127.0.0.1:{self.http_port}/readyz"
 
     def start(self) -> None:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", self.module],
-            env={**os.environ, **self.env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
+        """Start the process, its output appended to ``log_path``."""
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", self.module],
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                # its own group: Ctrl-C reaches the supervisor, which stops services
+                # before the servers they use; a stop also reaches what it spawned
+                start_new_session=True,
+            )
         self.started_at = time.monotonic()
 
-    def poll(self) -> None:
-        """Restart with back-off (1 s doubling to 30 s) if it exited."""
-        if self.proc is None or self.proc.poll() is None:
-            if self.proc is not None and time.monotonic() - self.started_at > 60:
-                self.restarts = 0  # stable again
-            return
+    def poll(self) -> bool:
+        """Restart with back-off (1 s doubling to 30 s) if it exited; True on a restart."""
+        if self.proc is None:
+            return False
+        if self.proc.poll() is None:
+            if time.monotonic() - self.started_at > STABLE_AFTER:
+                self.restarts = 0
+            return False
         now = time.monotonic()
         if self.next_start == 0.0:
-            delay = min(2**self.restarts, 30)
+            delay = min(2.0**self.restarts, MAX_BACKOFF)
             print(
-                f"  ! {self.name} exited with {self.proc.returncode}; restart in {delay}s "
+                f"  ! {self.name} exited with {self.proc.returncode}; restart in {delay:.0f}s "
                 f"(log: {self.log_path})",
                 flush=True,
             )
             self.next_start = now + delay
-        elif now >= self.next_start:
-            self.restarts += 1
-            self.next_start = 0.0
-            self.start()
+            return False
+        if now < self.next_start:
+            return False
+        self.restarts += 1
+        self.next_start = 0.0
+        self.start()
+        return True
 
-    def stop(self, timeout: float = 20) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+    def terminate(self) -> None:
+        """SIGTERM to its process group (it may still be running on return)."""
+        if self.proc is not None and self.proc.poll() is None:
+            _signal_group(self.proc, signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL its process group and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            _signal_group(self.proc, signal.SIGKILL)
+            self.proc.wait(10)
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+
+def stop_services(services: list[ServiceProcess], timeout: float = SERVICE_STOP_TIMEOUT) -> None:
+    """SIGTERM every service at once, wait up to ``timeout`` s for all, SIGKILL the rest."""
+    for svc in services:
+        svc.terminate()
+    deadline = time.monotonic() + timeout
+    while any(svc.running for svc in services) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for svc in services:
+        svc.kill()
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag the supervisor checks between steps."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stopping = True
+
+
+def _stack_info(
+    endpoints: dict[str, Any], services: list[ServiceProcess], root: Path
+) -> dict[str, Any]:
+    return {
+        **endpoints,
+        "state_dir": str(root),
+        "pid": os.getpid(),
+        "services": {
+            s.name: {
+                "module": s.module,
+                "health_url": s.health_url,
+                "ready_url": s.ready_url,
+                "pid": s.proc.pid if s.proc else None,
+                "log": str(s.log_path),
+            }
+            for s in services
+        },
+    }
+
+
+def _print_endpoints(endpoints: dict[str, Any], services: list[ServiceProcess], root: Path) -> None:
+    lines = [
+        "edgeloop is up:",
+        f"  NATS (JetStream)  {endpoints['nats_url']}",
+        f"  PostgreSQL        {endpoints['database_url']}",
+        f"  OCI registry      {endpoints['registry_url']}",
+    ]
+    lines += [f"  {s.name:17} {s.health_url}   (log {s.log_path})" for s in services]
+    if not services:
+        lines.append("  (no services yet)")
+    lines += [
+        f"  registry API      {endpoints['registry_api']}/docs",
+        f"  API token         export EDGELOOP_API_TOKEN=$(cat {root / 'api-token'})",
+        f"  state             {root}  (stack.json, logs/)",
+        "check it:   .venv/bin/edgeloop status      stop it:   Ctrl-C or `make down`",
+    ]
+    print("\n".join(lines), flush=True)
 
 
 def main() -> None:
@@ -153,53 +298,55 @@ def main() -> None:
     root = state_dir()
     root.mkdir(parents=True, exist_ok=True)
     pid_file = root / "up.pid"
-    if pid_file.exists():
-        try:
-            os.kill(int(pid_file.read_text()), 0)
-        except (ProcessLookupError, ValueError):
-            pid_file.unlink()
-        else:
-            sys.exit(
-                f"edgeloop is already running (pid {pid_file.read_text().strip()}); "
-                "stop it with `make down`"
-            )
-    pid_file.write_text(str(os.getpid()))
+    other = running_pid(root)
+    if other is not None:
+        sys.exit(f"edgeloop is already running (pid {other}); stop it with `make down`")
+    signals = _Signals()
+    pid_file.write_text(f"{os.getpid()}\n")
 
-    stopping = False
-
-    def on_signal(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    servers: list[Any] = []
+    servers: list[ManagedProcess] = []
     services: list[ServiceProcess] = []
     try:
         nats_url = os.environ.get("EDGELOOP_NATS_URL")
+        endpoints: dict[str, Any] = {}
         if not nats_url:
             nats = NatsServer(
                 root / "nats",
-                _port("EDGELOOP_NATS_PORT", 14222),
-                _port("EDGELOOP_NATS_MONITOR_PORT", 18222),
-            ).start()
-            servers.append(nats)
+                _port("EDGELOOP_NATS_PORT", NATS_PORT),
+                _port("EDGELOOP_NATS_MONITOR_PORT", NATS_MONITOR_PORT),
+            )
+            servers.append(nats.start())
             nats_url = nats.url
+            endpoints["nats_monitor_url"] = nats.monitor_url
+        if signals.stopping:
+            return
         database_url = os.environ.get("EDGELOOP_DATABASE_URL")
         if not database_url:
-            pg = Postgres(root / "pg", _port("EDGELOOP_PG_PORT", 15432)).start()
-            servers.append(pg)
-            database_url = pg.create_database("edgeloop")
+            pg = Postgres(root / "pg", _port("EDGELOOP_PG_PORT", PG_PORT))
+            servers.append(pg.start())
+            database_url = pg.create_database(DATABASE)
+        if signals.stopping:
+            return
         registry_url = os.environ.get("EDGELOOP_OCI_REGISTRY_URL")
         if not registry_url:
-            reg = OciRegistry(root / "registry", _port("EDGELOOP_OCI_REGISTRY_PORT", 15000))
+            reg = OciRegistry(
+                root / "registry", _port("EDGELOOP_OCI_REGISTRY_PORT", OCI_REGISTRY_PORT)
+            )
             servers.append(reg.start())
             registry_url = reg.url
+        if signals.stopping:
+            return
 
         api_token = _secret(root / "api-token")
         private_pem, public_pem = _signing_keys(root)
-        registry_api = f"http://127.0.0.1:{_port('EDGELOOP_REGISTRY_API_PORT', 18100)}"
+        registry_api = f"http://127.0.0.1:{_port('EDGELOOP_REGISTRY_API_PORT', REGISTRY_API_PORT)}"
+        endpoints |= {
+            "nats_url": nats_url,
+            "database_url": database_url,
+            "registry_url": registry_url,
+            "registry_api": registry_api,
+            "public_key": str(root / "signing-key.pub"),
+        }
         common = {
             "EDGELOOP_NATS_URL": nats_url,
             "EDGELOOP_DATABASE_URL": database_url,
@@ -223,44 +370,17 @@ def main() -> None:
         for svc in services:
             svc.start()
 
-        stack = {
-            "nats_url": nats_url,
-            "database_url": database_url,
-            "registry_url": registry_url,
-            "registry_api": registry_api,
-            "public_key": str(root / "signing-key.pub"),
-            "services": {
-                s.name: {
-                    "health_url": f"http://127.0.0.1:{s.http_port}/healthz",
-                    "pid": s.proc.pid if s.proc else None,
-                    "log": str(s.log_path),
-                }
-                for s in services
-            },
-        }
-        (root / "stack.json").write_text(json.dumps(stack, indent=2))
-        print("edgeloop is up:", flush=True)
-        print(f"  NATS (JetStream)  {nats_url}")
-        print(f"  PostgreSQL        {database_url}")
-        print(f"  OCI registry      {registry_url}")
-        for s in services:
-            print(f"  {s.name:17} http://127.0.0.1:{s.http_port}/healthz   (log {s.log_path})")
-        if not services:
-            print("  (no services yet)")
-        print(f"  registry API      {registry_api}/docs")
-        print(f"  API token         export EDGELOOP_API_TOKEN=$(cat {root / 'api-token'})")
-        print(
-            "check it:   .venv/bin/edgeloop status      stop it:   Ctrl-C or `make down`",
-            flush=True,
-        )
-        while not stopping:
-            for svc in services:
-                svc.poll()
+        stack_file = root / "stack.json"
+        _write_json(stack_file, _stack_info(endpoints, services, root))
+        _print_endpoints(endpoints, services, root)
+        while not signals.stopping:
+            restarted = [svc.poll() for svc in services]  # every one, not up to the first
+            if any(restarted):
+                _write_json(stack_file, _stack_info(endpoints, services, root))
             time.sleep(0.2)
     finally:
         print("stopping edgeloop …", flush=True)
-        for svc in reversed(services):
-            svc.stop()
+        stop_services(services)
         for server in reversed(servers):
             server.stop()
         (root / "stack.json").unlink(missing_ok=True)

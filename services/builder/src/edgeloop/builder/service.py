@@ -17,9 +17,13 @@ from edgeloop.builder.docker_backend import DockerBackend
 from edgeloop.contracts.events import ImageBuilt, ModelCommitted
 from edgeloop.edge.runtime import ModelLoadError, OnnxModel
 from edgeloop.kit.oci import OciClient
-from edgeloop.kit.oci.client import MANIFEST_OCI
-from edgeloop.kit.oci.image import BaseImage, build_model_image, push_image
-from edgeloop.kit.oci.signing import attach_signature, sign_manifest
+from edgeloop.kit.oci.image import (
+    BaseImage,
+    build_model_image,
+    manifest_total_size,
+    push_image,
+)
+from edgeloop.kit.oci.signing import attach_signature
 
 MODEL_PATH = "model/model.onnx"
 MANIFEST_PATH = "model/model.json"
@@ -109,9 +113,8 @@ class Builder:
             digest = await self.docker.build_and_push(
                 f"{self.oci.host}/{repo}:{event.version}", files, meta
             )
-            manifest, media_type, _ = await self.oci.get_manifest(repo, digest)
-            m = json.loads(manifest)
-            size = len(manifest) + m["config"]["size"] + sum(x["size"] for x in m["layers"])
+            manifest, _, _ = await self.oci.get_manifest(repo, digest)
+            size = manifest_total_size(manifest)
         else:
             base = None
             if self.base_image:
@@ -125,15 +128,8 @@ class Builder:
                 env={"EDGELOOP_MODEL_PATH": f"/{MODEL_PATH}"},
             )
             digest = await push_image(self.oci, repo, image, tag=event.version)
-            manifest, media_type, size = image.manifest, MANIFEST_OCI, image.size
-        signature = await attach_signature(
-            self.oci,
-            repo,
-            digest,
-            len(manifest),
-            sign_manifest(self.key, repo, digest),
-            media_type,
-        )
+            size = image.size
+        signature = await attach_signature(self.oci, repo, digest, self.key)
         return BuildResult(
             ImageBuilt(
                 model=event.model,

@@ -43,8 +43,6 @@ MAX_MANIFEST_BYTES = 4 << 20
 # Upload chunk: large enough that a 50 MB model is a handful of requests, small enough
 # that a retried chunk costs little and memory stays flat.
 CHUNK = 8 << 20
-# Below this, a blob is sent in one PUT; above, as PATCH chunks streamed from disk.
-MONOLITHIC_MAX = CHUNK
 _RETRY_STATUS = frozenset({408, 429})
 
 
@@ -318,9 +316,10 @@ class OciClient:
     ) -> Descriptor:
         """Upload a blob unless ``repo`` has it already.
 
-        Bytes and small files go in one POST + PUT; a larger file is streamed from disk
-        in PATCH chunks (memory stays at one chunk), and a chunk whose answer was lost
-        resumes at the offset the registry reports.
+        Bytes and files up to one chunk go in one POST + PUT; a larger file is streamed
+        from disk in PATCH chunks, so memory holds one chunk. A failed chunk resumes at
+        the offset the registry reports or, where the registry refuses a session whose
+        answer was lost (Distribution does), the upload starts over in a new session.
 
         Args:
             repo: Repository name.
@@ -346,7 +345,7 @@ class OciClient:
         if await self.blob_exists(repo, actual):
             return desc
         location = await self._start_upload(repo)
-        if isinstance(data, Path) and size > MONOLITHIC_MAX:
+        if isinstance(data, Path) and size > self._chunk:
             location = await self._patch_file(repo, location, data, size)
             await self._finish_upload(repo, location, actual, b"")
         elif isinstance(data, Path):
@@ -375,13 +374,13 @@ class OciClient:
             if await self.blob_exists(repo, digest):
                 return
             raise
-        if resp.status_code == 404 and await self.blob_exists(repo, digest):
-            return  # a retried PUT after one that landed
         if resp.status_code == 400 and "DIGEST_INVALID" in resp.text:
             raise DigestMismatch(
                 f"the registry computed another digest than {digest} for the upload to "
                 f"{repo} (the source changed while it was sent?): {_registry_errors(resp)}"
             )
+        if resp.status_code in (400, 404) and await self.blob_exists(repo, digest):
+            return  # a retried PUT after one that landed: the session is gone, the blob not
         self._expect(resp, 201, f"committing blob {digest} in {repo}")
 
     async def _patch_file(self, repo: str, location: str, path: Path, size: int) -> str:
@@ -407,9 +406,11 @@ class OciClient:
                         offset += len(chunk)
                         failures = 0
                         continue
-                    # 416: the registry has a different offset than we think (a chunk
-                    # that landed although its answer was lost); ask it where to go on.
-                    if resp.status_code != 416 and resp.status_code < 500:
+                    # 416 / 404: the registry's offset or session state differs from
+                    # ours (a chunk landed but its answer was lost); ask where to go on.
+                    if resp.status_code not in (404, 416, *_RETRY_STATUS) and (
+                        resp.status_code < 500
+                    ):
                         self._expect(resp, 202, f"chunk {offset} of {path.name} to {repo}")
                     error = f"HTTP {resp.status_code}: {_registry_errors(resp)}"
                 except httpx.TransportError as exc:
@@ -422,13 +423,19 @@ class OciClient:
         return location
 
     async def _upload_status(self, repo: str, location: str) -> tuple[str, int]:
-        """(location, bytes received) of an upload session, from the registry."""
+        """Where to go on after a failed chunk: (location, offset) to resume from.
+
+        Asks the registry how much the session holds. Distribution signs the session
+        state into each answer's Location, so once an answer is lost the session is
+        refused (BLOB_UPLOAD_INVALID): then the upload starts over in a new session.
+        """
         resp = await self._request("GET", location)
-        self._expect(resp, 204, f"status of an upload to {repo}")
-        # Distribution answers "0-<last byte>", and "0-0" for both 0 and 1 bytes; the
-        # ambiguous case restarts at 0 (a chunk never is a single byte here).
+        if resp.status_code != 204:
+            return await self._start_upload(repo), 0
+        # "0-<last byte>", and "0-0" for both 0 and 1 bytes: the ambiguous case restarts
+        # at 0 (a chunk is never a single byte here).
         _, _, last = resp.headers.get("Range", "0-0").partition("-")
-        received = int(last) + 1 if int(last) > 0 else 0
+        received = int(last) + 1 if last.isdigit() and int(last) > 0 else 0
         if received == 0:
             return await self._start_upload(repo), 0
         return resp.headers.get("Location", location), received
@@ -475,26 +482,19 @@ class OciClient:
         Raises:
             BlobNotFound: no such blob in ``repo``.
             DigestMismatch: the whole blob does not hash to ``digest``.
-            OciError: the range is beyond the blob's end (HTTP 416).
+            OciError: ``offset`` is at or beyond the blob's end (``status`` 416).
         """
+        if offset < 0 or (length is not None and length <= 0):
+            raise ValueError(f"invalid range: offset {offset}, length {length}")
+        if offset or length is not None:
+            end = None if length is None else offset + length - 1
+            return b"".join([c async for c in self._stream(repo, digest, offset, end)])
         url = f"/v2/{check_repository(repo)}/blobs/{check_digest(digest)}"
-        ranged = bool(offset) or length is not None
-        headers = {}
-        if ranged:
-            if offset < 0 or (length is not None and length <= 0):
-                raise ValueError(f"invalid range: offset {offset}, length {length}")
-            end = "" if length is None else str(offset + length - 1)
-            headers["Range"] = f"bytes={offset}-{end}"
-        resp = await self._request("GET", url, headers=headers, follow_redirects=True)
+        resp = await self._request("GET", url, follow_redirects=True)
         if resp.status_code == 404:
             raise BlobNotFound(f"blob {digest} not found in {repo}", status=404)
-        if ranged and resp.status_code == 200:
-            # A server that ignores Range sends the whole blob: verify it, then cut.
-            if sha256(resp.content) != digest:
-                raise DigestMismatch(f"blob {digest} in {repo} hashes to {sha256(resp.content)}")
-            return resp.content[offset : None if length is None else offset + length]
-        self._expect(resp, 206 if ranged else 200, f"download of blob {digest} from {repo}")
-        if not ranged and sha256(resp.content) != digest:
+        self._expect(resp, 200, f"download of blob {digest} from {repo}")
+        if sha256(resp.content) != digest:
             raise DigestMismatch(f"blob {digest} in {repo} hashes to {sha256(resp.content)}")
         return resp.content
 
@@ -511,40 +511,65 @@ class OciClient:
         Raises:
             BlobNotFound: no such blob in ``repo``.
             DigestMismatch: (offset 0 only) the bytes do not hash to ``digest``.
+            OciError: ``offset`` is at or beyond the blob's end (``status`` 416).
             RegistryUnavailable: the stream could not be completed within the retries.
         """
-        url = f"/v2/{check_repository(repo)}/blobs/{check_digest(digest)}"
         h = hashlib.sha256() if offset == 0 else None
-        pos = offset
+        async for data in self._stream(repo, digest, offset, None, chunk):
+            if h is not None:
+                h.update(data)
+            yield data
+        if h is not None and "sha256:" + h.hexdigest() != digest:
+            raise DigestMismatch(f"blob {digest} in {repo} hashes to sha256:{h.hexdigest()}")
+
+    async def _stream(
+        self, repo: str, digest: str, start: int, end: int | None, chunk: int = 1 << 20
+    ) -> AsyncIterator[bytes]:
+        """Bytes ``start``..``end`` (inclusive; ``None``: to the blob's end), resumed
+        where a broken connection left off."""
+        url = f"/v2/{check_repository(repo)}/blobs/{check_digest(digest)}"
+        pos = start
         delays = self._delays()
         failures = 0
-        while True:
-            headers = {"Range": f"bytes={pos}-"} if pos else {}
+        while end is None or pos <= end:
+            ranged = pos > 0 or end is not None
+            headers = {"Range": f"bytes={pos}-{'' if end is None else end}"} if ranged else {}
             try:
                 async with self._http.stream(
                     "GET", url, headers=headers, follow_redirects=True
                 ) as resp:
                     if resp.status_code == 404:
                         raise BlobNotFound(f"blob {digest} not found in {repo}", status=404)
+                    if resp.status_code == 416:
+                        # Not read: Distribution 2.8 sends a 416 whose Content-Length is
+                        # the blob's size but whose body is a short message.
+                        size = resp.headers.get("Content-Range", "").rpartition("/")[2]
+                        raise OciError(
+                            f"byte {pos} is beyond the end of blob {digest} in {repo} "
+                            f"(size {size or 'unknown'})",
+                            status=416,
+                        )
                     if resp.status_code >= 500 or resp.status_code in _RETRY_STATUS:
                         raise _Retryable(f"HTTP {resp.status_code}")
                     if resp.status_code not in (200, 206):
                         await resp.aread()
-                        self._expect(resp, 206 if pos else 200, f"download of {digest}")
-                    # A server that ignores Range restarts at 0: skip what we have.
-                    skip = pos if (pos and resp.status_code == 200) else 0
+                        self._expect(resp, 206 if ranged else 200, f"download of {digest}")
+                    # A server that ignores Range sends from byte 0: skip what we have.
+                    skip = pos if resp.status_code == 200 else 0
                     async for data in resp.aiter_bytes(chunk):
                         if skip:
                             cut = min(skip, len(data))
                             data, skip = data[cut:], skip - cut
-                            if not data:
-                                continue
+                        if end is not None:
+                            data = data[: end + 1 - pos]
+                        if not data:
+                            continue
                         pos += len(data)
-                        if h is not None:
-                            h.update(data)
                         failures = 0  # progress: the retry budget is per stall
                         yield data
-                break
+                        if end is not None and pos > end:
+                            break
+                return
             except (httpx.TransportError, _Retryable) as exc:
                 if failures == len(delays):
                     raise self._unavailable(
@@ -554,8 +579,6 @@ class OciClient:
                     ) from exc
                 await asyncio.sleep(delays[failures])
                 failures += 1
-        if h is not None and "sha256:" + h.hexdigest() != digest:
-            raise DigestMismatch(f"blob {digest} in {repo} hashes to sha256:{h.hexdigest()}")
 
     async def download_blob(self, repo: str, digest: str, dest: Path) -> Descriptor:
         """Download a blob to ``dest``, resuming a partial ``dest`` left by a broken run.
@@ -574,6 +597,8 @@ class OciClient:
                     f.write(data)
                     h.update(data)
                     have += len(data)
+            except DigestMismatch:
+                pass  # iter_blob's own check (from offset 0): judged on the file below
             except OciError as exc:
                 if exc.status != 416:  # 416: the partial file was complete already
                     raise

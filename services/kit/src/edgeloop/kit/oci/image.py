@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from edgeloop.kit.oci.client import (
     INDEX_TYPES,
@@ -77,35 +77,20 @@ def _normalize(path: str) -> str:
     return clean
 
 
-class _HashingWriter:
-    """A write-only file that hashes what passes through it on the way to ``sink``."""
-
-    def __init__(self, sink: IO[bytes]) -> None:
-        self.sink = sink
-        self.hash = hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.hash.update(data)
-        return self.sink.write(data)
-
-    def flush(self) -> None:
-        self.sink.flush()
-
-
 def reproducible_layer(
     files: Mapping[str, bytes | Path], *, mtime: int = 0, mode: int = 0o644
 ) -> tuple[bytes, str]:
     """A deterministic gzip'd tar of ``files`` (layer path → bytes or a file to read).
 
-    Parent directories get their own entries (0755), as image tools expect. The tar
-    streams into gzip, so only the compressed layer is held in memory.
+    Parent directories get their own entries (0755), as image tools expect. A file
+    given as a ``Path`` is read in chunks, never whole.
 
     Returns:
         (the gzip'd tar, its diff_id: ``sha256:`` of the uncompressed tar).
 
     Raises:
-        ValueError: a path is absolute-outside, empty or climbs out with '..', or two
-            paths collide after normalization.
+        ValueError: a path is empty or climbs out with '..', two paths are the same
+            after normalization, or a path is both a file and a directory.
     """
     entries: dict[str, bytes | Path] = {}
     for raw_path, content in files.items():
@@ -121,17 +106,18 @@ def reproducible_layer(
             d = posixpath.dirname(d)
     if clash := dirs & entries.keys():
         raise ValueError(f"layer paths are both a file and a directory: {sorted(clash)}")
+    h = hashlib.sha256()
     out = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=6) as gz:
-        writer = _HashingWriter(gz)
-        # "w|" (stream mode) writes sequentially and never seeks, so it can feed gzip.
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+    # The tar is spooled (to disk past 32 MiB), then hashed and compressed in one pass,
+    # so memory holds the compressed layer and one chunk, not the model twice.
+    with tempfile.SpooledTemporaryFile(max_size=32 << 20) as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for name in sorted([*dirs, *entries]):
                 info = tarfile.TarInfo(name)
                 info.mtime = mtime
                 info.uid = info.gid = 0
                 info.uname = info.gname = ""
-                if name in dirs and name not in entries:
+                if name in dirs:
                     info.type = tarfile.DIRTYPE
                     info.mode = 0o755
                     tar.addfile(info)
@@ -145,7 +131,12 @@ def reproducible_layer(
                 else:
                     info.size = len(content)
                     tar.addfile(info, io.BytesIO(content))
-    return out.getvalue(), "sha256:" + writer.hash.hexdigest()
+        raw.seek(0)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=6) as gz:
+            while chunk := raw.read(1 << 20):
+                h.update(chunk)
+                gz.write(chunk)
+    return out.getvalue(), "sha256:" + h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -418,7 +409,8 @@ def _find_in_layer(spool: IO[bytes], compression: str, target: str) -> tuple[str
     }
     hidden |= {f"{p}/{_OPAQUE}" for p in parents}
     result: tuple[str, bytes | None] = ("absent", None)
-    with tarfile.open(fileobj=spool, mode=f"r:{compression}") as tar:
+    mode: Literal["r:gz", "r:"] = "r:gz" if compression == "gz" else "r:"
+    with tarfile.open(fileobj=spool, mode=mode) as tar:
         for member in tar:
             name_in = _member_name(member.name)
             if name_in == target:

@@ -1,191 +1,114 @@
 """Ed25519 signatures of image manifests, stored next to the image.
 
-The payload follows cosign's "simple signing" shape (the identity and the manifest digest
-it vouches for). Debian's Distribution registry 2.8 has no OCI 1.1 referrers API, so the
-signature is stored with the referrers *tag schema* OCI 1.1 defines as the fallback: an
-artifact manifest whose ``subject`` is the signed manifest, tagged ``sha256-<hex>.sig``.
+The signed payload follows cosign's "simple signing" shape: the repository and the
+manifest digest it vouches for (``critical``), plus free annotations and the signer's
+key id (``optional``).
+
+Storage: Debian's Distribution registry 2.8 has no OCI 1.1 referrers API, so signatures
+use the referrers *tag schema* OCI 1.1 defines as the fallback (and cosign uses): an
+image manifest with ``artifactType`` :data:`SIGNATURE_ARTIFACT`, whose ``subject`` is the
+signed manifest, tagged ``sha256-<hex>.sig``. Each signature is one layer: the payload as
+a blob, the signature (base64) and key id in the layer's annotations. Signing again
+appends a layer, as cosign does, so a key rotation or a second signer keeps the earlier
+signatures; verification accepts the image when any layer verifies with the trusted key.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edgeloop.kit.oci.client import MANIFEST_OCI, Descriptor, ManifestNotFound, OciClient, sha256
+from edgeloop.kit.oci.client import (
+    MANIFEST_OCI,
+    BlobNotFound,
+    Descriptor,
+    ManifestNotFound,
+    OciClient,
+    check_digest,
+)
 
 SIGNATURE_ARTIFACT = "application/vnd.edgeloop.signature.v1+json"
 PAYLOAD_MEDIA = "application/vnd.edgeloop.signature.payload.v1+json"
 EMPTY_MEDIA = "application/vnd.oci.empty.v1+json"
+EMPTY_BLOB = b"{}"
 SIGNATURE_ANNOTATION = "dev.edgeloop.signature"
-SIGNATURE_TYPE = "edgeloop container signature v1"
+KEY_ID_ANNOTATION = "dev.edgeloop.signature.keyid"
+SIGNATURE_TYPE = "edgeloop signature"
+KEY_ID_CLAIM = "edgeloop.keyid"
 
 
 class SignatureError(Exception):
     """A signature is missing, malformed, for another image, or not by the trusted key."""
 
 
+# --- keys ------------------------------------------------------------------------------
+
+
 def generate_keypair() -> tuple[bytes, bytes]:
-    """(private PEM, public PEM) of a new Ed25519 key."""
+    """A new Ed25519 key pair.
+
+    Returns:
+        (private key as unencrypted PKCS#8 PEM, public key as SubjectPublicKeyInfo PEM).
+    """
     key = Ed25519PrivateKey.generate()
     private = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return private, public
+    return private, public_pem(key)
 
 
 def _pem(source: bytes | str | Path) -> bytes:
-    if isinstance(source, Path):
-        return source.read_bytes()
-    if isinstance(source, str):
+    """PEM bytes from bytes, PEM text, or a path (a ``Path`` or a string that isn't PEM)."""
+    if isinstance(source, bytes):
+        return source
+    if isinstance(source, str) and "-----BEGIN" in source:
         return source.encode()
-    return source
+    path = Path(source)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SignatureError(f"can't read the key file {path}: {exc}") from exc
 
 
 def load_private_key(source: bytes | str | Path) -> Ed25519PrivateKey:
-    """An Ed25519 private key from PEM (bytes, text or a file)."""
-    key = serialization.load_pem_private_key(_pem(source), password=None)
+    """An Ed25519 private key from PEM (bytes or text) or a PEM file.
+
+    Raises:
+        SignatureError: not readable, not PEM, encrypted, or not an Ed25519 key.
+    """
+    try:
+        key = serialization.load_pem_private_key(_pem(source), password=None)
+    except (ValueError, TypeError) as exc:
+        raise SignatureError(f"the signing key is not an unencrypted PEM key: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):
-        raise SignatureError("the signing key is not an Ed25519 private key")
+        raise SignatureError(f"the signing key is a {type(key).__name__}, not Ed25519")
     return key
 
 
 def load_public_key(source: bytes | str | Path) -> Ed25519PublicKey:
-    """An Ed25519 public key from PEM (bytes, text or a file)."""
-    key = serialization.load_pem_public_key(_pem(source))
+    """An Ed25519 public key from PEM (bytes or text) or a PEM file.
+
+    Raises:
+        SignatureError: not readable, not PEM, or not an Ed25519 key.
+    """
+    try:
+        key = serialization.load_pem_public_key(_pem(source))
+    except (ValueError, TypeError) as exc:
+        raise SignatureError(f"the verification key is not a PEM public key: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
-        raise SignatureError("the verification key is not an Ed25519 public key")
+        raise SignatureError(f"the verification key is a {type(key).__name__}, not Ed25519")
     return key
-
-
-@dataclass(frozen=True)
-class Signature:
-    """A signed payload: what was signed and the signature over it."""
-
-    payload: bytes
-    signature: bytes
-
-    def claims(self) -> dict[str, Any]:
-        """The payload, parsed."""
-        return dict(json.loads(self.payload))
-
-
-def sign_manifest(
-    key: Ed25519PrivateKey,
-    repository: str,
-    manifest_digest: str,
-    annotations: dict[str, str] | None = None,
-) -> Signature:
-    """Sign ``manifest_digest`` of ``repository``."""
-    payload = json.dumps(
-        {
-            "critical": {
-                "identity": {"docker-reference": repository},
-                "image": {"docker-manifest-digest": manifest_digest},
-                "type": SIGNATURE_TYPE,
-            },
-            "optional": dict(sorted((annotations or {}).items())),
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    ).encode()
-    return Signature(payload, key.sign(payload))
-
-
-def verify_signature(key: Ed25519PublicKey, sig: Signature, expected_digest: str) -> dict[str, Any]:
-    """Check the signature and that it vouches for ``expected_digest``; its claims."""
-    try:
-        key.verify(sig.signature, sig.payload)
-    except InvalidSignature as exc:
-        raise SignatureError(
-            "signature does not verify with the trusted key (wrong key or tampered payload)"
-        ) from exc
-    try:
-        claims = sig.claims()
-        signed = claims["critical"]["image"]["docker-manifest-digest"]
-        kind = claims["critical"]["type"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SignatureError(f"signature payload is malformed: {exc}") from exc
-    if kind != SIGNATURE_TYPE:
-        raise SignatureError(f"signature payload has type {kind!r}, not {SIGNATURE_TYPE!r}")
-    if signed != expected_digest:
-        raise SignatureError(f"signature is for {signed}, not for {expected_digest}")
-    return claims
-
-
-def signature_tag(manifest_digest: str) -> str:
-    """The referrers tag-schema tag of a manifest's signature."""
-    return manifest_digest.replace(":", "-") + ".sig"
-
-
-async def attach_signature(
-    client: OciClient,
-    repo: str,
-    manifest_digest: str,
-    manifest_size: int,
-    sig: Signature,
-    media_type: str = MANIFEST_OCI,
-) -> str:
-    """Store ``sig`` next to the image; returns the signature manifest's digest."""
-    empty = await client.push_blob(repo, b"{}", EMPTY_MEDIA)
-    payload = await client.push_blob(repo, sig.payload, PAYLOAD_MEDIA)
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MANIFEST_OCI,
-        "artifactType": SIGNATURE_ARTIFACT,
-        "config": empty.as_dict(),
-        "layers": [
-            Descriptor(
-                PAYLOAD_MEDIA,
-                payload.digest,
-                payload.size,
-                {SIGNATURE_ANNOTATION: base64.b64encode(sig.signature).decode()},
-            ).as_dict()
-        ],
-        "subject": Descriptor(media_type, manifest_digest, manifest_size).as_dict(),
-    }
-    body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
-    return await client.put_manifest(repo, signature_tag(manifest_digest), body)
-
-
-async def fetch_signature(client: OciClient, repo: str, manifest_digest: str) -> Signature:
-    """The stored signature of ``manifest_digest`` (not yet verified)."""
-    try:
-        raw, _, _ = await client.get_manifest(repo, signature_tag(manifest_digest))
-    except ManifestNotFound as exc:
-        raise SignatureError(f"{repo}@{manifest_digest} is not signed") from exc
-    try:
-        manifest = json.loads(raw)
-        layer = manifest["layers"][0]
-        signature = base64.b64decode(layer["annotations"][SIGNATURE_ANNOTATION])
-        if manifest["subject"]["digest"] != manifest_digest:
-            raise SignatureError("signature manifest points at another image")
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise SignatureError(
-            f"signature manifest of {manifest_digest} is malformed: {exc}"
-        ) from exc
-    payload = await client.get_blob(repo, layer["digest"])
-    return Signature(payload, signature)
-
-
-async def verify_image(
-    client: OciClient, repo: str, manifest_digest: str, key: Ed25519PublicKey
-) -> dict[str, Any]:
-    """Fetch and verify the signature of an image; its claims, or SignatureError."""
-    return verify_signature(
-        key, await fetch_signature(client, repo, manifest_digest), manifest_digest
-    )
 
 
 def public_pem(key: Ed25519PrivateKey) -> bytes:
@@ -195,4 +118,349 @@ def public_pem(key: Ed25519PrivateKey) -> bytes:
     )
 
 
-__all__ = ["sha256"]
+def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
+    """A short fingerprint of a key (sha256 of its raw public bytes, 16 hex digits).
+
+    It names the signer in a signature so a failure can say "wrong key" rather than
+    "bad signature"; it decides nothing (the signature check does).
+    """
+    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+# --- payloads --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignaturePayload:
+    """A signed payload: the exact bytes signed and the Ed25519 signature over them."""
+
+    payload: bytes
+    signature: bytes
+
+    @property
+    def signature_b64(self) -> str:
+        """The signature, base64 (as stored in the registry)."""
+        return base64.b64encode(self.signature).decode()
+
+    def claims(self) -> dict[str, Any]:
+        """The payload, parsed (not verified: use :func:`verify_manifest_signature`).
+
+        Raises:
+            SignatureError: the payload is not a JSON object.
+        """
+        try:
+            claims = json.loads(self.payload)
+        except ValueError as exc:
+            raise SignatureError(f"signature payload is not JSON: {exc}") from exc
+        if not isinstance(claims, dict):
+            raise SignatureError("signature payload is not a JSON object")
+        return claims
+
+    @property
+    def claimed_key_id(self) -> str | None:
+        """The signer's key id the payload claims (unverified), if any."""
+        try:
+            value = self.claims().get("optional", {}).get(KEY_ID_CLAIM)
+        except (SignatureError, AttributeError):
+            return None
+        return str(value) if value else None
+
+
+def sign_manifest(
+    private_key: Ed25519PrivateKey,
+    repo: str,
+    manifest_digest: str,
+    annotations: dict[str, str] | None = None,
+) -> SignaturePayload:
+    """Sign that ``manifest_digest`` is an image of ``repo``.
+
+    Args:
+        private_key: The signer's key.
+        repo: Repository of the image (the payload's ``docker-reference``).
+        manifest_digest: The image manifest's digest.
+        annotations: Free claims (the payload's ``optional``), e.g. the model version.
+
+    Returns:
+        The payload and its signature.
+    """
+    payload = json.dumps(
+        {
+            "critical": {
+                "identity": {"docker-reference": repo},
+                "image": {"docker-manifest-digest": check_digest(manifest_digest)},
+                "type": SIGNATURE_TYPE,
+            },
+            "optional": {**(annotations or {}), KEY_ID_CLAIM: key_id(private_key)},
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    return SignaturePayload(payload, private_key.sign(payload))
+
+
+def verify_manifest_signature(
+    public_key: Ed25519PublicKey,
+    payload: bytes,
+    signature: bytes | str,
+    expected_digest: str,
+    *,
+    repo: str | None = None,
+) -> dict[str, Any]:
+    """Check a signature and that it vouches for ``expected_digest``.
+
+    Args:
+        public_key: The trusted key.
+        payload: The signed payload bytes.
+        signature: The signature, raw or base64.
+        expected_digest: The manifest digest the caller is about to trust.
+        repo: When given, the repository the payload must name.
+
+    Returns:
+        The payload's claims.
+
+    Raises:
+        SignatureError: says which: signed by another key, bad signature (payload or
+            signature altered), malformed, for another digest, or for another repository.
+    """
+    raw = _signature_bytes(signature)
+    try:
+        public_key.verify(raw, payload)
+    except InvalidSignature as exc:
+        claimed = SignaturePayload(payload, raw).claimed_key_id
+        trusted = key_id(public_key)
+        if claimed and claimed != trusted:
+            raise SignatureError(
+                f"wrong key: signed by key {claimed}, not by the trusted key {trusted}"
+            ) from exc
+        raise SignatureError(
+            "bad signature: it does not verify with the trusted key "
+            f"{trusted} (the payload or the signature was altered)"
+        ) from exc
+    claims = SignaturePayload(payload, raw).claims()
+    try:
+        critical = claims["critical"]
+        signed = critical["image"]["docker-manifest-digest"]
+        kind = critical["type"]
+        identity = critical["identity"]["docker-reference"]
+    except (KeyError, TypeError) as exc:
+        raise SignatureError(f"signature payload is malformed: missing {exc}") from exc
+    if kind != SIGNATURE_TYPE:
+        raise SignatureError(f"signature payload has type {kind!r}, not {SIGNATURE_TYPE!r}")
+    if signed != expected_digest:
+        raise SignatureError(
+            f"digest mismatch: the signature is for {signed}, not for {expected_digest}"
+        )
+    if repo is not None and identity != repo:
+        raise SignatureError(f"the signature is for an image of {identity!r}, not of {repo!r}")
+    return claims
+
+
+def _signature_bytes(signature: bytes | str) -> bytes:
+    if isinstance(signature, bytes):
+        return signature
+    try:
+        return base64.b64decode(signature, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise SignatureError(f"signature is not valid base64: {exc}") from exc
+
+
+# --- storage next to the image ---------------------------------------------------------
+
+
+def signature_tag(manifest_digest: str) -> str:
+    """The referrers tag-schema tag of a manifest's signatures (``sha256-<hex>.sig``)."""
+    return check_digest(manifest_digest).replace(":", "-") + ".sig"
+
+
+@overload
+async def attach_signature(
+    client: OciClient,
+    repo: str,
+    manifest_digest: str,
+    private_key: Ed25519PrivateKey,
+    *,
+    annotations: dict[str, str] | None = None,
+) -> str: ...
+
+
+@overload
+async def attach_signature(
+    client: OciClient,
+    repo: str,
+    manifest_digest: str,
+    manifest_size: int,
+    sig: SignaturePayload,
+    media_type: str = MANIFEST_OCI,
+    /,
+) -> str: ...
+
+
+async def attach_signature(
+    client: OciClient,
+    repo: str,
+    manifest_digest: str,
+    private_key: Ed25519PrivateKey | int,
+    sig: SignaturePayload | None = None,
+    media_type: str = MANIFEST_OCI,
+    *,
+    annotations: dict[str, str] | None = None,
+) -> str:
+    """Sign an image and store the signature next to it (tag ``sha256-<hex>.sig``).
+
+    The subject descriptor (media type and size of the signed manifest) is read from
+    the registry, so Docker-built (``application/vnd.docker...``) images work as well.
+
+    The second form, ``attach_signature(client, repo, digest, manifest_size, sig,
+    media_type)``, stores a signature made earlier with :func:`sign_manifest`; it is the
+    original call the builder uses and stays until the builder moves to the first form.
+
+    Args:
+        client: The registry.
+        repo: Repository of the image.
+        manifest_digest: The image's manifest digest.
+        private_key: The signing key.
+        sig: (second form) A signature made with :func:`sign_manifest`.
+        media_type: (second form) Media type of the signed manifest.
+        annotations: Free claims added to the signed payload.
+
+    Returns:
+        The digest of the signature manifest.
+
+    Raises:
+        ManifestNotFound: (first form) no manifest ``manifest_digest`` in ``repo``.
+    """
+    if isinstance(private_key, Ed25519PrivateKey):
+        subject = await client.resolve(repo, manifest_digest)
+        sig = sign_manifest(private_key, repo, manifest_digest, annotations)
+    elif sig is not None:
+        subject = Descriptor(media_type, manifest_digest, private_key)
+    else:
+        raise TypeError("attach_signature needs a private key, or a size and a signature")
+    return await store_signature(client, repo, subject, sig)
+
+
+async def store_signature(
+    client: OciClient, repo: str, subject: Descriptor, sig: SignaturePayload
+) -> str:
+    """Add ``sig`` to the signature manifest of ``subject`` (created when absent).
+
+    Returns:
+        The digest of the signature manifest.
+    """
+    empty = await client.push_blob(repo, EMPTY_BLOB, EMPTY_MEDIA)
+    payload = await client.push_blob(repo, sig.payload, PAYLOAD_MEDIA)
+    layer = Descriptor(
+        PAYLOAD_MEDIA,
+        payload.digest,
+        payload.size,
+        {
+            SIGNATURE_ANNOTATION: sig.signature_b64,
+            **({KEY_ID_ANNOTATION: sig.claimed_key_id} if sig.claimed_key_id else {}),
+        },
+    ).as_dict()
+    # Keep earlier signatures (another key, another signer), dropping an identical one so
+    # that signing twice is idempotent.
+    layers = [old for old in await _existing_layers(client, repo, subject.digest) if old != layer]
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_OCI,
+        "artifactType": SIGNATURE_ARTIFACT,
+        "config": empty.as_dict(),
+        "layers": [*layers, layer],
+        "subject": Descriptor(subject.media_type, subject.digest, subject.size).as_dict(),
+    }
+    body = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
+    return await client.put_manifest(repo, signature_tag(subject.digest), body)
+
+
+async def _existing_layers(
+    client: OciClient, repo: str, manifest_digest: str
+) -> list[dict[str, Any]]:
+    """The signature layers already stored for ``manifest_digest`` ([] if none/unusable)."""
+    try:
+        raw, _, _ = await client.get_manifest(repo, signature_tag(manifest_digest))
+        manifest = json.loads(raw)
+    except (ManifestNotFound, ValueError):
+        return []
+    if manifest.get("subject", {}).get("digest") != manifest_digest:
+        return []  # not ours to extend: it is replaced
+    return [dict(x) for x in manifest.get("layers", []) if x.get("mediaType") == PAYLOAD_MEDIA]
+
+
+async def fetch_signatures(
+    client: OciClient, repo: str, manifest_digest: str
+) -> list[SignaturePayload]:
+    """Every signature stored for ``manifest_digest`` (not yet verified).
+
+    Raises:
+        SignatureError: the image is not signed, or its signature manifest is malformed
+            or points at another manifest.
+    """
+    try:
+        raw, _, _ = await client.get_manifest(repo, signature_tag(manifest_digest))
+    except ManifestNotFound as exc:
+        raise SignatureError(f"{repo}@{manifest_digest} is not signed") from exc
+    try:
+        manifest = json.loads(raw)
+        if manifest["subject"]["digest"] != manifest_digest:
+            raise SignatureError(
+                f"the signature manifest of {manifest_digest} points at "
+                f"{manifest['subject']['digest']}"
+            )
+        entries = [
+            (check_digest(x["digest"]), _signature_bytes(x["annotations"][SIGNATURE_ANNOTATION]))
+            for x in manifest["layers"]
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SignatureError(
+            f"the signature manifest of {manifest_digest} is malformed: {exc!r}"
+        ) from exc
+    if not entries:
+        raise SignatureError(f"the signature manifest of {manifest_digest} has no signature")
+    out = []
+    for digest, signature in entries:
+        try:
+            payload = await client.get_blob(repo, digest)
+        except BlobNotFound as exc:
+            raise SignatureError(f"signature payload {digest} is missing: {exc}") from exc
+        out.append(SignaturePayload(payload, signature))
+    return out
+
+
+async def fetch_and_verify_signature(
+    client: OciClient, repo: str, manifest_digest: str, public_key: Ed25519PublicKey
+) -> dict[str, Any]:
+    """Fetch the signatures stored next to an image and verify them with the trusted key.
+
+    The image is accepted when one signature verifies with ``public_key``, vouches for
+    ``manifest_digest`` and names ``repo``.
+
+    Returns:
+        The claims of the signature that verified.
+
+    Raises:
+        SignatureError: unsigned, or no signature verifies (the message gives each
+            signature's reason: wrong key, bad signature, digest mismatch...).
+        RegistryUnavailable: the registry could not be reached (not a verdict).
+    """
+    reasons = []
+    for sig in await fetch_signatures(client, repo, manifest_digest):
+        try:
+            return verify_manifest_signature(
+                public_key, sig.payload, sig.signature, manifest_digest, repo=repo
+            )
+        except SignatureError as exc:
+            reasons.append(str(exc))
+    if len(reasons) == 1:
+        raise SignatureError(reasons[0])
+    raise SignatureError(
+        f"none of the {len(reasons)} signatures of {repo}@{manifest_digest} verifies: "
+        + "; ".join(reasons)
+    )
+
+
+# The validator and the builder's tests call it by this name; new code should use
+# ``fetch_and_verify_signature``.
+verify_image = fetch_and_verify_signature

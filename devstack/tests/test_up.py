@@ -1,0 +1,162 @@
+"""``make up`` / ``make down`` (``edgeloop.devstack.up`` / ``.down``) as subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import psutil
+import pytest
+
+from edgeloop.devstack.servers import free_port
+from edgeloop.devstack.up import SERVICES, load_stack_json, running_pid
+
+pytestmark = pytest.mark.slow
+
+
+def _env(state: Path) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "EDGELOOP_STATE_DIR": str(state),
+        "EDGELOOP_NATS_PORT": str(free_port()),
+        "EDGELOOP_NATS_MONITOR_PORT": str(free_port()),
+        "EDGELOOP_PG_PORT": str(free_port()),
+        "EDGELOOP_OCI_REGISTRY_PORT": str(free_port()),
+        "EDGELOOP_REGISTRY_API_PORT": str(free_port()),
+        "EDGELOOP_FIRST_HTTP_PORT": str(free_port()),
+    }
+    for key in ("EDGELOOP_NATS_URL", "EDGELOOP_DATABASE_URL", "EDGELOOP_OCI_REGISTRY_URL"):
+        env.pop(key, None)
+    return env
+
+
+def _up(state: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    state.mkdir(parents=True, exist_ok=True)
+    with (state / "up.out").open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edgeloop.devstack.up"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _wait_for_stack(proc: subprocess.Popen[bytes], state: Path) -> dict[str, object]:
+    deadline = time.monotonic() + 60
+    while not (state / "stack.json").exists():
+        assert proc.poll() is None, (state / "up.out").read_text()
+        assert time.monotonic() < deadline, "stack.json did not appear"
+        time.sleep(0.1)
+    return load_stack_json(state / "stack.json")
+
+
+def _leftovers(state: Path) -> list[str]:
+    """Processes that belong to the stack in ``state``: started from it or with it as env."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "environ", "status"]):
+        if p.info["pid"] == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if str(state) in cmdline or (p.info["environ"] or {}).get("EDGELOOP_STATE_DIR") == str(
+            state
+        ):
+            found.append(f"{p.info['pid']} {cmdline}")
+    return found
+
+
+def _sql(dsn: str, query: str) -> object:
+    async def run() -> object:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetchval(query)
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())
+
+
+def test_up_writes_stack_json_keeps_data_and_stops_cleanly(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = _env(state)
+    proc = _up(state, env)
+    try:
+        stack = _wait_for_stack(proc, state)
+        assert stack["nats_url"] == f"nats://127.0.0.1:{env['EDGELOOP_NATS_PORT']}"
+        assert stack["registry_url"] == f"http://127.0.0.1:{env['EDGELOOP_OCI_REGISTRY_PORT']}"
+        dsn = str(stack["database_url"])
+        assert dsn == f"postgresql://postgres@127.0.0.1:{env['EDGELOOP_PG_PORT']}/edgeloop"
+        assert running_pid(state) == proc.pid
+        expected = [n for n, module in SERVICES if importlib.util.find_spec(module)]
+        services = stack["services"]
+        assert isinstance(services, dict)
+        assert sorted(services) == sorted(expected)
+        ports = {s["health_url"] for s in services.values()}
+        assert len(ports) == len(expected)  # distinct ports
+
+        _sql(dsn, "CREATE TABLE kept AS SELECT 7 AS x")
+
+        if expected:  # a crashed service is restarted, and stack.json gets its new pid
+            name = expected[0]
+            old_pid = services[name]["pid"]
+            os.kill(old_pid, signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            while load_stack_json(state / "stack.json")["services"][name]["pid"] == old_pid:
+                assert time.monotonic() < deadline, "the crashed service was not restarted"
+                time.sleep(0.1)
+            assert f"{name} exited with -9; restart in 1s" in (state / "up.out").read_text()
+
+        # a second `make up` over the same state refuses to start
+        again = subprocess.run(
+            [sys.executable, "-m", "edgeloop.devstack.up"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert again.returncode != 0
+        assert "already running" in again.stderr
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        out = (state / "up.out").read_text()
+        assert "edgeloop is up" in out
+        assert "edgeloop status" in out
+        assert out.rstrip().endswith("stopped.")
+        assert not (state / "stack.json").exists()
+        assert not (state / "up.pid").exists()
+        assert _leftovers(state) == []
+
+        # again: PostgreSQL's data is kept; `make down` stops it
+        proc = _up(state, env)
+        stack = _wait_for_stack(proc, state)
+        assert _sql(str(stack["database_url"]), "SELECT x FROM kept") == 7
+        down = subprocess.run(
+            [sys.executable, "-m", "edgeloop.devstack.down"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert "edgeloop stopped" in down.stdout
+        assert proc.wait(10) == 0
+        assert _leftovers(state) == []
+        down = subprocess.run(
+            [sys.executable, "-m", "edgeloop.devstack.down"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert "not running" in down.stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
