@@ -5,7 +5,6 @@ accepts and a validation report the CLI shows; a bad model ends in a clear failu
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgeloop.cli.main import app
-from edgeloop.devstack.servers import free_port
+from edgeloop.devstack.testing import up_environment
 from tests.modelzoo import classifier
 
 pytestmark = pytest.mark.slow
@@ -27,18 +26,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     state = tmp_path_factory.mktemp("up")
-    env = {
-        **os.environ,
-        "EDGELOOP_STATE_DIR": str(state),
-        "EDGELOOP_NATS_PORT": str(free_port()),
-        "EDGELOOP_NATS_MONITOR_PORT": str(free_port()),
-        "EDGELOOP_PG_PORT": str(free_port()),
-        "EDGELOOP_OCI_REGISTRY_PORT": str(free_port()),
-        "EDGELOOP_REGISTRY_API_PORT": str(free_port()),
-        "EDGELOOP_FIRST_HTTP_PORT": str(free_port()),
-    }
-    for key in ("EDGELOOP_NATS_URL", "EDGELOOP_DATABASE_URL", "EDGELOOP_OCI_REGISTRY_URL"):
-        env.pop(key, None)
+    env = up_environment(state)
     log = (state / "up.out").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeloop.devstack.up"],

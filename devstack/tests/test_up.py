@@ -15,26 +15,15 @@ import asyncpg
 import psutil
 import pytest
 
-from edgeloop.devstack.servers import free_port
-from edgeloop.devstack.up import SERVICES, load_stack_json, running_pid
+from edgeloop.contracts.stackfile import load_stack_json
+from edgeloop.devstack.testing import up_environment
+from edgeloop.devstack.up import SERVICES, running_pid
 
 pytestmark = pytest.mark.slow
 
 
 def _env(state: Path) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "EDGELOOP_STATE_DIR": str(state),
-        "EDGELOOP_NATS_PORT": str(free_port()),
-        "EDGELOOP_NATS_MONITOR_PORT": str(free_port()),
-        "EDGELOOP_PG_PORT": str(free_port()),
-        "EDGELOOP_OCI_REGISTRY_PORT": str(free_port()),
-        "EDGELOOP_REGISTRY_API_PORT": str(free_port()),
-        "EDGELOOP_FIRST_HTTP_PORT": str(free_port()),
-    }
-    for key in ("EDGELOOP_NATS_URL", "EDGELOOP_DATABASE_URL", "EDGELOOP_OCI_REGISTRY_URL"):
-        env.pop(key, None)
-    return env
+    return up_environment(state)
 
 
 def _up(state: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:

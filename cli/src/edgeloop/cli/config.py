@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from edgeloop.devstack.up import load_stack_json, state_dir
+from edgeloop.contracts.stackfile import load_stack_json, state_dir
 
 ENV_NATS_URL = "EDGELOOP_NATS_URL"
 ENV_DATABASE_URL = "EDGELOOP_DATABASE_URL"

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from edgeloop.devstack.up import load_stack_json, state_dir
+from edgeloop.contracts.stackfile import load_stack_json, state_dir
 
 app = typer.Typer(help="Register model versions and look at them.", no_args_is_help=True)
 alias_app = typer.Typer(help="Point aliases (champion, candidate, …) at versions.")

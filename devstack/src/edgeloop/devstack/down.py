@@ -9,7 +9,8 @@ import time
 
 import psutil
 
-from edgeloop.devstack.up import running_pid, state_dir
+from edgeloop.contracts.stackfile import state_dir
+from edgeloop.devstack.up import running_pid
 
 #: services get 20 s, then each server up to 20 s: enough for a stuck one to be killed
 TIMEOUT = 90.0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import nats.js.errors
@@ -131,3 +133,23 @@ async def wait_for_message(
         ) from exc
     finally:
         await _discard(js, stream, sub)
+
+
+def up_environment(state_dir: Path) -> dict[str, str]:
+    """Environment for running ``make up`` (``python -m edgeloop.devstack.up``) in a test:
+    its own state directory and free ports, and no external servers."""
+    from edgeloop.devstack.servers import free_port
+
+    env = {
+        **os.environ,
+        "EDGELOOP_STATE_DIR": str(state_dir),
+        "EDGELOOP_NATS_PORT": str(free_port()),
+        "EDGELOOP_NATS_MONITOR_PORT": str(free_port()),
+        "EDGELOOP_PG_PORT": str(free_port()),
+        "EDGELOOP_OCI_REGISTRY_PORT": str(free_port()),
+        "EDGELOOP_REGISTRY_API_PORT": str(free_port()),
+        "EDGELOOP_FIRST_HTTP_PORT": str(free_port()),
+    }
+    for key in ("EDGELOOP_NATS_URL", "EDGELOOP_DATABASE_URL", "EDGELOOP_OCI_REGISTRY_URL"):
+        env.pop(key, None)
+    return env

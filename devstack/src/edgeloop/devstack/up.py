@@ -32,6 +32,7 @@ from typing import Any
 
 import psutil
 
+from edgeloop.contracts.stackfile import state_dir
 from edgeloop.devstack.servers import ManagedProcess, NatsServer, OciRegistry, Postgres
 
 #: (name, module) of every service, in start order; a service starts when its module
@@ -59,11 +60,6 @@ STABLE_AFTER = 60.0
 MAX_BACKOFF = 30.0
 
 
-def state_dir() -> Path:
-    """``$EDGELOOP_STATE_DIR`` or ``.edgeloop`` in the current directory."""
-    return Path(os.environ.get("EDGELOOP_STATE_DIR", ".edgeloop")).resolve()
-
-
 def _port(env: str, default: int) -> int:
     value = os.environ.get(env)
     if not value:
@@ -72,20 +68,6 @@ def _port(env: str, default: int) -> int:
         return int(value)
     except ValueError:
         sys.exit(f"{env}={value!r} is not a port number")
-
-
-def load_stack_json(path: Path | None = None) -> dict[str, Any]:
-    """What ``make up`` wrote about the running stack ({} when nothing runs).
-
-    Args:
-        path: the file; default ``stack.json`` in :func:`state_dir`.
-    """
-    path = path or state_dir() / "stack.json"
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def running_pid(root: Path | None = None) -> int | None:

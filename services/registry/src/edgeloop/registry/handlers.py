@@ -5,6 +5,7 @@ services' tables)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import (
@@ -25,6 +26,33 @@ def _spec(durable: str, subject: str) -> ConsumerSpec:
     return ConsumerSpec(stream=s.STREAM_LIFECYCLE, durable=durable, filter_subjects=(subject,))
 
 
+async def _project(
+    tx: Tx,
+    model: str,
+    version: str,
+    kind: str,
+    state: str,
+    detail: Mapping[str, object],
+    *,
+    unless: str | None = None,
+) -> bool:
+    """Record a build or validation outcome on the version; whether a row changed.
+
+    ``unless``: leave a version already in that state alone (a late failure of a build
+    that a retry since completed must not overwrite it).
+    """
+    guard = f" AND {kind}_state <> '{unless}'" if unless else ""
+    status = await tx.conn.execute(
+        f"""UPDATE versions SET {kind}_state = $3, {kind}_detail = $4::jsonb
+            WHERE model = $1 AND version = $2{guard}""",
+        model,
+        version,
+        state,
+        json.dumps(detail),
+    )
+    return bool(status == "UPDATE 1")
+
+
 def register_handlers(svc: Service) -> None:
     """Subscribe the registry's consumers."""
 
@@ -37,23 +65,12 @@ def register_handlers(svc: Service) -> None:
             "signature_digest": event.signature_digest,
             "backend": event.backend,
         }
-        await tx.conn.execute(
-            """UPDATE versions SET build_state = 'built', build_detail = $3::jsonb
-               WHERE model = $1 AND version = $2""",
-            event.model,
-            event.version,
-            json.dumps(detail),
-        )
+        await _project(tx, event.model, event.version, "build", "built", detail)
 
     @svc.consume(ImageBuildFailed, _spec("registry-image-build-failed", s.IMAGE_BUILD_FAILED))
     async def on_image_build_failed(event: ImageBuildFailed, tx: Tx) -> None:
-        await tx.conn.execute(
-            """UPDATE versions SET build_state = 'failed', build_detail = $3::jsonb
-               WHERE model = $1 AND version = $2 AND build_state <> 'built'""",
-            event.model,
-            event.version,
-            json.dumps({"reason": event.reason, "attempts": event.attempts}),
-        )
+        detail = {"reason": event.reason, "attempts": event.attempts}
+        await _project(tx, event.model, event.version, "build", "failed", detail, unless="built")
 
     @svc.consume(ValidationPassed, _spec("registry-validation-passed", s.VALIDATION_PASSED))
     async def on_validation_passed(event: ValidationPassed, tx: Tx) -> None:
@@ -64,14 +81,7 @@ def register_handlers(svc: Service) -> None:
             "digest": event.digest,
             "report": event.report,
         }
-        updated = await tx.conn.execute(
-            """UPDATE versions SET validation_state = 'passed', validation_detail = $3::jsonb
-               WHERE model = $1 AND version = $2""",
-            event.model,
-            event.version,
-            json.dumps(detail),
-        )
-        if updated == "UPDATE 1":
+        if await _project(tx, event.model, event.version, "validation", "passed", detail):
             await tx.conn.execute(
                 """INSERT INTO aliases (model, alias, version, updated_by)
                    VALUES ($1, $2, $3, 'validator')
@@ -90,13 +100,7 @@ def register_handlers(svc: Service) -> None:
             "report_id": str(event.report_id) if event.report_id else None,
             "report": event.report,
         }
-        await tx.conn.execute(
-            """UPDATE versions SET validation_state = 'failed', validation_detail = $3::jsonb
-               WHERE model = $1 AND version = $2""",
-            event.model,
-            event.version,
-            json.dumps(detail),
-        )
+        await _project(tx, event.model, event.version, "validation", "failed", detail)
 
     @svc.consume(RetrainRequested, _spec("registry-retrain", s.RETRAIN_REQUESTED))
     async def on_retrain_requested(event: RetrainRequested, tx: Tx) -> None:
