@@ -19,6 +19,7 @@ from edgeloop.kit.bus import ConsumerSpec
 from edgeloop.kit.consumer import PermanentError, Tx
 from edgeloop.kit.service import Service, configure_logging
 from edgeloop.kit.settings import ServiceSettings
+from edgeloop.kit.tracing import current_trace_id
 
 
 class SampleSettings(ServiceSettings):
@@ -70,11 +71,13 @@ def build(settings: SampleSettings) -> Service:
         if settings.handler_sleep:
             await asyncio.sleep(settings.handler_sleep)
         await tx.conn.execute(
-            "INSERT INTO effects (event_id, model, version, deliveries) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO effects (event_id, model, version, deliveries, trace_id) "
+            "VALUES ($1, $2, $3, $4, $5)",
             event.event_id,
             event.model,
             event.version,
             tx.deliveries,
+            current_trace_id(),
         )
         if settings.emit_subject:
             await tx.publish(

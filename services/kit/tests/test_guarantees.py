@@ -288,3 +288,44 @@ async def test_sigterm_finishes_in_flight_work(ctx: Ctx) -> None:
     assert await asyncio.to_thread(proc.terminate, 30) == 0, proc.tail()
     assert await ctx.effects(event.event_id) == 1
     assert await ctx.consumer_settled()
+
+
+async def test_trace_context_travels_from_the_producer_to_the_consumer(ctx: Ctx) -> None:
+    """outbox row → relay → NATS headers → FastStream's middleware → the handler."""
+    from opentelemetry import context, trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
+
+    trace_id = int(uuid.uuid4().hex, 16)
+    parent = SpanContext(
+        trace_id=trace_id,
+        span_id=0x1234,
+        is_remote=False,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+    )
+    token = context.attach(trace.set_span_in_context(NonRecordingSpan(parent)))
+    try:
+        event = committed("traced")
+        await _write_state_and_event(ctx, event)
+    finally:
+        context.detach(token)
+    proc = sample(ctx).start()
+    try:
+        await eventually(lambda: _consumed(ctx, event.event_id), what="traced event handled")
+    finally:
+        proc.terminate()
+    msgs = await stream_messages(ctx.js, s.STREAM_LIFECYCLE, ctx.subject)
+    assert f"{trace_id:032x}" in msgs[0].headers["traceparent"]
+    handled_under = await ctx.pool.fetchval(
+        f"SELECT trace_id FROM {ctx.schema}.effects WHERE event_id = $1 AND deliveries > 0",
+        event.event_id,
+    )
+    assert handled_under == f"{trace_id:032x}"
+
+
+async def _consumed(c: Ctx, event_id: uuid.UUID) -> bool:
+    return bool(
+        await c.pool.fetchval(
+            f"SELECT count(*) FROM {c.schema}.effects WHERE event_id = $1 AND deliveries > 0",
+            event_id,
+        )
+    )

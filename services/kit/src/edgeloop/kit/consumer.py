@@ -25,6 +25,9 @@ from typing import Generic, TypeVar
 import asyncpg
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter, Histogram
 from pydantic import ValidationError
 
@@ -33,6 +36,7 @@ from edgeloop.contracts.events import Event
 from edgeloop.kit import failpoints, inbox, outbox
 from edgeloop.kit.bus import ConsumerSpec
 from edgeloop.kit.db import Conn
+from edgeloop.kit.tracing import extract_context
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +145,7 @@ class EventProcessor(Generic[E]):
         pool: Callable[[], asyncpg.Pool],
         dead_letters: Callable[[], DeadLetters],
         heartbeat_seconds: float | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.event_type = event_type
         self.handler = handler
@@ -149,6 +154,13 @@ class EventProcessor(Generic[E]):
         self._pool = pool
         self._dead_letters = dead_letters
         self._heartbeat = heartbeat_seconds or max(spec.ack_wait / 3, 1.0)
+        # Each event's handler runs in a span that continues the event's own trace (its
+        # ``traceparent`` header): in batch mode FastStream can only link a batch's
+        # contexts, so the kit makes each event's current itself. Without an exporter the
+        # no-op tracer still carries the parent's ids, so outbox rows continue the trace.
+        self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
+            "edgeloop.kit.consumer"
+        )
 
     async def process(self, msg: Msg) -> str:
         """Handle one delivery; returns its outcome (for metrics and tests)."""
@@ -254,15 +266,25 @@ class EventProcessor(Generic[E]):
                     results.append("duplicate")
                     continue
                 fresh.discard(event.event_id)  # the same event twice in one batch
-                await self.handler(
-                    event,
-                    Tx(
-                        conn=conn,
-                        schema=self.schema,
-                        event_id=event.event_id,
-                        deliveries=_deliveries(msg),
-                    ),
-                )
+                with self._tracer.start_as_current_span(
+                    f"{self.spec.durable} process",
+                    context=extract_context(msg.headers),
+                    kind=SpanKind.CONSUMER,
+                    attributes={
+                        "messaging.system": "nats",
+                        "messaging.destination.name": msg.subject,
+                        "messaging.message.id": str(event.event_id),
+                    },
+                ):
+                    await self.handler(
+                        event,
+                        Tx(
+                            conn=conn,
+                            schema=self.schema,
+                            event_id=event.event_id,
+                            deliveries=_deliveries(msg),
+                        ),
+                    )
                 results.append("processed")
             return results
 

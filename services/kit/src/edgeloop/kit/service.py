@@ -121,6 +121,7 @@ class Service:
                 schema=self.schema,
                 pool=lambda: self.pool,
                 dead_letters=lambda: DeadLetters(self.js),
+                tracer_provider=self.tracer_provider,
             )
             subscriber = self.broker.subscriber(
                 spec.filter_subjects[0],

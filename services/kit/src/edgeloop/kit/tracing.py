@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 
 from opentelemetry import propagate, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -54,6 +55,6 @@ def current_trace_id() -> str | None:
     return format(ctx.trace_id, "032x") if ctx.is_valid else None
 
 
-def extract_context(headers: Mapping[str, str] | None) -> object:
+def extract_context(headers: Mapping[str, str] | None) -> Context:
     """An OTel context from message headers (for spans started outside FastStream)."""
     return propagate.extract(dict(headers or {}))
