@@ -24,7 +24,7 @@ def main() -> None:
     """Run the benchmarks."""
     parser = argparse.ArgumentParser(prog="make bench")
     parser.add_argument("--events", type=int, default=5000, help="events per kit run")
-    parser.add_argument("--runs", type=int, default=3, help="repetitions (median reported)")
+    parser.add_argument("--runs", type=int, default=5, help="repetitions (median reported)")
     parser.add_argument("--only", choices=["kit", "loop"], help="run one benchmark")
     parser.add_argument("--burst", type=int, default=50, help="commits in the loop burst")
     args = parser.parse_args()

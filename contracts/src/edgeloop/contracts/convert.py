@@ -197,6 +197,7 @@ def status_to_proto(ev: DeviceStatusReported) -> pb.StatusReport:
         error=ev.error or "",
         reported_at=_ts(ev.occurred_at),
         trace_parent=ev.trace_parent or "",
+        desired_revision=ev.desired_revision or 0,
     )
 
 
@@ -209,8 +210,6 @@ def status_from_proto(
         msg: the agent's report.
         device_id: the session's authenticated identity (never a field the agent sends).
         labels: the labels of the session's Hello.
-
-    ``desired_revision`` is not carried: the event has no such field yet.
 
     Raises:
         ValueError: the state is unspecified or unknown, or ``rollout_id`` is not a UUID.
@@ -233,4 +232,5 @@ def status_from_proto(
         error=msg.error or None,
         occurred_at=_dt(msg.reported_at) if msg.HasField("reported_at") else datetime.now(UTC),
         trace_parent=msg.trace_parent or None,
+        desired_revision=msg.desired_revision or None,
     )

@@ -294,6 +294,9 @@ class DeviceStatusReported(Event):
     rollout_id: uuid.UUID | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     error: str | None = None
+    desired_revision: NonNegativeInt | None = Field(
+        default=None, description="the desired-state revision the device has applied"
+    )
 
     def bus_subject(self) -> str:
         """``device.status.<device>``."""

@@ -161,6 +161,7 @@ class EventProcessor(Generic[E]):
         self._tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
             "edgeloop.kit.consumer"
         )
+        self._recording = tracer_provider is not None
 
     async def process(self, msg: Msg) -> str:
         """Handle one delivery; returns its outcome (for metrics and tests)."""
@@ -266,25 +267,26 @@ class EventProcessor(Generic[E]):
                     results.append("duplicate")
                     continue
                 fresh.discard(event.event_id)  # the same event twice in one batch
-                with self._tracer.start_as_current_span(
-                    f"{self.spec.durable} process",
-                    context=extract_context(msg.headers),
-                    kind=SpanKind.CONSUMER,
-                    attributes={
-                        "messaging.system": "nats",
-                        "messaging.destination.name": msg.subject,
-                        "messaging.message.id": str(event.event_id),
-                    },
-                ):
-                    await self.handler(
-                        event,
-                        Tx(
-                            conn=conn,
-                            schema=self.schema,
-                            event_id=event.event_id,
-                            deliveries=_deliveries(msg),
-                        ),
-                    )
+                tx = Tx(
+                    conn=conn,
+                    schema=self.schema,
+                    event_id=event.event_id,
+                    deliveries=_deliveries(msg),
+                )
+                if self._recording or (msg.headers and "traceparent" in msg.headers):
+                    with self._tracer.start_as_current_span(
+                        f"{self.spec.durable} process",
+                        context=extract_context(msg.headers),
+                        kind=SpanKind.CONSUMER,
+                        attributes={
+                            "messaging.system": "nats",
+                            "messaging.destination.name": msg.subject,
+                            "messaging.message.id": str(event.event_id),
+                        },
+                    ):
+                        await self.handler(event, tx)
+                else:  # nothing to record and no trace to continue: skip the span's cost
+                    await self.handler(event, tx)
                 results.append("processed")
             return results
 
