@@ -147,3 +147,16 @@ def test_bad_model_ends_in_a_clear_failure(stack: dict[str, str], tmp_path: Path
     assert any("below the threshold 0.99" in r for r in report["reasons"])  # type: ignore[attr-defined]
     human = runner.invoke(app, ["validations", "show", "weak@1"], env=stack)
     assert "below the threshold" in human.output
+
+
+def test_each_secret_reaches_only_its_service(stack: dict[str, str]) -> None:
+    import psutil
+
+    from edgeloop.contracts.stackfile import load_stack_json
+
+    info = load_stack_json(Path(stack["EDGELOOP_STATE_DIR"]) / "stack.json")
+    env = {name: psutil.Process(svc["pid"]).environ() for name, svc in info["services"].items()}
+    assert "EDGELOOP_BUILDER_SIGNING_KEY" in env["builder"]
+    assert "EDGELOOP_BUILDER_SIGNING_KEY" not in env["registry"]
+    assert "EDGELOOP_BUILDER_SIGNING_KEY" not in env["validator"]
+    assert "EDGELOOP_REGISTRY_API_TOKENS" not in env["builder"]

@@ -333,12 +333,19 @@ def main() -> None:
             "EDGELOOP_NATS_URL": nats_url,
             "EDGELOOP_DATABASE_URL": database_url,
             "EDGELOOP_OCI_REGISTRY_URL": registry_url,
-            "EDGELOOP_REGISTRY_API_TOKENS": api_token,
-            "EDGELOOP_REGISTRY_API_PORT": registry_api.rsplit(":", 1)[1],
-            "EDGELOOP_BUILDER_SIGNING_KEY": private_pem,
-            "EDGELOOP_VALIDATOR_PUBLIC_KEY": public_pem,
-            "EDGELOOP_VALIDATOR_REGISTRY_API": registry_api,
-            "EDGELOOP_VALIDATOR_REGISTRY_TOKEN": api_token,
+        }
+        # Each secret goes only to the service that uses it.
+        own: dict[str, dict[str, str]] = {
+            "registry": {
+                "EDGELOOP_REGISTRY_API_TOKENS": api_token,
+                "EDGELOOP_REGISTRY_API_PORT": registry_api.rsplit(":", 1)[1],
+            },
+            "builder": {"EDGELOOP_BUILDER_SIGNING_KEY": private_pem},
+            "validator": {
+                "EDGELOOP_VALIDATOR_PUBLIC_KEY": public_pem,
+                "EDGELOOP_VALIDATOR_REGISTRY_API": registry_api,
+                "EDGELOOP_VALIDATOR_REGISTRY_TOKEN": api_token,
+            },
         }
         logs = root / "logs"
         logs.mkdir(exist_ok=True)
@@ -346,7 +353,7 @@ def main() -> None:
         for name, module in SERVICES:
             if importlib.util.find_spec(module) is None:
                 continue
-            env = {**common, f"EDGELOOP_{name.upper()}_HTTP_PORT": str(port)}
+            env = {**common, **own.get(name, {}), f"EDGELOOP_{name.upper()}_HTTP_PORT": str(port)}
             services.append(ServiceProcess(name, module, port, env, logs / f"{name}.log"))
             port += 1
         for svc in services:
