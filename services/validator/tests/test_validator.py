@@ -254,3 +254,58 @@ async def test_unsigned_image_is_refused(loop: Loop, unique: str, nats_private: 
     finally:
         await nc.close()
     assert "not signed" in evs[0].reasons[0]
+
+
+async def test_unreachable_registry_api_ends_in_failed_after_retries(
+    nats_private: NatsServer, pg_dsn: str, registry_url: str, unique: str
+) -> None:
+    import nats
+
+    from edgeloop.builder.service import Builder
+    from edgeloop.contracts.events import ArtifactRef, ModelCommitted
+    from edgeloop.kit.oci.signing import load_private_key
+
+    m = classifier()
+    async with OciClient(registry_url) as oci:
+        suite = await oci.push_blob(f"u{unique}/models/m", m.suite)
+        model = await oci.push_blob(f"u{unique}/models/m", m.onnx)
+        committed = ModelCommitted(
+            model=f"noapi{unique}",
+            version="1",
+            repository=f"u{unique}/models/m",
+            model_artifact=ArtifactRef(digest=model.digest, size=model.size, media_type="x"),
+            suite_artifact=ArtifactRef(digest=suite.digest, size=suite.size, media_type="x"),
+        )
+        built = (
+            await Builder(oci, load_private_key(PRIVATE), image_prefix=f"u{unique}/images").build(
+                committed
+            )
+        ).event
+    svc = build_validator(
+        ValidatorSettings(
+            nats_url=nats_private.url,
+            database_url=pg_dsn,
+            oci_registry_url=registry_url,
+            public_key=PUBLIC.decode(),
+            registry_api=f"http://127.0.0.1:{free_port()}",
+            registry_token=TOKEN,
+            profile_runs=10,
+            max_attempts=3,
+            retry_backoff="0.2,0.2",
+        )
+    )
+    async with svc.running():
+        nc = await nats.connect(nats_private.url)
+        await nc.jetstream().publish(s.IMAGE_BUILT, built.to_json())
+
+        async def failed() -> Any:
+            msgs = await stream_messages(nc.jetstream(), s.STREAM_LIFECYCLE, s.VALIDATION_FAILED)
+            evs = [ValidationFailed.from_json(x.data) for x in msgs]
+            return [e for e in evs if e.model == built.model]
+
+        try:
+            evs = await eventually(failed, within=60, what="validation.failed")
+        finally:
+            await nc.close()
+    assert "could not validate after 3 attempts" in evs[0].reasons[0]
+    assert "ConnectError" in evs[0].reasons[0]

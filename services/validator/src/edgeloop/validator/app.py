@@ -63,7 +63,8 @@ def build(settings: ValidatorSettings) -> Service:
         threads=[int(t) for t in settings.profile_threads.split(",") if t.strip()],
         runs=settings.profile_runs,
     )
-    register_handlers(svc, validator)
+    backoff = tuple(float(x) for x in settings.retry_backoff.split(",") if x.strip())
+    register_handlers(svc, validator, settings.max_attempts, backoff)
     return svc
 
 

@@ -26,3 +26,8 @@ class ValidatorSettings(ServiceSettings):
     """Intra-op thread counts to profile."""
     profile_runs: int = 200
     """Single-row inferences timed per thread count."""
+    max_attempts: int = 4
+    """Attempts (with back-off) before a validation that cannot reach the registry (or its
+    API) is given up and reported failed."""
+    retry_backoff: str = "1,3,10,30"
+    """Seconds between attempts, comma separated."""

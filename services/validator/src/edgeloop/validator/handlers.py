@@ -5,22 +5,27 @@ from __future__ import annotations
 import json
 import uuid
 
+import httpx
+
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ImageBuilt, ValidationFailed, ValidationPassed
 from edgeloop.kit.bus import ConsumerSpec
 from edgeloop.kit.consumer import Tx
+from edgeloop.kit.oci import OciError
 from edgeloop.kit.service import Service
-from edgeloop.validator.service import Validator, _repo
+from edgeloop.validator.service import Report, Validator, _repo
 
 
-def register_handlers(svc: Service, validator: Validator) -> None:
+def register_handlers(
+    svc: Service, validator: Validator, max_attempts: int, backoff: tuple[float, ...]
+) -> None:
     """Subscribe the validator's consumer."""
     spec = ConsumerSpec(
         stream=s.STREAM_LIFECYCLE,
         durable=s.CONSUMER_VALIDATOR,
         filter_subjects=(s.IMAGE_BUILT,),
-        max_deliver=5,
-        backoff=(1.0, 3.0, 10.0, 30.0),
+        max_deliver=max_attempts + 1,
+        backoff=backoff,
         ack_wait=120,
         batch_size=1,
     )
@@ -31,7 +36,14 @@ def register_handlers(svc: Service, validator: Validator) -> None:
             "SELECT 1 FROM reports WHERE model = $1 AND version = $2", event.model, event.version
         ):
             return  # validated before
-        report = await validator.validate(event)
+        try:
+            report = await validator.validate(event)
+        except (OciError, httpx.HTTPError, OSError) as exc:
+            if tx.deliveries < max_attempts:
+                raise  # registry or registry API unreachable: retried with back-off
+            report = Report().fail(
+                f"could not validate after {tx.deliveries} attempts: {type(exc).__name__}: {exc}"
+            )
         report_id = uuid.uuid4()
         full = {
             "passed": report.passed,
