@@ -78,7 +78,9 @@ class ModelCommitted(Event, ModelRef):
     repository: str = Field(description="OCI repository holding the artifacts")
     model_artifact: ArtifactRef
     suite_artifact: ArtifactRef | None = None
-    reference_artifact: ArtifactRef | None = None
+    reference_artifact: ArtifactRef | None = Field(
+        default=None, description="the reference profile (profile.json) computed at registration"
+    )
     source_commit: str | None = None
     data_digest: str | None = None
     parent: ModelRef | None = None

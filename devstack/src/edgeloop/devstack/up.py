@@ -44,6 +44,7 @@ SERVICES: tuple[tuple[str, str], ...] = (
     ("deployer", "edgeloop.deployer"),
     ("monitor", "edgeloop.monitor"),
     ("gateway", "edgeloop.gateway"),
+    ("fleet", "edgeloop.edge.fleet"),
 )
 
 NATS_PORT = 14222
@@ -51,6 +52,9 @@ NATS_MONITOR_PORT = 18222
 PG_PORT = 15432
 OCI_REGISTRY_PORT = 15000
 REGISTRY_API_PORT = 18100
+GATEWAY_API_PORT = 18200
+GATEWAY_GRPC_PORT = 18443
+FLEET_DEVICES = 5
 FIRST_HTTP_PORT = 18080
 DATABASE = "edgeloop"
 #: a service stopped with SIGTERM gets this long before SIGKILL
@@ -268,6 +272,8 @@ def _print_endpoints(endpoints: dict[str, Any], services: list[ServiceProcess], 
         lines.append("  (no services yet)")
     lines += [
         f"  registry API      {endpoints['registry_api']}/docs",
+        f"  gateway API       {endpoints['gateway_api']}/docs   (devices: edgeloop devices list)",
+        f"  gateway (gRPC)    {endpoints['gateway_address']}   (mTLS; edgeloop devices enroll ID)",
         f"  API token         export EDGELOOP_API_TOKEN=$(cat {root / 'api-token'})",
         f"  state             {root}  (stack.json, logs/)",
         "check it:   .venv/bin/edgeloop status      stop it:   Ctrl-C or `make down`",
@@ -322,11 +328,15 @@ def main() -> None:
         api_token = _secret(root / "api-token")
         private_pem, public_pem = _signing_keys(root)
         registry_api = f"http://127.0.0.1:{_port('EDGELOOP_REGISTRY_API_PORT', REGISTRY_API_PORT)}"
+        gateway_api = f"http://127.0.0.1:{_port('EDGELOOP_GATEWAY_API_PORT', GATEWAY_API_PORT)}"
+        gateway_address = f"127.0.0.1:{_port('EDGELOOP_GATEWAY_GRPC_PORT', GATEWAY_GRPC_PORT)}"
         endpoints |= {
             "nats_url": nats_url,
             "database_url": database_url,
             "registry_url": registry_url,
             "registry_api": registry_api,
+            "gateway_api": gateway_api,
+            "gateway_address": gateway_address,
             "public_key": str(root / "signing-key.pub"),
         }
         common = {
@@ -345,6 +355,21 @@ def main() -> None:
                 "EDGELOOP_VALIDATOR_PUBLIC_KEY": public_pem,
                 "EDGELOOP_VALIDATOR_REGISTRY_API": registry_api,
                 "EDGELOOP_VALIDATOR_REGISTRY_TOKEN": api_token,
+            },
+            "gateway": {
+                "EDGELOOP_GATEWAY_API_TOKENS": api_token,
+                "EDGELOOP_GATEWAY_API_PORT": gateway_api.rsplit(":", 1)[1],
+                "EDGELOOP_GATEWAY_GRPC_PORT": gateway_address.rsplit(":", 1)[1],
+                "EDGELOOP_GATEWAY_SIGNING_PUBLIC_KEY": str(root / "signing-key.pub"),
+            },
+            # a small simulated fleet, enrolled through the gateway's API
+            "fleet": {
+                "EDGELOOP_API_TOKEN": api_token,
+                "EDGELOOP_FLEET_GATEWAY_API": gateway_api,
+                "EDGELOOP_FLEET_DEVICES": os.environ.get(
+                    "EDGELOOP_FLEET_DEVICES", str(FLEET_DEVICES)
+                ),
+                "EDGELOOP_FLEET_STATE_DIR": str(root / "fleet"),
             },
         }
         logs = root / "logs"

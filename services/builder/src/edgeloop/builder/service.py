@@ -27,6 +27,8 @@ from edgeloop.kit.oci.signing import attach_signature
 
 MODEL_PATH = "model/model.onnx"
 MANIFEST_PATH = "model/model.json"
+PROFILE_PATH = "model/profile.json"
+"""The reference profile: agents histogram their inputs into its bins."""
 THRESHOLD_PREFIX = "threshold."
 
 
@@ -108,6 +110,10 @@ class Builder:
                 model_manifest(event, model), sort_keys=True, indent=1
             ).encode(),
         }
+        if event.reference_artifact is not None:
+            files[PROFILE_PATH] = await self.oci.get_blob(
+                event.repository, event.reference_artifact.digest
+            )
         repo = self.repository(event.model)
         if self.docker is not None:
             digest = await self.docker.build_and_push(

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from edgeloop.kit.api import Actor
 from edgeloop.registry.errors import InvalidInput, NotFound, RegistryError, TooLarge
 from edgeloop.registry.service import Registration, Registry, check_alias, check_name, check_version
 from edgeloop.registry.store import PgStore
@@ -59,25 +58,6 @@ def _kv(text: str | None, what: str) -> dict[str, str]:
     ):
         raise InvalidInput(f'{what} must be a JSON object of strings, e.g. {{"lr": "0.1"}}')
     return value
-
-
-async def _actor(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    """The caller, from ``Authorization: Bearer <token>``; 401 without a valid token."""
-    tokens: frozenset[str] = request.app.state.tokens
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not any(
-        hmac.compare_digest(token.encode(), t.encode()) for t in tokens
-    ):
-        raise HTTPException(
-            status_code=401,
-            detail="missing or invalid API token: send 'Authorization: Bearer <token>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    # Identify the caller without keeping the secret (audit needs more: issue 8).
-    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
-
-
-Actor = Annotated[str, Depends(_actor)]
 
 
 def create_api(registry: Registry, store: PgStore, tokens: frozenset[str]) -> FastAPI:

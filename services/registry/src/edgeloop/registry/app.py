@@ -10,6 +10,7 @@ from pathlib import Path
 
 import uvicorn
 
+from edgeloop.kit.api import QuietServer
 from edgeloop.kit.oci import OciClient
 from edgeloop.kit.service import Service, configure_logging
 from edgeloop.registry.api import create_api
@@ -49,7 +50,7 @@ def build(settings: RegistrySettings) -> Service:
             lifespan="off",
         )
         # The kit's Service owns SIGTERM; uvicorn must not install its own handlers.
-        server = _QuietServer(config)
+        server = QuietServer(config)
         try:
             await server.serve()
         finally:
@@ -58,11 +59,6 @@ def build(settings: RegistrySettings) -> Service:
                 await oci.aclose()
 
     return svc
-
-
-class _QuietServer(uvicorn.Server):
-    def install_signal_handlers(self) -> None:
-        """Leave signal handling to the Service."""
 
 
 def main() -> None:

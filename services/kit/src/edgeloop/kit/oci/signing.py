@@ -15,18 +15,24 @@ signatures; verification accepts the image when any layer verifies with the trus
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from edgeloop.contracts.signing import (
+    KEY_ID_CLAIM,
+    SIGNATURE_TYPE,
+    SignatureError,
+    SignaturePayload,
+    key_id,
+    load_public_key,
+    pem_bytes,
+    signature_bytes,
+    verify_manifest_signature,
+)
 from edgeloop.kit.oci.client import (
     MANIFEST_OCI,
     BlobNotFound,
@@ -36,18 +42,32 @@ from edgeloop.kit.oci.client import (
     check_digest,
 )
 
+__all__ = [
+    "KEY_ID_CLAIM",
+    "SIGNATURE_TYPE",
+    "SignatureError",
+    "SignaturePayload",
+    "attach_signature",
+    "fetch_and_verify_signature",
+    "fetch_signatures",
+    "generate_keypair",
+    "key_id",
+    "load_private_key",
+    "load_public_key",
+    "public_pem",
+    "sign_manifest",
+    "signature_tag",
+    "store_signature",
+    "verify_image",
+    "verify_manifest_signature",
+]
+
 SIGNATURE_ARTIFACT = "application/vnd.edgeloop.signature.v1+json"
 PAYLOAD_MEDIA = "application/vnd.edgeloop.signature.payload.v1+json"
 EMPTY_MEDIA = "application/vnd.oci.empty.v1+json"
 EMPTY_BLOB = b"{}"
 SIGNATURE_ANNOTATION = "dev.edgeloop.signature"
 KEY_ID_ANNOTATION = "dev.edgeloop.signature.keyid"
-SIGNATURE_TYPE = "edgeloop signature"
-KEY_ID_CLAIM = "edgeloop.keyid"
-
-
-class SignatureError(Exception):
-    """A signature is missing, malformed, for another image, or not by the trusted key."""
 
 
 # --- keys ------------------------------------------------------------------------------
@@ -68,19 +88,6 @@ def generate_keypair() -> tuple[bytes, bytes]:
     return private, public_pem(key)
 
 
-def _pem(source: bytes | str | Path) -> bytes:
-    """PEM bytes from bytes, PEM text, or a path (a ``Path`` or a string that isn't PEM)."""
-    if isinstance(source, bytes):
-        return source
-    if isinstance(source, str) and "-----BEGIN" in source:
-        return source.encode()
-    path = Path(source)
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise SignatureError(f"can't read the key file {path}: {exc}") from exc
-
-
 def load_private_key(source: bytes | str | Path) -> Ed25519PrivateKey:
     """An Ed25519 private key from PEM (bytes or text) or a PEM file.
 
@@ -88,26 +95,11 @@ def load_private_key(source: bytes | str | Path) -> Ed25519PrivateKey:
         SignatureError: not readable, not PEM, encrypted, or not an Ed25519 key.
     """
     try:
-        key = serialization.load_pem_private_key(_pem(source), password=None)
+        key = serialization.load_pem_private_key(pem_bytes(source), password=None)
     except (ValueError, TypeError) as exc:
         raise SignatureError(f"the signing key is not an unencrypted PEM key: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise SignatureError(f"the signing key is a {type(key).__name__}, not Ed25519")
-    return key
-
-
-def load_public_key(source: bytes | str | Path) -> Ed25519PublicKey:
-    """An Ed25519 public key from PEM (bytes or text) or a PEM file.
-
-    Raises:
-        SignatureError: not readable, not PEM, or not an Ed25519 key.
-    """
-    try:
-        key = serialization.load_pem_public_key(_pem(source))
-    except (ValueError, TypeError) as exc:
-        raise SignatureError(f"the verification key is not a PEM public key: {exc}") from exc
-    if not isinstance(key, Ed25519PublicKey):
-        raise SignatureError(f"the verification key is a {type(key).__name__}, not Ed25519")
     return key
 
 
@@ -118,54 +110,7 @@ def public_pem(key: Ed25519PrivateKey) -> bytes:
     )
 
 
-def key_id(key: Ed25519PublicKey | Ed25519PrivateKey) -> str:
-    """A short fingerprint of a key (sha256 of its raw public bytes, 16 hex digits).
-
-    It names the signer in a signature so a failure can say "wrong key" rather than
-    "bad signature"; it decides nothing (the signature check does).
-    """
-    public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
-
-
 # --- payloads --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SignaturePayload:
-    """A signed payload: the exact bytes signed and the Ed25519 signature over them."""
-
-    payload: bytes
-    signature: bytes
-
-    @property
-    def signature_b64(self) -> str:
-        """The signature, base64 (as stored in the registry)."""
-        return base64.b64encode(self.signature).decode()
-
-    def claims(self) -> dict[str, Any]:
-        """The payload, parsed (not verified: use :func:`verify_manifest_signature`).
-
-        Raises:
-            SignatureError: the payload is not a JSON object.
-        """
-        try:
-            claims = json.loads(self.payload)
-        except ValueError as exc:
-            raise SignatureError(f"signature payload is not JSON: {exc}") from exc
-        if not isinstance(claims, dict):
-            raise SignatureError("signature payload is not a JSON object")
-        return claims
-
-    @property
-    def claimed_key_id(self) -> str | None:
-        """The signer's key id the payload claims (unverified), if any."""
-        try:
-            value = self.claims().get("optional", {}).get(KEY_ID_CLAIM)
-        except (SignatureError, AttributeError):
-            return None
-        return str(value) if value else None
 
 
 def sign_manifest(
@@ -198,72 +143,6 @@ def sign_manifest(
         separators=(",", ":"),
     ).encode()
     return SignaturePayload(payload, private_key.sign(payload))
-
-
-def verify_manifest_signature(
-    public_key: Ed25519PublicKey,
-    payload: bytes,
-    signature: bytes | str,
-    expected_digest: str,
-    *,
-    repo: str | None = None,
-) -> dict[str, Any]:
-    """Check a signature and that it vouches for ``expected_digest``.
-
-    Args:
-        public_key: The trusted key.
-        payload: The signed payload bytes.
-        signature: The signature, raw or base64.
-        expected_digest: The manifest digest the caller is about to trust.
-        repo: When given, the repository the payload must name.
-
-    Returns:
-        The payload's claims.
-
-    Raises:
-        SignatureError: says which: signed by another key, bad signature (payload or
-            signature altered), malformed, for another digest, or for another repository.
-    """
-    raw = _signature_bytes(signature)
-    try:
-        public_key.verify(raw, payload)
-    except InvalidSignature as exc:
-        claimed = SignaturePayload(payload, raw).claimed_key_id
-        trusted = key_id(public_key)
-        if claimed and claimed != trusted:
-            raise SignatureError(
-                f"wrong key: signed by key {claimed}, not by the trusted key {trusted}"
-            ) from exc
-        raise SignatureError(
-            "bad signature: it does not verify with the trusted key "
-            f"{trusted} (the payload or the signature was altered)"
-        ) from exc
-    claims = SignaturePayload(payload, raw).claims()
-    try:
-        critical = claims["critical"]
-        signed = critical["image"]["docker-manifest-digest"]
-        kind = critical["type"]
-        identity = critical["identity"]["docker-reference"]
-    except (KeyError, TypeError) as exc:
-        raise SignatureError(f"signature payload is malformed: missing {exc}") from exc
-    if kind != SIGNATURE_TYPE:
-        raise SignatureError(f"signature payload has type {kind!r}, not {SIGNATURE_TYPE!r}")
-    if signed != expected_digest:
-        raise SignatureError(
-            f"digest mismatch: the signature is for {signed}, not for {expected_digest}"
-        )
-    if repo is not None and identity != repo:
-        raise SignatureError(f"the signature is for an image of {identity!r}, not of {repo!r}")
-    return claims
-
-
-def _signature_bytes(signature: bytes | str) -> bytes:
-    if isinstance(signature, bytes):
-        return signature
-    try:
-        return base64.b64decode(signature, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise SignatureError(f"signature is not valid base64: {exc}") from exc
 
 
 # --- storage next to the image ---------------------------------------------------------
@@ -410,7 +289,7 @@ async def fetch_signatures(
                 f"{manifest['subject']['digest']}"
             )
         entries = [
-            (check_digest(x["digest"]), _signature_bytes(x["annotations"][SIGNATURE_ANNOTATION]))
+            (check_digest(x["digest"]), signature_bytes(x["annotations"][SIGNATURE_ANNOTATION]))
             for x in manifest["layers"]
         ]
     except (ValueError, KeyError, TypeError) as exc:

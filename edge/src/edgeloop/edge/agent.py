@@ -1,0 +1,767 @@
+"""The edge agent: one device's session with the gateway, safe model activation, and
+inference with batched telemetry.
+
+- **Connection**: mTLS (the device certificate from enrolment), exponential back-off
+  with full jitter between attempts; every session starts with Hello and resends what
+  the gateway has not acknowledged.
+- **Activation** of a desired model: verify the signature over the manifest digest with
+  a trusted key, refuse an older version unless the platform marks an explicit
+  rollback, download the manifest and the model layer (resuming from the bytes already
+  held), verify every digest, load an onnxruntime session, run a warm-up inference,
+  then swap atomically. Any failure leaves the last known good model running and is
+  reported ``FAILED`` with the reason.
+- **Telemetry**: inferences are aggregated per window into one ``TelemetryBatch``
+  (histograms, counts, a bounded sample of low-confidence rows); batches wait in a
+  bounded buffer (on disk for a real device) until the gateway acknowledges them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+from edgeloop.contracts.edge.v1 import edge_pb2_grpc as pb_grpc
+from edgeloop.contracts.signing import (
+    SignatureError,
+    key_id,
+    load_public_key,
+    verify_manifest_signature,
+)
+from edgeloop.contracts.twin import image_repository
+from edgeloop.edge.buffer import BatchBuffer, DiskBuffer, MemoryBuffer
+from edgeloop.edge.runtime import ModelLoadError, OnnxModel
+from edgeloop.edge.sources import Drift, InputSource, open_source
+from edgeloop.edge.store import ActivationError, Installed, ModelStore, version_key
+from edgeloop.edge.telemetry import TelemetryAggregator, edges_from_profile
+
+log = logging.getLogger("edgeloop.agent")
+
+AGENT_VERSION = "0.1.0"
+MAX_ATTEMPTS = 3
+"""Tries of one desired state whose download fails (corrupt, cut) before it is failed."""
+CAPABILITIES = ("onnxruntime", "resume-download", "telemetry-batch", "anti-rollback")
+
+
+@dataclass
+class AgentConfig:
+    """``agent.json`` of an enrolment bundle (paths relative to the file)."""
+
+    device_id: str
+    gateway: str
+    ca_cert: Path
+    cert: Path
+    key: Path
+    trusted_keys: list[Path]
+    state_dir: Path
+    labels: dict[str, str] = field(default_factory=dict)
+    source: str = "sim"
+    server_name: str | None = None
+    telemetry_seconds: float = 10.0
+    infer_seconds: float = 1.0
+    infer_batch: int = 16
+    buffer_batches: int = 10_000
+    buffer_bytes: int = 256 << 20
+    drift: str | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> AgentConfig:
+        """Read ``agent.json``; relative paths are taken from its directory."""
+        raw = json.loads(path.read_text())
+        base = path.parent
+
+        def p(value: str) -> Path:
+            q = Path(value)
+            return q if q.is_absolute() else base / q
+
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+        raw["ca_cert"] = p(raw["ca_cert"])
+        raw["cert"] = p(raw["cert"])
+        raw["key"] = p(raw["key"])
+        raw["trusted_keys"] = [p(k) for k in raw.get("trusted_keys", [])]
+        raw["state_dir"] = p(raw.get("state_dir", "state"))
+        return cls(**raw)
+
+
+@dataclass
+class Faults:
+    """Injected faults (the fleet simulator's and the tests')."""
+
+    cut_download_after: int | None = None
+    """End the link once this many bytes of one download arrived (then resume)."""
+    corrupt_download: float = 0.0
+    """Probability that a download's bytes are altered on the way."""
+    slow_link_bytes_per_s: float | None = None
+    """Throttle downloads."""
+
+
+class ModelCache:
+    """onnxruntime sessions by model digest, shared by the agents of one process."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, OnnxModel] = {}
+        self._lock = asyncio.Lock()
+
+    async def load(self, installed: Installed) -> OnnxModel:
+        """The session of ``installed`` (loaded once per digest)."""
+        async with self._lock:
+            model = self._models.get(installed.model_digest)
+            if model is None:
+                data = await asyncio.to_thread(installed.onnx.read_bytes)
+                model = await asyncio.to_thread(OnnxModel, data)
+                self._models[installed.model_digest] = model
+            return model
+
+    def forget(self, digest: str) -> None:
+        """Drop a session (its model failed)."""
+        self._models.pop(digest, None)
+
+
+@dataclass
+class Running:
+    """The model in use."""
+
+    installed: Installed
+    model: OnnxModel
+    aggregator: TelemetryAggregator
+    labels: list[str]
+
+
+class _Retry(Exception):
+    """A transient failure: try again later."""
+
+
+def _ts(t: float | None = None) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int((time.time() if t is None else t) * 1e9))
+    return ts
+
+
+class Agent:
+    """One device."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        models: ModelCache | None = None,
+        buffer: BatchBuffer | None = None,
+        source: InputSource | None = None,
+        faults: Faults | None = None,
+        seed: int | None = None,
+        channel_options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = ModelStore(config.state_dir)
+        self.models = models or ModelCache()
+        self.buffer = buffer or DiskBuffer(
+            config.state_dir / "telemetry", config.buffer_batches, config.buffer_bytes
+        )
+        self._injected = source
+        self._source: InputSource | None = source
+        self._source_for: str | None = None
+        self.faults = faults or Faults()
+        self.rng = random.Random(seed)
+        self.channel_options = channel_options or []
+        self.trusted = {key_id(k): k for k in (load_public_key(p) for p in config.trusted_keys)}
+        self.running: Running | None = None
+        self.state = pb.DEVICE_STATE_IDLE
+        self.error = ""
+        self.desired: pb.DesiredState | None = None
+        self.failed: dict[tuple[str, int], str] = {}
+        self._attempts: dict[tuple[str, int], int] = {}
+        self.connected = asyncio.Event()
+        self.session_id = ""
+        self.bytes_downloaded = 0
+        self.activations = 0
+        self.sessions = 0
+        self.stats: dict[str, int] = {"batches_sent": 0, "batches_acked": 0, "refused": 0}
+        self.last_error: pb.Error | None = None
+        self._outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue(1024)
+        self._desired_changed = asyncio.Event()
+        self._stub: pb_grpc.EdgeGatewayStub | None = None
+        self._offline_until = 0.0
+        self.on_status: Callable[[Agent], None] | None = None
+
+    # --- running ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set: resume the installed model, connect, infer."""
+        await self._resume()
+        tasks = [
+            asyncio.create_task(self._connection_loop(stop), name="agent-connection"),
+            asyncio.create_task(self._apply_loop(), name="agent-apply"),
+            asyncio.create_task(self._inference_loop(stop), name="agent-inference"),
+        ]
+        for task in tasks:
+            task.add_done_callback(self._task_done)
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "%s: %s stopped", self.config.device_id, task.get_name(), exc_info=task.exception()
+            )
+
+    def go_offline(self, seconds: float) -> None:
+        """Drop the link for ``seconds`` (fault injection)."""
+        self._offline_until = time.monotonic() + seconds
+        self._outbox.put_nowait(pb.AgentMessage())  # wakes the writer, which ends the call
+
+    async def _resume(self) -> None:
+        installed = self.store.current
+        if installed is None:
+            return
+        try:
+            await self._start(installed)
+            self.state = pb.DEVICE_STATE_RUNNING
+        except Exception as exc:
+            log.error("%s: installed model does not start: %s", self.config.device_id, exc)
+            self.store.rolled_back()
+
+    # --- connection ---------------------------------------------------------------------
+
+    def _channel(self) -> grpc.aio.Channel:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.config.ca_cert.read_bytes(),
+            private_key=self.config.key.read_bytes(),
+            certificate_chain=self.config.cert.read_bytes(),
+        )
+        options = list(self.channel_options)
+        if self.config.server_name:
+            options.append(("grpc.ssl_target_name_override", self.config.server_name))
+        return grpc.aio.secure_channel(self.config.gateway, creds, options=options)
+
+    async def _connection_loop(self, stop: asyncio.Event) -> None:
+        attempt = 0
+        async with self._channel() as channel:
+            self._stub = pb_grpc.EdgeGatewayStub(channel)
+            while not stop.is_set():
+                wait = self._offline_until - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                started = time.monotonic()
+                try:
+                    await self._session(self._stub)
+                except grpc.aio.AioRpcError as exc:
+                    log.info(
+                        "%s: session ended: %s %s",
+                        self.config.device_id,
+                        exc.code().name,
+                        exc.details(),
+                    )
+                except (ConnectionError, _Retry) as exc:
+                    log.info("%s: session ended: %s", self.config.device_id, exc)
+                except Exception:
+                    log.exception("%s: session failed", self.config.device_id)
+                finally:
+                    self.connected.clear()
+                if time.monotonic() - started > 30:
+                    attempt = 0  # it was a healthy session: reconnect quickly
+                attempt += 1
+                # exponential back-off with full jitter, capped at 30 s
+                await asyncio.sleep(self.rng.uniform(0, min(30.0, 0.25 * 2 ** min(attempt, 8))))
+
+    def _hello(self) -> pb.AgentMessage:
+        current = self.running.installed if self.running else None
+        return pb.AgentMessage(
+            hello=pb.Hello(
+                device_id=self.config.device_id,
+                labels=self.config.labels,
+                model=current.model if current else "",
+                version=current.version if current else "",
+                digest=current.manifest_digest if current else "",
+                agent_version=AGENT_VERSION,
+                capabilities=CAPABILITIES,
+                desired_revision=self.store.desired_revision,
+            )
+        )
+
+    async def _session(self, stub: pb_grpc.EdgeGatewayStub) -> None:
+        call = stub.Connect()
+        await call.write(self._hello())
+        first = await call.read()
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "welcome":
+            if first is not grpc.aio.EOF and first.WhichOneof("kind") == "error":
+                self.last_error = first.error
+                raise ConnectionError(f"refused: {first.error.code}: {first.error.message}")
+            raise ConnectionError("the gateway did not welcome the session")
+        welcome = first.welcome
+        self.session_id = welcome.session_id
+        self.sessions += 1
+        while not self._outbox.empty():  # reports of the last session: the state is resent
+            self._outbox.get_nowait()
+        await self._outbox.put(self._status_message())
+        for batch_id, data in self.buffer.pending():
+            await self._outbox.put(pb.AgentMessage(telemetry=pb.TelemetryBatch.FromString(data)))
+            self.stats["batches_sent"] += 1
+            del batch_id
+        self.connected.set()
+        writer = asyncio.create_task(self._writer(call, welcome.heartbeat_interval_seconds or 10))
+        try:
+            while not writer.done():
+                try:
+                    message = await call.read()
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise
+                    break  # our writer cancelled the call (the link was dropped on purpose)
+                if message is grpc.aio.EOF:
+                    break
+                self._on_message(message)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+            call.cancel()
+
+    async def _writer(self, call: Any, heartbeat: int) -> None:
+        seq = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(self._outbox.get(), heartbeat)
+            except TimeoutError:
+                seq += 1
+                message = pb.AgentMessage(
+                    heartbeat=pb.Heartbeat(
+                        sent_at=_ts(), seq=seq, buffered_batches=len(self.buffer)
+                    )
+                )
+            if message.WhichOneof("kind") is None:  # go_offline
+                call.cancel()
+                return
+            await call.write(message)
+
+    def _on_message(self, message: pb.GatewayMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "desired":
+            self.desired = message.desired
+            self._desired_changed.set()
+        elif kind == "ack":
+            if self.buffer.ack(message.ack.batch_id):
+                self.stats["batches_acked"] += 1
+        elif kind == "error":
+            self.last_error = message.error
+            log.warning(
+                "%s: gateway error %s: %s",
+                self.config.device_id,
+                message.error.code,
+                message.error.message,
+            )
+            if message.error.batch_id and self.buffer.ack(message.error.batch_id):
+                self.stats["refused"] += 1  # re-sending the same bytes cannot succeed
+        elif kind == "command":
+            self._command(message.command)
+
+    def _command(self, command: pb.Command) -> None:
+        ok, text = True, ""
+        if command.kind == pb.COMMAND_KIND_REPORT_NOW:
+            self._report()
+        else:
+            ok, text = False, f"command {pb.CommandKind.Name(command.kind)} is not supported"
+        self._enqueue(
+            pb.AgentMessage(
+                command_result=pb.CommandResult(command_id=command.command_id, ok=ok, message=text)
+            )
+        )
+
+    def _enqueue(self, message: pb.AgentMessage) -> None:
+        if self.connected.is_set():
+            with contextlib.suppress(asyncio.QueueFull):
+                self._outbox.put_nowait(message)
+
+    def _status_message(self) -> pb.AgentMessage:
+        current = self.running.installed if self.running else None
+        desired = self.desired
+        return pb.AgentMessage(
+            status=pb.StatusReport(
+                state=self.state,
+                model=current.model if current else "",
+                version=current.version if current else "",
+                digest=current.manifest_digest if current else "",
+                desired_digest=desired.manifest_digest if desired else "",
+                rollout_id=desired.rollout_id if desired else "",
+                error=self.error,
+                reported_at=_ts(),
+                desired_revision=desired.revision if desired else self.store.desired_revision,
+                trace_parent=desired.trace_parent if desired else "",
+            )
+        )
+
+    def _report(self) -> None:
+        self._enqueue(self._status_message())
+        if self.on_status is not None:
+            self.on_status(self)
+
+    # --- activation ---------------------------------------------------------------------
+
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._desired_changed.wait()
+            self._desired_changed.clear()
+            desired = self.desired
+            if desired is None:
+                continue
+            try:
+                await self.apply(desired)
+            except _Retry as exc:
+                log.info("%s: will retry %s: %s", self.config.device_id, desired.version, exc)
+                await asyncio.sleep(self.rng.uniform(1, 3))
+                if self.desired is desired:
+                    self._desired_changed.set()
+
+    async def apply(self, desired: pb.DesiredState) -> None:
+        """Make ``desired`` run, or keep the last known good model and report why not."""
+        current = self.running.installed if self.running else None
+        if not desired.manifest_digest:
+            if self.running is not None:
+                self.running = None
+                self.store.activated(None, desired.revision)
+            self.state, self.error = pb.DEVICE_STATE_IDLE, ""
+            self._report()
+            return
+        if current is not None and current.manifest_digest == desired.manifest_digest:
+            self.store.applied(desired.revision)
+            self.state, self.error = pb.DEVICE_STATE_RUNNING, ""
+            self._report()
+            return
+        known = self.failed.get((desired.manifest_digest, desired.revision))
+        if known is not None:
+            self._fail(known)
+            return
+        try:
+            installed = await self._prepare(desired)
+            self.state = pb.DEVICE_STATE_ACTIVATING
+            self._report()
+            await self._start(installed)
+        except ActivationError as exc:
+            key = (desired.manifest_digest, desired.revision)
+            if not exc.permanent and self.connected.is_set():
+                self._attempts[key] = self._attempts.get(key, 0) + 1
+                if self._attempts[key] < MAX_ATTEMPTS:
+                    raise _Retry(str(exc)) from exc
+            self.failed[key] = str(exc)
+            self._fail(str(exc))
+            return
+        self.store.activated(installed, desired.revision)
+        self.activations += 1
+        self.state, self.error = pb.DEVICE_STATE_RUNNING, ""
+        log.info("%s: running %s@%s", self.config.device_id, installed.model, installed.version)
+        self._report()
+
+    def _fail(self, reason: str) -> None:
+        log.warning("%s: %s", self.config.device_id, reason)
+        self.state, self.error = pb.DEVICE_STATE_FAILED, reason
+        self._report()
+
+    async def _prepare(self, desired: pb.DesiredState) -> Installed:
+        """Verify and download; the installed (not yet running) model."""
+        self._verify_signature(desired)
+        highest = self.store.highest(desired.model)
+        older = highest is not None and version_key(desired.version) < version_key(highest)
+        if older and not desired.explicit_rollback:
+            raise ActivationError(
+                f"refused {desired.model}@{desired.version}: older than version "
+                f"{highest} already run here (anti-rollback); the platform must mark "
+                "it an explicit rollback"
+            )
+        self.state = pb.DEVICE_STATE_DOWNLOADING
+        self._report()
+        manifest_path = await self._download(desired.manifest_digest, desired.image)
+        try:
+            manifest = json.loads(manifest_path.read_bytes())
+            layer = manifest["layers"][-1]
+            layer_digest = str(layer["digest"])
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            self.store.discard(desired.manifest_digest)
+            raise ActivationError(f"the image manifest is not usable: {exc!r}") from exc
+        annotated = (manifest.get("annotations") or {}).get("edgeloop.model_digest", "")
+        if desired.model_digest and annotated and annotated != desired.model_digest:
+            raise ActivationError(
+                f"the image's model is {annotated}, the desired state names {desired.model_digest}"
+            )
+        layer_path = await self._download(layer_digest, desired.image)
+        return await asyncio.to_thread(
+            self.store.install,
+            desired.manifest_digest,
+            layer_path,
+            model=desired.model,
+            version=desired.version,
+            model_digest=annotated or desired.model_digest,
+        )
+
+    def _verify_signature(self, desired: pb.DesiredState) -> None:
+        if not desired.signature or not desired.signature_payload:
+            raise ActivationError(
+                f"refused {desired.model}@{desired.version}: the image is not signed"
+            )
+        if desired.signature_algorithm not in ("", "ed25519"):
+            raise ActivationError(f"unsupported signature algorithm {desired.signature_algorithm}")
+        keys = (
+            [self.trusted[desired.signature_key_id]]
+            if desired.signature_key_id in self.trusted
+            else list(self.trusted.values())
+        )
+        if not keys:
+            raise ActivationError("no trusted signing key is configured on this device")
+        reasons = []
+        for key in keys:
+            try:
+                verify_manifest_signature(
+                    key,
+                    desired.signature_payload,
+                    desired.signature,
+                    desired.manifest_digest,
+                    repo=image_repository(desired.image),
+                )
+                return
+            except SignatureError as exc:
+                reasons.append(str(exc))
+        raise ActivationError(
+            f"refused {desired.model}@{desired.version}: signature check failed: "
+            + "; ".join(reasons)
+        )
+
+    async def _download(self, digest: str, image: str) -> Path:
+        """A verified artifact, fetched from where an interrupted download stopped."""
+        if self.store.have(digest):
+            return self.store.blob(digest)
+        if self._stub is None or not self.connected.is_set():
+            raise ActivationError("offline: cannot download now", permanent=False)
+        h, have = await asyncio.to_thread(self.store.partial_state, digest)
+        received = 0
+        corrupt = (
+            self.faults.corrupt_download > 0 and self.rng.random() < self.faults.corrupt_download
+        )
+        call = self._stub.FetchArtifact(
+            pb.FetchArtifactRequest(digest=digest, offset=have, image=image)
+        )
+        try:
+            with self.store.partial(digest).open("ab") as out:
+                async for chunk in call:
+                    if chunk.offset != have:
+                        raise ActivationError(
+                            f"chunk of {digest} at offset {chunk.offset}, expected {have}",
+                            permanent=False,
+                        )
+                    data = chunk.data
+                    if corrupt and data:
+                        data = bytes([data[0] ^ 0xFF]) + data[1:]
+                        corrupt = False
+                    out.write(data)
+                    h.update(data)
+                    have += len(data)
+                    received += len(data)
+                    self.bytes_downloaded += len(data)
+                    if self.faults.slow_link_bytes_per_s:
+                        await asyncio.sleep(len(data) / self.faults.slow_link_bytes_per_s)
+                    cut = self.faults.cut_download_after
+                    if cut is not None and received >= cut and not chunk.last:
+                        self.faults.cut_download_after = None  # once
+                        raise ActivationError(
+                            f"link cut after {received} bytes of {digest}", permanent=False
+                        )
+                    if chunk.last:
+                        break
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND):
+                raise ActivationError(f"cannot fetch {digest}: {exc.details()}") from exc
+            raise ActivationError(
+                f"download of {digest} interrupted at byte {have}: {exc.code().name}",
+                permanent=False,
+            ) from exc
+        finally:
+            call.cancel()
+        return self.store.complete(digest, h)
+
+    async def _start(self, installed: Installed) -> None:
+        """Load, warm up, swap. Raises ActivationError (the running model is untouched)."""
+        try:
+            model = await self.models.load(installed)
+        except ModelLoadError as exc:
+            raise ActivationError(f"{installed.model}@{installed.version}: {exc}") from exc
+        meta = installed.meta()
+        profile = installed.profile()
+        rows = _warmup_rows(model, profile)
+        try:
+            prediction = await asyncio.to_thread(model.predict, rows)
+            values = prediction.labels if prediction.labels is not None else prediction.values
+            if values is None or len(values) != len(rows):
+                raise ValueError("the warm-up inference returned no result per row")
+        except Exception as exc:
+            self.models.forget(installed.model_digest)
+            raise ActivationError(
+                f"{installed.model}@{installed.version} failed its warm-up inference: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                " (rolled back to the last known good model)"
+            ) from exc
+        names = _feature_names(model, meta, profile)
+        aggregator = TelemetryAggregator(
+            feature_names=names,
+            feature_edges=edges_from_profile(profile, len(names)),
+            low_confidence=float(meta.get("low_confidence", 0.6)),
+            seed=self.rng.randrange(1 << 30),
+        )
+        labels = [str(x) for x in meta.get("labels") or []]
+        old = self.running
+        self.running = Running(installed, model, aggregator, labels)
+        if old is not None and old.aggregator.count:
+            self._flush(old)
+
+    # --- inference and telemetry ----------------------------------------------------------
+
+    def _input(self, running: Running) -> InputSource:
+        if self._injected is not None:
+            return self._injected
+        if self._source is None or self._source_for != running.installed.model_digest:
+            # a new model may take other inputs: the source follows its profile
+            profile = running.installed.profile()
+            width = running.model.n_features or len(running.aggregator.feature_names) or 1
+            self._source = open_source(
+                self.config.source,
+                profile=profile,
+                # no profile in the image: standard-normal rows of the model's width
+                reference=None
+                if profile
+                else np.random.default_rng(self.rng.randrange(1 << 30)).normal(size=(256, width)),
+                seed=self.rng.randrange(1 << 30),
+                drift=Drift.parse(self.config.drift) if self.config.drift else None,
+            )
+            self._source_for = running.installed.model_digest
+        return self._source
+
+    async def _inference_loop(self, stop: asyncio.Event) -> None:
+        next_flush = time.monotonic() + self.config.telemetry_seconds
+        while not stop.is_set():
+            await asyncio.sleep(self.config.infer_seconds * self.rng.uniform(0.9, 1.1))
+            running = self.running
+            if running is not None:
+                self.infer_once(running)
+            if time.monotonic() >= next_flush:
+                next_flush = time.monotonic() + self.config.telemetry_seconds
+                if running is not None:
+                    self._flush(running)
+
+    def infer_once(self, running: Running | None = None) -> None:
+        """One inference batch from the input source into the telemetry window."""
+        running = running or self.running
+        if running is None:
+            return
+        try:
+            rows = self._input(running).read(self.config.infer_batch)
+        except Exception as exc:
+            log.warning("%s: input source failed: %s", self.config.device_id, exc)
+            running.aggregator.add_errors(1)
+            return
+        if rows is None or len(rows) == 0:
+            return
+        started = time.perf_counter()
+        try:
+            prediction = running.model.predict(rows)
+        except Exception:
+            running.aggregator.add_errors(len(rows))
+            return
+        latency = (time.perf_counter() - started) * 1000 / len(rows)
+        if prediction.labels is not None:
+            labels: Any = prediction.labels
+            if running.labels and np.issubdtype(np.asarray(labels).dtype, np.integer):
+                names = running.labels
+                labels = [names[i] if 0 <= i < len(names) else str(i) for i in labels]
+            running.aggregator.add(rows, labels, prediction.confidence, latency)
+        else:
+            values = np.asarray(prediction.values)
+            running.aggregator.add(
+                rows, [f"{v:.3g}" for v in values.reshape(len(rows), -1)[:, 0]], None, latency
+            )
+
+    def _flush(self, running: Running) -> None:
+        installed = running.installed
+        batch = running.aggregator.flush(
+            device_id=self.config.device_id,
+            model=installed.model,
+            version=installed.version,
+            digest=installed.manifest_digest,
+            dropped_batches=self.buffer.take_dropped(),
+        )
+        if batch is None:
+            return
+        self.buffer.append(batch.batch_id, batch.SerializeToString())
+        self.stats["batches_sent"] += 1
+        self._enqueue(pb.AgentMessage(telemetry=batch))
+
+    def flush_telemetry(self) -> None:
+        """Close the current telemetry window now (tests, shutdown)."""
+        if self.running is not None:
+            self._flush(self.running)
+
+
+def _warmup_rows(model: OnnxModel, profile: Mapping[str, Any] | None) -> Any:
+    width = model.n_features or len((profile or {}).get("features", [])) or 1
+    means = [float(f.get("mean", 0.0)) for f in (profile or {}).get("features", [])]
+    row = means if len(means) == width else [0.0] * width
+    return np.asarray([row, row], dtype=np.float32)
+
+
+def _feature_names(
+    model: OnnxModel, meta: Mapping[str, Any], profile: Mapping[str, Any] | None
+) -> list[str]:
+    names = [str(f.get("name")) for f in (profile or {}).get("features", [])]
+    width = model.n_features or len(names)
+    if len(names) == width and all(names):
+        return names
+    return [f"f{i}" for i in range(width or 0)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``edgeloop-agent --config agent.json``."""
+    parser = argparse.ArgumentParser(prog="edgeloop-agent", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, required=True, help="agent.json of the bundle")
+    parser.add_argument("--source", help="sim | file:PATH | stdin (overrides the config)")
+    parser.add_argument("--drift", help="feature=F,shift=S,after=60s,fraction=0.3")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s"
+    )
+    config = AgentConfig.load(args.config)
+    if args.source:
+        config.source = args.source
+    if args.drift:
+        config.drift = args.drift
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Agent(config).run(stop)
+
+    asyncio.run(run())
+
+
+__all__ = ["Agent", "AgentConfig", "Faults", "MemoryBuffer", "ModelCache", "main"]

@@ -1,0 +1,3 @@
+from edgeloop.gateway.app import main
+
+main()

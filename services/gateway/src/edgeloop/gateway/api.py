@@ -1,0 +1,116 @@
+"""The gateway's HTTP API (FastAPI; OpenAPI at ``/docs``): enrolment and the device
+registry. Thin: parse, call the store or the CA, answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query
+from pydantic import BaseModel, Field
+
+from edgeloop.gateway.devices import DeviceStore
+from edgeloop.gateway.pki import CertificateAuthority, check_device_id
+from edgeloop.kit.api import Actor
+
+_LABEL_KEY = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
+
+
+class EnrollBody(BaseModel):
+    """Body of ``POST /v1/devices/{id}/enroll``."""
+
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+def _labels(labels: dict[str, str]) -> dict[str, str]:
+    import re
+
+    for key, value in labels.items():
+        if not re.match(_LABEL_KEY, key):
+            raise HTTPException(
+                422, f"invalid label key {key!r}: letters, digits, '.', '_', '/', '-' (1-63)"
+            )
+        if len(value) > 256 or "," in value or "=" in value:
+            raise HTTPException(422, f"invalid label value for {key!r}: ≤256 chars, no ',' or '='")
+    return labels
+
+
+def parse_selector(text: str | None) -> dict[str, str]:
+    """``k=v,k2=v2`` → dict (422 on a malformed pair)."""
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise HTTPException(422, f"selector takes k=v[,k=v…], got {part!r}")
+        out[key] = value
+    return out
+
+
+def create_api(
+    store: DeviceStore,
+    ca: CertificateAuthority,
+    tokens: frozenset[str],
+    *,
+    gateway_address: str,
+    signing_public_key: bytes | None,
+) -> FastAPI:
+    """The ASGI app."""
+    api = FastAPI(
+        title="edgeloop gateway",
+        version="1",
+        description="Device enrolment (mTLS certificates) and the device registry.",
+    )
+    api.state.tokens = tokens
+
+    @api.post("/v1/devices/{device_id}/enroll", status_code=201)
+    async def enroll(device_id: str, body: EnrollBody, who: Actor) -> dict[str, Any]:
+        """Issue the device's certificate (replacing any earlier one) and its bundle."""
+        try:
+            check_device_id(device_id)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        labels = _labels(body.labels)
+        issued = ca.issue_device(device_id)
+        record = await store.enroll(device_id, labels, issued)
+        return {
+            "device_id": device_id,
+            "labels": record.labels,
+            "certificate": issued.cert_pem.decode(),
+            "private_key": issued.key_pem.decode(),
+            "ca_certificate": ca.cert_pem.decode(),
+            "gateway_address": gateway_address,
+            "signing_public_key": signing_public_key.decode() if signing_public_key else None,
+            "fingerprint": issued.fingerprint,
+            "expires_at": issued.not_after.isoformat(),
+            "enrolled_by": who,
+        }
+
+    @api.get("/v1/devices")
+    async def list_devices(
+        _: Actor,
+        selector: str | None = None,
+        online: bool | None = None,
+        limit: int = Query(1000, ge=1, le=10_000),
+        offset: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        """Devices whose labels match the selector."""
+        records = await store.list(
+            parse_selector(selector), online=online, limit=limit, offset=offset
+        )
+        return {"devices": [r.as_dict() for r in records]}
+
+    @api.get("/v1/devices/{device_id}")
+    async def show(device_id: str, _: Actor) -> dict[str, Any]:
+        """One device."""
+        record = await store.get(device_id)
+        if record is None:
+            raise HTTPException(404, f"device {device_id} is not enrolled")
+        return record.as_dict()
+
+    @api.post("/v1/devices/{device_id}/revoke")
+    async def revoke(device_id: str, _: Actor) -> dict[str, Any]:
+        """Refuse the device's certificate from its next session on."""
+        if not await store.revoke(device_id):
+            raise HTTPException(404, f"device {device_id} is not enrolled")
+        return {"device_id": device_id, "revoked": True}
+
+    return api

@@ -1,0 +1,66 @@
+"""Gateway settings (``EDGELOOP_GATEWAY_…``)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from edgeloop.contracts.stackfile import state_dir
+from edgeloop.kit.settings import ServiceSettings, secret_field
+
+
+class GatewaySettings(ServiceSettings):
+    """Settings of the edge gateway."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_GATEWAY_", extra="ignore")
+
+    api_tokens: SecretStr = secret_field(
+        "Comma-separated API tokens for the HTTP API (Authorization: Bearer …)"
+    )
+    gateway_id: str = Field(default_factory=socket.gethostname)
+    """Names this gateway in the device registry (sessions it owns)."""
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC (mTLS) endpoint listens on."""
+    grpc_port: int = 18443
+    """Port of the gRPC endpoint agents connect to."""
+    public_address: str | None = None
+    """host:port agents are told to connect to (enrolment bundles); default grpc host:port."""
+    server_hostnames: str = "localhost,127.0.0.1"
+    """Names and addresses in the server certificate, comma separated."""
+    api_host: str = "127.0.0.1"
+    """Address of the HTTP API (devices, enrolment)."""
+    api_port: int = 18200
+    """Port of the HTTP API (OpenAPI at /docs)."""
+    pki_dir: Path = Field(default_factory=lambda: state_dir() / "gateway" / "pki")
+    """The device CA (ca.crt, ca.key) and the server certificate; created when absent."""
+    cache_dir: Path = Field(default_factory=lambda: state_dir() / "gateway" / "blobs")
+    """Local cache of artifact blobs served to devices."""
+    signing_public_key: Path | None = None
+    """PEM of the key images are signed with, handed to devices at enrolment."""
+    heartbeat_seconds: int = 10
+    """Heartbeat interval agents are asked to keep; 3 missed heartbeats end a session."""
+    max_message_bytes: int = 1 << 20
+    """Largest agent message accepted (larger ones get a too_large error)."""
+    chunk_bytes: int = 256 * 1024
+    """Default artifact chunk size."""
+    outbound_queue: int = 64
+    """Messages waiting for one device before its session is ended (backpressure)."""
+    max_sessions: int = 50_000
+    """Sessions one gateway accepts."""
+
+    def tokens(self) -> frozenset[str]:
+        """The accepted API tokens."""
+        return frozenset(
+            t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip()
+        )
+
+    def hostnames(self) -> list[str]:
+        """Names and addresses for the server certificate."""
+        return [h.strip() for h in self.server_hostnames.split(",") if h.strip()]
+
+    def address(self) -> str:
+        """What agents connect to."""
+        return self.public_address or f"{self.grpc_host}:{self.grpc_port}"

@@ -1,0 +1,577 @@
+"""The device-facing gRPC service: one ``Connect`` session per device, artifact chunks.
+
+A session starts with Hello; the device id it claims must be the common name of the
+client certificate the TLS handshake verified, and that certificate must be the one the
+device registry holds for it (not revoked, not replaced). The gateway then answers
+Welcome, pushes the device's current desired state, and every change of it the
+``desired`` KV watch brings. Inbound messages are read as raw bytes and parsed here, so
+a malformed or oversized message costs that device an ``Error`` and nobody else
+anything. Each session has a bounded outbound queue: a device that does not read its
+acknowledgements stops being read (gRPC flow control pushes back on it alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+from prometheus_client import Counter, Gauge
+from pydantic import ValidationError
+
+from edgeloop.contracts import subjects as s
+from edgeloop.contracts.convert import status_from_proto, telemetry_from_proto
+from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+from edgeloop.contracts.events import DeviceState, DeviceStatusReported
+from edgeloop.contracts.twin import DesiredModel, image_repository
+from edgeloop.gateway.artifacts import ArtifactCache, NotAllowed
+from edgeloop.gateway.devices import DeviceStore
+from edgeloop.gateway.pki import check_device_id, fingerprint
+
+log = logging.getLogger(__name__)
+
+SERVICE = "edgeloop.edge.v1.EdgeGateway"
+
+SESSIONS = Gauge("edgeloop_gateway_sessions", "Open device sessions")
+BATCHES = Counter("edgeloop_gateway_telemetry_batches", "Telemetry batches put on the bus")
+RECORDS = Counter("edgeloop_gateway_telemetry_records", "Inferences in those batches")
+REJECTED = Counter("edgeloop_gateway_rejected_messages", "Agent messages refused", ["code"])
+REFUSED = Counter("edgeloop_gateway_refused_sessions", "Sessions refused", ["reason"])
+
+
+@dataclass
+class Session:
+    """One device's open stream."""
+
+    device_id: str
+    session_id: str
+    labels: dict[str, str]
+    outbound: asyncio.Queue[pb.GatewayMessage]
+    last_seen: float = field(default_factory=time.monotonic)
+    desired: tuple[int, DesiredModel | None] | None = None
+    """The latest desired state not yet sent (only the newest matters)."""
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: str | None = None
+    """Why the gateway ends the session (set → the writer stops)."""
+
+    def push_desired(self, revision: int, doc: DesiredModel | None) -> None:
+        """Replace any unsent desired state with this one."""
+        if self.desired is None or self.desired[0] < revision:
+            self.desired = (revision, doc)
+            self.wake.set()
+
+    def close(self, reason: str) -> None:
+        """End the session (the stream finishes after what is queued)."""
+        self.closed = reason
+        self.wake.set()
+
+
+class Refused(Exception):
+    """A session is not accepted; the message says why (sent to the device)."""
+
+    def __init__(self, code: str, message: str, status: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class EdgeGateway:
+    """Device sessions, desired-state fan-out, telemetry and status onto the bus."""
+
+    def __init__(
+        self,
+        *,
+        js: JetStreamContext,
+        desired_kv: KeyValue,
+        reported_kv: KeyValue,
+        store: DeviceStore,
+        artifacts: ArtifactCache,
+        gateway_id: str,
+        heartbeat_seconds: int = 10,
+        max_message_bytes: int = 1 << 20,
+        outbound_queue: int = 64,
+        chunk_bytes: int = 256 * 1024,
+        max_sessions: int = 50_000,
+    ) -> None:
+        self.js = js
+        self.desired_kv = desired_kv
+        self.reported_kv = reported_kv
+        self.store = store
+        self.artifacts = artifacts
+        self.gateway_id = gateway_id
+        self.heartbeat_seconds = heartbeat_seconds
+        self.max_message_bytes = max_message_bytes
+        self.outbound_queue = outbound_queue
+        self.chunk_bytes = chunk_bytes
+        self.max_sessions = max_sessions
+        self.sessions: dict[str, Session] = {}
+        self.desired: dict[str, tuple[int, DesiredModel | None]] = {}
+        self.desired_loaded = asyncio.Event()
+        self._seen: dict[str, datetime] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start watching desired state (returns once the current state is loaded)."""
+        await self.store.mark_gateway_offline(self.gateway_id)
+        self._tasks = [
+            asyncio.create_task(self._watch_desired(), name="gateway-watch-desired"),
+            asyncio.create_task(self._housekeeping(), name="gateway-housekeeping"),
+        ]
+        await asyncio.wait_for(self.desired_loaded.wait(), 30)
+
+    async def stop(self) -> None:
+        """End every session and the background tasks."""
+        for session in list(self.sessions.values()):
+            session.close("the gateway is shutting down")
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(Exception):
+            await self._flush_seen()
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        """The EdgeGateway service; Connect reads raw bytes so it can refuse them itself."""
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                "Connect": grpc.stream_stream_rpc_method_handler(
+                    self.connect,
+                    request_deserializer=None,
+                    response_serializer=pb.GatewayMessage.SerializeToString,
+                ),
+                "FetchArtifact": grpc.unary_stream_rpc_method_handler(
+                    self.fetch_artifact,
+                    request_deserializer=pb.FetchArtifactRequest.FromString,
+                    response_serializer=pb.ArtifactChunk.SerializeToString,
+                ),
+            },
+        )
+
+    # --- desired state ------------------------------------------------------------------
+
+    async def _watch_desired(self) -> None:
+        while True:
+            try:
+                watcher = await self.desired_kv.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        self.desired_loaded.set()
+                        continue
+                    self._desired_changed(
+                        entry.key, entry.revision or 0, entry.value, entry.operation
+                    )
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("desired-state watch failed; watching again in 1 s")
+                await asyncio.sleep(1)
+
+    def _desired_changed(self, key: str, revision: int, value: bytes | None, op: Any) -> None:
+        doc: DesiredModel | None = None
+        if op is None and value:
+            try:
+                doc = DesiredModel.from_bytes(value)
+            except ValidationError as exc:
+                log.error("desired state of %s (revision %d) is invalid: %s", key, revision, exc)
+                return
+        self.desired[key] = (revision, doc)
+        session = self.sessions.get(key)
+        if session is not None:
+            session.push_desired(revision, doc)
+
+    async def desired_message(self, revision: int, doc: DesiredModel | None) -> pb.DesiredState:
+        """The wire form of a desired-state document, with its image's signature."""
+        if doc is None or doc.manifest_digest is None or doc.image is None:
+            return pb.DesiredState(revision=revision)
+        msg = pb.DesiredState(
+            model=doc.model or "",
+            version=doc.version or "",
+            image=doc.image,
+            manifest_digest=doc.manifest_digest,
+            model_digest=doc.model_digest or "",
+            rollout_id=str(doc.rollout_id) if doc.rollout_id else "",
+            explicit_rollback=doc.explicit_rollback,
+            revision=revision,
+            trace_parent=doc.trace_parent or "",
+        )
+        try:
+            info = await self.artifacts.image(image_repository(doc.image), doc.manifest_digest)
+        except Exception as exc:  # the agent will fail to fetch it and report why
+            log.warning("image %s@%s: %s", doc.image, doc.manifest_digest, exc)
+            return msg
+        if not msg.model_digest and info.model_digest:
+            msg.model_digest = info.model_digest
+        if info.signature is not None:
+            msg.signature = info.signature.signature
+            msg.signature_payload = info.signature.payload
+            msg.signature_algorithm = "ed25519"
+            msg.signature_key_id = info.signature.key_id
+        return msg
+
+    # --- sessions -----------------------------------------------------------------------
+
+    async def connect(
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GatewayMessage]:
+        """``Connect``: authenticate the Hello, then serve the session."""
+        try:
+            async with asyncio.timeout(30):
+                first = await anext(requests)
+            session = await self._open(first, context)
+        except Refused as exc:
+            REFUSED.labels(exc.code).inc()
+            log.info("session refused (%s): %s", exc.code, exc)
+            yield pb.GatewayMessage(error=pb.Error(code=exc.code, message=str(exc), fatal=True))
+            await context.abort(exc.status, str(exc))
+            return
+        except (TimeoutError, StopAsyncIteration):
+            return
+        reader = asyncio.create_task(
+            self._read(session, requests), name=f"read-{session.device_id}"
+        )
+        reader.add_done_callback(lambda task: self._reader_done(session, task))
+        try:
+            yield pb.GatewayMessage(
+                welcome=pb.Welcome(
+                    session_id=session.session_id,
+                    server_time=_now_ts(),
+                    heartbeat_interval_seconds=self.heartbeat_seconds,
+                    device_id=session.device_id,
+                    max_message_bytes=self.max_message_bytes,
+                )
+            )
+            async for message in self._outbound(session):
+                yield message
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            await self._closed(session)
+
+    @staticmethod
+    def _reader_done(session: Session, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            session.close("the device ended the session")
+        elif isinstance(exc, grpc.aio.AioRpcError | asyncio.CancelledError):
+            session.close(f"the stream broke: {exc}")
+        else:
+            log.error("session of %s failed", session.device_id, exc_info=exc)
+            session.close(f"internal error: {type(exc).__name__}")
+
+    async def _open(self, first: bytes, context: grpc.aio.ServicerContext) -> Session:
+        try:
+            msg = pb.AgentMessage.FromString(first)
+        except DecodeError as exc:
+            raise Refused(
+                "invalid_message",
+                f"the first message is not an AgentMessage: {exc}",
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ) from None
+        if msg.WhichOneof("kind") != "hello":
+            raise Refused(
+                "invalid_message",
+                "a session must start with Hello",
+                grpc.StatusCode.INVALID_ARGUMENT,
+            )
+        hello = msg.hello
+        identity, pem = _peer_identity(context)
+        if identity is None or pem is None:
+            raise Refused(
+                "unauthenticated",
+                "no client certificate (enrol the device first)",
+                grpc.StatusCode.UNAUTHENTICATED,
+            )
+        if hello.device_id != identity:
+            raise Refused(
+                "permission_denied",
+                f"the certificate is for device {identity!r}, not {hello.device_id!r}",
+                grpc.StatusCode.PERMISSION_DENIED,
+            )
+        try:
+            check_device_id(identity)
+        except ValueError as exc:
+            raise Refused(
+                "permission_denied", str(exc), grpc.StatusCode.PERMISSION_DENIED
+            ) from None
+        reason = await self.store.check_certificate(identity, fingerprint(pem))
+        if reason is not None:
+            raise Refused("permission_denied", reason, grpc.StatusCode.PERMISSION_DENIED)
+        if len(self.sessions) >= self.max_sessions:
+            raise Refused(
+                "unavailable",
+                "this gateway is full; retry later",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
+        key = s.kv_key(identity)
+        old = self.sessions.get(key)
+        if old is not None:
+            old.close("a newer session of the same device replaced this one")
+        session = Session(
+            device_id=identity,
+            session_id=uuid.uuid4().hex,
+            labels=dict(hello.labels),
+            outbound=asyncio.Queue(self.outbound_queue),
+        )
+        self.sessions[key] = session
+        SESSIONS.set(len(self.sessions))
+        now = datetime.now(UTC)
+        await self.store.connected(
+            identity,
+            session_id=session.session_id,
+            gateway_id=self.gateway_id,
+            labels=session.labels,
+            model=hello.model or None,
+            version=hello.version or None,
+            digest=hello.digest or None,
+            at=now,
+        )
+        current = self.desired.get(key)
+        if current is not None:
+            session.push_desired(*current)
+        log.info("device %s connected (session %s)", identity, session.session_id)
+        return session
+
+    async def _outbound(self, session: Session) -> AsyncIterator[pb.GatewayMessage]:
+        while True:
+            if not session.outbound.empty():
+                yield session.outbound.get_nowait()
+                continue
+            if session.desired is not None:
+                revision, doc = session.desired
+                session.desired = None
+                yield pb.GatewayMessage(desired=await self.desired_message(revision, doc))
+                continue
+            if session.closed is not None:
+                return
+            session.wake.clear()
+            if session.outbound.empty() and session.desired is None and session.closed is None:
+                await session.wake.wait()
+
+    async def _send(self, session: Session, message: pb.GatewayMessage) -> None:
+        await session.outbound.put(message)
+        session.wake.set()
+
+    async def _read(self, session: Session, requests: AsyncIterator[bytes]) -> None:
+        async for raw in requests:
+            session.last_seen = time.monotonic()
+            self._seen[session.device_id] = datetime.now(UTC)
+            if len(raw) > self.max_message_bytes:
+                await self._reject(
+                    session,
+                    "too_large",
+                    f"message of {len(raw)} bytes is over the limit of {self.max_message_bytes}",
+                )
+                continue
+            try:
+                msg = pb.AgentMessage.FromString(raw)
+            except DecodeError as exc:
+                await self._reject(session, "invalid_message", f"not an AgentMessage: {exc}")
+                continue
+            kind = msg.WhichOneof("kind")
+            try:
+                if kind == "telemetry":
+                    await self._telemetry(session, msg.telemetry)
+                elif kind == "status":
+                    await self._status(session, msg.status)
+                elif kind in ("heartbeat", "command_result"):
+                    pass
+                elif kind == "hello":
+                    await self._reject(session, "invalid_message", "Hello was already received")
+                else:
+                    await self._reject(session, "invalid_message", "empty AgentMessage")
+            except (ValueError, ValidationError) as exc:
+                batch = msg.telemetry.batch_id if kind == "telemetry" else ""
+                await self._reject(session, "invalid_message", _short(exc), batch_id=batch)
+
+    async def _reject(
+        self, session: Session, code: str, message: str, *, batch_id: str = ""
+    ) -> None:
+        REJECTED.labels(code).inc()
+        log.info("device %s: %s: %s", session.device_id, code, message)
+        await self._send(
+            session,
+            pb.GatewayMessage(error=pb.Error(code=code, message=message, batch_id=batch_id)),
+        )
+
+    async def _telemetry(self, session: Session, batch: pb.TelemetryBatch) -> None:
+        if batch.device_id and batch.device_id != session.device_id:
+            raise ValueError(
+                f"telemetry batch names device {batch.device_id!r}; this session is "
+                f"{session.device_id!r}"
+            )
+        batch.device_id = session.device_id
+        if len(batch.feature_histograms) != len(batch.feature_names):
+            raise ValueError(
+                f"{len(batch.feature_histograms)} feature histograms for "
+                f"{len(batch.feature_names)} feature names"
+            )
+        for h in batch.feature_histograms:
+            if len(h.counts) != len(h.edges) + 1:
+                raise ValueError("a histogram with n edges must have n+1 counts")
+        event = telemetry_from_proto(batch)
+        await self.js.publish(
+            event.bus_subject(),
+            event.model_dump_json().encode(),
+            headers={"Nats-Msg-Id": str(event.event_id)},
+        )
+        BATCHES.inc()
+        RECORDS.inc(event.count)
+        await self._send(session, pb.GatewayMessage(ack=pb.Ack(batch_id=batch.batch_id)))
+
+    async def _status(self, session: Session, report: pb.StatusReport) -> None:
+        event = status_from_proto(report, session.device_id, session.labels)
+        await self._report(event)
+        await self.store.reported(
+            session.device_id,
+            state=event.state.value,
+            model=event.model,
+            version=event.version,
+            digest=event.digest,
+            error=event.error,
+            at=event.occurred_at,
+        )
+
+    async def _report(self, event: DeviceStatusReported) -> None:
+        data = event.model_dump_json().encode()
+        await self.js.publish(
+            event.bus_subject(), data, headers={"Nats-Msg-Id": str(event.event_id)}
+        )
+        if event.state is not DeviceState.OFFLINE:
+            await self.reported_kv.put(s.kv_key(event.device_id), data)
+
+    async def _closed(self, session: Session) -> None:
+        key = s.kv_key(session.device_id)
+        if self.sessions.get(key) is session:
+            del self.sessions[key]
+        SESSIONS.set(len(self.sessions))
+        log.info("device %s disconnected (%s)", session.device_id, session.closed)
+        with contextlib.suppress(Exception):
+            await self.store.disconnected(session.device_id, session.session_id, datetime.now(UTC))
+            await self._report(
+                DeviceStatusReported(
+                    device_id=session.device_id, state=DeviceState.OFFLINE, labels=session.labels
+                )
+            )
+
+    # --- artifacts ----------------------------------------------------------------------
+
+    async def fetch_artifact(
+        self, request: pb.FetchArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ArtifactChunk]:
+        """Chunks of an artifact of the device's desired image, from ``offset``."""
+        identity, _ = _peer_identity(context)
+        session = self.sessions.get(s.kv_key(identity)) if identity else None
+        if session is None:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "open a session (Connect) before fetching"
+            )
+            return
+        current = self.desired.get(s.kv_key(session.device_id))
+        doc = current[1] if current else None
+        if doc is None or doc.manifest_digest is None or doc.image is None:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "this device has no desired image to fetch"
+            )
+            return
+        if request.image and image_repository(request.image) != image_repository(doc.image):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{request.image} is not this device's desired image ({doc.image})",
+            )
+            return
+        chunk = min(request.max_chunk_bytes or self.chunk_bytes, 4 << 20)
+        try:
+            media_type, size, chunks = await self.artifacts.open(
+                image_repository(doc.image),
+                doc.manifest_digest,
+                request.digest,
+                request.offset,
+                chunk,
+            )
+        except NotAllowed as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            return
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
+            return
+        offset = request.offset
+        async for data in chunks:
+            end = offset + len(data)
+            yield pb.ArtifactChunk(
+                digest=request.digest,
+                offset=offset,
+                data=data,
+                total_size=size,
+                last=end >= size,
+                media_type=media_type,
+            )
+            offset = end
+        if offset == size and size == request.offset:  # nothing left: say so once
+            yield pb.ArtifactChunk(
+                digest=request.digest,
+                offset=offset,
+                total_size=size,
+                last=True,
+                media_type=media_type,
+            )
+
+    # --- housekeeping -------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        """Every second: last-seen times to the registry; silent sessions ended."""
+        while True:
+            await asyncio.sleep(1)
+            try:
+                await self._flush_seen()
+            except Exception:
+                log.exception("could not record last-seen times")
+            limit = time.monotonic() - 3 * self.heartbeat_seconds
+            for session in list(self.sessions.values()):
+                if session.last_seen < limit:
+                    session.close("no heartbeat for 3 intervals")
+
+    async def _flush_seen(self) -> None:
+        if self._seen:
+            seen, self._seen = self._seen, {}
+            await self.store.touch(seen)
+
+
+def _peer_identity(context: grpc.aio.ServicerContext) -> tuple[str | None, bytes | None]:
+    auth: Mapping[str, list[bytes]] = context.auth_context()
+    names = auth.get("x509_common_name") or []
+    pems = auth.get("x509_pem_cert") or []
+    name = names[0].decode() if names else None
+    return name, (pems[0] if pems else None)
+
+
+def _now_ts() -> Any:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'batch'}: {e['msg']}" for e in exc.errors()
+        )[:500]
+    return str(exc)[:500]

@@ -1,0 +1,371 @@
+"""Gateway and agents for real: mTLS gRPC, NATS (JetStream KV and streams), PostgreSQL,
+the OCI registry, onnxruntime — from desired state to a running model and telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+
+from edgeloop.contracts import subjects as s
+from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+from edgeloop.devstack.testing import eventually, stream_messages
+from edgeloop.edge.agent import Faults
+from edgeloop.gateway.pki import CertificateAuthority
+from edgeloop.kit.oci.signing import generate_keypair
+from tests.edge_harness import EdgeStack, edge_stack, wait_state
+from tests.modelzoo import classifier
+
+pytestmark = pytest.mark.timeout(180)
+
+RUNNING = pb.DEVICE_STATE_RUNNING
+FAILED = pb.DEVICE_STATE_FAILED
+
+
+@pytest.fixture
+async def edge(
+    nats_url: str, pg_dsn: str, registry_url: str, tmp_path: Path
+) -> AsyncIterator[EdgeStack]:
+    async with edge_stack(nats_url, pg_dsn, registry_url, tmp_path / "edge") as stack:
+        yield stack
+
+
+def _profile() -> dict[str, object]:
+    from edgeloop.edge.runtime import OnnxModel
+    from edgeloop.registry.profile import compute_profile
+
+    m = classifier("iris")
+    ref = np.load(__import__("io").BytesIO(m.reference))
+    return compute_profile(OnnxModel(m.onnx), ref["X"], [str(n) for n in ref["feature_names"]])
+
+
+def _failing_model(n_features: int = 4) -> bytes:
+    """Loads fine, fails at inference: reshapes (rows x 4) into (3 x -1)."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [3, -1])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["X", "shape"], ["Y"])],
+        "fails",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, n_features])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, None])],
+        [shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+async def test_desired_image_is_delivered_activated_and_streams_telemetry(
+    edge: EdgeStack, unique: str
+) -> None:
+    device = f"dev-{unique}"
+    agent = await edge.start_agent(await edge.enroll(device, {"site": "berlin"}))
+    await eventually(lambda: _online(edge, device), what="device online")
+    image = await edge.publish_image(
+        f"iris{unique}", "1", classifier("iris").onnx, profile=_profile()
+    )
+    revision = await edge.set_desired(device, image.desired())
+
+    await wait_state(agent, RUNNING, version="1")
+    reported = await eventually(lambda: _reported_running(edge, device, image.digest))
+    assert reported["desired_revision"] == revision
+    assert reported["labels"] == {"site": "berlin"}
+
+    # the device registry follows the session and the report
+    body = (await edge.api.get(f"/v1/devices/{device}")).json()
+    assert body["online"] is True
+    assert body["labels"]["site"] == "berlin"
+    assert body["version"] == "1"
+    assert body["state"] == "running"
+
+    # inferences → one telemetry batch on the bus, acknowledged
+    for _ in range(5):
+        agent.infer_once()
+    agent.flush_telemetry()
+    subject = s.telemetry_subject(image.model, device)
+    msgs = await eventually(
+        lambda: stream_messages(edge.js, s.STREAM_TELEMETRY, subject), what="telemetry on the bus"
+    )
+    batch = json.loads(msgs[0].data)
+    assert batch["count"] == 5 * agent.config.infer_batch
+    assert batch["digest"] == image.digest
+    assert batch["feature_names"][0] == "sepal length (cm)"
+    # the agent histograms into the reference profile's bins
+    assert batch["feature_histograms"][0]["edges"] == _profile()["features"][0]["edges"]
+    assert sum(batch["prediction_counts"].values()) == batch["count"]
+    await eventually(lambda: _acked(agent), what="batch acknowledged")
+
+
+async def test_interrupted_download_resumes_from_its_offset(edge: EdgeStack, unique: str) -> None:
+    device = f"dev-{unique}"
+    faults = Faults(cut_download_after=1 << 20)
+    agent = await edge.start_agent(await edge.enroll(device), faults=faults)
+    image = await edge.publish_image(f"big{unique}", "1", classifier("iris").onnx, filler=3 << 20)
+    await edge.set_desired(device, image.desired())
+    await wait_state(agent, RUNNING, version="1", within=60)
+    assert faults.cut_download_after is None, "the link was never cut"
+    manifest = await edge.api.get("/docs")  # any call: the gateway still serves
+    assert manifest.status_code == 200
+    # every byte crossed the link once: the second request started at the cut's offset
+    manifest_size = len(agent.store.blob(image.digest).read_bytes())
+    assert agent.bytes_downloaded == manifest_size + image.layer_size
+
+
+async def test_tampered_blob_is_refused_and_the_good_model_keeps_running(
+    edge: EdgeStack, unique: str
+) -> None:
+    device = f"dev-{unique}"
+    agent = await edge.start_agent(await edge.enroll(device))
+    good = await edge.publish_image(f"m{unique}", "1", classifier("iris").onnx)
+    await edge.set_desired(device, good.desired())
+    await wait_state(agent, RUNNING, version="1")
+
+    bad = await edge.publish_image(f"m{unique}", "2", classifier("iris", c=0.5).onnx)
+    # tamper with the layer in the gateway's cache: the gateway now serves altered bytes
+    async with __import__("edgeloop.kit.oci", fromlist=["OciClient"]).OciClient(
+        edge.registry_url
+    ) as oci:
+        raw, _, _ = await oci.get_manifest(bad.image.split("/", 1)[1], bad.digest)
+    layer = json.loads(raw)["layers"][-1]["digest"]
+    cached = edge.settings.cache_dir / layer.replace(":", "-")
+    cached.write_bytes(b"\x1f\x8b tampered" * 100)
+    await edge.set_desired(device, bad.desired())
+    await wait_state(agent, FAILED, within=60)
+    assert "corrupt" in agent.error
+    assert agent.running is not None
+    assert agent.running.installed.version == "1"
+
+
+async def test_unsigned_or_foreign_signed_image_is_refused(edge: EdgeStack, unique: str) -> None:
+    device = f"dev-{unique}"
+    agent = await edge.start_agent(await edge.enroll(device))
+    unsigned = await edge.publish_image(f"u{unique}", "1", classifier("iris").onnx, sign=False)
+    await edge.set_desired(device, unsigned.desired())
+    await wait_state(agent, FAILED)
+    assert "not signed" in agent.error
+    assert agent.running is None
+
+    other_key, _ = generate_keypair()
+    foreign = await edge.publish_image(f"u{unique}", "2", classifier("iris").onnx, key=other_key)
+    await edge.set_desired(device, foreign.desired())
+    await eventually(lambda: _error_has(agent, "signature check failed"))
+    assert agent.running is None
+    assert agent.bytes_downloaded == 0, "nothing is downloaded before the signature verifies"
+
+
+async def test_older_version_is_refused_unless_marked_a_rollback(
+    edge: EdgeStack, unique: str
+) -> None:
+    device = f"dev-{unique}"
+    agent = await edge.start_agent(await edge.enroll(device))
+    v1 = await edge.publish_image(f"r{unique}", "1.9.0", classifier("iris").onnx)
+    v2 = await edge.publish_image(f"r{unique}", "1.10.0", classifier("iris", c=0.5).onnx)
+    await edge.set_desired(device, v2.desired())
+    await wait_state(agent, RUNNING, version="1.10.0")
+
+    await edge.set_desired(device, v1.desired())
+    await wait_state(agent, FAILED)
+    assert "anti-rollback" in agent.error
+    assert agent.running is not None
+    assert agent.running.installed.version == "1.10.0"
+
+    await edge.set_desired(device, v1.desired(explicit_rollback=True))
+    await wait_state(agent, RUNNING, version="1.9.0")
+
+
+async def test_model_failing_warmup_is_rolled_back_locally_and_reported(
+    edge: EdgeStack, unique: str
+) -> None:
+    device = f"dev-{unique}"
+    agent = await edge.start_agent(await edge.enroll(device))
+    good = await edge.publish_image(f"w{unique}", "1", classifier("iris").onnx)
+    await edge.set_desired(device, good.desired())
+    await wait_state(agent, RUNNING, version="1")
+    broken = await edge.publish_image(f"w{unique}", "2", _failing_model())
+    await edge.set_desired(device, broken.desired())
+    await wait_state(agent, FAILED)
+    assert "warm-up" in agent.error
+    assert agent.running is not None
+    assert agent.running.installed.version == "1"
+    reported = await eventually(lambda: _reported_state(edge, device, "failed"))
+    assert "warm-up" in reported["error"]
+    assert reported["version"] == "1"  # what runs: the last known good
+    assert reported["desired_digest"] == broken.digest
+    # it keeps running: inferences still work
+    agent.infer_once()
+    assert agent.running.aggregator.count == agent.config.infer_batch
+
+
+async def test_certificate_of_another_device_is_refused(edge: EdgeStack, unique: str) -> None:
+    mine = await edge.enroll(f"a-{unique}")
+    await edge.enroll(f"b-{unique}")
+    mine.device_id = f"b-{unique}"  # claims b with a's certificate
+    agent = await edge.start_agent(mine)
+    await eventually(lambda: _refused(agent), what="session refused")
+    assert agent.last_error is not None
+    assert agent.last_error.code == "permission_denied"
+    assert f"a-{unique}" in agent.last_error.message
+    assert not agent.connected.is_set()
+
+
+async def test_unenrolled_or_revoked_client_is_refused(edge: EdgeStack, unique: str) -> None:
+    # a certificate from the platform's CA, but the device was never enrolled
+    config = await edge.enroll(f"x-{unique}")
+    ca = CertificateAuthority.load_or_create(edge.settings.pki_dir)
+    stray = ca.issue_device(f"ghost-{unique}")
+    config.cert.write_bytes(stray.cert_pem)
+    config.key.write_bytes(stray.key_pem)
+    config.device_id = f"ghost-{unique}"
+    ghost = await edge.start_agent(config)
+    await eventually(lambda: _refused(ghost))
+    assert ghost.last_error is not None
+    assert "not enrolled" in ghost.last_error.message
+
+    # a certificate from another CA: the TLS handshake fails, no session at all
+    other = CertificateAuthority.load_or_create(edge.root / "other-ca")
+    foreign = other.issue_device(f"y-{unique}")
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=CertificateAuthority.load_or_create(edge.settings.pki_dir).cert_pem,
+        private_key=foreign.key_pem,
+        certificate_chain=foreign.cert_pem,
+    )
+    async with grpc.aio.secure_channel(edge.address, creds) as channel:
+        call = channel.stream_stream(
+            "/edgeloop.edge.v1.EdgeGateway/Connect",
+            request_serializer=pb.AgentMessage.SerializeToString,
+            response_deserializer=pb.GatewayMessage.FromString,
+        )()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await _hello_and_read(call, f"y-{unique}")
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    # a revoked device is refused at its next session
+    revoked = await edge.enroll(f"r-{unique}")
+    assert (await edge.api.post(f"/v1/devices/r-{unique}/revoke")).status_code == 200
+    agent = await edge.start_agent(revoked)
+    await eventually(lambda: _refused(agent))
+    assert agent.last_error is not None
+    assert "revoked" in agent.last_error.message
+
+
+async def test_garbage_and_oversized_messages_cost_only_their_sender(
+    edge: EdgeStack, unique: str
+) -> None:
+    bad_config = await edge.enroll(f"bad-{unique}")
+    good = await edge.start_agent(await edge.enroll(f"good-{unique}"))
+    image = await edge.publish_image(f"g{unique}", "1", classifier("iris").onnx)
+
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=bad_config.ca_cert.read_bytes(),
+        private_key=bad_config.key.read_bytes(),
+        certificate_chain=bad_config.cert.read_bytes(),
+    )
+    async with grpc.aio.secure_channel(edge.address, creds) as channel:
+        call = channel.stream_stream(
+            "/edgeloop.edge.v1.EdgeGateway/Connect",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.GatewayMessage.FromString,
+        )()
+        hello = pb.AgentMessage(hello=pb.Hello(device_id=bad_config.device_id))
+        await call.write(hello.SerializeToString())
+        assert (await call.read()).WhichOneof("kind") == "welcome"
+        await call.write(b"\xff\xfe garbage \x00\x01")
+        err = await call.read()
+        assert err.error.code == "invalid_message"
+        assert not err.error.fatal
+        await call.write(b"\x00" * (edge.settings.max_message_bytes + 1))
+        err = await call.read()
+        assert err.error.code == "too_large"
+        # a telemetry batch that breaks the rules: refused by id, so the agent drops it
+        bogus = pb.TelemetryBatch(batch_id="b1", model="m", feature_names=["a"])
+        await call.write(pb.AgentMessage(telemetry=bogus).SerializeToString())
+        err = await call.read()
+        assert err.error.code == "invalid_message"
+        assert err.error.batch_id == "b1"
+
+        # meanwhile, the other device is served as usual
+        await edge.set_desired(good.config.device_id, image.desired())
+        await wait_state(good, RUNNING, version="1")
+        # and the misbehaving session is still open
+        await call.write(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=1)).SerializeToString())
+        await call.done_writing()
+        assert await call.read() == grpc.aio.EOF
+
+
+async def test_offline_batches_are_buffered_and_sent_on_reconnect(
+    edge: EdgeStack, unique: str
+) -> None:
+    device = f"dev-{unique}"
+    agent = await edge.start_agent(await edge.enroll(device))
+    image = await edge.publish_image(f"o{unique}", "1", classifier("iris").onnx)
+    await edge.set_desired(device, image.desired())
+    await wait_state(agent, RUNNING, version="1")
+    await eventually(lambda: _online(edge, device))
+
+    agent.go_offline(3.0)
+    await eventually(lambda: _disconnected(agent), what="agent offline")
+    for _ in range(3):
+        agent.infer_once()
+        agent.flush_telemetry()
+    assert len(agent.buffer) == 3
+    await eventually(lambda: _acked(agent), within=30, what="buffer drained after reconnect")
+    msgs = await stream_messages(
+        edge.js, s.STREAM_TELEMETRY, s.telemetry_subject(image.model, device)
+    )
+    ids = [json.loads(m.data)["event_id"] for m in msgs]
+    assert len(ids) == 3
+    assert len(set(ids)) == 3
+    # the gateway saw the session end and begin again
+    status = await stream_messages(edge.js, s.STREAM_DEVICE, s.device_status_subject(device))
+    states = [json.loads(m.data)["state"] for m in status]
+    assert "offline" in states
+    assert states[-1] == "running"
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+async def _hello_and_read(call: grpc.aio.StreamStreamCall, device_id: str) -> object:
+    await call.write(pb.AgentMessage(hello=pb.Hello(device_id=device_id)))
+    return await call.read()
+
+
+async def _online(edge: EdgeStack, device: str) -> bool:
+    resp = await edge.api.get(f"/v1/devices/{device}")
+    return resp.status_code == 200 and bool(resp.json()["online"])
+
+
+async def _reported_running(edge: EdgeStack, device: str, digest: str) -> dict[str, object] | None:
+    reported = await edge.reported(device)
+    if reported and reported["state"] == "running" and reported["digest"] == digest:
+        return reported
+    return None
+
+
+async def _reported_state(edge: EdgeStack, device: str, state: str) -> dict[str, object] | None:
+    reported = await edge.reported(device)
+    return reported if reported and reported["state"] == state else None
+
+
+async def _acked(agent: object) -> bool:
+    return len(agent.buffer) == 0  # type: ignore[attr-defined]
+
+
+async def _refused(agent: object) -> bool:
+    return agent.last_error is not None  # type: ignore[attr-defined]
+
+
+async def _disconnected(agent: object) -> bool:
+    return not agent.connected.is_set()  # type: ignore[attr-defined]
+
+
+async def _error_has(agent: object, text: str) -> bool:
+    return text in agent.error  # type: ignore[attr-defined]
+
+
+_ = asyncio
