@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from edgeloop.cli import models, status
+from edgeloop.cli import devices, fleet, models, status
 
 app = typer.Typer(
     help="edgeloop: closed-loop MLOps for models on fleets of edge devices.",
@@ -19,6 +19,8 @@ app = typer.Typer(
 app.command("status", help=status.HELP)(status.status)
 app.add_typer(models.app, name="models")
 app.add_typer(models.validations_app, name="validations")
+app.add_typer(devices.app, name="devices")
+app.add_typer(fleet.app, name="fleet")
 
 
 @app.callback()

@@ -3,75 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import httpx
 import typer
 
-from edgeloop.contracts.stackfile import load_stack_json, state_dir
+from edgeloop.cli.api import REGISTRY, pairs
 
 app = typer.Typer(help="Register model versions and look at them.", no_args_is_help=True)
 alias_app = typer.Typer(help="Point aliases (champion, candidate, …) at versions.")
 app.add_typer(alias_app, name="alias")
 
-DEFAULT_API = "http://127.0.0.1:18100"
-
-
-def _client() -> httpx.Client:
-    token = os.environ.get("EDGELOOP_API_TOKEN", "") or _token_from_state()
-    if not token:
-        typer.secho(
-            "set EDGELOOP_API_TOKEN to a registry API token (`make up` writes one to "
-            ".edgeloop/api-token)",
-            err=True,
-            fg="red",
-        )
-        raise typer.Exit(2)
-    return httpx.Client(
-        base_url=os.environ.get("EDGELOOP_REGISTRY_API")
-        or load_stack_json().get("registry_api", DEFAULT_API),
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=120,
-    )
-
-
-def _token_from_state() -> str:
-    """The token `make up` generated, when this machine runs the stack."""
-    path = state_dir() / "api-token"
-    return path.read_text().strip() if path.exists() else ""
-
-
-def _check(resp: httpx.Response) -> Any:
-    if resp.status_code >= 400:
-        try:
-            detail = resp.json().get("detail", resp.text)
-        except ValueError:
-            detail = resp.text
-        typer.secho(f"error ({resp.status_code}): {detail}", err=True, fg="red")
-        raise typer.Exit(1)
-    return resp.json()
-
-
-def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in values or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            typer.secho(f"{what} takes key=value, got {item!r}", err=True, fg="red")
-            raise typer.Exit(2)
-        out[key] = value
-    return out
-
-
-def _request(method: str, url: str, **kwargs: Any) -> Any:
-    try:
-        with _client() as client:
-            return _check(client.request(method, url, **kwargs))
-    except httpx.TransportError as exc:
-        typer.secho(f"the registry API is not reachable: {exc}", err=True, fg="red")
-        raise typer.Exit(1) from exc
+_request = REGISTRY.request
+_pairs = pairs
 
 
 @app.command()

@@ -765,3 +765,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 __all__ = ["Agent", "AgentConfig", "Faults", "MemoryBuffer", "ModelCache", "main"]
+
+
+if __name__ == "__main__":
+    main()

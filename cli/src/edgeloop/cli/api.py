@@ -1,0 +1,91 @@
+"""HTTP clients of the platform's APIs, shared by every command group.
+
+Each API is found the same way: an environment variable, else the URL ``make up``
+recorded in ``stack.json``, else the default port; the bearer token is
+``EDGELOOP_API_TOKEN`` or the one ``make up`` wrote to the state directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import typer
+
+from edgeloop.contracts.stackfile import load_stack_json, state_dir
+
+
+@dataclass(frozen=True)
+class Api:
+    """Where one service's HTTP API is."""
+
+    name: str
+    env_url: str
+    stack_key: str
+    default: str
+
+    def url(self) -> str:
+        """The base URL."""
+        return os.environ.get(self.env_url) or load_stack_json().get(self.stack_key, self.default)
+
+    def client(self) -> httpx.Client:
+        """An authenticated client (exits with a hint when no token is set)."""
+        token = os.environ.get("EDGELOOP_API_TOKEN", "") or _token_from_state()
+        if not token:
+            typer.secho(
+                "set EDGELOOP_API_TOKEN to an API token (`make up` writes one to "
+                ".edgeloop/api-token)",
+                err=True,
+                fg="red",
+            )
+            raise typer.Exit(2)
+        return httpx.Client(
+            base_url=self.url(), headers={"Authorization": f"Bearer {token}"}, timeout=120
+        )
+
+    def request(self, method: str, url: str, **kwargs: Any) -> Any:
+        """The JSON answer; a clear message and exit 1 on an error or no connection."""
+        try:
+            with self.client() as client:
+                return check(client.request(method, url, **kwargs))
+        except httpx.TransportError as exc:
+            typer.secho(
+                f"the {self.name} API ({self.url()}) is not reachable: {exc}", err=True, fg="red"
+            )
+            raise typer.Exit(1) from exc
+
+
+REGISTRY = Api("registry", "EDGELOOP_REGISTRY_API", "registry_api", "http://127.0.0.1:18100")
+GATEWAY = Api("gateway", "EDGELOOP_GATEWAY_API", "gateway_api", "http://127.0.0.1:18200")
+
+
+def _token_from_state() -> str:
+    """The token `make up` generated, when this machine runs the stack."""
+    path = state_dir() / "api-token"
+    return path.read_text().strip() if path.exists() else ""
+
+
+def check(resp: httpx.Response) -> Any:
+    """The response's JSON, or the API's message and exit 1."""
+    if resp.status_code >= 400:
+        try:
+            detail = resp.json().get("detail", resp.text)
+        except ValueError:
+            detail = resp.text
+        typer.secho(f"error ({resp.status_code}): {detail}", err=True, fg="red")
+        raise typer.Exit(1)
+    return resp.json()
+
+
+def pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    """``k=v`` options → dict (exit 2 on a malformed one)."""
+    out: dict[str, str] = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            typer.secho(f"{what} takes key=value, got {item!r}", err=True, fg="red")
+            raise typer.Exit(2)
+        out[key] = value
+    return out

@@ -1,0 +1,136 @@
+"""``edgeloop devices …``: enrol devices and look at the device registry (the gateway's
+API)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edgeloop.cli.api import GATEWAY, pairs
+
+app = typer.Typer(help="Enrol edge devices and look at them.", no_args_is_help=True)
+
+
+@app.command()
+def enroll(
+    device_id: Annotated[str, typer.Argument(help="the device's id (its certificate's name)")],
+    label: Annotated[
+        list[str] | None, typer.Option("--label", help="k=v selector label (repeat)")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="bundle directory (default ./DEVICE_ID)")
+    ] = None,
+) -> None:
+    """Issue the device's client certificate and write its agent bundle."""
+    body = GATEWAY.request(
+        "POST", f"/v1/devices/{device_id}/enroll", json={"labels": pairs(label, "--label")}
+    )
+    bundle = out or Path(device_id)
+    bundle.mkdir(parents=True, exist_ok=True)
+    (bundle / "device.crt").write_text(body["certificate"])
+    key = bundle / "device.key"
+    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(body["private_key"])
+    (bundle / "ca.crt").write_text(body["ca_certificate"])
+    trusted = []
+    if body.get("signing_public_key"):
+        (bundle / "signing.pub").write_text(body["signing_public_key"])
+        trusted.append("signing.pub")
+    (bundle / "agent.json").write_text(
+        json.dumps(
+            {
+                "device_id": device_id,
+                "gateway": body["gateway_address"],
+                "labels": body["labels"],
+                "ca_cert": "ca.crt",
+                "cert": "device.crt",
+                "key": "device.key",
+                "trusted_keys": trusted,
+                "state_dir": "state",
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    typer.echo(
+        f"enrolled {device_id} (certificate {body['fingerprint'][:16]}…, "
+        f"valid until {body['expires_at'][:10]})"
+    )
+    typer.echo(f"bundle: {bundle}/   start it: edgeloop-agent --config {bundle}/agent.json")
+
+
+def _when(value: Any) -> str:
+    return str(value)[:19].replace("T", " ") if value else "-"
+
+
+@app.command("list")
+def list_devices(
+    selector: Annotated[str | None, typer.Option(help="k=v[,k=v…]: labels to match")] = None,
+    online: Annotated[
+        bool | None, typer.Option("--online/--offline", help="only online/offline devices")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+) -> None:
+    """Devices of the registry, by id."""
+    params: dict[str, Any] = {}
+    if selector:
+        params["selector"] = selector
+    if online is not None:
+        params["online"] = str(online).lower()
+    devices = GATEWAY.request("GET", "/v1/devices", params=params)["devices"]
+    if as_json:
+        typer.echo(json.dumps(devices, indent=1))
+        return
+    if not devices:
+        typer.echo("no devices")
+        return
+    typer.echo(f"{'DEVICE':24} {'ONLINE':7} {'MODEL':24} {'STATE':9} {'LAST SEEN':19}  LABELS")
+    for d in devices:
+        model = f"{d['model']}@{d['version']}" if d.get("model") else "-"
+        labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
+        typer.echo(
+            f"{d['device_id']:24} {'yes' if d['online'] else 'no':7} {model:24} "
+            f"{d.get('state') or '-':9} {_when(d.get('last_seen')):19}  {labels}"
+        )
+
+
+@app.command()
+def show(
+    device_id: Annotated[str, typer.Argument()],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+) -> None:
+    """One device: identity, labels, session, what it runs and last reported."""
+    d = GATEWAY.request("GET", f"/v1/devices/{device_id}")
+    if as_json:
+        typer.echo(json.dumps(d, indent=1))
+        return
+    rows = [
+        ("device", d["device_id"]),
+        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"),
+        ("online", f"{'yes' if d['online'] else 'no'} (gateway {d.get('gateway_id') or '-'})"),
+        ("model", f"{d['model']}@{d['version']}" if d.get("model") else "-"),
+        ("image digest", d.get("digest") or "-"),
+        ("state", d.get("state") or "-"),
+        ("error", d.get("error") or "-"),
+        ("enrolled", _when(d["enrolled_at"])),
+        ("first/last seen", f"{_when(d.get('first_seen'))} / {_when(d.get('last_seen'))}"),
+        (
+            "certificate",
+            f"{d['fingerprint'][:16]}… until {_when(d['cert_not_after'])}"
+            + (" REVOKED" if d["revoked"] else ""),
+        ),
+    ]
+    for key, value in rows:
+        typer.echo(f"{key:16} {value}")
+
+
+@app.command()
+def revoke(device_id: Annotated[str, typer.Argument()]) -> None:
+    """Refuse the device's certificate from its next session on."""
+    GATEWAY.request("POST", f"/v1/devices/{device_id}/revoke")
+    typer.echo(f"revoked {device_id}")
