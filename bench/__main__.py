@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import kit_throughput, loop_latency
+from bench import edge_gateway, kit_throughput, loop_latency
 from edgeloop.devstack.servers import NatsServer, OciRegistry, Postgres
 
 RESULTS = Path(__file__).parent / "results"
@@ -25,13 +25,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench")
     parser.add_argument("--events", type=int, default=5000, help="events per kit run")
     parser.add_argument("--runs", type=int, default=5, help="repetitions (median reported)")
-    parser.add_argument("--only", choices=["kit", "loop"], help="run one benchmark")
+    parser.add_argument("--only", choices=["kit", "loop", "edge"], help="run one benchmark")
+    parser.add_argument("--devices", type=int, default=10_000, help="sessions held (edge)")
+    parser.add_argument("--rollout-devices", type=int, default=1000, help="agents (edge)")
     parser.add_argument("--burst", type=int, default=50, help="commits in the loop burst")
     args = parser.parse_args()
     if args.only != "loop":
         kit(args)
-    if args.only != "kit":
+    if args.only in (None, "loop"):
         loop(args)
+    if args.only in (None, "edge"):
+        edge(args)
+
+
+def edge(args: argparse.Namespace) -> None:
+    """Gateway telemetry throughput vs raw nats-py, desired → running, many sessions."""
+    RESULTS.mkdir(exist_ok=True)
+    results: dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
+        root = Path(tmp)
+        nats = NatsServer(root / "nats").start()
+        pg = Postgres.from_env(root / "pg").start()
+        reg = OciRegistry(root / "registry").start()
+        try:
+            dsn = pg.create_database("bench_edge")
+            common = (nats.url, dsn, reg.url, root)
+            results["telemetry"] = asyncio.run(
+                edge_gateway.telemetry(*common, devices=16, batches=16_000)
+            )
+            print(edge_gateway.dump(results["telemetry"]), flush=True)  # type: ignore[arg-type]
+            results["rollout"] = asyncio.run(
+                edge_gateway.rollout(*common, devices=args.rollout_devices)
+            )
+            print(edge_gateway.dump(results["rollout"]), flush=True)  # type: ignore[arg-type]
+            results["connections"] = asyncio.run(
+                edge_gateway.connections(*common, devices=args.devices, seconds=30)
+            )
+            print(edge_gateway.dump(results["connections"]), flush=True)  # type: ignore[arg-type]
+        finally:
+            reg.stop()
+            pg.stop()
+            nats.stop()
+    (RESULTS / "edge_gateway.json").write_text(json.dumps(results, indent=2))
 
 
 def loop(args: argparse.Namespace) -> None:

@@ -1,0 +1,403 @@
+"""Edge benchmarks: the gateway as its own process on real NATS/PostgreSQL/OCI registry.
+
+- ``telemetry``: telemetry batches of 256 inferences pushed by many device sessions
+  through the gateway onto the bus (each acknowledged once on JetStream), against raw
+  nats-py publishing the same bus bytes with the same concurrency, in the same run.
+- ``rollout``: desired state written for N real agents (one process, shared onnxruntime
+  session) → each device running the new model: p50/p99.
+- ``connections``: many device sessions held open, each sending a batch every 10 s:
+  the gateway's CPU and memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import nats
+import psutil
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from edgeloop.contracts import subjects as s
+from edgeloop.contracts.convert import telemetry_from_proto
+from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+from edgeloop.devstack.servers import free_port
+from edgeloop.edge.fleet import Fleet, FleetOptions
+from edgeloop.kit.bus import declare_topology
+from tests.edge_harness import PUBLIC
+
+TOKEN = "bench-edge-token-1"
+
+
+class Gateway:
+    """``python -m edgeloop.gateway`` with its own ports, PKI and cache."""
+
+    def __init__(self, root: Path, nats_url: str, dsn: str, registry_url: str) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "signing.pub").write_bytes(PUBLIC)
+        self.grpc_port, self.api_port, http = free_port(), free_port(), free_port()
+        self.env = {
+            **os.environ,
+            "EDGELOOP_NATS_URL": nats_url,
+            "EDGELOOP_DATABASE_URL": dsn,
+            "EDGELOOP_OCI_REGISTRY_URL": registry_url,
+            "EDGELOOP_GATEWAY_API_TOKENS": TOKEN,
+            "EDGELOOP_GATEWAY_GRPC_PORT": str(self.grpc_port),
+            "EDGELOOP_GATEWAY_API_PORT": str(self.api_port),
+            "EDGELOOP_GATEWAY_HTTP_PORT": str(http),
+            "EDGELOOP_GATEWAY_PKI_DIR": str(root / "pki"),
+            "EDGELOOP_GATEWAY_CACHE_DIR": str(root / "cache"),
+            "EDGELOOP_GATEWAY_SIGNING_PUBLIC_KEY": str(root / "signing.pub"),
+            "EDGELOOP_GATEWAY_HEARTBEAT_SECONDS": "30",
+            "EDGELOOP_LOG_LEVEL": "WARNING",
+        }
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    async def start(self) -> None:
+        log = (self.root / "gateway.log").open("ab")
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "edgeloop.gateway", env=self.env, stdout=log, stderr=log
+        )
+        async with httpx.AsyncClient() as client:
+            for _ in range(300):
+                try:
+                    if (await client.get(f"{self.api}/docs")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"gateway did not start; see {self.root / 'gateway.log'}")
+
+    def process(self) -> psutil.Process:
+        assert self.proc is not None
+        return psutil.Process(self.proc.pid)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            await asyncio.wait_for(self.proc.wait(), 30)
+
+
+async def enroll(api: str, ids: list[str], root: Path) -> dict[str, dict[str, Any]]:
+    """Bundles of ``ids`` through the gateway's API (16 at a time)."""
+    sem = asyncio.Semaphore(16)
+    out: dict[str, dict[str, Any]] = {}
+    async with httpx.AsyncClient(
+        base_url=api, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120
+    ) as client:
+
+        async def one(device: str) -> None:
+            async with sem:
+                resp = await client.post(f"/v1/devices/{device}/enroll", json={"labels": {}})
+                resp.raise_for_status()
+                out[device] = resp.json()
+
+        await asyncio.gather(*(one(d) for d in ids))
+    return out
+
+
+def _channel(address: str, bundle: dict[str, Any]) -> grpc.aio.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=bundle["ca_certificate"].encode(),
+        private_key=bundle["private_key"].encode(),
+        certificate_chain=bundle["certificate"].encode(),
+    )
+    return grpc.aio.secure_channel(address, creds)
+
+
+def _batch(device: str, model: str = "bench", records: int = 256) -> pb.TelemetryBatch:
+    now = Timestamp()
+    now.GetCurrentTime()
+    feature_edges = [float(x) for x in range(1, 11)]
+    return pb.TelemetryBatch(
+        batch_id=str(uuid.uuid4()),
+        device_id=device,
+        model=model,
+        version="1",
+        digest="sha256:" + "0" * 64,
+        window_start=now,
+        window_end=now,
+        count=records,
+        errors=1,
+        low_confidence=12,
+        feature_names=["a", "b", "c", "d"],
+        feature_histograms=[
+            pb.Histogram(edges=feature_edges, counts=[records // 11] * 11) for _ in range(4)
+        ],
+        prediction_counts={"0": records // 2, "1": records - records // 2},
+        confidence_histogram=pb.Histogram(edges=[0.5, 0.9], counts=[12, 100, records - 112]),
+        latency_ms_histogram=pb.Histogram(edges=[0.1, 1.0], counts=[200, 56, 0]),
+    )
+
+
+async def _pump(
+    address: str, device: str, bundle: dict[str, Any], payloads: list[bytes], window: int
+) -> None:
+    async with _channel(address, bundle) as channel:
+        call = channel.stream_stream(
+            "/edgeloop.edge.v1.EdgeGateway/Connect",
+            request_serializer=lambda b: b,
+            response_deserializer=pb.GatewayMessage.FromString,
+        )()
+        hello = pb.AgentMessage(hello=pb.Hello(device_id=device)).SerializeToString()
+        await call.write(hello)
+        welcome = await call.read()
+        assert welcome.WhichOneof("kind") == "welcome", welcome
+        credit = asyncio.Semaphore(window)
+        acked = 0
+
+        async def reader() -> None:
+            nonlocal acked
+            while acked < len(payloads):
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    raise RuntimeError("stream ended early")
+                if msg.WhichOneof("kind") == "ack":
+                    acked += 1
+                    credit.release()
+                elif msg.WhichOneof("kind") == "error":
+                    raise RuntimeError(msg.error.message)
+
+        task = asyncio.create_task(reader())
+        for data in payloads:
+            await credit.acquire()
+            await call.write(data)
+        await task
+        await call.done_writing()
+
+
+async def telemetry(
+    nats_url: str, dsn: str, registry_url: str, root: Path, *, devices: int, batches: int
+) -> dict[str, Any]:
+    """Records/s through the gateway vs raw nats-py publishing the same bus bytes."""
+    gw = Gateway(root / "gw-telemetry", nats_url, dsn, registry_url)
+    await gw.start()
+    try:
+        ids = [f"tp-{i:04d}" for i in range(devices)]
+        bundles = await enroll(gw.api, ids, root)
+        per = batches // devices
+        payloads = {
+            d: [pb.AgentMessage(telemetry=_batch(d)).SerializeToString() for _ in range(per)]
+            for d in ids
+        }
+        proc = gw.process()
+        cpu0 = proc.cpu_times()
+        t0 = time.perf_counter()
+        await asyncio.gather(
+            *(
+                _pump(f"127.0.0.1:{gw.grpc_port}", d, bundles[d], payloads[d], window=32)
+                for d in ids
+            )
+        )
+        wall = time.perf_counter() - t0
+        cpu1 = proc.cpu_times()
+        gateway_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall
+        total = per * devices
+    finally:
+        await gw.stop()
+
+    # baseline: the same bus bytes, published by raw nats-py with the same concurrency
+    bus = [
+        telemetry_from_proto(pb.AgentMessage.FromString(p).telemetry)
+        for d in ids
+        for p in payloads[d]
+    ]
+    raw = [(e.bus_subject(), e.model_dump_json().encode(), str(uuid.uuid4())) for e in bus]
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await declare_topology(js)
+    sem = asyncio.Semaphore(devices * 32)
+
+    async def publish(subject: str, data: bytes, msg_id: str) -> None:
+        async with sem:
+            await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(publish(*r) for r in raw))
+    raw_wall = time.perf_counter() - t0
+    await nc.close()
+    return {
+        "devices": devices,
+        "batches": total,
+        "records_per_batch": 256,
+        "gateway_batches_per_s": round(total / wall),
+        "gateway_records_per_s": round(total * 256 / wall),
+        "gateway_cpu_cores": round(gateway_cpu, 2),
+        "raw_nats_batches_per_s": round(total / raw_wall),
+        "raw_nats_records_per_s": round(total * 256 / raw_wall),
+        "bus_bytes_per_batch": len(raw[0][1]),
+        "wire_bytes_per_batch": len(payloads[ids[0]][0]),
+    }
+
+
+async def rollout(
+    nats_url: str, dsn: str, registry_url: str, root: Path, *, devices: int
+) -> dict[str, Any]:
+    """Desired state → every device running the model: p50/p99 over ``devices``."""
+    from edgeloop.contracts.twin import DesiredModel
+    from edgeloop.kit.oci import OciClient
+    from edgeloop.kit.oci.client import sha256
+    from edgeloop.kit.oci.image import build_model_image, push_image
+    from edgeloop.kit.oci.signing import attach_signature, load_private_key
+    from tests.edge_harness import PRIVATE, Image, edge_stack  # noqa: F401  (image helpers)
+    from tests.modelzoo import classifier
+
+    gw = Gateway(root / "gw-rollout", nats_url, dsn, registry_url)
+    await gw.start()
+    fleet = Fleet(
+        FleetOptions(
+            devices=devices,
+            gateway_api=gw.api,
+            token=TOKEN,
+            state_dir=root / "fleet",
+            prefix="ro",
+            infer_seconds=3600,
+            telemetry_seconds=3600,
+        )
+    )
+    stop = asyncio.Event()
+    try:
+        await asyncio.to_thread(fleet.prepare)
+        reached: dict[str, float] = {}
+
+        def on_status(agent: Any) -> None:
+            if agent.state == pb.DEVICE_STATE_RUNNING and agent.config.device_id not in reached:
+                reached[agent.config.device_id] = time.perf_counter()
+
+        for agent in fleet.agents:
+            agent.on_status = on_status
+        task = asyncio.create_task(fleet.run(stop, None))
+        t_connect = time.perf_counter()
+        while fleet.counts()["connected"] < devices:
+            await asyncio.sleep(0.2)
+            if time.perf_counter() - t_connect > 300:
+                raise RuntimeError(f"only {fleet.counts()['connected']} devices connected")
+        connect_s = time.perf_counter() - t_connect
+
+        onnx = classifier("iris").onnx
+        built = build_model_image(
+            {"model/model.onnx": onnx},
+            annotations={"edgeloop.model": "bench", "edgeloop.model_digest": sha256(onnx)},
+        )
+        async with OciClient(registry_url) as oci:
+            digest = await push_image(oci, "bench/images/iris", built, tag="1")
+            await attach_signature(oci, "bench/images/iris", digest, load_private_key(PRIVATE))
+        doc = DesiredModel(
+            model="iris",
+            version="1",
+            image=f"{registry_url.split('://')[1]}/bench/images/iris",
+            manifest_digest=digest,
+        ).to_bytes()
+        nc = await nats.connect(nats_url)
+        kv = await nc.jetstream().key_value(s.KV_DESIRED)
+        written: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for agent in fleet.agents:
+            await kv.put(s.kv_key(agent.config.device_id), doc)
+            written[agent.config.device_id] = time.perf_counter()
+        write_s = time.perf_counter() - t0
+        while len(reached) < devices and time.perf_counter() - t0 < 600:
+            await asyncio.sleep(0.1)
+        all_s = time.perf_counter() - t0
+        await nc.close()
+        lat = sorted(reached[d] - written[d] for d in reached)
+        stop.set()
+        await task
+    finally:
+        stop.set()
+        await gw.stop()
+    q = statistics.quantiles(lat, n=100) if len(lat) > 1 else lat * 99
+    return {
+        "devices": devices,
+        "converged": len(lat),
+        "connect_all_s": round(connect_s, 2),
+        "desired_written_s": round(write_s, 2),
+        "all_running_s": round(all_s, 2),
+        "p50_ms": round(q[49] * 1000, 1),
+        "p99_ms": round(q[98] * 1000, 1),
+    }
+
+
+async def connections(
+    nats_url: str, dsn: str, registry_url: str, root: Path, *, devices: int, seconds: float
+) -> dict[str, Any]:
+    """``devices`` sessions, a telemetry batch each every 10 s: the gateway's CPU and RSS."""
+    gw = Gateway(root / "gw-conn", nats_url, dsn, registry_url)
+    await gw.start()
+    ids = [f"cx-{i:05d}" for i in range(devices)]
+    stop = asyncio.Event()
+    try:
+        t0 = time.perf_counter()
+        bundles = await enroll(gw.api, ids, root)
+        enroll_s = time.perf_counter() - t0
+        connected = 0
+        acked = 0
+
+        async def device(d: str) -> None:
+            nonlocal connected, acked
+            await asyncio.sleep(len(d) % 7 * 0.01)
+            async with _channel(f"127.0.0.1:{gw.grpc_port}", bundles[d]) as channel:
+                call = channel.stream_stream(
+                    "/edgeloop.edge.v1.EdgeGateway/Connect",
+                    request_serializer=pb.AgentMessage.SerializeToString,
+                    response_deserializer=pb.GatewayMessage.FromString,
+                )()
+                await call.write(pb.AgentMessage(hello=pb.Hello(device_id=d)))
+                await call.read()
+                connected += 1
+                offset = (hash(d) % 1000) / 100  # spread the batches over the 10 s
+                await asyncio.sleep(offset)
+                while not stop.is_set():
+                    await call.write(pb.AgentMessage(telemetry=_batch(d)))
+                    if (await call.read()).WhichOneof("kind") == "ack":
+                        acked += 1
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), 10)
+                call.cancel()
+
+        tasks = [asyncio.create_task(device(d)) for d in ids]
+        t1 = time.perf_counter()
+        while connected < devices and time.perf_counter() - t1 < 600:
+            await asyncio.sleep(0.5)
+        connect_s = time.perf_counter() - t1
+        proc = gw.process()
+        await asyncio.sleep(10)  # settle
+        cpu0, a0, w0 = proc.cpu_times(), acked, time.perf_counter()
+        await asyncio.sleep(seconds)
+        cpu1, a1, w1 = proc.cpu_times(), acked, time.perf_counter()
+        rss = proc.memory_info().rss
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        stop.set()
+        await gw.stop()
+    return {
+        "devices": devices,
+        "connected": connected,
+        "enroll_s": round(enroll_s, 1),
+        "connect_all_s": round(connect_s, 1),
+        "batches_per_s": round((a1 - a0) / (w1 - w0), 1),
+        "gateway_cpu_cores": round(
+            (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (w1 - w0), 3
+        ),
+        "gateway_rss_mb": round(rss / 2**20, 1),
+    }
+
+
+def dump(results: dict[str, Any]) -> str:
+    return json.dumps(results, indent=2)
