@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--rollout-devices", type=int, default=1000, help="agents (edge)")
     parser.add_argument("--burst", type=int, default=50, help="commits in the loop burst")
     args = parser.parse_args()
-    if args.only != "loop":
+    if args.only in (None, "kit"):
         kit(args)
     if args.only in (None, "loop"):
         loop(args)

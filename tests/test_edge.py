@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,21 +17,13 @@ from edgeloop.devstack.testing import eventually, stream_messages
 from edgeloop.edge.agent import Faults
 from edgeloop.gateway.pki import CertificateAuthority
 from edgeloop.kit.oci.signing import generate_keypair
-from tests.edge_harness import EdgeStack, edge_stack, wait_state
+from tests.edge_harness import EdgeStack, wait_state
 from tests.modelzoo import classifier
 
 pytestmark = pytest.mark.timeout(180)
 
 RUNNING = pb.DEVICE_STATE_RUNNING
 FAILED = pb.DEVICE_STATE_FAILED
-
-
-@pytest.fixture
-async def edge(
-    nats_url: str, pg_dsn: str, registry_url: str, tmp_path: Path
-) -> AsyncIterator[EdgeStack]:
-    async with edge_stack(nats_url, pg_dsn, registry_url, tmp_path / "edge") as stack:
-        yield stack
 
 
 def _profile() -> dict[str, object]:

@@ -8,7 +8,6 @@ import io
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,10 @@ from edgeloop.contracts.edge.v1 import edge_pb2 as pb
 from edgeloop.devstack.testing import eventually
 from edgeloop.edge.fleet import Fleet, FleetOptions
 from edgeloop.gateway.pki import common_name
-from tests.edge_harness import PUBLIC, TOKEN, EdgeStack, edge_stack
+from tests.edge_harness import PUBLIC, TOKEN, EdgeStack
 from tests.modelzoo import classifier
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-async def edge(
-    nats_url: str, pg_dsn: str, registry_url: str, tmp_path: Path
-) -> AsyncIterator[EdgeStack]:
-    async with edge_stack(nats_url, pg_dsn, registry_url, tmp_path / "edge") as stack:
-        yield stack
 
 
 def _env(edge: EdgeStack) -> dict[str, str]:

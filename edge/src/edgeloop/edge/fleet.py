@@ -28,6 +28,7 @@ from typing import Any, TextIO
 from edgeloop.contracts.edge.v1 import edge_pb2 as pb
 from edgeloop.edge.agent import Agent, AgentConfig, Faults, ModelCache
 from edgeloop.edge.buffer import MemoryBuffer
+from edgeloop.edge.bundle import write_bundle
 from edgeloop.edge.sources import parse_duration
 
 
@@ -124,31 +125,7 @@ def enroll(opts: FleetOptions, device_id: str) -> AgentConfig:
             raise RuntimeError(
                 f"enrolment of {device_id} refused ({exc.code}): {exc.read().decode()[:300]}"
             ) from exc
-        bundle.mkdir(parents=True, exist_ok=True)
-        (bundle / "device.crt").write_text(body["certificate"])
-        key = bundle / "device.key"
-        key.write_text(body["private_key"])
-        key.chmod(0o600)
-        (bundle / "ca.crt").write_text(body["ca_certificate"])
-        trusted = []
-        if body.get("signing_public_key"):
-            (bundle / "signing.pub").write_text(body["signing_public_key"])
-            trusted = ["signing.pub"]
-        config_file.write_text(
-            json.dumps(
-                {
-                    "device_id": device_id,
-                    "gateway": body["gateway_address"],
-                    "labels": body.get("labels", opts.labels),
-                    "ca_cert": "ca.crt",
-                    "cert": "device.crt",
-                    "key": "device.key",
-                    "trusted_keys": trusted,
-                    "state_dir": "state",
-                },
-                indent=1,
-            )
-        )
+        write_bundle(bundle, body)
     config = AgentConfig.load(config_file)
     config.telemetry_seconds = opts.telemetry_seconds
     config.infer_seconds = opts.infer_seconds

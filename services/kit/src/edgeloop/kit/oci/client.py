@@ -24,6 +24,8 @@ from typing import Any
 
 import httpx
 
+from edgeloop.contracts.signing import check_digest as check_digest
+
 MANIFEST_OCI = "application/vnd.oci.image.manifest.v1+json"
 INDEX_OCI = "application/vnd.oci.image.index.v1+json"
 MANIFEST_DOCKER = "application/vnd.docker.distribution.manifest.v2+json"
@@ -149,17 +151,6 @@ def check_repository(repo: str) -> str:
             "[a-z0-9]+ joined by '.', '_', '__' or '-', separated by '/'"
         )
     return repo
-
-
-def check_digest(digest: str) -> str:
-    """``digest`` if it is ``sha256:<64 lower-case hex>``.
-
-    Raises:
-        ValueError: anything else (other algorithms are not used here).
-    """
-    if not _DIGEST_RE.match(digest):
-        raise ValueError(f"invalid digest {digest!r}: expected sha256:<64 hex digits>")
-    return digest
 
 
 def check_reference(ref: str) -> str:
