@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from bench import edge_gateway, kit_throughput, loop_latency
+from bench import deployer_rollout, edge_gateway, kit_throughput, loop_latency
 from edgeloop.devstack.servers import NatsServer, OciRegistry, Postgres
 
 RESULTS = Path(__file__).parent / "results"
@@ -25,31 +27,53 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench")
     parser.add_argument("--events", type=int, default=5000, help="events per kit run")
     parser.add_argument("--runs", type=int, default=5, help="repetitions (median reported)")
-    parser.add_argument("--only", choices=["kit", "loop", "edge"], help="run one benchmark")
+    parser.add_argument(
+        "--only",
+        choices=["kit", "loop", "edge", "edge-connections", "deploy"],
+        help="run one benchmark",
+    )
     parser.add_argument("--devices", type=int, default=10_000, help="sessions held (edge)")
-    parser.add_argument("--rollout-devices", type=int, default=1000, help="agents (edge)")
+    parser.add_argument("--rollout-devices", type=int, default=1000, help="agents (edge, deploy)")
     parser.add_argument("--burst", type=int, default=50, help="commits in the loop burst")
     args = parser.parse_args()
     if args.only in (None, "kit"):
         kit(args)
     if args.only in (None, "loop"):
         loop(args)
-    if args.only in (None, "edge"):
-        edge(args)
+    if args.only in (None, "deploy"):
+        deploy(args)
+    if args.only in (None, "edge", "edge-connections"):
+        edge(args, connections_only=args.only == "edge-connections")
 
 
-def edge(args: argparse.Namespace) -> None:
-    """Gateway telemetry throughput vs raw nats-py, desired → running, many sessions."""
-    RESULTS.mkdir(exist_ok=True)
-    results: dict[str, object] = {}
+@contextlib.contextmanager
+def servers(database: str) -> Iterator[tuple[str, str, str, Path]]:
+    """NATS, PostgreSQL and an OCI registry of the benchmark's own, in a temporary
+    directory: (nats url, dsn, registry url, directory)."""
     with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
         root = Path(tmp)
         nats = NatsServer(root / "nats").start()
         pg = Postgres.from_env(root / "pg").start()
         reg = OciRegistry(root / "registry").start()
         try:
-            dsn = pg.create_database("bench_edge")
-            common = (nats.url, dsn, reg.url, root)
+            yield nats.url, pg.create_database(database), reg.url, root
+        finally:
+            reg.stop()
+            pg.stop()
+            nats.stop()
+
+
+def _save(name: str, results: object) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / name).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2), flush=True)
+
+
+def edge(args: argparse.Namespace, *, connections_only: bool = False) -> None:
+    """Gateway telemetry throughput vs raw nats-py, desired → running, many sessions."""
+    results: dict[str, object] = {}
+    with servers("bench_edge") as common:
+        if not connections_only:
             results["telemetry"] = asyncio.run(
                 edge_gateway.telemetry(*common, devices=16, batches=16_000)
             )
@@ -58,34 +82,24 @@ def edge(args: argparse.Namespace) -> None:
                 edge_gateway.rollout(*common, devices=args.rollout_devices)
             )
             print(edge_gateway.dump(results["rollout"]), flush=True)  # type: ignore[arg-type]
-            results["connections"] = asyncio.run(
-                edge_gateway.connections(*common, devices=args.devices, seconds=30)
-            )
-            print(edge_gateway.dump(results["connections"]), flush=True)  # type: ignore[arg-type]
-        finally:
-            reg.stop()
-            pg.stop()
-            nats.stop()
-    (RESULTS / "edge_gateway.json").write_text(json.dumps(results, indent=2))
+        results["connections"] = asyncio.run(
+            edge_gateway.connections(*common, devices=args.devices, seconds=30)
+        )
+    _save("edge_connections.json" if connections_only else "edge_gateway.json", results)
+
+
+def deploy(args: argparse.Namespace) -> None:
+    """One wave to N agents; rollback of N devices after a failing verdict."""
+    with servers("bench_deploy") as common:
+        results = asyncio.run(deployer_rollout.run(*common, devices=args.rollout_devices))
+    _save("deployer_rollout.json", results)
 
 
 def loop(args: argparse.Namespace) -> None:
     """Commit → validation.passed through the registry, builder and validator processes."""
-    RESULTS.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
-        root = Path(tmp)
-        nats = NatsServer(root / "nats").start()
-        pg = Postgres.from_env(root / "pg").start()
-        reg = OciRegistry(root / "registry").start()
-        try:
-            dsn = pg.create_database("bench_loop")
-            results = asyncio.run(loop_latency.run(nats.url, dsn, reg.url, root, args.burst))
-        finally:
-            reg.stop()
-            pg.stop()
-            nats.stop()
-    (RESULTS / "loop_latency.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    with servers("bench_loop") as common:
+        results = asyncio.run(loop_latency.run(*common, args.burst))
+    _save("loop_latency.json", results)
 
 
 def kit(args: argparse.Namespace) -> None:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import statistics
@@ -37,6 +36,7 @@ from edgeloop.kit.bus import declare_topology
 from tests.edge_harness import PUBLIC
 
 TOKEN = "bench-edge-token-1"
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 class Gateway:
@@ -333,62 +333,128 @@ async def rollout(
     }
 
 
+async def enroll_direct(root: Path, dsn: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Bundles of ``ids`` signed by the gateway's CA and stored as its API would.
+
+    For thousands of devices the API's one-at-a-time enrolment is not what is measured;
+    this issues the same certificates with the same CA into the same device table.
+    """
+    import asyncpg
+
+    from edgeloop.gateway.devices import DeviceStore
+    from edgeloop.gateway.pki import CertificateAuthority
+
+    ca = CertificateAuthority.load_or_create(root / "pki")
+    issued = await asyncio.to_thread(lambda: {d: ca.issue_device(d) for d in ids})
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8)
+    assert pool is not None
+    try:
+        store = DeviceStore(pool, "gateway")
+        sem = asyncio.Semaphore(8)
+
+        async def one(d: str) -> None:
+            async with sem:
+                await store.enroll(d, {"bench": "connections"}, issued[d])
+
+        await asyncio.gather(*(one(d) for d in ids))
+    finally:
+        await pool.close()
+    ca_pem = ca.cert_pem.decode()
+    return {
+        d: {
+            "certificate": c.cert_pem.decode(),
+            "private_key": c.key_pem.decode(),
+            "ca_certificate": ca_pem,
+        }
+        for d, c in issued.items()
+    }
+
+
 async def connections(
-    nats_url: str, dsn: str, registry_url: str, root: Path, *, devices: int, seconds: float
+    nats_url: str,
+    dsn: str,
+    registry_url: str,
+    root: Path,
+    *,
+    devices: int,
+    seconds: float,
+    workers: int = 8,
+    rate: float = 200.0,
 ) -> dict[str, Any]:
-    """``devices`` sessions, a telemetry batch each every 10 s: the gateway's CPU and RSS."""
+    """``devices`` sessions, a telemetry batch each every 10 s: the gateway's CPU and RSS.
+
+    The sessions are held by ``workers`` processes (``bench.edge_sessions``), opening
+    ``rate`` sessions a second in all.
+    """
     gw = Gateway(root / "gw-conn", nats_url, dsn, registry_url)
     await gw.start()
     ids = [f"cx-{i:05d}" for i in range(devices)]
-    stop = asyncio.Event()
+    procs: list[asyncio.subprocess.Process] = []
+    state: list[dict[str, int]] = [{} for _ in range(workers)]
+    errors: list[str] = []
     try:
         t0 = time.perf_counter()
-        bundles = await enroll(gw.api, ids, root)
+        bundles = await enroll_direct(gw.root, dsn, ids)
         enroll_s = time.perf_counter() - t0
-        connected = 0
-        acked = 0
+        readers = []
+        for w in range(workers):
+            part = {d: bundles[d] for d in ids[w::workers]}
+            path = root / f"sessions-{w}.json"
+            path.write_text(json.dumps(part))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bench.edge_sessions",
+                f"127.0.0.1:{gw.grpc_port}",
+                str(path),
+                str(rate / workers),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                cwd=PROJECT,
+            )
+            procs.append(proc)
 
-        async def device(d: str) -> None:
-            nonlocal connected, acked
-            await asyncio.sleep(len(d) % 7 * 0.01)
-            async with _channel(f"127.0.0.1:{gw.grpc_port}", bundles[d]) as channel:
-                call = channel.stream_stream(
-                    "/edgeloop.edge.v1.EdgeGateway/Connect",
-                    request_serializer=pb.AgentMessage.SerializeToString,
-                    response_deserializer=pb.GatewayMessage.FromString,
-                )()
-                await call.write(pb.AgentMessage(hello=pb.Hello(device_id=d)))
-                await call.read()
-                connected += 1
-                offset = (hash(d) % 1000) / 100  # spread the batches over the 10 s
-                await asyncio.sleep(offset)
-                while not stop.is_set():
-                    await call.write(pb.AgentMessage(telemetry=_batch(d)))
-                    if (await call.read()).WhichOneof("kind") == "ack":
-                        acked += 1
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), 10)
-                call.cancel()
+            async def read(w: int = w, proc: asyncio.subprocess.Process = proc) -> None:
+                assert proc.stdout is not None
+                async for line in proc.stdout:
+                    doc = json.loads(line)
+                    if "error" in doc:
+                        errors.append(doc["error"])
+                    else:
+                        state[w] = doc
 
-        tasks = [asyncio.create_task(device(d)) for d in ids]
+            readers.append(asyncio.create_task(read()))
+
+        def total(key: str) -> int:
+            return sum(s.get(key, 0) for s in state)
+
         t1 = time.perf_counter()
-        while connected < devices and time.perf_counter() - t1 < 600:
+        while total("connected") < devices and time.perf_counter() - t1 < 900:
             await asyncio.sleep(0.5)
         connect_s = time.perf_counter() - t1
-        proc = gw.process()
-        await asyncio.sleep(10)  # settle
-        cpu0, a0, w0 = proc.cpu_times(), acked, time.perf_counter()
+        gateway = gw.process()
+        await asyncio.sleep(12)  # every session has sent its first batch
+        cpu0, a0, w0 = gateway.cpu_times(), total("acked"), time.perf_counter()
         await asyncio.sleep(seconds)
-        cpu1, a1, w1 = proc.cpu_times(), acked, time.perf_counter()
-        rss = proc.memory_info().rss
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        cpu1, a1, w1 = gateway.cpu_times(), total("acked"), time.perf_counter()
+        rss = gateway.memory_info().rss
+        connected = total("connected")
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.close()
+        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), 120)
+        await asyncio.gather(*readers, return_exceptions=True)
     finally:
-        stop.set()
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
         await gw.stop()
     return {
         "devices": devices,
         "connected": connected,
+        "errors": total("errors"),
+        "first_errors": errors[:3],
+        "load_processes": workers,
         "enroll_s": round(enroll_s, 1),
         "connect_all_s": round(connect_s, 1),
         "batches_per_s": round((a1 - a0) / (w1 - w0), 1),

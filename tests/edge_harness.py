@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,12 +24,13 @@ from nats.js import JetStreamContext
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.twin import DesiredModel
 from edgeloop.devstack.servers import free_port
-from edgeloop.devstack.testing import eventually
+from edgeloop.devstack.testing import api_up, eventually
 from edgeloop.edge.agent import Agent, AgentConfig, Faults, ModelCache
 from edgeloop.edge.buffer import MemoryBuffer
 from edgeloop.gateway.app import build as build_gateway
 from edgeloop.gateway.config import GatewaySettings
 from edgeloop.kit.oci import OciClient
+from edgeloop.kit.oci.client import sha256
 from edgeloop.kit.oci.image import build_model_image, push_image
 from edgeloop.kit.oci.signing import attach_signature, generate_keypair, load_private_key
 from edgeloop.kit.service import Service
@@ -58,6 +60,43 @@ class Image:
             model_digest=self.model_digest,
             **extra,
         )
+
+
+async def push_model_image(
+    registry_url: str,
+    repo: str,
+    model: str,
+    version: str,
+    onnx: bytes,
+    *,
+    profile: dict[str, Any] | None = None,
+    sign: bool = True,
+    key: bytes = PRIVATE,
+    filler: int = 0,
+) -> Image:
+    """Build, push to ``repo`` and (optionally) sign a model image as the builder does."""
+    files: dict[str, bytes | Path] = {
+        "model/model.onnx": onnx,
+        "model/model.json": json.dumps({"name": model, "version": version}).encode(),
+    }
+    if profile is not None:
+        files["model/profile.json"] = json.dumps(profile).encode()
+    if filler:  # incompressible bytes, to make the layer large (download tests)
+        files["model/filler.bin"] = os.urandom(filler)
+    annotations = {
+        "edgeloop.model": model,
+        "edgeloop.version": version,
+        "edgeloop.model_digest": sha256(onnx),
+    }
+    built = build_model_image(files, annotations=annotations)
+    async with OciClient(registry_url) as oci:
+        digest = await push_image(oci, repo, built, tag=version)
+        if sign:
+            await attach_signature(oci, repo, digest, load_private_key(key))
+    host = registry_url.split("://", 1)[1]
+    return Image(
+        model, version, f"{host}/{repo}", digest, sha256(onnx), built.layer_descriptor.size
+    )
 
 
 @dataclass
@@ -91,32 +130,16 @@ class EdgeStack:
         filler: int = 0,
     ) -> Image:
         """Build, push and (optionally) sign an image as the builder does."""
-        from edgeloop.kit.oci.client import sha256
-
-        files: dict[str, bytes | Path] = {
-            "model/model.onnx": onnx,
-            "model/model.json": json.dumps({"name": model, "version": version}).encode(),
-        }
-        if profile is not None:
-            files["model/profile.json"] = json.dumps(profile).encode()
-        if filler:  # incompressible bytes, to make the layer large (download tests)
-            import os
-
-            files["model/filler.bin"] = os.urandom(filler)
-        annotations = {
-            "edgeloop.model": model,
-            "edgeloop.version": version,
-            "edgeloop.model_digest": sha256(onnx),
-        }
-        built = build_model_image(files, annotations=annotations)
-        repo = f"{self.prefix}/images/{model}"
-        async with OciClient(self.registry_url) as oci:
-            digest = await push_image(oci, repo, built, tag=version)
-            if sign:
-                await attach_signature(oci, repo, digest, load_private_key(key))
-        host = self.registry_url.split("://", 1)[1]
-        return Image(
-            model, version, f"{host}/{repo}", digest, sha256(onnx), built.layer_descriptor.size
+        return await push_model_image(
+            self.registry_url,
+            f"{self.prefix}/images/{model}",
+            model,
+            version,
+            onnx,
+            profile=profile,
+            sign=sign,
+            key=key,
+            filler=filler,
         )
 
     async def set_desired(self, device_id: str, doc: DesiredModel | None) -> int:
@@ -220,7 +243,7 @@ async def edge_stack(
                 headers={"Authorization": f"Bearer {TOKEN}"},
                 timeout=30,
             ) as api:
-                await eventually(lambda: _up(api), what="gateway API")
+                await eventually(lambda: api_up(api), what="gateway API")
                 stack = EdgeStack(
                     service,
                     config,
@@ -241,10 +264,3 @@ async def edge_stack(
                         del agent
     finally:
         await nc.close()
-
-
-async def _up(api: httpx.AsyncClient) -> bool:
-    try:
-        return (await api.get("/docs")).status_code == 200
-    except httpx.TransportError:
-        return False

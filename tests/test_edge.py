@@ -9,7 +9,6 @@ import json
 import grpc
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
 
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.edge.v1 import edge_pb2 as pb
@@ -18,7 +17,7 @@ from edgeloop.edge.agent import Faults
 from edgeloop.gateway.pki import CertificateAuthority
 from edgeloop.kit.oci.signing import generate_keypair
 from tests.edge_harness import EdgeStack, wait_state
-from tests.modelzoo import classifier
+from tests.modelzoo import classifier, failing_model
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,21 +32,6 @@ def _profile() -> dict[str, object]:
     m = classifier("iris")
     ref = np.load(__import__("io").BytesIO(m.reference))
     return compute_profile(OnnxModel(m.onnx), ref["X"], [str(n) for n in ref["feature_names"]])
-
-
-def _failing_model(n_features: int = 4) -> bytes:
-    """Loads fine, fails at inference: reshapes (rows x 4) into (3 x -1)."""
-    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [3, -1])
-    graph = helper.make_graph(
-        [helper.make_node("Reshape", ["X", "shape"], ["Y"])],
-        "fails",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, n_features])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, None])],
-        [shape],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 async def test_desired_image_is_delivered_activated_and_streams_telemetry(
@@ -176,7 +160,7 @@ async def test_model_failing_warmup_is_rolled_back_locally_and_reported(
     good = await edge.publish_image(f"w{unique}", "1", classifier("iris").onnx)
     await edge.set_desired(device, good.desired())
     await wait_state(agent, RUNNING, version="1")
-    broken = await edge.publish_image(f"w{unique}", "2", _failing_model())
+    broken = await edge.publish_image(f"w{unique}", "2", failing_model())
     await edge.set_desired(device, broken.desired())
     await wait_state(agent, FAILED)
     assert "warm-up" in agent.error

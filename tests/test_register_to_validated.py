@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from edgeloop.cli.main import app
 from edgeloop.devstack.testing import up_environment
-from tests.modelzoo import classifier
+from tests.modelzoo import ModelFiles, classifier
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -64,31 +64,42 @@ def _wait_report(env: dict[str, str], ref: str) -> dict[str, object]:
         time.sleep(0.5)
 
 
-def test_register_to_validated_from_the_cli(stack: dict[str, str], tmp_path: Path) -> None:
-    m = classifier()
-    (tmp_path / "model.onnx").write_bytes(m.onnx)
-    (tmp_path / "suite.npz").write_bytes(m.suite)
-    (tmp_path / "reference.npz").write_bytes(m.reference)
-    result = runner.invoke(
+def _register(
+    env: dict[str, str], tmp_path: Path, name: str, m: ModelFiles, *options: str
+) -> Result:
+    """``edgeloop models register`` of a scikit-learn model with its suite and reference."""
+    for file, data in (("model.onnx", m.onnx), ("suite.npz", m.suite), ("ref.npz", m.reference)):
+        (tmp_path / file).write_bytes(data)
+    return runner.invoke(
         app,
         [
             "models",
             "register",
             str(tmp_path / "model.onnx"),
             "--name",
-            "breast-cancer",
+            name,
             "--suite",
             str(tmp_path / "suite.npz"),
             "--reference",
-            str(tmp_path / "reference.npz"),
-            "--commit",
-            "0123abc",
-            "--param",
-            "threshold.accuracy=0.9",
-            "--tag",
-            "team=ds",
+            str(tmp_path / "ref.npz"),
+            *options,
         ],
-        env=stack,
+        env=env,
+    )
+
+
+def test_register_to_validated_from_the_cli(stack: dict[str, str], tmp_path: Path) -> None:
+    result = _register(
+        stack,
+        tmp_path,
+        "breast-cancer",
+        classifier(),
+        "--commit",
+        "0123abc",
+        "--param",
+        "threshold.accuracy=0.9",
+        "--tag",
+        "team=ds",
     )
     assert result.exit_code == 0, result.output
     version = result.output.strip()
@@ -114,6 +125,47 @@ def test_register_to_validated_from_the_cli(stack: dict[str, str], tmp_path: Pat
         check=True,
     )
     assert json.loads(out.stdout)["Labels"]["edgeloop.source_commit"] == "0123abc"
+
+
+def test_validated_version_rolls_out_to_the_fleet_from_the_cli(
+    stack: dict[str, str], tmp_path: Path
+) -> None:
+    """The operator's story: register, wait for validation, roll out in waves to the
+    simulated fleet `make up` runs, watch it complete, see the devices run it."""
+    result = _register(stack, tmp_path, "iris-fleet", classifier("iris"))
+    assert result.exit_code == 0, result.output
+    assert _wait_report(stack, "iris-fleet@1")["state"] == "passed"
+    started = runner.invoke(
+        app,
+        [
+            "rollout",
+            "start",
+            "iris-fleet@1",
+            "--selector",
+            "fleet=sim",
+            "--waves",
+            "1,100%",
+            "--bake",
+            "1s",
+            "--watch",
+        ],
+        env=stack,
+    )
+    assert started.exit_code == 0, started.output
+    assert "COMPLETED" in started.output
+    assert "wave 1" in started.output
+    listed = runner.invoke(app, ["rollouts", "list"], env=stack)
+    assert "iris-fleet@1" in listed.output
+    assert "completed" in listed.output
+    devices = json.loads(
+        runner.invoke(
+            app, ["devices", "list", "--selector", "fleet=sim", "--json"], env=stack
+        ).output
+    )
+    assert len(devices) == 5
+    assert {(d["model"], d["version"], d["state"]) for d in devices} == {
+        ("iris-fleet", "1", "running")
+    }
 
 
 def test_bad_model_ends_in_a_clear_failure(stack: dict[str, str], tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ EXAMPLES: dict[type[ev.Event], Callable[[], ev.Event]] = {
     ev.RolloutPaused: lambda: ev.RolloutPaused(**REF, rollout_id=RID, actor="ops"),
     ev.RolloutResumed: lambda: ev.RolloutResumed(**REF, rollout_id=RID),
     ev.RolloutAborted: lambda: ev.RolloutAborted(**REF, rollout_id=RID, reason="x"),
+    ev.RolloutRefused: lambda: ev.RolloutRefused(**REF, rollout_id=RID, reason="not validated"),
     ev.CanaryVerdict: lambda: ev.CanaryVerdict(
         **REF, rollout_id=RID, wave=1, verdict=ev.Verdict.FAIL, reasons=["p95"]
     ),

@@ -14,7 +14,7 @@ import pytest
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ModelCommitted, ValidationPassed
 from edgeloop.devstack.servers import free_port
-from edgeloop.devstack.testing import eventually, stream_messages
+from edgeloop.devstack.testing import api_up, eventually, stream_messages
 from edgeloop.kit.oci import OciClient
 from edgeloop.kit.outbox import add_event
 from edgeloop.registry.app import build
@@ -59,15 +59,8 @@ async def api(nats_url: str, pg_dsn: str, registry_url: str, unique: str) -> Asy
             timeout=30,
         ) as client,
     ):
-        await eventually(lambda: _up(client), what="registry API")
+        await eventually(lambda: api_up(client), what="registry API")
         yield Api(client, svc, svc.schema)
-
-
-async def _up(client: httpx.AsyncClient) -> bool:
-    try:
-        return (await client.get("/docs")).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _m(name: str) -> dict[str, bytes]:

@@ -19,7 +19,7 @@ from edgeloop.builder.config import BuilderSettings
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ImageBuilt, ValidationFailed
 from edgeloop.devstack.servers import NatsServer, free_port
-from edgeloop.devstack.testing import eventually, stream_messages
+from edgeloop.devstack.testing import api_up, eventually, stream_messages
 from edgeloop.kit.oci import OciClient
 from edgeloop.kit.oci.image import build_model_image, push_image
 from edgeloop.kit.oci.signing import generate_keypair
@@ -104,15 +104,8 @@ async def loop(
             timeout=30,
             headers={"Authorization": f"Bearer {TOKEN}"},
         ) as api:
-            await eventually(lambda: _up(api), what="registry API")
+            await eventually(lambda: api_up(api), what="registry API")
             yield Loop(api, unique, registry_url)
-
-
-async def _up(api: httpx.AsyncClient) -> bool:
-    try:
-        return (await api.get("/docs")).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 async def test_good_model_is_validated_tagged_and_becomes_candidate(

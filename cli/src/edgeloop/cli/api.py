@@ -89,3 +89,11 @@ def pairs(values: list[str] | None, what: str) -> dict[str, str]:
             raise typer.Exit(2)
         out[key] = value
     return out
+
+
+DEPLOYER = Api("deployer", "EDGELOOP_DEPLOYER_API", "deployer_api", "http://127.0.0.1:18300")
+
+
+def when(value: Any) -> str:
+    """An ISO timestamp as ``YYYY-MM-DD HH:MM:SS`` ("-" when absent)."""
+    return str(value)[:19].replace("T", " ") if value else "-"

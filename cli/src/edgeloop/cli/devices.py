@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgeloop.cli.api import GATEWAY, pairs
+from edgeloop.cli.api import GATEWAY, pairs, when
 
 app = typer.Typer(help="Enrol edge devices and look at them.", no_args_is_help=True)
 
@@ -64,10 +64,6 @@ def enroll(
     typer.echo(f"bundle: {bundle}/   start it: edgeloop-agent --config {bundle}/agent.json")
 
 
-def _when(value: Any) -> str:
-    return str(value)[:19].replace("T", " ") if value else "-"
-
-
 @app.command("list")
 def list_devices(
     selector: Annotated[str | None, typer.Option(help="k=v[,k=v…]: labels to match")] = None,
@@ -95,7 +91,7 @@ def list_devices(
         labels = ",".join(f"{k}={v}" for k, v in sorted(d["labels"].items()))
         typer.echo(
             f"{d['device_id']:24} {'yes' if d['online'] else 'no':7} {model:24} "
-            f"{d.get('state') or '-':9} {_when(d.get('last_seen')):19}  {labels}"
+            f"{d.get('state') or '-':9} {when(d.get('last_seen')):19}  {labels}"
         )
 
 
@@ -117,11 +113,11 @@ def show(
         ("image digest", d.get("digest") or "-"),
         ("state", d.get("state") or "-"),
         ("error", d.get("error") or "-"),
-        ("enrolled", _when(d["enrolled_at"])),
-        ("first/last seen", f"{_when(d.get('first_seen'))} / {_when(d.get('last_seen'))}"),
+        ("enrolled", when(d["enrolled_at"])),
+        ("first/last seen", f"{when(d.get('first_seen'))} / {when(d.get('last_seen'))}"),
         (
             "certificate",
-            f"{d['fingerprint'][:16]}… until {_when(d['cert_not_after'])}"
+            f"{d['fingerprint'][:16]}… until {when(d['cert_not_after'])}"
             + (" REVOKED" if d["revoked"] else ""),
         ),
     ]

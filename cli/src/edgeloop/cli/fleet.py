@@ -50,9 +50,10 @@ def simulate(
 ) -> None:
     """Run DEVICES agents (enrolled through the gateway's API, one shared onnxruntime
     session per model) with injected drift and faults, printing a live summary."""
+    from edgeloop.contracts.parsing import parse_duration
     from edgeloop.edge.fleet import FleetOptions, Offline, Slow, api_token
     from edgeloop.edge.fleet import simulate as run
-    from edgeloop.edge.sources import Drift, parse_duration
+    from edgeloop.edge.sources import Drift
 
     labels: dict[str, str] = {}
     for item in label or []:

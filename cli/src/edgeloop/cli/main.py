@@ -1,7 +1,7 @@
 """The ``edgeloop`` command.
 
 Each command group lives in its own module with its own ``typer.Typer`` and is mounted
-here with ``app.add_typer`` (``edgeloop models …``, later ``edgeloop rollout …``);
+here with ``app.add_typer`` (``edgeloop models …``, ``edgeloop rollout …``);
 single commands (``edgeloop status``) are registered with ``app.command``.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from edgeloop.cli import devices, fleet, models, status
+from edgeloop.cli import devices, fleet, models, rollout, status
 
 app = typer.Typer(
     help="edgeloop: closed-loop MLOps for models on fleets of edge devices.",
@@ -21,6 +21,8 @@ app.add_typer(models.app, name="models")
 app.add_typer(models.validations_app, name="validations")
 app.add_typer(devices.app, name="devices")
 app.add_typer(fleet.app, name="fleet")
+app.add_typer(rollout.app, name="rollout")
+app.add_typer(rollout.list_app, name="rollouts")
 
 
 @app.callback()

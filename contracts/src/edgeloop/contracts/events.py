@@ -179,6 +179,14 @@ class _RolloutEvent(Event, ModelRef):
     rollout_id: uuid.UUID
 
 
+class RolloutRefused(_RolloutEvent):
+    """A rollout request that was not admitted (not validated, no devices, overlap …)."""
+
+    subject: ClassVar[str] = s.ROLLOUT_REFUSED
+
+    reason: str
+
+
 class _WaveEvent(_RolloutEvent):
     wave: NonNegativeInt
     devices: list[str] = Field(default_factory=list)
@@ -408,6 +416,7 @@ LIFECYCLE_EVENTS: tuple[type[Event], ...] = (
     ValidationPassed,
     ValidationFailed,
     RolloutRequested,
+    RolloutRefused,
     RolloutWaveStarted,
     RolloutWaveSucceeded,
     RolloutWaveFailed,

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -37,6 +38,14 @@ async def eventually(
             return last
         await asyncio.sleep(0.1)
     raise AssertionError(f"timed out after {within}s waiting for {what}; last value {last!r}")
+
+
+async def api_up(client: httpx.AsyncClient) -> bool:
+    """Whether the HTTP API behind ``client`` answers (its OpenAPI page)."""
+    try:
+        return (await client.get("/docs")).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def _split(js_or_nc: JetStreamContext | Client) -> tuple[JetStreamContext, Client]:
@@ -148,6 +157,9 @@ def up_environment(state_dir: Path) -> dict[str, str]:
         "EDGELOOP_PG_PORT": str(free_port()),
         "EDGELOOP_OCI_REGISTRY_PORT": str(free_port()),
         "EDGELOOP_REGISTRY_API_PORT": str(free_port()),
+        "EDGELOOP_GATEWAY_API_PORT": str(free_port()),
+        "EDGELOOP_GATEWAY_GRPC_PORT": str(free_port()),
+        "EDGELOOP_DEPLOYER_API_PORT": str(free_port()),
         "EDGELOOP_FIRST_HTTP_PORT": str(free_port()),
     }
     for key in ("EDGELOOP_NATS_URL", "EDGELOOP_DATABASE_URL", "EDGELOOP_OCI_REGISTRY_URL"):

@@ -53,6 +53,7 @@ PG_PORT = 15432
 OCI_REGISTRY_PORT = 15000
 REGISTRY_API_PORT = 18100
 GATEWAY_API_PORT = 18200
+DEPLOYER_API_PORT = 18300
 GATEWAY_GRPC_PORT = 18443
 FLEET_DEVICES = 5
 FIRST_HTTP_PORT = 18080
@@ -274,6 +275,7 @@ def _print_endpoints(endpoints: dict[str, Any], services: list[ServiceProcess], 
         f"  registry API      {endpoints['registry_api']}/docs",
         f"  gateway API       {endpoints['gateway_api']}/docs   (devices: edgeloop devices list)",
         f"  gateway (gRPC)    {endpoints['gateway_address']}   (mTLS; edgeloop devices enroll ID)",
+        f"  deployer API      {endpoints['deployer_api']}/docs   (edgeloop rollouts list)",
         f"  API token         export EDGELOOP_API_TOKEN=$(cat {root / 'api-token'})",
         f"  state             {root}  (stack.json, logs/)",
         "check it:   .venv/bin/edgeloop status      stop it:   Ctrl-C or `make down`",
@@ -330,6 +332,7 @@ def main() -> None:
         registry_api = f"http://127.0.0.1:{_port('EDGELOOP_REGISTRY_API_PORT', REGISTRY_API_PORT)}"
         gateway_api = f"http://127.0.0.1:{_port('EDGELOOP_GATEWAY_API_PORT', GATEWAY_API_PORT)}"
         gateway_address = f"127.0.0.1:{_port('EDGELOOP_GATEWAY_GRPC_PORT', GATEWAY_GRPC_PORT)}"
+        deployer_api = f"http://127.0.0.1:{_port('EDGELOOP_DEPLOYER_API_PORT', DEPLOYER_API_PORT)}"
         endpoints |= {
             "nats_url": nats_url,
             "database_url": database_url,
@@ -337,6 +340,7 @@ def main() -> None:
             "registry_api": registry_api,
             "gateway_api": gateway_api,
             "gateway_address": gateway_address,
+            "deployer_api": deployer_api,
             "public_key": str(root / "signing-key.pub"),
         }
         common = {
@@ -356,6 +360,14 @@ def main() -> None:
                 "EDGELOOP_VALIDATOR_REGISTRY_API": registry_api,
                 "EDGELOOP_VALIDATOR_REGISTRY_TOKEN": api_token,
             },
+            "deployer": {
+                "EDGELOOP_DEPLOYER_API_TOKENS": api_token,
+                "EDGELOOP_DEPLOYER_API_PORT": deployer_api.rsplit(":", 1)[1],
+                "EDGELOOP_DEPLOYER_REGISTRY_API": registry_api,
+                "EDGELOOP_DEPLOYER_REGISTRY_TOKEN": api_token,
+                "EDGELOOP_DEPLOYER_GATEWAY_API": gateway_api,
+                "EDGELOOP_DEPLOYER_GATEWAY_TOKEN": api_token,
+            },
             "gateway": {
                 "EDGELOOP_GATEWAY_API_TOKENS": api_token,
                 "EDGELOOP_GATEWAY_API_PORT": gateway_api.rsplit(":", 1)[1],
@@ -370,6 +382,7 @@ def main() -> None:
                     "EDGELOOP_FLEET_DEVICES", str(FLEET_DEVICES)
                 ),
                 "EDGELOOP_FLEET_STATE_DIR": str(root / "fleet"),
+                "EDGELOOP_FLEET_LABELS": os.environ.get("EDGELOOP_FLEET_LABELS", "fleet=sim"),
             },
         }
         logs = root / "logs"

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+from edgeloop.contracts.parsing import parse_duration
 from edgeloop.edge.agent import Agent, AgentConfig, Faults, ModelCache
 from edgeloop.edge.buffer import MemoryBuffer
 from edgeloop.edge.bundle import write_bundle
-from edgeloop.edge.sources import parse_duration
 
 
 @dataclass(frozen=True)
@@ -298,7 +298,9 @@ def options_from_args(argv: list[str] | None = None) -> FleetOptions:
     env = os.environ
     parser = argparse.ArgumentParser(prog="edgeloop-fleet", description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=int(env.get("EDGELOOP_FLEET_DEVICES", "5")))
-    parser.add_argument("--label", action="append", default=[], help="k=v, for every device")
+    parser.add_argument(
+        "--label", action="append", default=None, help="k=v, for every device (repeat)"
+    )
     parser.add_argument("--drift", default=env.get("EDGELOOP_FLEET_DRIFT"))
     parser.add_argument("--offline", default=env.get("EDGELOOP_FLEET_OFFLINE"))
     parser.add_argument("--slow", default=None)
@@ -324,7 +326,10 @@ def options_from_args(argv: list[str] | None = None) -> FleetOptions:
     )
     args = parser.parse_args(argv)
     labels = {}
-    for item in args.label:
+    given = args.label
+    if given is None:  # EDGELOOP_FLEET_LABELS=k=v,k=v
+        given = [x for x in env.get("EDGELOOP_FLEET_LABELS", "").split(",") if x.strip()]
+    for item in given:
         key, sep, value = item.partition("=")
         if not sep:
             parser.error(f"--label takes k=v, got {item!r}")

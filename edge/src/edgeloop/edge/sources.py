@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -15,6 +14,8 @@ from typing import Any, Protocol, TextIO
 
 import numpy as np
 import numpy.typing as npt
+
+from edgeloop.contracts.parsing import parse_duration
 
 Rows = npt.NDArray[np.float32]
 
@@ -26,18 +27,6 @@ class InputSource(Protocol):
 
     def read(self, n: int) -> Rows | None:
         """Up to ``n`` rows; None when the source is exhausted."""
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-
-def parse_duration(text: str) -> float:
-    """``500ms``, ``10s``, ``2m``, ``1h`` or plain seconds → seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"invalid duration {text!r}: use e.g. 500ms, 10s, 2m, 1h")
-    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[match.group(2) or "s"]
-    return float(match.group(1)) * scale
 
 
 @dataclass(frozen=True)

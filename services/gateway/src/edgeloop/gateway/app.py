@@ -9,7 +9,6 @@ import logging
 from pathlib import Path
 
 import grpc
-import uvicorn
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -21,7 +20,7 @@ from edgeloop.gateway.config import GatewaySettings
 from edgeloop.gateway.devices import DeviceStore
 from edgeloop.gateway.pki import CertificateAuthority, server_credentials
 from edgeloop.gateway.server import SERVICE, EdgeGateway
-from edgeloop.kit.api import QuietServer
+from edgeloop.kit.api import serve_api
 from edgeloop.kit.oci import OciClient
 from edgeloop.kit.service import Service, configure_logging
 
@@ -82,32 +81,31 @@ def build(settings: GatewaySettings) -> tuple[Service, asyncio.Event]:
         await server.start()
         for name in ("", SERVICE):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        api = uvicorn.Config(
-            create_api(
-                store,
-                ca,
-                settings.tokens(),
-                gateway_address=settings.address(),
-                signing_public_key=signing_pem,
+        http_task = asyncio.create_task(
+            serve_api(
+                create_api(
+                    store,
+                    ca,
+                    settings.tokens(),
+                    gateway_address=settings.address(),
+                    signing_public_key=signing_pem,
+                ),
+                settings.api_host,
+                settings.api_port,
             ),
-            host=settings.api_host,
-            port=settings.api_port,
-            log_level="warning",
-            lifespan="off",
+            name="gateway-api",
         )
-        http = QuietServer(api)
-        http_task = asyncio.create_task(http.serve(), name="gateway-api")
         log.info("gateway serving gRPC on %s:%d", settings.grpc_host, port)
         serving.set()
         try:
             await http_task
         finally:
             serving.clear()
-            http.should_exit = True
+            http_task.cancel()
             await health_servicer.enter_graceful_shutdown()
             await gateway.stop()
             await server.stop(grace=5)
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BaseException):
                 await http_task
             with contextlib.suppress(Exception):
                 await oci.aclose()

@@ -5,21 +5,18 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from edgeloop.contracts.stackfile import state_dir
-from edgeloop.kit.settings import ServiceSettings, secret_field
+from edgeloop.kit.settings import ApiServiceSettings
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(ApiServiceSettings):
     """Settings of the edge gateway."""
 
     model_config = SettingsConfigDict(env_prefix="EDGELOOP_GATEWAY_", extra="ignore")
 
-    api_tokens: SecretStr = secret_field(
-        "Comma-separated API tokens for the HTTP API (Authorization: Bearer …)"
-    )
     gateway_id: str = Field(default_factory=socket.gethostname)
     """Names this gateway in the device registry (sessions it owns)."""
     grpc_host: str = "127.0.0.1"
@@ -30,8 +27,6 @@ class GatewaySettings(ServiceSettings):
     """host:port agents are told to connect to (enrolment bundles); default grpc host:port."""
     server_hostnames: str = "localhost,127.0.0.1"
     """Names and addresses in the server certificate, comma separated."""
-    api_host: str = "127.0.0.1"
-    """Address of the HTTP API (devices, enrolment)."""
     api_port: int = 18200
     """Port of the HTTP API (OpenAPI at /docs)."""
     pki_dir: Path = Field(default_factory=lambda: state_dir() / "gateway" / "pki")
@@ -50,12 +45,6 @@ class GatewaySettings(ServiceSettings):
     """Messages waiting for one device before its session is ended (backpressure)."""
     max_sessions: int = 50_000
     """Sessions one gateway accepts."""
-
-    def tokens(self) -> frozenset[str]:
-        """The accepted API tokens."""
-        return frozenset(
-            t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip()
-        )
 
     def hostnames(self) -> list[str]:
         """Names and addresses for the server certificate."""

@@ -37,6 +37,7 @@ from edgeloop.contracts.twin import DesiredModel, image_repository
 from edgeloop.gateway.artifacts import ArtifactCache, NotAllowed
 from edgeloop.gateway.devices import DeviceStore
 from edgeloop.gateway.pki import check_device_id, fingerprint
+from edgeloop.kit.kv import KvMirror
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class EdgeGateway:
         self.max_sessions = max_sessions
         self.sessions: dict[str, Session] = {}
         self.desired: dict[str, tuple[int, DesiredModel | None]] = {}
-        self.desired_loaded = asyncio.Event()
+        self._desired_mirror = KvMirror(desired_kv, self._desired_changed, name=s.KV_DESIRED)
         self._seen: dict[str, datetime] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -125,16 +126,14 @@ class EdgeGateway:
     async def start(self) -> None:
         """Start watching desired state (returns once the current state is loaded)."""
         await self.store.mark_gateway_offline(self.gateway_id)
-        self._tasks = [
-            asyncio.create_task(self._watch_desired(), name="gateway-watch-desired"),
-            asyncio.create_task(self._housekeeping(), name="gateway-housekeeping"),
-        ]
-        await asyncio.wait_for(self.desired_loaded.wait(), 30)
+        await self._desired_mirror.start()
+        self._tasks = [asyncio.create_task(self._housekeeping(), name="gateway-housekeeping")]
 
     async def stop(self) -> None:
         """End every session and the background tasks."""
         for session in list(self.sessions.values()):
             session.close("the gateway is shutting down")
+        await self._desired_mirror.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -163,26 +162,9 @@ class EdgeGateway:
 
     # --- desired state ------------------------------------------------------------------
 
-    async def _watch_desired(self) -> None:
-        while True:
-            try:
-                watcher = await self.desired_kv.watchall()
-                async for entry in watcher:
-                    if entry is None:
-                        self.desired_loaded.set()
-                        continue
-                    self._desired_changed(
-                        entry.key, entry.revision or 0, entry.value, entry.operation
-                    )
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("desired-state watch failed; watching again in 1 s")
-                await asyncio.sleep(1)
-
-    def _desired_changed(self, key: str, revision: int, value: bytes | None, op: Any) -> None:
+    def _desired_changed(self, key: str, revision: int, value: bytes | None) -> None:
         doc: DesiredModel | None = None
-        if op is None and value:
+        if value:
             try:
                 doc = DesiredModel.from_bytes(value)
             except ValidationError as exc:

@@ -6,12 +6,14 @@ An app stores its accepted tokens in ``app.state.tokens``; a route takes ``who: 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 from typing import Annotated
 
 import uvicorn
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 
 
 async def _actor(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
@@ -39,3 +41,17 @@ class QuietServer(uvicorn.Server):
 
     def install_signal_handlers(self) -> None:
         """Leave signal handling to the Service."""
+
+
+async def serve_api(app: FastAPI, host: str, port: int) -> None:
+    """Serve ``app`` until cancelled (the kit's Service owns SIGTERM, not uvicorn)."""
+    server = QuietServer(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve(), name=f"api-{port}")
+    try:
+        await asyncio.shield(task)
+    finally:
+        server.should_exit = True  # uvicorn closes its sockets and connections
+        with contextlib.suppress(BaseException):
+            await task

@@ -19,7 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import asyncpg
@@ -68,6 +68,12 @@ class Tx:
     schema: str
     event_id: uuid.UUID
     deliveries: int
+    committed: list[Callable[[], None]] = field(default_factory=list)
+    """Callbacks run once the transaction committed (e.g. wake a local worker)."""
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once this transaction has committed (never if it rolls back)."""
+        self.committed.append(callback)
 
     async def publish(self, event: Event, *, subject: str | None = None) -> None:
         """Queue ``event`` in the outbox; it is published once this transaction commits."""
@@ -254,6 +260,7 @@ class EventProcessor(Generic[E]):
 
     async def _transaction(self, items: list[tuple[int, Msg, E]]) -> list[str]:
         """Claim every event in the inbox and apply the new ones, in one transaction."""
+        done: list[Callable[[], None]] = []
         async with self._pool().acquire() as conn, conn.transaction():
             fresh = await inbox.claim_many(
                 conn,
@@ -288,7 +295,13 @@ class EventProcessor(Generic[E]):
                 else:  # nothing to record and no trace to continue: skip the span's cost
                     await self.handler(event, tx)
                 results.append("processed")
-            return results
+                done.extend(tx.committed)
+        for callback in done:
+            try:
+                callback()
+            except Exception:
+                log.exception("%s: an after-commit callback failed", self.spec.durable)
+        return results
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         await self._dead_letters().send(msg, self.spec.durable, reason, _deliveries(msg))

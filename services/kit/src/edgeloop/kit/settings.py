@@ -95,3 +95,24 @@ class ServiceSettings(BaseSettings):
 def secret_field(description: str) -> Any:
     """A required secret: no default, never logged (``SecretStr``)."""
     return Field(..., description=description)
+
+
+class ApiServiceSettings(ServiceSettings):
+    """Settings of a service that also serves an HTTP API (FastAPI, bearer tokens).
+
+    Subclasses set their own ``api_port`` default.
+    """
+
+    api_tokens: SecretStr = secret_field(
+        "Comma-separated API tokens; a request must bear one (Authorization: Bearer …)"
+    )
+    api_host: str = "127.0.0.1"
+    """Address of the HTTP API."""
+    api_port: int = 0
+    """Port of the HTTP API (OpenAPI at /docs)."""
+
+    def tokens(self) -> frozenset[str]:
+        """The accepted API tokens."""
+        return frozenset(
+            t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip()
+        )

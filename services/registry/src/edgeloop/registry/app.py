@@ -8,9 +8,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-import uvicorn
-
-from edgeloop.kit.api import QuietServer
+from edgeloop.kit.api import serve_api
 from edgeloop.kit.oci import OciClient
 from edgeloop.kit.service import Service, configure_logging
 from edgeloop.registry.api import create_api
@@ -31,7 +29,7 @@ def build(settings: RegistrySettings) -> Service:
     register_handlers(svc)
 
     @svc.background
-    async def serve_api(service: Service) -> None:
+    async def api(service: Service) -> None:
         oci = OciClient(settings.oci_registry_url)
         store = PgStore(service.pool, service.schema)
         registry = Registry(
@@ -42,19 +40,13 @@ def build(settings: RegistrySettings) -> Service:
             max_data_bytes=settings.max_data_bytes,
             profile_bins=settings.profile_bins,
         )
-        config = uvicorn.Config(
-            create_api(registry, store, settings.tokens()),
-            host=settings.api_host,
-            port=settings.api_port,
-            log_level="warning",
-            lifespan="off",
-        )
-        # The kit's Service owns SIGTERM; uvicorn must not install its own handlers.
-        server = QuietServer(config)
         try:
-            await server.serve()
+            await serve_api(
+                create_api(registry, store, settings.tokens()),
+                settings.api_host,
+                settings.api_port,
+            )
         finally:
-            server.should_exit = True
             with contextlib.suppress(Exception):
                 await oci.aclose()
 

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from edgeloop.kit.settings import ServiceSettings, secret_field
+from edgeloop.kit.settings import ApiServiceSettings
 
 
-class RegistrySettings(ServiceSettings):
+class RegistrySettings(ApiServiceSettings):
     """Settings of the registry service."""
 
     model_config = SettingsConfigDict(env_prefix="EDGELOOP_REGISTRY_", extra="ignore")
 
-    api_tokens: SecretStr = secret_field(
-        "Comma-separated API tokens; a request must bear one (Authorization: Bearer …)"
-    )
-    api_host: str = "127.0.0.1"
-    """Address of the HTTP API."""
     api_port: int = 18100
     """Port of the HTTP API (OpenAPI at /docs)."""
     max_model_bytes: int = 256 * 1024 * 1024
@@ -28,9 +22,3 @@ class RegistrySettings(ServiceSettings):
     """OCI repository prefix; a model's artifacts go to <prefix>/<name>."""
     profile_bins: int = 10
     """Quantile bins per numeric feature in the reference profile."""
-
-    def tokens(self) -> frozenset[str]:
-        """The accepted API tokens."""
-        return frozenset(
-            t.strip() for t in self.api_tokens.get_secret_value().split(",") if t.strip()
-        )

@@ -1,0 +1,1 @@
+"""edgeloop deployer: validated images to device groups in canary waves."""

@@ -1,0 +1,3 @@
+from edgeloop.deployer.app import main
+
+main()

@@ -1,0 +1,102 @@
+"""Admitting a rollout request: a validated image, devices that match, no overlap with a
+running rollout, and a deterministic plan of waves — stored with the request in one
+transaction."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from edgeloop.contracts.events import Event, RolloutRefused, RolloutRequested
+from edgeloop.deployer.plan import plan_waves
+from edgeloop.deployer.sources import Devices, Refused, Registry, ValidatedImage
+from edgeloop.deployer.store import Store
+from edgeloop.kit.db import Conn
+from edgeloop.kit.tracing import inject_headers
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Event], Awaitable[None]]
+
+
+class Admission:
+    """Decides whether a rollout request may start, and records it."""
+
+    def __init__(self, registry: Registry, devices: Devices, store: Store) -> None:
+        self.registry = registry
+        self.devices = devices
+        self.store = store
+
+    async def check(self, req: RolloutRequested) -> tuple[ValidatedImage, list[list[str]]]:
+        """The validated image and the plan, or ``Refused``/``NotYet`` (no DB work)."""
+        image = await self.registry.validated_image(req.model, req.version)
+        if req.digest and req.digest != image.digest:
+            raise Refused(
+                409,
+                f"{req.model}@{req.version} was validated as {image.digest}, not {req.digest}",
+            )
+        if not req.selector:
+            raise Refused(422, "a rollout needs a device selector, e.g. --selector site=lab")
+        devices = await self.devices.matching(req.selector)
+        if not devices:
+            text = ",".join(f"{k}={v}" for k, v in sorted(req.selector.items()))
+            raise Refused(422, f"no enrolled device matches the selector {text}")
+        plan = plan_waves(devices, req.waves)
+        return image, plan
+
+    async def admit(self, conn: Conn, req: RolloutRequested) -> None:
+        """Record the admitted rollout, in the caller's transaction; ``Refused`` when the
+        devices overlap a running rollout or the request is inadmissible."""
+        image, plan = await self.check(req)
+        # One admission at a time: the overlap check and the insert must not interleave.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('deployer:admission'))")
+        devices = [d for wave in plan for d in wave]
+        conflict = await self.store.conflicting(conn, devices)
+        if conflict is not None:
+            rollout_id, n = conflict
+            raise Refused(
+                409,
+                f"{n} of the selected devices are in rollout {rollout_id}, which is still "
+                "running; wait for it, or abort or roll it back first",
+            )
+        await self.store.insert(
+            conn,
+            req,
+            image=image.image,
+            digest=image.digest,
+            model_digest=image.model_digest,
+            plan=plan,
+            state="pending",
+            trace_parent=inject_headers().get("traceparent"),
+        )
+        log.info(
+            "rollout %s of %s@%s admitted: %d devices in waves of %s",
+            req.rollout_id,
+            req.model,
+            req.version,
+            len(devices),
+            [len(w) for w in plan],
+        )
+
+    async def refuse(
+        self, conn: Conn, req: RolloutRequested, reason: str, publish: Publish
+    ) -> None:
+        """Record a refused request (from the bus: nobody waits for an HTTP answer)."""
+        await self.store.insert(
+            conn,
+            req,
+            image=None,
+            digest=None,
+            model_digest=None,
+            plan=[],
+            state="refused",
+            reason=reason,
+        )
+        await publish(
+            RolloutRefused(
+                rollout_id=req.rollout_id, model=req.model, version=req.version, reason=reason
+            )
+        )
+        log.warning(
+            "rollout %s of %s@%s refused: %s", req.rollout_id, req.model, req.version, reason
+        )

@@ -1,0 +1,265 @@
+"""The deployer's HTTP API: start rollouts, look at them, pause, resume, abort, roll back.
+
+Starting a rollout admits it at once (validated image, matching devices, no overlap) and
+answers with its id and plan; a refusal is a 4xx whose message says why. The request
+goes on the bus as ``rollout.requested`` through the outbox, in the same transaction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import httpx
+from fastapi import FastAPI, HTTPException, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgeloop.contracts.events import (
+    Event,
+    RolloutAborted,
+    RolloutPaused,
+    RolloutRequested,
+    RolloutResumed,
+    WavePlan,
+)
+from edgeloop.deployer.admission import Admission
+from edgeloop.deployer.plan import failure_budget, progress
+from edgeloop.deployer.sources import Refused
+from edgeloop.deployer.store import ACTIVE, Store
+from edgeloop.deployer.twin import Twin
+from edgeloop.kit.api import Actor
+from edgeloop.kit.outbox import add_event
+
+DEFAULT_WAVES = [
+    WavePlan(count=1),
+    WavePlan(percent=10),
+    WavePlan(percent=50),
+    WavePlan(percent=100),
+]
+
+
+class StartBody(BaseModel):
+    """Body of ``POST /v1/rollouts``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    digest: str | None = None
+    selector: dict[str, str]
+    waves: list[WavePlan] = Field(default_factory=lambda: list(DEFAULT_WAVES), min_length=1)
+    bake_seconds: float = Field(default=30.0, ge=0)
+    converge_timeout_seconds: float = Field(default=120.0, gt=0)
+    max_failures: int | None = Field(default=None, ge=0)
+    max_failures_percent: float | None = Field(default=None, ge=0, le=100)
+
+
+class ActionBody(BaseModel):
+    """Body of the operator actions (optional)."""
+
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+def create_api(
+    pool: Callable[[], asyncpg.Pool],
+    schema: str,
+    admission: Admission,
+    twin: Twin,
+    wake: Callable[[uuid.UUID | None], None],
+    tokens: frozenset[str],
+) -> FastAPI:
+    """The FastAPI app (OpenAPI at ``/docs``)."""
+    api = FastAPI(
+        title="edgeloop deployer",
+        version="1",
+        description="Canary rollouts of validated model images to device groups.",
+    )
+    api.state.tokens = tokens
+    store = Store()
+
+    @api.post("/v1/rollouts", status_code=201)
+    async def start(body: StartBody, who: Actor) -> dict[str, Any]:
+        """Admit a rollout and start it; 4xx with the reason when it cannot start."""
+        req = RolloutRequested(rollout_id=uuid.uuid4(), requested_by=who, **body.model_dump())
+        try:
+            async with pool().acquire() as conn, conn.transaction():
+                await admission.admit(conn, req)
+                await add_event(conn, schema, req)
+        except Refused as exc:
+            raise HTTPException(exc.status, exc.reason) from exc
+        except httpx.HTTPError as exc:
+            raise HTTPException(
+                503, f"cannot reach the registry or the gateway to admit the rollout: {exc}"
+            ) from exc
+        wake(None)
+        return await _show(req.rollout_id)
+
+    @api.get("/v1/rollouts")
+    async def list_rollouts(
+        _: Actor,
+        state: str | None = Query(None, description="comma-separated states, or 'active'"),
+        model: str | None = None,
+        limit: int = Query(50, ge=1, le=1000),
+    ) -> dict[str, Any]:
+        """Rollouts, newest first."""
+        states = None
+        if state:
+            states = list(ACTIVE) if state == "active" else [s.strip() for s in state.split(",")]
+        async with pool().acquire() as conn:
+            rows = await store.recent(conn, states=states, model=model, limit=limit)
+            out = []
+            for r in rows:
+                waves = await store.waves(conn, r.rollout_id)
+                out.append({**r.as_dict(), "waves_planned": [w.size for w in waves]})
+        return {"rollouts": out}
+
+    async def _show(rollout_id: uuid.UUID, devices: bool = False) -> dict[str, Any]:
+        async with pool().acquire() as conn:
+            r = await store.find(conn, rollout_id)
+            if r is None:
+                raise HTTPException(404, f"no rollout {rollout_id}")
+            waves = await store.waves(conn, rollout_id)
+            plan = await store.devices(conn, rollout_id)
+        out = r.as_dict()
+        out["waves_planned"] = [w.size for w in waves]
+        out["wave_status"] = []
+        for w in waves:
+            item = w.as_dict()
+            if w.state in ("writing", "converging", "baking") and r.digest:
+                members = [d["device_id"] for d in plan if d["wave"] == w.wave]
+                p = progress(members, r.digest, twin.reported)
+                item["live"] = {
+                    "converged": len(p.converged),
+                    "failed": len(p.failed),
+                    "pending": len(p.pending),
+                }
+            item["budget"] = failure_budget(w.size, r.max_failures, r.max_failures_percent)
+            out["wave_status"].append(item)
+        out["devices"] = len(plan)
+        if devices:
+            out["device_plan"] = plan
+        return out
+
+    @api.get("/v1/rollouts/{rollout_id}")
+    async def show(rollout_id: uuid.UUID, _: Actor, devices: bool = False) -> dict[str, Any]:
+        """One rollout, its waves with live progress, and (``devices=true``) its plan."""
+        return await _show(rollout_id, devices)
+
+    async def act(
+        rollout_id: uuid.UUID,
+        allowed: tuple[str, ...],
+        verb: str,
+        update: dict[str, Any],
+        event: Callable[[Any], Event | None],
+        *,
+        close_wave: str | None = None,
+        restart_clock: bool = False,
+    ) -> dict[str, Any]:
+        async with pool().acquire() as conn, conn.transaction():
+            try:
+                r = await store.rollout(conn, rollout_id, lock=True)
+            except KeyError:
+                raise HTTPException(404, f"no rollout {rollout_id}") from None
+            if r.state not in allowed:
+                raise HTTPException(
+                    409,
+                    f"rollout {rollout_id} is {r.state}; only a rollout that is "
+                    f"{' or '.join(allowed)} can be {verb}",
+                )
+            await store.set_rollout(conn, rollout_id, expect=allowed, **update)
+            current = [w for w in await store.waves(conn, rollout_id) if w.wave == r.current_wave]
+            wave_state = current[0].state if current else None
+            if close_wave and wave_state in ("writing", "converging", "baking"):
+                await store.set_wave(
+                    conn,
+                    rollout_id,
+                    r.current_wave,
+                    state=close_wave,
+                    reason=update.get("reason"),
+                )
+            if restart_clock and wave_state in ("converging", "baking"):
+                await conn.execute(
+                    "UPDATE waves SET phase_since = now() WHERE rollout_id = $1 AND wave = $2",
+                    rollout_id,
+                    r.current_wave,
+                )
+            e = event(r)
+            if e is not None:
+                await add_event(conn, schema, e)
+        wake(rollout_id)
+        wake(None)
+        return await _show(rollout_id)
+
+    @api.post("/v1/rollouts/{rollout_id}/pause")
+    async def pause(rollout_id: uuid.UUID, who: Actor, body: ActionBody | None = None) -> Any:
+        """Hold the rollout where it is (the current wave is not promoted)."""
+        return await act(
+            rollout_id,
+            ("running", "pending"),
+            "paused",
+            {"state": "paused"},
+            lambda r: RolloutPaused(
+                rollout_id=r.rollout_id, model=r.model, version=r.version, actor=who
+            ),
+        )
+
+    @api.post("/v1/rollouts/{rollout_id}/resume")
+    async def resume(rollout_id: uuid.UUID, who: Actor, body: ActionBody | None = None) -> Any:
+        """Go on from where it was paused (the current wave's clock starts again)."""
+        return await act(
+            rollout_id,
+            ("paused",),
+            "resumed",
+            {"state": "running"},
+            lambda r: RolloutResumed(
+                rollout_id=r.rollout_id, model=r.model, version=r.version, actor=who
+            ),
+            restart_clock=True,
+        )
+
+    @api.post("/v1/rollouts/{rollout_id}/abort")
+    async def abort(rollout_id: uuid.UUID, who: Actor, body: ActionBody | None = None) -> Any:
+        """Stop the rollout; devices keep what they have been given."""
+        reason = (body.reason if body else None) or f"aborted by {who}"
+        return await act(
+            rollout_id,
+            ("pending", "running", "paused"),
+            "aborted",
+            {"state": "aborted", "reason": reason, "finished_at": datetime.now(UTC)},
+            lambda r: RolloutAborted(
+                rollout_id=r.rollout_id,
+                model=r.model,
+                version=r.version,
+                actor=who,
+                reason=reason,
+            ),
+            close_wave="aborted",
+        )
+
+    @api.post("/v1/rollouts/{rollout_id}/rollback")
+    async def rollback(rollout_id: uuid.UUID, who: Actor, body: ActionBody | None = None) -> Any:
+        """Give every device the rollout touched its previous desired state back."""
+        reason = f"rolled back by {who}" + (f": {body.reason}" if body and body.reason else "")
+        async with pool().acquire() as conn:
+            r = await store.find(conn, rollout_id)
+            if r is not None and r.state == "completed":
+                later = await store.later_rollout(conn, r)
+                if later is not None:
+                    raise HTTPException(
+                        409,
+                        f"rollout {later} has changed devices of this rollout since; "
+                        "roll that one back, or start a new rollout of the version you want",
+                    )
+        return await act(
+            rollout_id,
+            ("pending", "running", "paused", "completed"),
+            "rolled back",
+            {"state": "rolling_back", "reason": reason, "rollback_by": who, "finished_at": None},
+            lambda r: None,  # rollout.rolled_back goes out once the devices have it
+            close_wave="failed",
+        )
+
+    return api

@@ -1,0 +1,84 @@
+"""Wiring of the deployer: kit Service (NATS, PostgreSQL, outbox, consumers, health) +
+the rollout engine + the HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from pathlib import Path
+
+from edgeloop.deployer.admission import Admission
+from edgeloop.deployer.api import create_api
+from edgeloop.deployer.config import DeployerSettings
+from edgeloop.deployer.engine import Engine
+from edgeloop.deployer.handlers import register_handlers
+from edgeloop.deployer.sources import Devices, Registry
+from edgeloop.deployer.store import Store
+from edgeloop.deployer.twin import Twin
+from edgeloop.kit.api import serve_api
+from edgeloop.kit.service import Service, configure_logging
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).resolve().parents[3] / "migrations"
+
+
+def build(settings: DeployerSettings) -> Service:
+    """The deployer service, ready to ``run()``."""
+    svc = Service("deployer", settings, migrations=MIGRATIONS)
+    admission = Admission(
+        Registry(settings.registry_api, settings.registry_token.get_secret_value()),
+        Devices(settings.gateway_api, settings.gateway_token.get_secret_value()),
+        Store(),
+    )
+    engine: list[Engine] = []
+
+    def wake(rollout_id: uuid.UUID | None) -> None:
+        if engine:
+            engine[0].wake(rollout_id)
+
+    backoff = tuple(float(x) for x in settings.retry_backoff.split(",") if x.strip())
+    register_handlers(svc, admission, wake, max_attempts=settings.max_attempts, backoff=backoff)
+
+    @svc.background
+    async def drive(service: Service) -> None:
+        twin = Twin(service.js, concurrency=settings.kv_concurrency)
+        await twin.start()
+        engine.append(
+            Engine(
+                service.pool,
+                service.schema,
+                twin,
+                owner=settings.instance_id,
+                lease_seconds=settings.lease_seconds,
+                tick=settings.tick_seconds,
+            )
+        )
+        api = asyncio.create_task(
+            serve_api(
+                create_api(
+                    lambda: service.pool, service.schema, admission, twin, wake, settings.tokens()
+                ),
+                settings.api_host,
+                settings.api_port,
+            ),
+            name="deployer-api",
+        )
+        try:
+            await engine[0].run()
+        finally:
+            api.cancel()
+            with contextlib.suppress(BaseException):
+                await api
+            await twin.stop()
+
+    return svc
+
+
+def main() -> None:
+    """``edgeloop-deployer`` / ``python -m edgeloop.deployer``."""
+    settings = DeployerSettings()
+    configure_logging(settings.log_level)
+    asyncio.run(build(settings).run())

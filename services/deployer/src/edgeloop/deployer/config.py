@@ -1,0 +1,41 @@
+"""Deployer settings (``EDGELOOP_DEPLOYER_…``)."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from edgeloop.kit.settings import ApiServiceSettings, secret_field
+
+
+class DeployerSettings(ApiServiceSettings):
+    """Settings of the deployer service."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_DEPLOYER_", extra="ignore")
+
+    api_port: int = 18300
+    """Port of the HTTP API (OpenAPI at /docs)."""
+    registry_api: str = "http://127.0.0.1:18100"
+    """The registry's HTTP API (is a version validated, and its image)."""
+    registry_token: SecretStr = secret_field("API token for the registry's HTTP API")
+    gateway_api: str = "http://127.0.0.1:18200"
+    """The gateway's HTTP API (the device registry: which devices a selector matches)."""
+    gateway_token: SecretStr = secret_field("API token for the gateway's HTTP API")
+    instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-deployer")
+    """Names this replica as the owner of the rollouts it drives. A restarted replica with
+    the same id takes its rollouts back at once; another replica takes them over when
+    the lease expires."""
+    lease_seconds: float = 15.0
+    """How long a replica's claim on a rollout lasts without renewal."""
+    tick_seconds: float = 0.5
+    """Longest wait between two looks at a rollout (changes of reported state, verdicts
+    and operator actions wake it at once)."""
+    kv_concurrency: int = 256
+    """Desired-state writes in flight at once."""
+    max_attempts: int = 6
+    """Attempts (with back-off) of a rollout request whose version is not validated yet or
+    whose registry/gateway cannot be reached, before it is refused."""
+    retry_backoff: str = "1,2,5,10,30"
+    """Seconds between those attempts."""

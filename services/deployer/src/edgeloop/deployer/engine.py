@@ -1,0 +1,486 @@
+"""The rollout engine: drives each active rollout through its waves.
+
+Every step reads the rollout from PostgreSQL, acts, and commits the next state together
+with the events it causes (outbox), so a deployer killed at any moment resumes where it
+was: a wave whose ``wave.started`` committed is not started again; a wave whose desired
+state was partly written is written again (the same documents, so no device changes
+twice); a wave that succeeded is never repeated.
+
+Wave: ``pending`` → (capture each device's previous desired state) ``writing`` →
+(desired state written) ``converging`` → (all devices run the image, or the timeout with
+failures within budget) ``baking`` → (bake time without a failing verdict or new failures)
+``succeeded``; or ``failed``, which turns the rollout to ``rolling_back``: every device
+the rollout touched gets its previous desired document back.
+
+A replica owns the rollouts it drives through a lease (``owner``, ``lease_until``); every
+transition checks it, so two replicas never drive one rollout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import asyncpg
+from prometheus_client import Counter, Gauge
+
+from edgeloop.contracts.events import (
+    Event,
+    RolloutCompleted,
+    RolloutRolledBack,
+    RolloutWaveFailed,
+    RolloutWaveStarted,
+    RolloutWaveSucceeded,
+)
+from edgeloop.contracts.twin import DesiredModel
+from edgeloop.deployer.plan import failure_budget, progress
+from edgeloop.deployer.store import Rollout, Store, Wave
+from edgeloop.deployer.twin import Twin
+from edgeloop.kit.db import TRANSIENT_DB_ERRORS
+from edgeloop.kit.outbox import add_event
+
+log = logging.getLogger(__name__)
+
+WAVES = Counter("edgeloop_deployer_waves_total", "Waves finished", ["outcome"])
+ROLLOUTS = Counter("edgeloop_deployer_rollouts_total", "Rollouts finished", ["outcome"])
+DRIVEN = Gauge("edgeloop_deployer_rollouts_driven", "Active rollouts this replica drives")
+
+#: How many failing devices a wave event or a reason names (the rest are counted).
+NAMED = 10
+
+
+class LostOwnership(Exception):
+    """Another replica (or an operator) changed the rollout under us: re-read it."""
+
+
+class Engine:
+    """Claims active rollouts and drives each in its own task."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        schema: str,
+        twin: Twin,
+        *,
+        owner: str,
+        lease_seconds: float = 15.0,
+        tick: float = 0.5,
+    ) -> None:
+        self.pool = pool
+        self.schema = schema
+        self.twin = twin
+        self.store = Store()
+        self.owner = owner
+        self.lease_seconds = lease_seconds
+        self.tick = tick
+        self.drivers: dict[uuid.UUID, asyncio.Task[None]] = {}
+        self._wake: dict[uuid.UUID, asyncio.Event] = {}
+        self._claim_now = asyncio.Event()
+        self._devices: dict[tuple[uuid.UUID, int], list[str]] = {}
+
+    # --- scheduling ---------------------------------------------------------------------
+
+    def wake(self, rollout_id: uuid.UUID | None = None) -> None:
+        """Look at ``rollout_id`` (or claim new rollouts) now rather than at the next tick."""
+        if rollout_id is not None and rollout_id in self._wake:
+            self._wake[rollout_id].set()
+        else:
+            self._claim_now.set()
+
+    async def run(self) -> None:
+        """Claim and renew rollouts until cancelled; one driver task per rollout."""
+        wakeups = asyncio.create_task(self._fan_out_changes(), name="deployer-wakeups")
+        try:
+            while True:
+                try:
+                    async with self.pool.acquire() as conn:
+                        claimed = set(await self.store.claim(conn, self.owner, self.lease_seconds))
+                except TRANSIENT_DB_ERRORS as exc:
+                    log.warning("cannot claim rollouts (retrying): %s", exc)
+                    claimed = set(self.drivers)
+                for rid in claimed - set(self.drivers):
+                    self._wake[rid] = asyncio.Event()
+                    self.drivers[rid] = asyncio.create_task(self._drive(rid), name=f"rollout-{rid}")
+                for rid in set(self.drivers) - claimed:
+                    self.drivers.pop(rid).cancel()  # lost the lease: another replica drives it
+                    self._wake.pop(rid, None)
+                DRIVEN.set(len(self.drivers))
+                self._claim_now.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._claim_now.wait(), self.lease_seconds / 3)
+        finally:
+            wakeups.cancel()
+            for task in self.drivers.values():
+                task.cancel()
+            for task in self.drivers.values():
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self.drivers.clear()
+
+    async def _fan_out_changes(self) -> None:
+        """Reported state changed: every driver takes a look."""
+        while True:
+            await self.twin.changed.wait()
+            self.twin.changed.clear()
+            for event in self._wake.values():
+                event.set()
+            await asyncio.sleep(0.02)  # coalesce bursts (a thousand devices converging)
+
+    async def _drive(self, rid: uuid.UUID) -> None:
+        wake = self._wake[rid]
+        try:
+            while True:
+                try:
+                    delay = await self.step(rid)
+                except LostOwnership:
+                    delay = 0.0
+                except TRANSIENT_DB_ERRORS as exc:
+                    log.warning("rollout %s: database unavailable (retrying): %s", rid, exc)
+                    delay = 1.0
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("rollout %s: step failed; retrying", rid)
+                    delay = 2.0
+                if delay is None:
+                    break
+                if delay > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(wake.wait(), min(delay, self.tick))
+                wake.clear()
+        finally:
+            if self.drivers.get(rid) is asyncio.current_task():
+                del self.drivers[rid]
+                self._wake.pop(rid, None)
+                for key in [k for k in self._devices if k[0] == rid]:
+                    del self._devices[key]
+
+    # --- one step ---------------------------------------------------------------------
+
+    async def step(self, rid: uuid.UUID) -> float | None:
+        """Advance the rollout by one transition; the seconds until the next look, or
+        None once it is finished."""
+        async with self.pool.acquire() as conn:
+            r = await self.store.rollout(conn, rid)
+        if r.state in ("completed", "rolled_back", "aborted", "refused"):
+            return None
+        if r.state == "paused":
+            return self.tick * 4
+        if r.state == "rolling_back":
+            await self._roll_back(r)
+            return 0.0
+        if r.state == "pending":
+            await self._transition(r, expect=("pending",), rollout={"state": "running"})
+            return 0.0
+        async with self.pool.acquire() as conn:
+            wave = await self.store.wave(conn, rid, r.current_wave)
+        handler = {
+            "pending": self._start_wave,
+            "writing": self._write_wave,
+            "converging": self._converging,
+            "baking": self._baking,
+        }.get(wave.state)
+        if handler is None:  # a finished wave under a running rollout: repair the pointer
+            log.error("rollout %s: wave %d is %s while running", rid, wave.wave, wave.state)
+            return self.tick
+        return await handler(r, wave)
+
+    async def _devices_of(self, r: Rollout, wave: int) -> list[str]:
+        key = (r.rollout_id, wave)
+        if key not in self._devices:
+            async with self.pool.acquire() as conn:
+                self._devices[key] = await self.store.wave_devices(conn, r.rollout_id, wave)
+        return self._devices[key]
+
+    async def _start_wave(self, r: Rollout, wave: Wave) -> float:
+        devices = await self._devices_of(r, wave.wave)
+        previous = await self.twin.get_desired(devices)
+        await self._transition(
+            r,
+            wave=(wave.wave, {"state": "writing", "started_at": _now(), "phase_since": _now()}),
+            previous=previous,
+            events=[
+                RolloutWaveStarted(
+                    rollout_id=r.rollout_id,
+                    model=r.model,
+                    version=r.version,
+                    wave=wave.wave,
+                    devices=devices,
+                )
+            ],
+        )
+        log.info("rollout %s: wave %d started (%d devices)", r.rollout_id, wave.wave, len(devices))
+        return 0.0
+
+    def _doc(self, r: Rollout) -> DesiredModel:
+        return DesiredModel(
+            model=r.model,
+            version=r.version,
+            image=r.image,
+            manifest_digest=r.digest,
+            model_digest=r.model_digest,
+            rollout_id=r.rollout_id,
+            trace_parent=r.trace_parent,
+            set_by=f"deployer rollout {r.rollout_id}",
+        )
+
+    async def _write_wave(self, r: Rollout, wave: Wave) -> float:
+        devices = await self._devices_of(r, wave.wave)
+        doc = self._doc(r)
+        await self.twin.put_desired(dict.fromkeys(devices, doc))
+        await self._transition(r, wave=(wave.wave, {"state": "converging", "phase_since": _now()}))
+        return 0.0
+
+    async def _converging(self, r: Rollout, wave: Wave) -> float:
+        devices = await self._devices_of(r, wave.wave)
+        assert r.digest is not None
+        p = progress(devices, r.digest, self.twin.reported)
+        budget = failure_budget(len(devices), r.max_failures, r.max_failures_percent)
+        if wave.verdict == "fail":
+            return await self._fail(r, wave, p.converged, p.failed, p.pending, _verdict(wave))
+        if len(p.failed) > budget:
+            reason = (
+                f"{len(p.failed)} of {len(devices)} devices failed to activate "
+                f"(budget {budget}): {_name(p.failed)}"
+            )
+            return await self._fail(r, wave, p.converged, p.failed, p.pending, reason)
+        elapsed = _elapsed(wave)
+        if p.pending and elapsed < r.converge_timeout_seconds:
+            return min(self.tick, r.converge_timeout_seconds - elapsed)
+        if len(p.failed) + len(p.pending) > budget:
+            reason = (
+                f"{len(p.pending)} of {len(devices)} devices did not converge within "
+                f"{r.converge_timeout_seconds:g} s and {len(p.failed)} failed (budget {budget})"
+                + (f": {_name(dict.fromkeys(p.pending, 'not converged'))}" if p.pending else "")
+            )
+            return await self._fail(r, wave, p.converged, p.failed, p.pending, reason)
+        await self._transition(
+            r,
+            wave=(
+                wave.wave,
+                {
+                    "state": "baking",
+                    "phase_since": _now(),
+                    "converged": len(p.converged),
+                    "failed": len(p.failed) + len(p.pending),
+                },
+            ),
+        )
+        log.info(
+            "rollout %s: wave %d converged (%d/%d) in %.1f s; baking %g s",
+            r.rollout_id,
+            wave.wave,
+            len(p.converged),
+            len(devices),
+            elapsed,
+            r.bake_seconds,
+        )
+        return 0.0
+
+    async def _baking(self, r: Rollout, wave: Wave) -> float | None:
+        devices = await self._devices_of(r, wave.wave)
+        assert r.digest is not None
+        p = progress(devices, r.digest, self.twin.reported)
+        if wave.verdict == "fail":
+            return await self._fail(r, wave, p.converged, p.failed, p.pending, _verdict(wave))
+        budget = failure_budget(len(devices), r.max_failures, r.max_failures_percent)
+        if len(p.failed) > budget:
+            reason = (
+                f"{len(p.failed)} of {len(devices)} devices failed while baking "
+                f"(budget {budget}): {_name(p.failed)}"
+            )
+            return await self._fail(r, wave, p.converged, p.failed, p.pending, reason)
+        elapsed = _elapsed(wave)
+        if elapsed < r.bake_seconds:
+            return min(self.tick, r.bake_seconds - elapsed)
+        last = r.current_wave + 1 >= len(await self._wave_list(r))
+        events: list[Event] = [
+            RolloutWaveSucceeded(
+                rollout_id=r.rollout_id,
+                model=r.model,
+                version=r.version,
+                wave=wave.wave,
+                devices=devices,
+                converged=len(p.converged),
+                failed=len(p.failed) + len(p.pending),
+            )
+        ]
+        if last:
+            events.append(
+                RolloutCompleted(rollout_id=r.rollout_id, model=r.model, version=r.version)
+            )
+        await self._transition(
+            r,
+            rollout={"state": "completed", "finished_at": _now()}
+            if last
+            else {"current_wave": r.current_wave + 1},
+            wave=(
+                wave.wave,
+                {
+                    "state": "succeeded",
+                    "finished_at": _now(),
+                    "converged": len(p.converged),
+                    "failed": len(p.failed) + len(p.pending),
+                },
+            ),
+            outcomes=_outcomes(p.converged, p.failed, p.pending),
+            events=events,
+        )
+        WAVES.labels("succeeded").inc()
+        log.info("rollout %s: wave %d succeeded", r.rollout_id, wave.wave)
+        if last:
+            ROLLOUTS.labels("completed").inc()
+            log.info("rollout %s of %s@%s completed", r.rollout_id, r.model, r.version)
+            return None
+        return 0.0
+
+    async def _wave_list(self, r: Rollout) -> list[Wave]:
+        async with self.pool.acquire() as conn:
+            return await self.store.waves(conn, r.rollout_id)
+
+    async def _fail(
+        self,
+        r: Rollout,
+        wave: Wave,
+        converged: list[str],
+        failed: dict[str, str],
+        pending: list[str],
+        reason: str,
+    ) -> float:
+        devices = await self._devices_of(r, wave.wave)
+        timed_out = wave.state != "converging" or _elapsed(wave) >= r.converge_timeout_seconds
+        await self._transition(
+            r,
+            rollout={"state": "rolling_back", "reason": f"wave {wave.wave}: {reason}"},
+            wave=(
+                wave.wave,
+                {
+                    "state": "failed",
+                    "finished_at": _now(),
+                    "reason": reason,
+                    "converged": len(converged),
+                    "failed": len(failed) + len(pending),
+                },
+            ),
+            outcomes=_outcomes(converged, failed, pending, timed_out=timed_out),
+            events=[
+                RolloutWaveFailed(
+                    rollout_id=r.rollout_id,
+                    model=r.model,
+                    version=r.version,
+                    wave=wave.wave,
+                    devices=devices,
+                    reason=reason,
+                    converged=len(converged),
+                    failed=len(failed) + len(pending),
+                )
+            ],
+        )
+        WAVES.labels("failed").inc()
+        log.warning("rollout %s: wave %d failed: %s; rolling back", r.rollout_id, wave.wave, reason)
+        return 0.0
+
+    async def _roll_back(self, r: Rollout) -> None:
+        """Give every device the rollout touched its previous desired document back."""
+        t0 = time.perf_counter()
+        async with self.pool.acquire() as conn:
+            captured = await self.store.captured(conn, r.rollout_id)
+        docs: dict[str, DesiredModel | None] = {}
+        for device, previous in captured.items():
+            if previous is None:
+                docs[device] = None  # it had none: it runs nothing, as before
+                continue
+            old = DesiredModel.model_validate_json(previous)
+            docs[device] = old.model_copy(
+                update={
+                    "explicit_rollback": True,
+                    "set_at": datetime.now(UTC),
+                    "set_by": f"deployer rollback of {r.rollout_id}",
+                }
+            )
+        await self.twin.put_desired(docs)
+        await self._transition(
+            r,
+            expect=("rolling_back",),
+            rollout={"state": "rolled_back", "finished_at": _now()},
+            events=[
+                RolloutRolledBack(
+                    rollout_id=r.rollout_id,
+                    model=r.model,
+                    version=r.version,
+                    reason=r.reason or "rolled back",
+                    automatic=r.rollback_by is None,
+                )
+            ],
+        )
+        ROLLOUTS.labels("rolled_back").inc()
+        log.warning(
+            "rollout %s: %d devices given their previous desired state back in %.2f s",
+            r.rollout_id,
+            len(docs),
+            time.perf_counter() - t0,
+        )
+
+    async def _transition(
+        self,
+        r: Rollout,
+        *,
+        expect: tuple[str, ...] = ("running",),
+        rollout: dict[str, object] | None = None,
+        wave: tuple[int, dict[str, object]] | None = None,
+        previous: dict[str, bytes | None] | None = None,
+        outcomes: dict[str, tuple[str, str | None]] | None = None,
+        events: Sequence[Event] = (),
+    ) -> None:
+        """One transaction: check ownership and state, update, queue the events."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await self.store.owns(conn, r.rollout_id, self.owner):
+                raise LostOwnership(r.rollout_id)
+            if not await self.store.set_rollout(
+                conn, r.rollout_id, expect=expect, **(rollout or {})
+            ):
+                raise LostOwnership(r.rollout_id)  # paused, aborted … meanwhile
+            if wave is not None:
+                await self.store.set_wave(conn, r.rollout_id, wave[0], **wave[1])
+            if previous is not None:
+                await self.store.capture_previous(conn, r.rollout_id, previous)
+            if outcomes:
+                await self.store.set_outcomes(conn, r.rollout_id, outcomes)
+            for event in events:
+                await add_event(conn, self.schema, event)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _elapsed(wave: Wave) -> float:
+    since = wave.phase_since or wave.started_at or _now()
+    return (_now() - since).total_seconds()
+
+
+def _name(failed: dict[str, str]) -> str:
+    items = [f"{d}: {why}" for d, why in list(failed.items())[:NAMED]]
+    more = len(failed) - NAMED
+    return "; ".join(items) + (f"; and {more} more" if more > 0 else "")
+
+
+def _verdict(wave: Wave) -> str:
+    reasons = "; ".join(wave.verdict_reasons or []) or "no reason given"
+    return f"the canary verdict is fail: {reasons}"
+
+
+def _outcomes(
+    converged: list[str], failed: dict[str, str], pending: list[str], *, timed_out: bool = True
+) -> dict[str, tuple[str, str | None]]:
+    """How each device ended its wave: converged, failed (with why), timeout — or still
+    pending when the wave ended before its timeout (another device's failure)."""
+    out: dict[str, tuple[str, str | None]] = dict.fromkeys(converged, ("converged", None))
+    out.update({d: ("failed", why[:500]) for d, why in failed.items()})
+    out.update(dict.fromkeys(pending, ("timeout" if timed_out else "pending", None)))
+    return out

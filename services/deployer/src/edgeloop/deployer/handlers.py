@@ -1,0 +1,103 @@
+"""Events the deployer consumes: rollout requests from the bus (the closed loop, or any
+publisher) and the monitor's canary verdicts."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+
+import httpx
+
+from edgeloop.contracts import subjects as s
+from edgeloop.contracts.events import CanaryVerdict, RolloutRequested
+from edgeloop.deployer.admission import Admission
+from edgeloop.deployer.sources import NotYet, Refused
+from edgeloop.deployer.store import Store
+from edgeloop.kit.bus import ConsumerSpec
+from edgeloop.kit.consumer import Tx
+from edgeloop.kit.service import Service
+
+log = logging.getLogger(__name__)
+
+
+def register_handlers(
+    svc: Service,
+    admission: Admission,
+    wake: Callable[[uuid.UUID | None], None],
+    *,
+    max_attempts: int,
+    backoff: tuple[float, ...],
+) -> None:
+    """Subscribe the deployer's consumers."""
+    store = Store()
+
+    @svc.consume(
+        RolloutRequested,
+        ConsumerSpec(
+            stream=s.STREAM_LIFECYCLE,
+            durable=s.CONSUMER_DEPLOYER,
+            filter_subjects=(s.ROLLOUT_REQUESTED,),
+            max_deliver=max_attempts + 1,
+            backoff=backoff,
+            batch_size=1,
+        ),
+    )
+    async def on_rollout_requested(event: RolloutRequested, tx: Tx) -> None:
+        if await store.find(tx.conn, event.rollout_id) is not None:
+            return  # admitted through the API (its own request coming back), or seen before
+        try:
+            await admission.admit(tx.conn, event)
+        except NotYet as exc:
+            if tx.deliveries < max_attempts:
+                raise  # validation still running: ask again after the back-off
+            await admission.refuse(tx.conn, event, exc.reason, tx.publish)
+        except Refused as exc:
+            await admission.refuse(tx.conn, event, exc.reason, tx.publish)
+        except httpx.HTTPError as exc:
+            if tx.deliveries < max_attempts:
+                raise
+            await admission.refuse(
+                tx.conn,
+                event,
+                f"could not reach the registry or the gateway after {tx.deliveries} "
+                f"attempts: {type(exc).__name__}: {exc}",
+                tx.publish,
+            )
+        tx.after_commit(lambda: wake(None))
+
+    @svc.consume(
+        CanaryVerdict,
+        ConsumerSpec(
+            stream=s.STREAM_LIFECYCLE,
+            durable=s.CONSUMER_DEPLOYER_VERDICTS,
+            filter_subjects=(s.ROLLOUT_CANARY_VERDICT,),
+        ),
+    )
+    async def on_canary_verdict(event: CanaryVerdict, tx: Tx) -> None:
+        status = await tx.conn.execute(
+            """UPDATE waves SET verdict = $3, verdict_reasons = $4::jsonb
+               WHERE rollout_id = $1 AND wave = $2 AND state IN ('writing', 'converging', 'baking')
+                 AND verdict IS DISTINCT FROM 'fail'""",
+            event.rollout_id,
+            event.wave,
+            event.verdict.value,
+            json.dumps(event.reasons),
+        )
+        if status == "UPDATE 0":
+            log.info(
+                "verdict %s for rollout %s wave %d ignored: the wave is not in progress",
+                event.verdict.value,
+                event.rollout_id,
+                event.wave,
+            )
+            return
+        log.info(
+            "rollout %s wave %d: canary verdict %s %s",
+            event.rollout_id,
+            event.wave,
+            event.verdict.value,
+            event.reasons,
+        )
+        tx.after_commit(lambda: wake(event.rollout_id))

@@ -1,0 +1,98 @@
+"""What the deployer asks other services: the registry (is this version validated, and
+which image is it) and the gateway's device registry (which devices a selector matches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+
+class Refused(Exception):
+    """A rollout request that cannot be admitted, with the HTTP status that says why."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class NotYet(Refused):
+    """Not admissible yet but may become so (the version is still being validated)."""
+
+
+@dataclass(frozen=True)
+class ValidatedImage:
+    """A version that passed validation, and the image to deploy."""
+
+    model: str
+    version: str
+    image: str
+    digest: str
+    model_digest: str | None
+
+
+class Registry:
+    """The registry's HTTP API."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    async def validated_image(self, model: str, version: str) -> ValidatedImage:
+        """The validated image of ``model@version``; ``Refused``/``NotYet`` otherwise.
+
+        Transport errors and 5xx propagate (they are retried).
+        """
+        async with httpx.AsyncClient(timeout=15, headers=self.headers) as client:
+            name, ver = quote(model, safe=""), quote(version, safe="")
+            resp = await client.get(f"{self.url}/api/v1/models/{name}/versions/{ver}")
+        if resp.status_code == 404:
+            raise Refused(404, f"model {model} has no version {version} in the registry")
+        resp.raise_for_status()
+        record: dict[str, Any] = resp.json()
+        state = record.get("validation_state")
+        detail = record.get("validation_detail") or {}
+        build = record.get("build_detail") or {}
+        if state == "failed":
+            reasons = "; ".join(detail.get("reasons") or []) or "no reason recorded"
+            raise Refused(409, f"{model}@{version} failed validation: {reasons}")
+        if state != "passed":
+            raise NotYet(
+                409,
+                f"{model}@{version} is not validated yet (build {record.get('build_state')}, "
+                f"validation {state}); only validated versions can be rolled out",
+            )
+        image, digest = build.get("image"), detail.get("digest") or build.get("digest")
+        if not image or not digest:
+            raise Refused(409, f"{model}@{version} is validated but has no image recorded")
+        return ValidatedImage(model, version, image, digest, record.get("model_digest"))
+
+
+class Devices:
+    """The gateway's device registry."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    async def matching(self, selector: dict[str, str]) -> list[str]:
+        """Ids of the enrolled (not revoked) devices whose labels match ``selector``."""
+        text = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+        out: list[str] = []
+        page, offset = 10_000, 0
+        async with httpx.AsyncClient(timeout=30, headers=self.headers) as client:
+            while True:
+                resp = await client.get(
+                    f"{self.url}/v1/devices",
+                    params={"selector": text, "limit": page, "offset": offset},
+                )
+                resp.raise_for_status()
+                devices = resp.json()["devices"]
+                offset += len(devices)
+                out.extend(d["device_id"] for d in devices if not d.get("revoked"))
+                if len(devices) < page:
+                    return out

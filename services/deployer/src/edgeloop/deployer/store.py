@@ -1,0 +1,318 @@
+"""The deployer's PostgreSQL store (schema ``deployer``): rollouts, waves, devices."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from edgeloop.contracts.events import RolloutRequested, WavePlan
+from edgeloop.kit.db import Conn
+
+ACTIVE = ("pending", "running", "paused", "rolling_back")
+TERMINAL = ("completed", "rolled_back", "aborted", "refused")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One row of ``rollouts``."""
+
+    rollout_id: uuid.UUID
+    model: str
+    version: str
+    image: str | None
+    digest: str | None
+    model_digest: str | None
+    selector: dict[str, str]
+    waves: list[WavePlan]
+    bake_seconds: float
+    converge_timeout_seconds: float
+    max_failures: int | None
+    max_failures_percent: float | None
+    state: str
+    current_wave: int
+    reason: str | None
+    requested_by: str | None
+    rollback_by: str | None
+    trace_parent: str | None
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["rollout_id"] = str(self.rollout_id)
+        out["waves"] = [w.model_dump(exclude_none=True) for w in self.waves]
+        for key in ("created_at", "updated_at", "finished_at"):
+            out[key] = out[key].isoformat() if out[key] else None
+        return out
+
+
+@dataclass(frozen=True)
+class Wave:
+    """One row of ``waves``."""
+
+    rollout_id: uuid.UUID
+    wave: int
+    size: int
+    state: str
+    started_at: datetime | None
+    phase_since: datetime | None
+    finished_at: datetime | None
+    converged: int
+    failed: int
+    verdict: str | None
+    verdict_reasons: list[str] | None
+    reason: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "rollout_id"}
+        for key in ("started_at", "phase_since", "finished_at"):
+            out[key] = out[key].isoformat() if out[key] else None
+        return out
+
+
+def _rollout(row: asyncpg.Record) -> Rollout:
+    d = dict(row)
+    d.pop("owner", None)
+    d.pop("lease_until", None)
+    d["selector"] = json.loads(d["selector"])
+    d["waves"] = [WavePlan.model_validate(w) for w in json.loads(d["waves"])]
+    return Rollout(**d)
+
+
+def _wave(row: asyncpg.Record) -> Wave:
+    d = dict(row)
+    if d["verdict_reasons"] is not None:
+        d["verdict_reasons"] = json.loads(d["verdict_reasons"])
+    return Wave(**d)
+
+
+class Store:
+    """Queries of the deployer; each takes the connection (and so the transaction) to use."""
+
+    async def rollout(self, conn: Conn, rollout_id: uuid.UUID, *, lock: bool = False) -> Rollout:
+        """The rollout (``KeyError`` when unknown); ``lock`` holds its row for the transaction."""
+        row = await conn.fetchrow(
+            "SELECT * FROM rollouts WHERE rollout_id = $1" + (" FOR UPDATE" if lock else ""),
+            rollout_id,
+        )
+        if row is None:
+            raise KeyError(rollout_id)
+        return _rollout(row)
+
+    async def find(self, conn: Conn, rollout_id: uuid.UUID) -> Rollout | None:
+        """The rollout, or None."""
+        row = await conn.fetchrow("SELECT * FROM rollouts WHERE rollout_id = $1", rollout_id)
+        return _rollout(row) if row else None
+
+    async def recent(
+        self, conn: Conn, *, states: list[str] | None = None, model: str | None = None, limit: int
+    ) -> list[Rollout]:
+        """Newest first."""
+        rows = await conn.fetch(
+            """SELECT * FROM rollouts
+               WHERE ($1::text[] IS NULL OR state = ANY($1)) AND ($2::text IS NULL OR model = $2)
+               ORDER BY created_at DESC LIMIT $3""",
+            states,
+            model,
+            limit,
+        )
+        return [_rollout(r) for r in rows]
+
+    async def waves(self, conn: Conn, rollout_id: uuid.UUID) -> list[Wave]:
+        """The rollout's waves in order."""
+        rows = await conn.fetch(
+            "SELECT * FROM waves WHERE rollout_id = $1 ORDER BY wave", rollout_id
+        )
+        return [_wave(r) for r in rows]
+
+    async def wave(self, conn: Conn, rollout_id: uuid.UUID, wave: int) -> Wave:
+        """One wave."""
+        row = await conn.fetchrow(
+            "SELECT * FROM waves WHERE rollout_id = $1 AND wave = $2", rollout_id, wave
+        )
+        if row is None:
+            raise KeyError((rollout_id, wave))
+        return _wave(row)
+
+    async def wave_devices(self, conn: Conn, rollout_id: uuid.UUID, wave: int) -> list[str]:
+        """The devices of one wave, in plan order."""
+        rows = await conn.fetch(
+            "SELECT device_id FROM rollout_devices WHERE rollout_id = $1 AND wave = $2 "
+            "ORDER BY position",
+            rollout_id,
+            wave,
+        )
+        return [r["device_id"] for r in rows]
+
+    async def conflicting(self, conn: Conn, devices: list[str]) -> tuple[uuid.UUID, int] | None:
+        """An active rollout holding any of ``devices``, and how many it holds."""
+        row = await conn.fetchrow(
+            """SELECT d.rollout_id, count(*) AS n FROM rollout_devices d
+               JOIN rollouts r USING (rollout_id)
+               WHERE r.state = ANY($1) AND d.device_id = ANY($2)
+               GROUP BY d.rollout_id ORDER BY n DESC LIMIT 1""",
+            list(ACTIVE),
+            devices,
+        )
+        return (row["rollout_id"], row["n"]) if row else None
+
+    async def insert(
+        self,
+        conn: Conn,
+        req: RolloutRequested,
+        *,
+        image: str | None,
+        digest: str | None,
+        model_digest: str | None,
+        plan: list[list[str]],
+        state: str,
+        reason: str | None = None,
+        trace_parent: str | None = None,
+    ) -> None:
+        """A new rollout with its plan (``state`` pending, or refused with ``reason``)."""
+        await conn.execute(
+            """INSERT INTO rollouts (rollout_id, model, version, image, digest, model_digest,
+                   selector, waves, bake_seconds, converge_timeout_seconds, max_failures,
+                   max_failures_percent, state, reason, requested_by, trace_parent, finished_at)
+               VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11, $12, $13,
+                       $14, $15, $16, CASE WHEN $13 = 'refused' THEN now() END)""",
+            req.rollout_id,
+            req.model,
+            req.version,
+            image,
+            digest,
+            model_digest,
+            json.dumps(req.selector),
+            json.dumps([w.model_dump(exclude_none=True) for w in req.waves]),
+            req.bake_seconds,
+            req.converge_timeout_seconds,
+            req.max_failures,
+            req.max_failures_percent,
+            state,
+            reason,
+            req.requested_by,
+            trace_parent,
+        )
+        await conn.executemany(
+            "INSERT INTO waves (rollout_id, wave, size) VALUES ($1, $2, $3)",
+            [(req.rollout_id, i, len(devices)) for i, devices in enumerate(plan)],
+        )
+        await conn.copy_records_to_table(
+            "rollout_devices",
+            columns=["rollout_id", "device_id", "wave", "position"],
+            records=[
+                (req.rollout_id, device, i, pos)
+                for i, devices in enumerate(plan)
+                for pos, device in enumerate(devices)
+            ],
+        )
+
+    async def set_rollout(
+        self, conn: Conn, rollout_id: uuid.UUID, *, expect: tuple[str, ...], **values: Any
+    ) -> bool:
+        """Update the rollout if its state is one of ``expect``; whether it was."""
+        cols = list(values)
+        sets = "".join(f"{c} = ${i + 3}, " for i, c in enumerate(cols))
+        status = await conn.execute(
+            f"UPDATE rollouts SET {sets}updated_at = now() "
+            "WHERE rollout_id = $1 AND state = ANY($2)",
+            rollout_id,
+            list(expect),
+            *[values[c] for c in cols],
+        )
+        return status != "UPDATE 0"
+
+    async def set_wave(self, conn: Conn, rollout_id: uuid.UUID, wave: int, **values: Any) -> None:
+        """Update one wave."""
+        cols = list(values)
+        sets = ", ".join(
+            f"{c} = ${i + 3}" + ("::jsonb" if c == "verdict_reasons" else "")
+            for i, c in enumerate(cols)
+        )
+        await conn.execute(
+            f"UPDATE waves SET {sets} WHERE rollout_id = $1 AND wave = $2",
+            rollout_id,
+            wave,
+            *[json.dumps(values[c]) if c == "verdict_reasons" else values[c] for c in cols],
+        )
+
+    async def capture_previous(
+        self, conn: Conn, rollout_id: uuid.UUID, previous: dict[str, bytes | None]
+    ) -> None:
+        """Keep each device's desired document from before the rollout (first time only)."""
+        await conn.executemany(
+            """UPDATE rollout_devices SET previous = $3::jsonb, captured = true
+               WHERE rollout_id = $1 AND device_id = $2 AND NOT captured""",
+            [(rollout_id, d, value.decode() if value else None) for d, value in previous.items()],
+        )
+
+    async def set_outcomes(
+        self, conn: Conn, rollout_id: uuid.UUID, outcomes: dict[str, tuple[str, str | None]]
+    ) -> None:
+        """Record how each device ended its wave (converged, failed, timeout)."""
+        await conn.executemany(
+            "UPDATE rollout_devices SET outcome = $3, detail = $4 "
+            "WHERE rollout_id = $1 AND device_id = $2",
+            [(rollout_id, d, o, detail) for d, (o, detail) in outcomes.items()],
+        )
+
+    async def captured(self, conn: Conn, rollout_id: uuid.UUID) -> dict[str, str | None]:
+        """Device → desired document before the rollout, for devices the rollout touched."""
+        rows = await conn.fetch(
+            "SELECT device_id, previous FROM rollout_devices WHERE rollout_id = $1 AND captured",
+            rollout_id,
+        )
+        return {r["device_id"]: r["previous"] for r in rows}
+
+    async def devices(self, conn: Conn, rollout_id: uuid.UUID) -> list[dict[str, Any]]:
+        """Every device of the plan with its wave and outcome."""
+        rows = await conn.fetch(
+            "SELECT device_id, wave, outcome, detail FROM rollout_devices WHERE rollout_id = $1 "
+            "ORDER BY wave, position",
+            rollout_id,
+        )
+        return [dict(r) for r in rows]
+
+    async def later_rollout(self, conn: Conn, rollout: Rollout) -> uuid.UUID | None:
+        """A rollout admitted after ``rollout`` that touches one of its devices."""
+        return await conn.fetchval(  # type: ignore[no-any-return]
+            """SELECT r.rollout_id FROM rollouts r
+               JOIN rollout_devices d ON d.rollout_id = r.rollout_id
+               WHERE r.created_at > $2 AND r.state <> 'refused' AND d.device_id IN
+                   (SELECT device_id FROM rollout_devices WHERE rollout_id = $1 AND captured)
+               LIMIT 1""",
+            rollout.rollout_id,
+            rollout.created_at,
+        )
+
+    async def claim(self, conn: Conn, owner: str, lease_seconds: float) -> list[uuid.UUID]:
+        """Claim (or renew) the active rollouts no other live replica holds."""
+        rows = await conn.fetch(
+            """UPDATE rollouts SET owner = $1,
+                   lease_until = now() + make_interval(secs => $2)
+               WHERE state = ANY($3)
+                 AND (owner IS NULL OR owner = $1 OR lease_until < now())
+               RETURNING rollout_id""",
+            owner,
+            lease_seconds,
+            list(ACTIVE),
+        )
+        return [r["rollout_id"] for r in rows]
+
+    async def owns(self, conn: Conn, rollout_id: uuid.UUID, owner: str) -> bool:
+        """Whether ``owner`` still holds the rollout (checked in each transition)."""
+        return bool(
+            await conn.fetchval(
+                "SELECT owner = $2 FROM rollouts WHERE rollout_id = $1 FOR UPDATE",
+                rollout_id,
+                owner,
+            )
+        )

@@ -1,0 +1,323 @@
+"""A real deployment stack for tests: the registry service (API and its projection of
+validation events), the gateway with enrolled agents, and the deployer as its own process
+(so a test can SIGKILL it), each on private NATS and a private database.
+
+The test plays the builder and the validator: it pushes a signed image and publishes
+their ``image.built`` / ``validation.passed`` events, as they would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from edgeloop.contracts import subjects as s
+from edgeloop.contracts.events import Event, ImageBuilt, ValidationFailed, ValidationPassed
+from edgeloop.devstack.servers import free_port
+from edgeloop.devstack.testing import api_up, eventually
+from edgeloop.devstack.up import ServiceProcess
+from edgeloop.edge.agent import Agent, Faults
+from edgeloop.registry.app import build as build_registry
+from edgeloop.registry.config import RegistrySettings
+from tests.edge_harness import TOKEN, EdgeStack, Image, edge_stack, push_model_image
+
+
+async def publish_event(js: JetStreamContext, event: Event) -> None:
+    """Publish ``event`` as its service's outbox relay would."""
+    await js.publish(event.subject, event.to_json(), headers={"Nats-Msg-Id": str(event.event_id)})
+
+
+async def register_version(
+    registry: httpx.AsyncClient, model: str, version: str, onnx: bytes
+) -> None:
+    """Register a version in the registry (its build and validation are pending)."""
+    resp = await registry.post(
+        f"/api/v1/models/{model}/versions",
+        files={"model": ("model.onnx", onnx)},
+        data={"version": version},
+    )
+    assert resp.status_code in (200, 201), resp.text
+
+
+async def wait_validation(
+    registry: httpx.AsyncClient, model: str, version: str, state: str
+) -> None:
+    """Until the registry's projection shows the version's validation ``state``."""
+
+    async def projected() -> bool:
+        body = (await registry.get(f"/api/v1/models/{model}/versions/{version}")).json()
+        return bool(body.get("validation_state") == state)
+
+    await eventually(projected, within=30, what=f"{model}@{version} {state} in the registry")
+
+
+async def make_validated(
+    js: JetStreamContext,
+    registry: httpx.AsyncClient,
+    registry_url: str,
+    repo: str,
+    model: str,
+    version: str,
+    onnx: bytes,
+) -> Image:
+    """A registered, built and validated version, as the pipeline leaves it: the image
+    pushed and signed, ``image.built`` and ``validation.passed`` published."""
+    await register_version(registry, model, version, onnx)
+    image = await push_model_image(registry_url, repo, model, version, onnx)
+    await publish_event(
+        js,
+        ImageBuilt(
+            model=model,
+            version=version,
+            image=image.image,
+            digest=image.digest,
+            size=image.layer_size,
+            model_digest=image.model_digest,
+        ),
+    )
+    await publish_event(
+        js,
+        ValidationPassed(
+            model=model,
+            version=version,
+            image=image.image,
+            digest=image.digest,
+            validated_tag=f"{version}-validated",
+        ),
+    )
+    await wait_validation(registry, model, version, "passed")
+    return image
+
+
+def deployer_process(
+    root: Path,
+    *,
+    nats_url: str,
+    dsn: str,
+    registry_url: str,
+    registry_api: str,
+    gateway_api: str,
+    api_port: int,
+    instance: str,
+    **extra: str,
+) -> ServiceProcess:
+    """``python -m edgeloop.deployer`` configured for a stack (not started)."""
+    http_port = free_port()
+    env = {
+        "EDGELOOP_NATS_URL": nats_url,
+        "EDGELOOP_DATABASE_URL": dsn,
+        "EDGELOOP_OCI_REGISTRY_URL": registry_url,
+        "EDGELOOP_DEPLOYER_API_TOKENS": TOKEN,
+        "EDGELOOP_DEPLOYER_API_PORT": str(api_port),
+        "EDGELOOP_DEPLOYER_HTTP_PORT": str(http_port),
+        "EDGELOOP_DEPLOYER_REGISTRY_API": registry_api,
+        "EDGELOOP_DEPLOYER_REGISTRY_TOKEN": TOKEN,
+        "EDGELOOP_DEPLOYER_GATEWAY_API": gateway_api,
+        "EDGELOOP_DEPLOYER_GATEWAY_TOKEN": TOKEN,
+        "EDGELOOP_DEPLOYER_INSTANCE_ID": instance,
+        **{f"EDGELOOP_DEPLOYER_{k.upper()}": v for k, v in extra.items()},
+    }
+    return ServiceProcess("deployer", "edgeloop.deployer", http_port, env, root / "deployer.log")
+
+
+@dataclass
+class DeployStack:
+    """Registry, gateway, deployer (a process) and agents on private servers."""
+
+    edge: EdgeStack
+    registry: httpx.AsyncClient
+    api: httpx.AsyncClient
+    deployer: ServiceProcess
+    unique: str
+    agents: dict[str, Agent] = field(default_factory=dict)
+
+    # --- the pipeline's part ----------------------------------------------------------
+
+    async def register(self, model: str, version: str, onnx: bytes) -> None:
+        """Register a version in the registry (its build and validation are pending)."""
+        await register_version(self.registry, model, version, onnx)
+
+    async def validated(self, model: str, version: str, onnx: bytes) -> Image:
+        """A registered, built and validated version, as the pipeline leaves it."""
+        return await make_validated(
+            self.edge.js,
+            self.registry,
+            self.edge.registry_url,
+            f"{self.edge.prefix}/images/{model}",
+            model,
+            version,
+            onnx,
+        )
+
+    async def failed_validation(self, model: str, version: str, onnx: bytes, why: str) -> None:
+        """A registered version whose validation failed."""
+        await self.register(model, version, onnx)
+        await self.publish(ValidationFailed(model=model, version=version, reasons=[why]))
+        await wait_validation(self.registry, model, version, "failed")
+
+    async def publish(self, event: Event) -> None:
+        """Publish ``event`` as its service's outbox relay would."""
+        await publish_event(self.edge.js, event)
+
+    # --- devices ---------------------------------------------------------------------------
+
+    async def devices(
+        self, n: int, labels: dict[str, str], *, prefix: str = "d", faults: Faults | None = None
+    ) -> list[str]:
+        """``n`` enrolled agents with ``labels``, connected."""
+        ids = [f"{prefix}{i:02d}-{self.unique}" for i in range(n)]
+        for device in ids:
+            config = await self.edge.enroll(device, labels)
+            self.agents[device] = await self.edge.start_agent(config, faults=faults)
+        return ids
+
+    async def running(self, devices: list[str], image: Image, *, within: float = 60) -> None:
+        """Until every device reports running ``image``."""
+
+        async def all_running() -> bool:
+            for d in devices:
+                r = await self.edge.reported(d)
+                if not r or r.get("state") != "running" or r.get("digest") != image.digest:
+                    return False
+            return True
+
+        what = f"{len(devices)} devices on {image.version}"
+        await eventually(all_running, within=within, what=what)
+
+    # --- the deployer ------------------------------------------------------------------
+
+    async def start(self, model: str, version: str, selector: dict[str, str], **kw: Any) -> Any:
+        """``POST /v1/rollouts``: the response (status, JSON)."""
+        resp = await self.api.post(
+            "/v1/rollouts", json={"model": model, "version": version, "selector": selector, **kw}
+        )
+        return resp.status_code, resp.json()
+
+    async def rollout(self, rollout_id: str) -> dict[str, Any]:
+        resp = await self.api.get(f"/v1/rollouts/{rollout_id}", params={"devices": "true"})
+        assert resp.status_code == 200, resp.text
+        return dict(resp.json())
+
+    async def wait_rollout(
+        self, rollout_id: str, *states: str, within: float = 90
+    ) -> dict[str, Any]:
+        """Until the rollout is in one of ``states``."""
+
+        async def reached() -> dict[str, Any] | None:
+            try:
+                resp = await self.api.get(f"/v1/rollouts/{rollout_id}", params={"devices": "true"})
+            except httpx.TransportError:
+                return None  # the deployer is restarting
+            if resp.status_code == 404:
+                return None  # a request from the bus, not consumed yet
+            body = resp.json()
+            return body if body["state"] in states else None
+
+        return dict(await eventually(reached, within=within, what=f"rollout in {states}"))
+
+    async def wait_wave(self, rollout_id: str, wave: int, state: str, within: float = 60) -> None:
+        """Until wave ``wave`` of the rollout is in ``state``."""
+
+        async def reached() -> bool:
+            return bool((await self.rollout(rollout_id))["wave_status"][wave]["state"] == state)
+
+        await eventually(reached, within=within, what=f"wave {wave} {state}")
+
+    async def action(self, rollout_id: str, verb: str, **body: Any) -> tuple[int, Any]:
+        resp = await self.api.post(f"/v1/rollouts/{rollout_id}/{verb}", json=body or None)
+        return resp.status_code, resp.json()
+
+    async def events(self, subject: str) -> list[dict[str, Any]]:
+        """Every event published on ``subject`` so far (LIFECYCLE, from the start)."""
+        sub = await self.edge.js.pull_subscribe(
+            subject,
+            durable=None,
+            stream=s.STREAM_LIFECYCLE,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+        )
+        out: list[dict[str, Any]] = []
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(100, timeout=0.5)
+                except TimeoutError:
+                    break
+                for msg in msgs:
+                    out.append(json.loads(msg.data))
+                    await msg.ack()
+        finally:
+            await sub.unsubscribe()
+        return out
+
+    async def restart_deployer(self, *, kill: bool = True) -> None:
+        """SIGKILL (or SIGTERM) the deployer process and start it again."""
+        if kill:
+            await asyncio.to_thread(self.deployer.kill)
+        else:
+            self.deployer.terminate()
+            await asyncio.to_thread(self.deployer.proc.wait, 30)  # type: ignore[union-attr]
+        self.deployer.start()
+        await eventually(lambda: api_up(self.api), within=60, what="deployer API after restart")
+
+
+@contextlib.asynccontextmanager
+async def deploy_stack(
+    nats_url: str, pg_dsn: str, registry_url: str, root: Path, unique: str
+) -> AsyncIterator[DeployStack]:
+    """Everything on the given (private) NATS and database."""
+    registry_port, deployer_port = free_port(), free_port()
+    registry = build_registry(
+        RegistrySettings(
+            nats_url=nats_url,
+            database_url=pg_dsn,
+            oci_registry_url=registry_url,
+            api_tokens=TOKEN,
+            api_port=registry_port,
+            repository_prefix=f"d{unique}/models",
+        )
+    )
+    async with registry.running(), edge_stack(nats_url, pg_dsn, registry_url, root) as edge:
+        deployer = deployer_process(
+            root,
+            nats_url=nats_url,
+            dsn=pg_dsn,
+            registry_url=registry_url,
+            registry_api=f"http://127.0.0.1:{registry_port}",
+            gateway_api=f"http://127.0.0.1:{edge.settings.api_port}",
+            api_port=deployer_port,
+            instance=f"deployer-{unique}",
+            tick_seconds="0.2",
+            retry_backoff="0.5,1",
+            max_attempts="3",
+        )
+        deployer.start()
+        try:
+            async with (
+                httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{registry_port}",
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                    timeout=30,
+                ) as reg_api,
+                httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{deployer_port}",
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                    timeout=30,
+                ) as api,
+            ):
+                await eventually(lambda: api_up(reg_api), what="registry API")
+                await eventually(lambda: api_up(api), within=60, what="deployer API")
+                yield DeployStack(edge, reg_api, api, deployer, unique)
+        finally:
+            deployer.terminate()
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(deployer.proc.wait, 20)  # type: ignore[union-attr]
+            deployer.kill()
