@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -183,22 +184,26 @@ async def run(
 
             mirror = KvMirror(await js.key_value(s.KV_DESIRED), on_desired, name="bench")
             await mirror.start()
-            t0 = time.perf_counter()
-            await publish_event(
-                js,
-                CanaryVerdict(
-                    rollout_id=uuid.UUID(rid),
-                    model="iris",
-                    version="2",
-                    wave=0,
-                    verdict=Verdict.FAIL,
-                    reasons=["benchmark: injected failing verdict"],
-                ),
+            verdict = CanaryVerdict(
+                rollout_id=uuid.UUID(rid),
+                model="iris",
+                version="2",
+                wave=0,
+                verdict=Verdict.FAIL,
+                reasons=["benchmark: injected failing verdict"],
             )
+            t0 = time.perf_counter()
+            await publish_event(js, verdict)
             desired_s = await _until(lambda: len(restored) >= devices, "desired restored")
             running_s = await _until(lambda: _running(fleet, v1.digest) >= devices, "back on v1")
             await mirror.stop()
+            body = (await api.get(f"/v1/rollouts/{rid}")).json()
+            finished = datetime.fromisoformat(body["finished_at"])
             out["rollback"] = {
+                # the deployer's own clock: verdict published → every write done and
+                # the rollout committed rolled_back
+                "deployer_restored_s": round((finished - verdict.occurred_at).total_seconds(), 2),
+                # as seen by a KV watch in the agents' process (it shares their CPU)
                 "desired_restored_s": round(desired_s, 2),
                 "all_running_previous_s": round(desired_s + running_s, 2),
             }

@@ -378,7 +378,7 @@ async def connections(
     *,
     devices: int,
     seconds: float,
-    workers: int = 8,
+    workers: int = 4,
     rate: float = 200.0,
 ) -> dict[str, Any]:
     """``devices`` sessions, a telemetry batch each every 10 s: the gateway's CPU and RSS.

@@ -3,8 +3,13 @@
 ``python -m bench.edge_sessions ADDRESS BUNDLES.json RATE`` opens one mTLS session per
 device of the bundle file (``RATE`` new sessions a second), sends each device's telemetry
 batch every 10 s and prints ``{"connected": …, "acked": …, "errors": …}`` every second
-until its stdin closes. Several workers share the load so the load generator is not the
-bottleneck of a 10,000-session run.
+until its stdin closes.
+
+The sessions speak gRPC over HTTP/2 with the ``h2`` protocol library on asyncio TLS
+streams: a grpcio channel costs the load generator megabytes and threads, which would
+make the load generator, not the gateway, the limit of a 10,000-session run on one
+machine. The gateway sees ordinary gRPC clients (each its own TLS connection, client
+certificate, HTTP/2 stream ``EdgeGateway/Connect``).
 """
 
 from __future__ import annotations
@@ -13,33 +18,117 @@ import asyncio
 import contextlib
 import json
 import random
+import ssl
 import sys
+import tempfile
 import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import grpc
+import h2.config
+import h2.connection
+import h2.events
 
-from bench.edge_gateway import _batch, _channel
+from bench.edge_gateway import _batch
 from edgeloop.contracts.edge.v1 import edge_pb2 as pb
 
 PERIOD = 10.0
+PATH = "/edgeloop.edge.v1.EdgeGateway/Connect"
+_ENDS = (h2.events.StreamEnded, h2.events.StreamReset, h2.events.ConnectionTerminated)
+
+
+def _context(bundle: dict[str, Any], directory: Path, device: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=bundle["ca_certificate"])
+    pem = directory / f"{device}.pem"
+    pem.write_text(bundle["certificate"] + bundle["private_key"])
+    ctx.load_cert_chain(pem)
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+class GrpcStream:
+    """One bidirectional gRPC call on its own HTTP/2 connection."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.stream_id = 0
+        self.buffer = b""
+        self.messages: list[bytes] = []
+        self.ended = False
+
+    async def open(self, authority: str) -> None:
+        self.h2.initiate_connection()
+        self.stream_id = self.h2.get_next_available_stream_id()
+        self.h2.send_headers(
+            self.stream_id,
+            [
+                (":method", "POST"),
+                (":scheme", "https"),
+                (":path", PATH),
+                (":authority", authority),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
+        )
+        await self._flush()
+
+    async def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def send(self, message: bytes) -> None:
+        self.h2.send_data(self.stream_id, b"\x00" + len(message).to_bytes(4, "big") + message)
+        await self._flush()
+
+    async def receive(self) -> AsyncIterator[pb.GatewayMessage]:
+        while True:
+            while self.messages:
+                yield pb.GatewayMessage.FromString(self.messages.pop(0))
+            if self.ended:
+                return
+            data = await self.reader.read(65536)
+            if not data:
+                self.ended = True
+                continue
+            for event in self.h2.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    self.buffer += event.data
+                    while len(self.buffer) >= 5:
+                        size = int.from_bytes(self.buffer[1:5], "big")
+                        if len(self.buffer) < 5 + size:
+                            break
+                        self.messages.append(self.buffer[5 : 5 + size])
+                        self.buffer = self.buffer[5 + size :]
+                elif isinstance(event, _ENDS):
+                    self.ended = True
+            await self._flush()  # settings/ping acknowledgements, window updates
 
 
 async def run(address: str, bundles: dict[str, dict[str, Any]], rate: float) -> None:
     """Sessions for ``bundles`` until stdin closes."""
     counts = {"connected": 0, "acked": 0, "errors": 0}
     stop = asyncio.Event()
+    host, port = address.rsplit(":", 1)
+    certs = Path(tempfile.mkdtemp(prefix="edgeloop-sessions-"))
 
-    async def session(d: str, bundle: dict[str, Any]) -> None:
-        async with _channel(address, bundle) as channel:
-            call = channel.stream_stream(
-                "/edgeloop.edge.v1.EdgeGateway/Connect",
-                request_serializer=pb.AgentMessage.SerializeToString,
-                response_deserializer=pb.GatewayMessage.FromString,
-            )()
-            await call.write(pb.AgentMessage(hello=pb.Hello(device_id=d)))
-            await call.read()
+    async def session(d: str, ctx: ssl.SSLContext) -> None:
+        reader, writer = await asyncio.open_connection(
+            host, int(port), ssl=ctx, server_hostname=host
+        )
+        call = GrpcStream(reader, writer)
+        try:
+            await call.open(address)
+            await call.send(pb.AgentMessage(hello=pb.Hello(device_id=d)).SerializeToString())
+            incoming = call.receive()
+            first = await anext(incoming)
+            if first.WhichOneof("kind") != "welcome":
+                raise RuntimeError(f"no welcome: {first}")
             counts["connected"] += 1
             try:
                 # spread the batches over the period, stably per device
@@ -47,30 +136,32 @@ async def run(address: str, bundles: dict[str, dict[str, Any]], rate: float) -> 
                     await asyncio.wait_for(stop.wait(), zlib.crc32(d.encode()) % 1000 / 100)
                 data = pb.AgentMessage(telemetry=_batch(d))
                 while not stop.is_set():
-                    data.telemetry.batch_id = f"{d}-{counts['acked']}"
-                    await call.write(data)
-                    while True:  # desired-state pushes may come before the ack
-                        msg = await call.read()
-                        if msg is grpc.aio.EOF:
-                            raise RuntimeError("stream ended")
-                        if msg.WhichOneof("kind") in ("ack", "error"):
+                    data.telemetry.batch_id = f"{d}-{counts['acked']}-{random.random()}"
+                    await call.send(data.SerializeToString())
+                    async for msg in incoming:  # desired state may come before the ack
+                        kind = msg.WhichOneof("kind")
+                        if kind == "ack":
+                            counts["acked"] += 1
                             break
-                    if msg.WhichOneof("kind") == "ack":
-                        counts["acked"] += 1
+                        if kind == "error":
+                            counts["errors"] += 1
+                            break
                     else:
-                        counts["errors"] += 1
+                        raise RuntimeError("stream ended")
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(stop.wait(), PERIOD)
             finally:
                 counts["connected"] -= 1
-                call.cancel()
+        finally:
+            writer.close()
 
     async def device(d: str, bundle: dict[str, Any]) -> None:
         """A session, reconnected with back-off and jitter as the agent does."""
+        ctx = _context(bundle, certs, d)
         delay = 1.0
         while not stop.is_set():
             try:
-                await session(d, bundle)
+                await session(d, ctx)
             except Exception as exc:
                 counts["errors"] += 1
                 if counts["errors"] <= 3:

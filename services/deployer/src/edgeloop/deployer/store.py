@@ -248,20 +248,29 @@ class Store:
         self, conn: Conn, rollout_id: uuid.UUID, previous: dict[str, bytes | None]
     ) -> None:
         """Keep each device's desired document from before the rollout (first time only)."""
-        await conn.executemany(
-            """UPDATE rollout_devices SET previous = $3::jsonb, captured = true
-               WHERE rollout_id = $1 AND device_id = $2 AND NOT captured""",
-            [(rollout_id, d, value.decode() if value else None) for d, value in previous.items()],
+        devices = list(previous)
+        await conn.execute(
+            """UPDATE rollout_devices d SET previous = p.doc::jsonb, captured = true
+               FROM unnest($2::text[], $3::text[]) AS p(device_id, doc)
+               WHERE d.rollout_id = $1 AND d.device_id = p.device_id AND NOT d.captured""",
+            rollout_id,
+            devices,
+            [(previous[d] or b"").decode() or None for d in devices],
         )
 
     async def set_outcomes(
         self, conn: Conn, rollout_id: uuid.UUID, outcomes: dict[str, tuple[str, str | None]]
     ) -> None:
         """Record how each device ended its wave (converged, failed, timeout)."""
-        await conn.executemany(
-            "UPDATE rollout_devices SET outcome = $3, detail = $4 "
-            "WHERE rollout_id = $1 AND device_id = $2",
-            [(rollout_id, d, o, detail) for d, (o, detail) in outcomes.items()],
+        devices = list(outcomes)
+        await conn.execute(
+            """UPDATE rollout_devices d SET outcome = o.outcome, detail = o.detail
+               FROM unnest($2::text[], $3::text[], $4::text[]) AS o(device_id, outcome, detail)
+               WHERE d.rollout_id = $1 AND d.device_id = o.device_id""",
+            rollout_id,
+            devices,
+            [outcomes[d][0] for d in devices],
+            [outcomes[d][1] for d in devices],
         )
 
     async def captured(self, conn: Conn, rollout_id: uuid.UUID) -> dict[str, str | None]:
