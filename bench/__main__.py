@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench import deployer_rollout, edge_gateway, kit_throughput, loop_latency
+from bench import deployer_rollout, edge_gateway, kit_throughput, loop_latency, monitor_aggregate
 from edgeloop.devstack.servers import NatsServer, OciRegistry, Postgres
 
 RESULTS = Path(__file__).parent / "results"
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="repetitions (median reported)")
     parser.add_argument(
         "--only",
-        choices=["kit", "loop", "edge", "edge-connections", "deploy"],
+        choices=["kit", "loop", "edge", "edge-connections", "deploy", "monitor"],
         help="run one benchmark",
     )
     parser.add_argument("--devices", type=int, default=10_000, help="sessions held (edge)")
@@ -42,6 +42,8 @@ def main() -> None:
         loop(args)
     if args.only in (None, "deploy"):
         deploy(args)
+    if args.only in (None, "monitor"):
+        _save("monitor_aggregate.json", monitor_aggregate.run())
     if args.only in (None, "edge", "edge-connections"):
         edge(args, connections_only=args.only == "edge-connections")
 

@@ -31,9 +31,34 @@ from edgeloop.registry.config import RegistrySettings
 from tests.edge_harness import TOKEN, EdgeStack, Image, edge_stack, push_model_image
 
 
-async def publish_event(js: JetStreamContext, event: Event) -> None:
-    """Publish ``event`` as its service's outbox relay would."""
-    await js.publish(event.subject, event.to_json(), headers={"Nats-Msg-Id": str(event.event_id)})
+async def publish_event(js: JetStreamContext, event: Event, subject: str | None = None) -> None:
+    """Publish ``event`` as its service's outbox relay (or the gateway) would."""
+    await js.publish(
+        subject or event.subject, event.to_json(), headers={"Nats-Msg-Id": str(event.event_id)}
+    )
+
+
+async def lifecycle_events(js: JetStreamContext, subject: str) -> list[dict[str, Any]]:
+    """Every event published on ``subject`` so far (LIFECYCLE, from the start)."""
+    sub = await js.pull_subscribe(
+        subject,
+        durable=None,
+        stream=s.STREAM_LIFECYCLE,
+        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
+    )
+    out: list[dict[str, Any]] = []
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(100, timeout=0.5)
+            except TimeoutError:
+                break
+            for msg in msgs:
+                out.append(json.loads(msg.data))
+                await msg.ack()
+    finally:
+        await sub.unsubscribe()
+    return out
 
 
 async def register_version(
@@ -238,25 +263,7 @@ class DeployStack:
 
     async def events(self, subject: str) -> list[dict[str, Any]]:
         """Every event published on ``subject`` so far (LIFECYCLE, from the start)."""
-        sub = await self.edge.js.pull_subscribe(
-            subject,
-            durable=None,
-            stream=s.STREAM_LIFECYCLE,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
-        )
-        out: list[dict[str, Any]] = []
-        try:
-            while True:
-                try:
-                    msgs = await sub.fetch(100, timeout=0.5)
-                except TimeoutError:
-                    break
-                for msg in msgs:
-                    out.append(json.loads(msg.data))
-                    await msg.ack()
-        finally:
-            await sub.unsubscribe()
-        return out
+        return await lifecycle_events(self.edge.js, subject)
 
     async def restart_deployer(self, *, kill: bool = True) -> None:
         """SIGKILL (or SIGTERM) the deployer process and start it again."""

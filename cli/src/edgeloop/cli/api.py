@@ -97,3 +97,6 @@ DEPLOYER = Api("deployer", "EDGELOOP_DEPLOYER_API", "deployer_api", "http://127.
 def when(value: Any) -> str:
     """An ISO timestamp as ``YYYY-MM-DD HH:MM:SS`` ("-" when absent)."""
     return str(value)[:19].replace("T", " ") if value else "-"
+
+
+MONITOR = Api("monitor", "EDGELOOP_MONITOR_API", "monitor_api", "http://127.0.0.1:18400")

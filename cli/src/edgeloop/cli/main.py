@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from edgeloop.cli import devices, fleet, models, rollout, status
+from edgeloop.cli import devices, fleet, models, monitor, rollout, status
 
 app = typer.Typer(
     help="edgeloop: closed-loop MLOps for models on fleets of edge devices.",
@@ -23,6 +23,8 @@ app.add_typer(devices.app, name="devices")
 app.add_typer(fleet.app, name="fleet")
 app.add_typer(rollout.app, name="rollout")
 app.add_typer(rollout.list_app, name="rollouts")
+app.add_typer(monitor.alarms_app, name="alarms")
+app.add_typer(monitor.app, name="monitor")
 
 
 @app.callback()

@@ -160,6 +160,7 @@ def up_environment(state_dir: Path) -> dict[str, str]:
         "EDGELOOP_GATEWAY_API_PORT": str(free_port()),
         "EDGELOOP_GATEWAY_GRPC_PORT": str(free_port()),
         "EDGELOOP_DEPLOYER_API_PORT": str(free_port()),
+        "EDGELOOP_MONITOR_API_PORT": str(free_port()),
         "EDGELOOP_FIRST_HTTP_PORT": str(free_port()),
     }
     for key in ("EDGELOOP_NATS_URL", "EDGELOOP_DATABASE_URL", "EDGELOOP_OCI_REGISTRY_URL"):

@@ -54,6 +54,7 @@ OCI_REGISTRY_PORT = 15000
 REGISTRY_API_PORT = 18100
 GATEWAY_API_PORT = 18200
 DEPLOYER_API_PORT = 18300
+MONITOR_API_PORT = 18400
 GATEWAY_GRPC_PORT = 18443
 FLEET_DEVICES = 5
 FIRST_HTTP_PORT = 18080
@@ -276,6 +277,7 @@ def _print_endpoints(endpoints: dict[str, Any], services: list[ServiceProcess], 
         f"  gateway API       {endpoints['gateway_api']}/docs   (devices: edgeloop devices list)",
         f"  gateway (gRPC)    {endpoints['gateway_address']}   (mTLS; edgeloop devices enroll ID)",
         f"  deployer API      {endpoints['deployer_api']}/docs   (edgeloop rollouts list)",
+        f"  monitor API       {endpoints['monitor_api']}/docs   (alarms, drift windows, rules)",
         f"  API token         export EDGELOOP_API_TOKEN=$(cat {root / 'api-token'})",
         f"  state             {root}  (stack.json, logs/)",
         "check it:   .venv/bin/edgeloop status      stop it:   Ctrl-C or `make down`",
@@ -333,6 +335,7 @@ def main() -> None:
         gateway_api = f"http://127.0.0.1:{_port('EDGELOOP_GATEWAY_API_PORT', GATEWAY_API_PORT)}"
         gateway_address = f"127.0.0.1:{_port('EDGELOOP_GATEWAY_GRPC_PORT', GATEWAY_GRPC_PORT)}"
         deployer_api = f"http://127.0.0.1:{_port('EDGELOOP_DEPLOYER_API_PORT', DEPLOYER_API_PORT)}"
+        monitor_api = f"http://127.0.0.1:{_port('EDGELOOP_MONITOR_API_PORT', MONITOR_API_PORT)}"
         endpoints |= {
             "nats_url": nats_url,
             "database_url": database_url,
@@ -341,6 +344,7 @@ def main() -> None:
             "gateway_api": gateway_api,
             "gateway_address": gateway_address,
             "deployer_api": deployer_api,
+            "monitor_api": monitor_api,
             "public_key": str(root / "signing-key.pub"),
         }
         common = {
@@ -367,6 +371,12 @@ def main() -> None:
                 "EDGELOOP_DEPLOYER_REGISTRY_TOKEN": api_token,
                 "EDGELOOP_DEPLOYER_GATEWAY_API": gateway_api,
                 "EDGELOOP_DEPLOYER_GATEWAY_TOKEN": api_token,
+            },
+            "monitor": {
+                "EDGELOOP_MONITOR_API_TOKENS": api_token,
+                "EDGELOOP_MONITOR_API_PORT": monitor_api.rsplit(":", 1)[1],
+                "EDGELOOP_MONITOR_REGISTRY_API": registry_api,
+                "EDGELOOP_MONITOR_REGISTRY_TOKEN": api_token,
             },
             "gateway": {
                 "EDGELOOP_GATEWAY_API_TOKENS": api_token,

@@ -114,6 +114,21 @@ class SimulatedSensor:
                         np.asarray(f["categories"], dtype=np.float64), rows, p=counts / counts.sum()
                     )
                 )
+            elif f.get("edges") and f.get("counts"):
+                # the profile's own histogram: a bin by its reference share, then uniform
+                # inside it (under/overflow bins end at the reference min/max)
+                bounds = np.asarray(
+                    [
+                        float(f.get("min", f["edges"][0])),
+                        *f["edges"],
+                        float(f.get("max", f["edges"][-1])),
+                    ],
+                    dtype=np.float64,
+                )
+                counts = np.asarray(f["counts"], dtype=np.float64)
+                b = rng.choice(len(counts), rows, p=counts / counts.sum())
+                lo, hi = bounds[b], bounds[b + 1]
+                cols.append(lo + (hi - lo) * rng.random(rows))
             else:
                 col = rng.normal(float(f.get("mean", 0)), float(f.get("std", 1)) or 1e-6, rows)
                 cols.append(np.clip(col, float(f.get("min", -np.inf)), float(f.get("max", np.inf))))

@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 from nats.aio.msg import Msg
@@ -70,6 +70,15 @@ class Tx:
     deliveries: int
     committed: list[Callable[[], None]] = field(default_factory=list)
     """Callbacks run once the transaction committed (e.g. wake a local worker)."""
+    shared: dict[str, Any] = field(default_factory=dict)
+    """State shared by the handlers of one transaction (a fetched batch is applied in
+    one): accumulate there, write once in a :meth:`before_commit` callback."""
+    flushes: dict[str, Callable[[], Awaitable[None]]] = field(default_factory=dict)
+
+    def before_commit(self, key: str, flush: Callable[[], Awaitable[None]]) -> None:
+        """Run ``flush`` once, in this transaction, after every handler of the batch ran
+        (registered again under the same ``key``: still once)."""
+        self.flushes.setdefault(key, flush)
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once this transaction has committed (never if it rolls back)."""
@@ -261,6 +270,8 @@ class EventProcessor(Generic[E]):
     async def _transaction(self, items: list[tuple[int, Msg, E]]) -> list[str]:
         """Claim every event in the inbox and apply the new ones, in one transaction."""
         done: list[Callable[[], None]] = []
+        shared: dict[str, Any] = {}
+        flushes: dict[str, Callable[[], Awaitable[None]]] = {}
         async with self._pool().acquire() as conn, conn.transaction():
             fresh = await inbox.claim_many(
                 conn,
@@ -279,6 +290,8 @@ class EventProcessor(Generic[E]):
                     schema=self.schema,
                     event_id=event.event_id,
                     deliveries=_deliveries(msg),
+                    shared=shared,
+                    flushes=flushes,
                 )
                 if self._recording or (msg.headers and "traceparent" in msg.headers):
                     with self._tracer.start_as_current_span(
@@ -296,6 +309,8 @@ class EventProcessor(Generic[E]):
                     await self.handler(event, tx)
                 results.append("processed")
                 done.extend(tx.committed)
+            for flush in flushes.values():
+                await flush()
         for callback in done:
             try:
                 callback()

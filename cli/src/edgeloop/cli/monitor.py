@@ -1,0 +1,108 @@
+"""``edgeloop alarms …`` and ``edgeloop monitor …``: alarms, rules and drift windows (the
+monitor's API)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from edgeloop.cli.api import MONITOR, when
+
+alarms_app = typer.Typer(help="Drift and KPI alarms.", no_args_is_help=True)
+app = typer.Typer(help="Drift and KPI monitoring: rules and windows.", no_args_is_help=True)
+rules_app = typer.Typer(help="Per-model alarm rules.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+
+
+@alarms_app.command("list")
+def list_alarms(
+    open_only: Annotated[bool, typer.Option("--open", help="only alarms not resolved")] = False,
+    model: Annotated[str | None, typer.Option(help="only this model's")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+) -> None:
+    """Alarms, newest first."""
+    params: dict[str, Any] = {"open": str(open_only).lower()}
+    if model:
+        params["model"] = model
+    rows = MONITOR.request("GET", "/v1/alarms", params=params)["alarms"]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    if not rows:
+        typer.echo("no alarms")
+        return
+    typer.echo(f"{'ALARM':36}  {'MODEL':24} {'RULE':20} {'STATE':13} {'RAISED':19}  MESSAGE")
+    for a in rows:
+        ref = f"{a['model']}@{a['version']}"
+        typer.echo(
+            f"{a['alarm_id']:36}  {ref:24} {a['rule']:20} {a['state']:13} "
+            f"{when(a['raised_at']):19}  {a['message']}"
+        )
+
+
+@alarms_app.command()
+def ack(alarm_id: Annotated[str, typer.Argument()]) -> None:
+    """Acknowledge an alarm (it resolves when its condition clears)."""
+    a = MONITOR.request("POST", f"/v1/alarms/{alarm_id}/ack")
+    typer.echo(f"alarm {alarm_id}: {a['state']} by {a['acked_by']}")
+
+
+@rules_app.command("show")
+def show_rules(model: Annotated[str, typer.Argument(help="NAME")]) -> None:
+    """The model's rules (its own over the defaults), as YAML."""
+    r = MONITOR.request("GET", f"/v1/rules/{model}")
+    typer.echo(f"# rules of {model}; its own: {', '.join(sorted(r['own'])) or 'none'}")
+    typer.echo(yaml.safe_dump(r["rules"], sort_keys=True).rstrip())
+
+
+@rules_app.command("set")
+def set_rules(
+    model: Annotated[str, typer.Argument(help="NAME")],
+    file: Annotated[Path, typer.Option("--file", "-f", help="rules.yaml (key: number)")],
+) -> None:
+    """Replace the model's own rules with the file's."""
+    try:
+        rules = yaml.safe_load(file.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        typer.secho(f"cannot read {file}: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from exc
+    if not isinstance(rules, dict):
+        typer.secho(f"{file} must hold a mapping of rule: number", err=True, fg="red")
+        raise typer.Exit(2)
+    r = MONITOR.request("PUT", f"/v1/rules/{model}", json={"rules": rules})
+    typer.echo(
+        f"rules of {model} set: {', '.join(f'{k}={v:g}' for k, v in sorted(r['own'].items()))}"
+    )
+
+
+@app.command()
+def windows(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION")],
+    limit: Annotated[int, typer.Option(help="how many")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+) -> None:
+    """Recent windows: inferences, worst feature drift, KPIs."""
+    name, _, version = ref.partition("@")
+    params: dict[str, Any] = {"model": name, "limit": limit}
+    if version:
+        params["version"] = version
+    rows = MONITOR.request("GET", "/v1/windows", params=params)["windows"]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    typer.echo(f"{'WINDOW':19}  {'VER':6} {'COUNT':>8}  {'WORST PSI':28} KPIs")
+    for w in rows:
+        s = w.get("scores") or {}
+        feats = s.get("features") or {}
+        worst = max(feats.items(), key=lambda kv: kv[1]["psi"], default=None)
+        drift = f"{worst[0][:18]} {worst[1]['psi']:.3f}" if worst else "-"
+        kpis = ", ".join(f"{k} {v:.3g}" for k, v in sorted((s.get("kpis") or {}).items()))
+        state = "" if w["evaluated"] else " (open)"
+        typer.echo(
+            f"{when(w['window_start']):19}  {w['version']:6} {w['count']:>8}  {drift:28} "
+            f"{kpis}{state}"
+        )

@@ -1,0 +1,1 @@
+"""edgeloop monitor: drift and KPIs from batched telemetry, alarms, retraining requests."""

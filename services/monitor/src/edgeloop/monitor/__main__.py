@@ -1,0 +1,3 @@
+from edgeloop.monitor.app import main
+
+main()

@@ -1,0 +1,117 @@
+"""The monitor's HTTP API: alarms (list, acknowledge), rules per model, windows with
+their scores, rejected telemetry per device."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI, HTTPException, Query
+
+from edgeloop.kit.api import Actor
+from edgeloop.monitor.rules import DEFAULT_RULES, validate_rules
+
+
+def _row(record: asyncpg.Record) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in dict(record).items():
+        if isinstance(value, uuid.UUID):
+            value = str(value)
+        elif hasattr(value, "isoformat"):
+            value = value.isoformat()
+        elif key in ("scores", "rules") and isinstance(value, str):
+            value = json.loads(value)
+        out[key] = value
+    return out
+
+
+def create_api(pool: Callable[[], asyncpg.Pool], tokens: frozenset[str]) -> FastAPI:
+    """The FastAPI app (OpenAPI at ``/docs``)."""
+    api = FastAPI(title="edgeloop monitor", version="1", description="Drift, KPIs and alarms.")
+    api.state.tokens = tokens
+
+    @api.get("/v1/alarms")
+    async def alarms(
+        _: Actor,
+        open_only: bool = Query(False, alias="open"),
+        model: str | None = None,
+        limit: int = Query(100, ge=1, le=1000),
+    ) -> dict[str, Any]:
+        """Alarms, newest first (``open=true``: raised or acknowledged, not resolved)."""
+        rows = await pool().fetch(
+            """SELECT * FROM alarms
+               WHERE (NOT $1 OR state <> 'resolved') AND ($2::text IS NULL OR model = $2)
+               ORDER BY raised_at DESC LIMIT $3""",
+            open_only,
+            model,
+            limit,
+        )
+        return {"alarms": [_row(r) for r in rows]}
+
+    @api.post("/v1/alarms/{alarm_id}/ack")
+    async def ack(alarm_id: uuid.UUID, who: Actor) -> dict[str, Any]:
+        """Acknowledge a raised alarm (it stays open until its condition clears)."""
+        row = await pool().fetchrow(
+            """UPDATE alarms SET state = 'acknowledged', acked_at = now(), acked_by = $2
+               WHERE alarm_id = $1 AND state = 'raised' RETURNING *""",
+            alarm_id,
+            who,
+        )
+        if row is None:
+            state = await pool().fetchval("SELECT state FROM alarms WHERE alarm_id = $1", alarm_id)
+            if state is None:
+                raise HTTPException(404, f"no alarm {alarm_id}")
+            raise HTTPException(
+                409, f"alarm {alarm_id} is {state}; only a raised alarm is acknowledged"
+            )
+        return _row(row)
+
+    @api.get("/v1/rules/{model}")
+    async def show_rules(model: str, _: Actor) -> dict[str, Any]:
+        """The model's rules: its own over the defaults."""
+        own = await pool().fetchval("SELECT rules FROM rules WHERE model = $1", model)
+        own_rules = json.loads(own) if own else {}
+        return {"model": model, "rules": {**DEFAULT_RULES, **own_rules}, "own": own_rules}
+
+    @api.put("/v1/rules/{model}")
+    async def set_rules(model: str, body: dict[str, Any], who: Actor) -> dict[str, Any]:
+        """Replace the model's own rules (unknown keys or bad values: 422 naming them)."""
+        try:
+            rules = validate_rules(body.get("rules", body))
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        await pool().execute(
+            """INSERT INTO rules (model, rules, updated_by) VALUES ($1, $2::jsonb, $3)
+               ON CONFLICT (model) DO UPDATE
+               SET rules = EXCLUDED.rules, updated_at = now(), updated_by = EXCLUDED.updated_by""",
+            model,
+            json.dumps(rules),
+            who,
+        )
+        return {"model": model, "rules": {**DEFAULT_RULES, **rules}, "own": rules}
+
+    @api.get("/v1/windows")
+    async def windows(
+        _: Actor, model: str, version: str | None = None, limit: int = Query(50, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        """Judged windows of a model, newest first, with their scores."""
+        rows = await pool().fetch(
+            """SELECT model, version, window_start, window_end, count, evaluated, scores
+               FROM windows WHERE model = $1 AND ($2::text IS NULL OR version = $2)
+               ORDER BY window_start DESC LIMIT $3""",
+            model,
+            version,
+            limit,
+        )
+        return {"windows": [_row(r) for r in rows]}
+
+    @api.get("/v1/rejections")
+    async def rejections(_: Actor) -> dict[str, Any]:
+        """Telemetry refused, per device and kind of fault."""
+        rows = await pool().fetch("SELECT * FROM rejections ORDER BY device_id, code")
+        return {"rejections": [_row(r) for r in rows]}
+
+    return api

@@ -1,0 +1,227 @@
+"""Closed windows → scores → alarms (raise, keep, resolve) and retraining requests.
+
+Each window is judged in one transaction with the alarms it changes and the events it
+causes (outbox); windows are claimed with ``FOR UPDATE SKIP LOCKED``, so replicas share
+the work and none is judged twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+from prometheus_client import Counter, Gauge
+
+from edgeloop.contracts.events import (
+    AlarmKind,
+    AlarmRaised,
+    AlarmResolved,
+    DatasetSelection,
+    RetrainRequested,
+)
+from edgeloop.kit.db import TRANSIENT_DB_ERRORS, Conn
+from edgeloop.kit.outbox import add_event
+from edgeloop.monitor.aggregate import Window
+from edgeloop.monitor.references import References, UnknownVersion
+from edgeloop.monitor.rules import Judgement, judge, score
+
+log = logging.getLogger(__name__)
+
+WINDOWS = Counter("edgeloop_monitor_windows_evaluated_total", "Windows judged")
+ALARMS = Counter("edgeloop_monitor_alarms_raised_total", "Alarms raised", ["rule"])
+DRIFT = Gauge("edgeloop_monitor_psi", "Latest PSI per feature", ["model", "version", "feature"])
+KPI = Gauge("edgeloop_monitor_kpi", "Latest KPI value", ["model", "version", "kpi"])
+
+#: how far back the samples of a retraining request reach
+SAMPLE_LOOKBACK = timedelta(hours=24)
+
+
+class Evaluator:
+    """Judges closed windows."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, schema: str, refs: References, *, grace_seconds: float
+    ) -> None:
+        self.pool = pool
+        self.schema = schema
+        self.refs = refs
+        self.grace = timedelta(seconds=grace_seconds)
+
+    async def run(self, every: float) -> None:
+        """Until cancelled."""
+        while True:
+            try:
+                while await self.evaluate_one():
+                    pass
+            except TRANSIENT_DB_ERRORS as exc:
+                log.warning("cannot evaluate windows now: %s", exc)
+            except Exception:
+                log.exception("window evaluation failed; trying again")
+            await asyncio.sleep(every)
+
+    async def evaluate_one(self) -> bool:
+        """Judge the oldest closed window not judged yet; whether there was one."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """SELECT model, version, window_start, window_end, aggregate FROM windows
+                   WHERE NOT evaluated AND window_end <= $1
+                   ORDER BY window_start LIMIT 1 FOR UPDATE SKIP LOCKED""",
+                datetime.now(UTC) - self.grace,
+            )
+            if row is None:
+                return False
+            model, version = row["model"], row["version"]
+            try:
+                ref = await self.refs.get(model, version)
+            except UnknownVersion:
+                scores: dict[str, Any] = {"error": "no reference profile"}
+                judgements: list[Judgement] = []
+            else:
+                scores = score(Window.from_json(json.loads(row["aggregate"])), ref)
+                rules = await conn.fetchval("SELECT rules FROM rules WHERE model = $1", model)
+                judgements = judge(scores, json.loads(rules) if rules else {})
+            await conn.execute(
+                "UPDATE windows SET evaluated = true, scores = $4::jsonb "
+                "WHERE model = $1 AND version = $2 AND window_start = $3",
+                model,
+                version,
+                row["window_start"],
+                json.dumps(scores),
+            )
+            for j in judgements:
+                await self._apply(conn, model, version, row["window_start"], row["window_end"], j)
+        WINDOWS.inc()
+        for name, f in (scores.get("features") or {}).items():
+            DRIFT.labels(model, version, name).set(f["psi"])
+        for name, value in (scores.get("kpis") or {}).items():
+            KPI.labels(model, version, name).set(value)
+        return True
+
+    async def _apply(
+        self, conn: Conn, model: str, version: str, start: datetime, end: datetime, j: Judgement
+    ) -> None:
+        alarm = await conn.fetchrow(
+            "SELECT alarm_id, clean_windows FROM alarms "
+            "WHERE model = $1 AND version = $2 AND rule = $3 AND state <> 'resolved' FOR UPDATE",
+            model,
+            version,
+            j.rule,
+        )
+        if j.fired:
+            if alarm is not None:  # still firing: one alarm, updated (de-duplication)
+                await conn.execute(
+                    "UPDATE alarms SET clean_windows = 0, scores = $2::jsonb, message = $3, "
+                    "window_end = $4 WHERE alarm_id = $1",
+                    alarm["alarm_id"],
+                    json.dumps(j.scores),
+                    j.message,
+                    end,
+                )
+                return
+            await self._raise(conn, model, version, start, end, j)
+        elif alarm is not None and j.clean:
+            clean = alarm["clean_windows"] + 1
+            rules = await conn.fetchval("SELECT rules FROM rules WHERE model = $1", model)
+            needed = int((json.loads(rules) if rules else {}).get("clear_windows", 2))
+            if clean < needed:
+                await conn.execute(
+                    "UPDATE alarms SET clean_windows = $2 WHERE alarm_id = $1",
+                    alarm["alarm_id"],
+                    clean,
+                )
+                return
+            await conn.execute(
+                "UPDATE alarms SET state = 'resolved', resolved_at = now(), clean_windows = $2 "
+                "WHERE alarm_id = $1",
+                alarm["alarm_id"],
+                clean,
+            )
+            await add_event(
+                conn,
+                self.schema,
+                AlarmResolved(
+                    model=model, version=version, alarm_id=alarm["alarm_id"], rule=j.rule
+                ),
+            )
+            log.info("alarm %s (%s@%s %s) resolved", alarm["alarm_id"], model, version, j.rule)
+        elif alarm is not None:  # between the thresholds: neither firing nor clean
+            await conn.execute(
+                "UPDATE alarms SET clean_windows = 0 WHERE alarm_id = $1", alarm["alarm_id"]
+            )
+
+    async def _raise(
+        self, conn: Conn, model: str, version: str, start: datetime, end: datetime, j: Judgement
+    ) -> None:
+        alarm_id = uuid.uuid4()
+        kind = AlarmKind.DRIFT if j.kind == "drift" else AlarmKind.KPI
+        request_id = uuid.uuid4()
+        await conn.execute(
+            """INSERT INTO alarms (alarm_id, model, version, rule, kind, state, message, scores,
+                                   window_start, window_end, retrain_request_id)
+               VALUES ($1, $2, $3, $4, $5, 'raised', $6, $7::jsonb, $8, $9, $10)""",
+            alarm_id,
+            model,
+            version,
+            j.rule,
+            kind.value,
+            j.message,
+            json.dumps(j.scores),
+            start,
+            end,
+            request_id,
+        )
+        await add_event(
+            conn,
+            self.schema,
+            AlarmRaised(
+                model=model,
+                version=version,
+                alarm_id=alarm_id,
+                kind=kind,
+                rule=j.rule,
+                severity="warning",
+                window_start=start,
+                window_end=end,
+                scores=j.scores,
+                message=j.message,
+            ),
+        )
+        since = start - SAMPLE_LOOKBACK
+        samples = await conn.fetchval(
+            "SELECT count(*) FROM samples WHERE model = $1 AND at >= $2", model, since
+        )
+        await add_event(
+            conn,
+            self.schema,
+            RetrainRequested(
+                model=model,
+                version=version,
+                request_id=request_id,
+                alarm_id=alarm_id,
+                reason=j.message,
+                evidence={
+                    "rule": j.rule,
+                    "kind": kind.value,
+                    "scores": j.scores,
+                    "window_start": start.isoformat(),
+                    "window_end": end.isoformat(),
+                },
+                dataset=DatasetSelection(
+                    kinds=["low-confidence", "labelled"],
+                    since=since,
+                    until=end,
+                    sample_count=int(samples or 0),
+                    export_command=(
+                        f"edgeloop data export {model} --since {since.isoformat()} "
+                        f"--until {end.isoformat()} -o {model}-retrain.parquet"
+                    ),
+                ),
+            ),
+        )
+        ALARMS.labels(j.rule).inc()
+        log.warning("alarm %s raised for %s@%s: %s", alarm_id, model, version, j.message)

@@ -1,0 +1,143 @@
+"""Telemetry in: checked against the reference, merged into windows (one write per
+window per transaction), samples stored, rejections counted per device."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+
+import httpx
+from prometheus_client import Counter
+
+from edgeloop.contracts import subjects as s
+from edgeloop.contracts.events import TelemetryBatch
+from edgeloop.kit.bus import ConsumerSpec
+from edgeloop.kit.consumer import Tx
+from edgeloop.kit.service import Service
+from edgeloop.monitor.aggregate import BadTelemetry, Window, check
+from edgeloop.monitor.references import References, UnknownVersion
+
+log = logging.getLogger(__name__)
+
+RECORDS = Counter("edgeloop_monitor_records_total", "Inferences aggregated")
+REJECTED = Counter("edgeloop_monitor_rejected_batches_total", "Telemetry batches refused", ["code"])
+
+WindowKey = tuple[str, str, datetime]
+
+
+def window_of(at: datetime, seconds: float) -> tuple[datetime, datetime]:
+    """The window (start, end) ``at`` falls in."""
+    epoch = at.timestamp()
+    start = epoch - epoch % seconds
+    begin = datetime.fromtimestamp(start, UTC)
+    return begin, begin + timedelta(seconds=seconds)
+
+
+def register_handlers(
+    svc: Service, refs: References, *, window_seconds: float, max_count: int, batch_size: int
+) -> None:
+    """Subscribe the telemetry consumer."""
+
+    @svc.consume(
+        TelemetryBatch,
+        ConsumerSpec(
+            stream=s.STREAM_TELEMETRY,
+            durable=s.CONSUMER_MONITOR_TELEMETRY,
+            filter_subjects=s.TELEMETRY_SUBJECTS,
+            batch_size=batch_size,
+        ),
+    )
+    async def on_telemetry(batch: TelemetryBatch, tx: Tx) -> None:
+        try:
+            ref = await refs.get(batch.model, batch.version)
+            check(batch, ref, max_count=max_count)
+        except (UnknownVersion, BadTelemetry) as exc:
+            code = exc.code if isinstance(exc, BadTelemetry) else "unknown_model"
+            await _reject(tx, batch.device_id, code, str(exc))
+            return
+        except httpx.HTTPError:
+            raise  # the registry is unreachable: retried
+        windows: dict[WindowKey, tuple[datetime, Window]] = tx.shared.setdefault("windows", {})
+        start, end = window_of(batch.window_end, window_seconds)
+        key = (batch.model, batch.version, start)
+        if key not in windows:
+            windows[key] = (end, Window())
+        windows[key][1].add(batch, ref)
+        RECORDS.inc(batch.count)
+        if batch.samples:
+            rows = tx.shared.setdefault("samples", [])
+            for sample in batch.samples:
+                rows.append(
+                    (
+                        batch.model,
+                        batch.version,
+                        batch.device_id,
+                        json.dumps(sample.get("features", [])),
+                        str(sample.get("prediction", "")),
+                        float(sample.get("confidence", 0.0)),
+                        sample.get("label"),
+                        _at(sample.get("at"), batch.window_end),
+                    )
+                )
+        tx.before_commit("windows", lambda: _flush(tx))
+
+
+async def _flush(tx: Tx) -> None:
+    """Write the transaction's window aggregates (merged with what is stored) and samples."""
+    windows: dict[WindowKey, tuple[datetime, Window]] = tx.shared.get("windows", {})
+    for (model, version, start), (end, window) in sorted(windows.items()):
+        row = await tx.conn.fetchrow(
+            "SELECT aggregate FROM windows WHERE model = $1 AND version = $2 "
+            "AND window_start = $3 FOR UPDATE",
+            model,
+            version,
+            start,
+        )
+        if row is not None:
+            stored = Window.from_json(json.loads(row["aggregate"]))
+            stored.merge(window)
+            window = stored
+        await tx.conn.execute(
+            """INSERT INTO windows (model, version, window_start, window_end, aggregate, count)
+               VALUES ($1, $2, $3, $4, $5::jsonb, $6)
+               ON CONFLICT (model, version, window_start) DO UPDATE
+               SET aggregate = EXCLUDED.aggregate, count = EXCLUDED.count, updated_at = now()""",
+            model,
+            version,
+            start,
+            end,
+            json.dumps(window.to_json()),
+            window.count,
+        )
+    samples = tx.shared.get("samples")
+    if samples:
+        await tx.conn.executemany(
+            """INSERT INTO samples (model, version, device_id, features, prediction,
+                                    confidence, label, at)
+               VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8)""",
+            samples,
+        )
+
+
+async def _reject(tx: Tx, device_id: str, code: str, reason: str) -> None:
+    REJECTED.labels(code).inc()
+    log.info("telemetry of %s refused (%s): %s", device_id, code, reason)
+    await tx.conn.execute(
+        """INSERT INTO rejections (device_id, code, count, last_reason) VALUES ($1, $2, 1, $3)
+           ON CONFLICT (device_id, code) DO UPDATE
+           SET count = rejections.count + 1, last_reason = EXCLUDED.last_reason,
+               last_at = now()""",
+        device_id,
+        code,
+        reason[:1000],
+    )
+
+
+def _at(value: object, default: datetime) -> datetime:
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            return default
+    return default

@@ -1,0 +1,161 @@
+"""Scores of a closed window, and the rules that turn them into alarms.
+
+Rules are per model (``edgeloop monitor rules set NAME --file rules.yaml``), falling back
+to :data:`DEFAULT_RULES`. A rule **fires** on a window above its threshold and is
+**clean** on a window below ``threshold * hysteresis``; an open alarm resolves after
+``clear_windows`` clean windows in a row (so a score hovering at the threshold does not
+flap), and a rule has at most one open alarm per version (de-duplication).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgeloop.monitor import drift
+from edgeloop.monitor.aggregate import Reference, Window, quantile
+
+DEFAULT_RULES: dict[str, float] = {
+    "min_count": 200,
+    "drift_psi": 0.25,
+    "prediction_psi": 0.25,
+    "error_rate": 0.05,
+    "low_confidence_rate": 0.5,
+    "latency_p95_ms": 250.0,
+    "clear_windows": 2,
+    "hysteresis": 0.8,
+}
+"""Thresholds; ``min_count``: windows with fewer inferences are not judged."""
+
+KPI_RULES = ("error_rate", "low_confidence_rate", "latency_p95_ms")
+
+
+def validate_rules(rules: dict[str, Any]) -> dict[str, float]:
+    """Known keys with non-negative numbers (``ValueError`` naming the bad one)."""
+    out: dict[str, float] = {}
+    for key, value in rules.items():
+        if key not in DEFAULT_RULES:
+            raise ValueError(f"unknown rule {key!r}; known: {', '.join(sorted(DEFAULT_RULES))}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"rule {key} must be a number, got {value!r}") from exc
+        if number < 0 or (key == "hysteresis" and number > 1):
+            raise ValueError(f"rule {key} out of range: {number}")
+        out[key] = number
+    return out
+
+
+def score(window: Window, ref: Reference) -> dict[str, Any]:
+    """Drift per feature and of the predictions, and the KPIs, of one window."""
+    out: dict[str, Any] = {"count": window.count, "devices": len(window.devices)}
+    if window.features is not None and window.count:
+        r, c = ref.counts, window.features
+        psi = drift.psi(r, c)
+        js = drift.jensen_shannon(r, c)
+        ks = drift.ks_binned(r, c)
+        chi = drift.chi_square(r, c)
+        out["features"] = {
+            name: {
+                "psi": float(psi[i]),
+                "js": float(js[i]),
+                "ks": float(ks.statistic[i]),
+                "ks_p": float(ks.pvalue[i]),
+                **(
+                    {"chi2": float(chi.statistic[i]), "chi2_p": float(chi.pvalue[i])}
+                    if ref.kinds[i] == "categorical"
+                    else {}
+                ),
+            }
+            for i, name in enumerate(ref.names)
+        }
+    if ref.prediction_categories and window.predictions:
+        cur = np.asarray([window.predictions.get(c, 0) for c in ref.prediction_categories])
+        chi = drift.chi_square(ref.prediction_counts, cur)
+        out["prediction"] = {
+            "psi": float(drift.psi(ref.prediction_counts, cur)),
+            "js": float(drift.jensen_shannon(ref.prediction_counts, cur)),
+            "chi2": float(chi.statistic[0]),
+            "chi2_p": float(chi.pvalue[0]),
+            "unknown_labels": sorted(set(window.predictions) - set(ref.prediction_categories)),
+        }
+    kpis: dict[str, float] = {}
+    if window.count:
+        kpis["error_rate"] = window.errors / window.count
+        kpis["low_confidence_rate"] = window.low_confidence / window.count
+    p95 = quantile(window.latency_edges, window.latency, 0.95)
+    if p95 is not None:
+        kpis["latency_p95_ms"] = p95
+    out["kpis"] = kpis
+    return out
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One rule on one window."""
+
+    rule: str
+    kind: str  # drift | kpi
+    fired: bool
+    clean: bool
+    scores: dict[str, float]
+    message: str
+
+
+def judge(scores: dict[str, Any], rules: dict[str, float]) -> list[Judgement]:
+    """Every rule's judgement of a window (none when it has too few inferences)."""
+    r = {**DEFAULT_RULES, **rules}
+    if scores.get("count", 0) < r["min_count"]:
+        return []
+    h = r["hysteresis"]
+    out: list[Judgement] = []
+    features = scores.get("features") or {}
+    if features:
+        psis = {name: f["psi"] for name, f in features.items()}
+        worst = max(psis, key=lambda n: psis[n])
+        drifted = {n: v for n, v in psis.items() if v > r["drift_psi"]}
+        out.append(
+            Judgement(
+                "drift_psi",
+                "drift",
+                bool(drifted),
+                psis[worst] < r["drift_psi"] * h,
+                {f"psi.{n}": v for n, v in sorted(psis.items())},
+                _drift_message(drifted) if drifted else f"no feature drift (worst {worst})",
+            )
+        )
+    pred = scores.get("prediction")
+    if pred:
+        v = pred["psi"]
+        out.append(
+            Judgement(
+                "prediction_psi",
+                "drift",
+                v > r["prediction_psi"],
+                v < r["prediction_psi"] * h,
+                {"psi.prediction": v, "chi2_p.prediction": pred["chi2_p"]},
+                f"prediction drift: PSI {v:.2f} (threshold {r['prediction_psi']:g})",
+            )
+        )
+    for name, value in (scores.get("kpis") or {}).items():
+        if name not in KPI_RULES:
+            continue
+        limit = r[name]
+        out.append(
+            Judgement(
+                name,
+                "kpi",
+                value > limit,
+                value < limit * h,
+                {name: value},
+                f"{name} {value:.4g} above {limit:g}",
+            )
+        )
+    return out
+
+
+def _drift_message(drifted: dict[str, float]) -> str:
+    worst_first = sorted(drifted.items(), key=lambda item: -item[1])
+    return "feature drift: " + ", ".join(f"{n} PSI {v:.2f}" for n, v in worst_first)

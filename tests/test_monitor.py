@@ -1,0 +1,238 @@
+"""The monitor against real components: agents (the gateway, mTLS, real models on the
+reference profile's bins) stream telemetry over NATS JetStream; the registry service
+serves the reference profile; the monitor service aggregates windows in PostgreSQL,
+judges them, raises and resolves alarms and asks for retraining."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from typer.testing import CliRunner, Result
+
+from edgeloop.cli.main import app
+from edgeloop.contracts.events import Histogram, TelemetryBatch
+from edgeloop.devstack.servers import NatsServer, Postgres, free_port
+from edgeloop.devstack.testing import api_up, eventually
+from edgeloop.edge.agent import Agent
+from edgeloop.monitor.app import build as build_monitor
+from edgeloop.monitor.config import MonitorSettings
+from edgeloop.registry.app import build as build_registry
+from edgeloop.registry.config import RegistrySettings
+from tests.deploy_harness import lifecycle_events, publish_event
+from tests.edge_harness import TOKEN, EdgeStack, edge_stack, wait_state
+from tests.modelzoo import classifier
+
+pytestmark = pytest.mark.slow
+RUNNING = 4  # pb.DEVICE_STATE_RUNNING
+
+
+@dataclass
+class Monitored:
+    edge: EdgeStack
+    registry: httpx.AsyncClient
+    monitor: httpx.AsyncClient
+    model: str
+
+    async def alarms(self, **params: Any) -> list[dict[str, Any]]:
+        resp = await self.monitor.get("/v1/alarms", params={"model": self.model, **params})
+        assert resp.status_code == 200, resp.text
+        return list(resp.json()["alarms"])
+
+
+@pytest.fixture
+def nats_private(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def mon(
+    nats_private: NatsServer, postgres: Postgres, registry_url: str, tmp_path: Path, unique: str
+) -> AsyncIterator[Monitored]:
+    dsn = await asyncio.to_thread(postgres.create_database, f"mon_{unique}")
+    common = {"nats_url": nats_private.url, "database_url": dsn, "oci_registry_url": registry_url}
+    reg_port, mon_port = free_port(), free_port()
+    registry = build_registry(
+        RegistrySettings(
+            **common, api_tokens=TOKEN, api_port=reg_port, repository_prefix=f"m{unique}"
+        )
+    )
+    monitor = build_monitor(
+        MonitorSettings(
+            **common,
+            api_tokens=TOKEN,
+            api_port=mon_port,
+            registry_api=f"http://127.0.0.1:{reg_port}",
+            registry_token=TOKEN,
+            window_seconds=2,
+            grace_seconds=0.5,
+            evaluate_seconds=0.2,
+        )
+    )
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with (
+        registry.running(),
+        monitor.running(),
+        edge_stack(nats_private.url, dsn, registry_url, tmp_path / "edge") as edge,
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{reg_port}", headers=headers, timeout=30
+        ) as reg,
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{mon_port}", headers=headers, timeout=30
+        ) as api,
+    ):
+        await eventually(lambda: api_up(reg), what="registry API")
+        await eventually(lambda: api_up(api), what="monitor API")
+        yield Monitored(edge, reg, api, f"iris{unique}")
+
+
+async def _deploy(mon: Monitored, devices: int, drift: str | None) -> list[Agent]:
+    """Register iris with its reference, push its image (profile inside), run agents."""
+    m = classifier("iris")
+    resp = await mon.registry.post(
+        f"/api/v1/models/{mon.model}/versions",
+        files={"model": ("m.onnx", m.onnx), "reference": ("r.npz", m.reference)},
+        data={"version": "1"},
+    )
+    assert resp.status_code == 201, resp.text
+    profile = (
+        await mon.registry.get(f"/api/v1/models/{mon.model}/versions/1", params={"profile": "true"})
+    ).json()["profile"]
+    image = await mon.edge.publish_image(mon.model, "1", m.onnx, profile=profile)
+    resp = await mon.monitor.put(
+        f"/v1/rules/{mon.model}", json={"min_count": 50, "clear_windows": 2}
+    )
+    assert resp.status_code == 200, resp.text
+    agents = []
+    for i in range(devices):
+        config = await mon.edge.enroll(f"{mon.model}-{i}")
+        config.telemetry_seconds = 0.5
+        config.infer_seconds = 0.05
+        config.drift = drift
+        agent = await mon.edge.start_agent(config)
+        await mon.edge.set_desired(config.device_id, image.desired())
+        agents.append(agent)
+    for agent in agents:
+        await wait_state(agent, RUNNING, within=60)
+    return agents
+
+
+async def test_drift_raises_an_alarm_asks_for_retraining_and_resolves(mon: Monitored) -> None:
+    agents = await _deploy(mon, 2, "feature=2,shift=3,after=0s,fraction=1.0")
+
+    async def raised() -> list[dict[str, Any]]:
+        return [a for a in await mon.alarms(open="true") if a["rule"] == "drift_psi"]
+
+    (alarm,) = await eventually(raised, within=60, what="drift alarm")
+    assert alarm["kind"] == "drift"
+    assert "petal length" in alarm["message"]  # the shifted feature is named
+    assert alarm["scores"]["psi.petal length (cm)"] > 0.25
+    events = await _lifecycle(mon, "retrain.requested")
+    (request,) = [e for e in events if e["alarm_id"] == alarm["alarm_id"]]
+    assert request["evidence"]["rule"] == "drift_psi"
+    assert request["dataset"]["kinds"] == ["low-confidence", "labelled"]
+    assert "edgeloop data export" in request["dataset"]["export_command"]
+    raised_events = [e["alarm_id"] for e in await _lifecycle(mon, "alarm.raised")]
+    assert raised_events.count(alarm["alarm_id"]) == 1
+
+    # the windows keep drifting: still one alarm (de-duplication); acknowledge it
+    await asyncio.sleep(3)
+    assert len(await raised()) == 1
+    resp = await mon.monitor.post(f"/v1/alarms/{alarm['alarm_id']}/ack")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["state"] == "acknowledged"
+
+    # the drift stops: two clean windows later the alarm resolves
+    for agent in agents:
+        assert agent._source is not None
+        agent._source.drift = None  # type: ignore[attr-defined]
+
+    async def resolved() -> bool:
+        return any(
+            a["alarm_id"] == alarm["alarm_id"] and a["state"] == "resolved"
+            for a in await mon.alarms()
+        )
+
+    try:
+        await eventually(resolved, within=60, what="alarm resolved")
+    except AssertionError:
+        windows = (await mon.monitor.get("/v1/windows", params={"model": mon.model})).json()
+        print(json.dumps([w["scores"] for w in windows["windows"][:3]], indent=1))
+        print(await mon.alarms())
+        raise
+    assert alarm["alarm_id"] in {e["alarm_id"] for e in await _lifecycle(mon, "alarm.resolved")}
+    windows = (await mon.monitor.get("/v1/windows", params={"model": mon.model})).json()["windows"]
+    judged = [w for w in windows if w["evaluated"] and w["scores"].get("features")]
+    assert judged
+    assert all(w["count"] > 0 for w in judged)
+
+
+async def test_bad_telemetry_is_refused_per_device_and_never_poisons_a_window(
+    mon: Monitored,
+) -> None:
+    await _deploy(mon, 1, None)
+    good = await eventually(lambda: _counted(mon), within=30, what="a window")
+    now = datetime.now(UTC)
+    base = {"model": mon.model, "version": "1", "window_start": now, "window_end": now, "count": 10}
+    one_feature = [Histogram(edges=[1.0], counts=[5, 5])]
+    bad = [
+        TelemetryBatch(
+            device_id="bad-1", **base, feature_names=["a"], feature_histograms=one_feature
+        ),
+        TelemetryBatch(device_id="bad-2", **{**base, "model": "nope"}),
+        TelemetryBatch(device_id="bad-3", **{**base, "count": 10**9}),
+    ]
+    for batch in bad:
+        await publish_event(mon.edge.js, batch, subject=batch.bus_subject())
+
+    async def refused() -> dict[str, str] | None:
+        rows = (await mon.monitor.get("/v1/rejections")).json()["rejections"]
+        codes = {r["device_id"]: r["code"] for r in rows}
+        return codes if len(codes) >= 3 else None
+
+    codes = await eventually(refused, within=30, what="rejections")
+    assert codes == {"bad-1": "feature_count", "bad-2": "unknown_model", "bad-3": "too_large"}
+    # the monitor kept aggregating the good device
+    assert await eventually(lambda: _counted(mon, more_than=good), within=30, what="more windows")
+
+
+async def _counted(mon: Monitored, more_than: int = 0) -> int:
+    windows = (await mon.monitor.get("/v1/windows", params={"model": mon.model})).json()["windows"]
+    total = sum(w["count"] for w in windows)
+    return total if total > more_than else 0
+
+
+async def _lifecycle(mon: Monitored, subject: str) -> list[dict[str, Any]]:
+    return await lifecycle_events(mon.edge.js, subject)
+
+
+async def test_rules_and_alarms_from_the_cli(mon: Monitored, tmp_path: Path) -> None:
+    env = {"EDGELOOP_MONITOR_API": str(mon.monitor.base_url), "EDGELOOP_API_TOKEN": TOKEN}
+
+    def cli(*args: str) -> Result:
+        return CliRunner().invoke(app, list(args), env=env)
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("drift_psi: 0.3\nerror_rate: 0.01\n")
+    args = ("monitor", "rules", "set", mon.model, "--file", str(rules))
+    result = await asyncio.to_thread(cli, *args)
+    assert result.exit_code == 0, result.output
+    shown = await asyncio.to_thread(cli, "monitor", "rules", "show", mon.model)
+    assert "drift_psi: 0.3" in shown.output
+    assert "latency_p95_ms: 250.0" in shown.output  # a default shows through
+    rules.write_text("drift_pis: 0.3\n")
+    bad = await asyncio.to_thread(cli, *args)
+    assert bad.exit_code == 1
+    assert "unknown rule 'drift_pis'" in bad.output
+    listed = await asyncio.to_thread(cli, "alarms", "list", "--open")
+    assert listed.exit_code == 0, listed.output
+    assert "no alarms" in listed.output
