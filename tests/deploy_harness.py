@@ -62,15 +62,27 @@ async def lifecycle_events(js: JetStreamContext, subject: str) -> list[dict[str,
 
 
 async def register_version(
-    registry: httpx.AsyncClient, model: str, version: str, onnx: bytes
-) -> None:
-    """Register a version in the registry (its build and validation are pending)."""
+    registry: httpx.AsyncClient,
+    model: str,
+    version: str,
+    onnx: bytes,
+    reference: bytes | None = None,
+) -> dict[str, Any] | None:
+    """Register a version in the registry (its build and validation are pending); its
+    reference profile when a reference sample was given."""
+    files = {"model": ("model.onnx", onnx)}
+    if reference is not None:
+        files["reference"] = ("reference.npz", reference)
     resp = await registry.post(
-        f"/api/v1/models/{model}/versions",
-        files={"model": ("model.onnx", onnx)},
-        data={"version": version},
+        f"/api/v1/models/{model}/versions", files=files, data={"version": version}
     )
     assert resp.status_code in (200, 201), resp.text
+    if reference is None:
+        return None
+    body = await registry.get(
+        f"/api/v1/models/{model}/versions/{version}", params={"profile": "true"}
+    )
+    return dict(body.json()["profile"])
 
 
 async def wait_validation(
@@ -93,11 +105,13 @@ async def make_validated(
     model: str,
     version: str,
     onnx: bytes,
+    reference: bytes | None = None,
 ) -> Image:
     """A registered, built and validated version, as the pipeline leaves it: the image
-    pushed and signed, ``image.built`` and ``validation.passed`` published."""
-    await register_version(registry, model, version, onnx)
-    image = await push_model_image(registry_url, repo, model, version, onnx)
+    pushed and signed (with the reference profile, as the builder does), ``image.built``
+    and ``validation.passed`` published."""
+    profile = await register_version(registry, model, version, onnx, reference)
+    image = await push_model_image(registry_url, repo, model, version, onnx, profile=profile)
     await publish_event(
         js,
         ImageBuilt(
@@ -171,7 +185,9 @@ class DeployStack:
         """Register a version in the registry (its build and validation are pending)."""
         await register_version(self.registry, model, version, onnx)
 
-    async def validated(self, model: str, version: str, onnx: bytes) -> Image:
+    async def validated(
+        self, model: str, version: str, onnx: bytes, reference: bytes | None = None
+    ) -> Image:
         """A registered, built and validated version, as the pipeline leaves it."""
         return await make_validated(
             self.edge.js,
@@ -181,6 +197,7 @@ class DeployStack:
             model,
             version,
             onnx,
+            reference,
         )
 
     async def failed_validation(self, model: str, version: str, onnx: bytes, why: str) -> None:
@@ -196,12 +213,21 @@ class DeployStack:
     # --- devices ---------------------------------------------------------------------------
 
     async def devices(
-        self, n: int, labels: dict[str, str], *, prefix: str = "d", faults: Faults | None = None
+        self,
+        n: int,
+        labels: dict[str, str],
+        *,
+        prefix: str = "d",
+        faults: Faults | None = None,
+        **config_overrides: Any,
     ) -> list[str]:
-        """``n`` enrolled agents with ``labels``, connected."""
+        """``n`` enrolled agents with ``labels``, connected (``AgentConfig`` fields can be
+        overridden, e.g. ``telemetry_seconds``)."""
         ids = [f"{prefix}{i:02d}-{self.unique}" for i in range(n)]
         for device in ids:
             config = await self.edge.enroll(device, labels)
+            for key, value in config_overrides.items():
+                setattr(config, key, value)
             self.agents[device] = await self.edge.start_agent(config, faults=faults)
         return ids
 

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner, Result
 
 from edgeloop.cli.main import app
-from edgeloop.contracts.events import Histogram, TelemetryBatch
+from edgeloop.contracts.events import Histogram, RetrainRequested, TelemetryBatch
 from edgeloop.devstack.servers import NatsServer, Postgres, free_port
 from edgeloop.devstack.testing import api_up, eventually
 from edgeloop.edge.agent import Agent
@@ -26,6 +27,7 @@ from edgeloop.monitor.app import build as build_monitor
 from edgeloop.monitor.config import MonitorSettings
 from edgeloop.registry.app import build as build_registry
 from edgeloop.registry.config import RegistrySettings
+from examples.retrain import handle
 from tests.deploy_harness import lifecycle_events, publish_event
 from tests.edge_harness import TOKEN, EdgeStack, edge_stack, wait_state
 from tests.modelzoo import classifier
@@ -126,7 +128,9 @@ async def _deploy(mon: Monitored, devices: int, drift: str | None) -> list[Agent
     return agents
 
 
-async def test_drift_raises_an_alarm_asks_for_retraining_and_resolves(mon: Monitored) -> None:
+async def test_drift_raises_an_alarm_asks_for_retraining_and_resolves(
+    mon: Monitored, tmp_path: Path
+) -> None:
     agents = await _deploy(mon, 2, "feature=2,shift=3,after=0s,fraction=1.0")
 
     async def raised() -> list[dict[str, Any]]:
@@ -143,6 +147,31 @@ async def test_drift_raises_an_alarm_asks_for_retraining_and_resolves(mon: Monit
     assert "edgeloop data export" in request["dataset"]["export_command"]
     raised_events = [e["alarm_id"] for e in await _lifecycle(mon, "alarm.raised")]
     assert raised_events.count(alarm["alarm_id"]) == 1
+
+    # the loop closes: the stored samples, one labelled by hand, retrain a new version
+    samples = (await mon.monitor.get("/v1/samples", params={"model": mon.model})).json()
+    assert samples["samples"], "agents send their low-confidence inputs"
+    first = samples["samples"][0]
+    assert len(first["features"]) == 4
+    resp = await mon.monitor.post(f"/v1/samples/{first['sample_id']}/label", json={"label": "2"})
+    assert resp.status_code == 200, resp.text
+    labelled = (
+        await mon.monitor.get("/v1/samples", params={"model": mon.model, "kind": "labelled"})
+    ).json()["samples"]
+    assert [s["label"] for s in labelled] == ["2"]
+    env = {"EDGELOOP_MONITOR_API": str(mon.monitor.base_url), "EDGELOOP_API_TOKEN": TOKEN}
+    for name in ("labelled.parquet", "labelled.csv"):
+        args = ["data", "export", mon.model, "--kind", "labelled", "-o", str(tmp_path / name)]
+        result = await asyncio.to_thread(CliRunner().invoke, app, args, env=env)
+        assert result.exit_code == 0, result.output
+        assert "1 samples (1 labelled)" in result.output
+    table = pq.read_table(tmp_path / "labelled.parquet").to_pylist()
+    assert [(row["label"], row["f2"] is not None) for row in table] == [("2", True)]
+    new = await handle(RetrainRequested.model_validate(request), "iris", mon.registry, mon.monitor)
+    assert new["version"] == "2"
+    assert (new["parent_model"], new["parent_version"]) == (mon.model, "1")
+    assert new["retrain_request_id"] == request["request_id"]
+    assert int(new["params"]["retrained_on_samples"]) >= 1
 
     # the windows keep drifting: still one alarm (de-duplication); acknowledge it
     await asyncio.sleep(3)
@@ -174,6 +203,19 @@ async def test_drift_raises_an_alarm_asks_for_retraining_and_resolves(mon: Monit
     judged = [w for w in windows if w["evaluated"] and w["scores"].get("features")]
     assert judged
     assert all(w["count"] > 0 for w in judged)
+
+    # the drift report shows it in pictures
+    out = tmp_path / "report.html"
+    env = {"EDGELOOP_MONITOR_API": str(mon.monitor.base_url), "EDGELOOP_API_TOKEN": TOKEN}
+    result = await asyncio.to_thread(
+        CliRunner().invoke, app, ["monitor", "report", f"{mon.model}@1", "-o", str(out)], env=env
+    )
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert page.count("<svg") >= 2 * 4  # per feature: histograms and PSI over time
+    assert "petal length (cm)" in page
+    assert "feature drift: petal length" in page  # the alarm
+    assert "http" not in page.split("<body>", 1)[1]  # self-contained: nothing fetched
 
 
 async def test_bad_telemetry_is_refused_per_device_and_never_poisons_a_window(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from edgeloop.cli import devices, fleet, models, monitor, rollout, status
+from edgeloop.cli import data, devices, fleet, models, monitor, rollout, status
 
 app = typer.Typer(
     help="edgeloop: closed-loop MLOps for models on fleets of edge devices.",
@@ -25,6 +25,7 @@ app.add_typer(rollout.app, name="rollout")
 app.add_typer(rollout.list_app, name="rollouts")
 app.add_typer(monitor.alarms_app, name="alarms")
 app.add_typer(monitor.app, name="monitor")
+app.add_typer(data.app, name="data")
 
 
 @app.callback()

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from edgeloop.cli.api import MONITOR, when
+from edgeloop.cli.api import MONITOR, check, when
 
 alarms_app = typer.Typer(help="Drift and KPI alarms.", no_args_is_help=True)
 app = typer.Typer(help="Drift and KPI monitoring: rules and windows.", no_args_is_help=True)
@@ -106,3 +106,22 @@ def windows(
             f"{when(w['window_start']):19}  {w['version']:6} {w['count']:>8}  {drift:28} "
             f"{kpis}{state}"
         )
+
+
+@app.command()
+def report(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="report.html")] = Path("report.html"),
+) -> None:
+    """The drift report of a version: reference vs current per feature, PSI over time,
+    alarms — one self-contained HTML file."""
+    name, _, version = ref.partition("@")
+    if not name or not version:
+        typer.secho("give NAME@VERSION", err=True, fg="red")
+        raise typer.Exit(2)
+    with MONITOR.client() as client:
+        resp = client.get("/v1/report", params={"model": name, "version": version})
+    if resp.status_code >= 400:
+        check(resp)
+    out.write_text(resp.text)
+    typer.echo(f"drift report of {ref} → {out}")

@@ -6,13 +6,25 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, Field
 
 from edgeloop.kit.api import Actor
+from edgeloop.monitor.aggregate import Window
+from edgeloop.monitor.references import References, UnknownVersion
+from edgeloop.monitor.report import render
 from edgeloop.monitor.rules import DEFAULT_RULES, validate_rules
+
+
+class LabelBody(BaseModel):
+    """Body of ``POST /v1/samples/{id}/label``."""
+
+    label: str = Field(min_length=1, max_length=200)
 
 
 def _row(record: asyncpg.Record) -> dict[str, Any]:
@@ -28,7 +40,9 @@ def _row(record: asyncpg.Record) -> dict[str, Any]:
     return out
 
 
-def create_api(pool: Callable[[], asyncpg.Pool], tokens: frozenset[str]) -> FastAPI:
+def create_api(
+    pool: Callable[[], asyncpg.Pool], tokens: frozenset[str], refs: References
+) -> FastAPI:
     """The FastAPI app (OpenAPI at ``/docs``)."""
     api = FastAPI(title="edgeloop monitor", version="1", description="Drift, KPIs and alarms.")
     api.state.tokens = tokens
@@ -107,6 +121,86 @@ def create_api(pool: Callable[[], asyncpg.Pool], tokens: frozenset[str]) -> Fast
             limit,
         )
         return {"windows": [_row(r) for r in rows]}
+
+    @api.get("/v1/samples")
+    async def samples(
+        _: Actor,
+        model: str,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        kind: str = Query("low-confidence", pattern="^(low-confidence|labelled|all)$"),
+        limit: int = Query(10_000, ge=1, le=100_000),
+    ) -> dict[str, Any]:
+        """Stored samples of a model (``kind=labelled``: only those with a label)."""
+        rows = await pool().fetch(
+            """SELECT sample_id, model, version, device_id, kind, features, prediction,
+                      confidence, label, labelled_by, at
+               FROM samples
+               WHERE model = $1 AND ($2::timestamptz IS NULL OR at >= $2)
+                 AND ($3::timestamptz IS NULL OR at <= $3)
+                 AND ($4 <> 'labelled' OR label IS NOT NULL)
+               ORDER BY at, sample_id LIMIT $5""",
+            model,
+            since,
+            until,
+            kind,
+            limit,
+        )
+        out = []
+        for r in rows:
+            item = _row(r)
+            item["features"] = json.loads(item["features"])
+            out.append(item)
+        return {"samples": out}
+
+    @api.post("/v1/samples/{sample_id}/label")
+    async def label(sample_id: int, body: LabelBody, who: Actor) -> dict[str, Any]:
+        """Give a stored sample its true label (it then counts as labelled data)."""
+        row = await pool().fetchrow(
+            "UPDATE samples SET label = $2, labelled_by = $3 WHERE sample_id = $1 "
+            "RETURNING sample_id, label, labelled_by",
+            sample_id,
+            body.label,
+            who,
+        )
+        if row is None:
+            raise HTTPException(404, f"no sample {sample_id}")
+        return _row(row)
+
+    @api.get("/v1/report", response_class=HTMLResponse)
+    async def report(_: Actor, model: str, version: str, windows: int = 200) -> HTMLResponse:
+        """The drift report of a version: a self-contained HTML page."""
+        try:
+            ref = await refs.get(model, version)
+        except UnknownVersion as exc:
+            raise HTTPException(404, str(exc)) from exc
+        rows = await pool().fetch(
+            """SELECT window_start, aggregate, scores FROM windows
+               WHERE model = $1 AND version = $2 AND evaluated
+               ORDER BY window_start DESC LIMIT $3""",
+            model,
+            version,
+            windows,
+        )
+        judged = [
+            (
+                r["window_start"],
+                Window.from_json(json.loads(r["aggregate"])),
+                json.loads(r["scores"]),
+            )
+            for r in reversed(rows)
+        ]
+        alarms = [
+            _row(a)
+            for a in await pool().fetch(
+                "SELECT * FROM alarms WHERE model = $1 AND version = $2 ORDER BY raised_at",
+                model,
+                version,
+            )
+        ]
+        own = await pool().fetchval("SELECT rules FROM rules WHERE model = $1", model)
+        threshold = {**DEFAULT_RULES, **(json.loads(own) if own else {})}["drift_psi"]
+        return HTMLResponse(render(ref, judged, alarms, threshold=threshold))
 
     @api.get("/v1/rejections")
     async def rejections(_: Actor) -> dict[str, Any]:

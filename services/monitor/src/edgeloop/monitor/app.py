@@ -8,6 +8,7 @@ from pathlib import Path
 from edgeloop.kit.api import serve_api
 from edgeloop.kit.service import Service, configure_logging
 from edgeloop.monitor.api import create_api
+from edgeloop.monitor.canary import register_cohort_handlers
 from edgeloop.monitor.config import MonitorSettings
 from edgeloop.monitor.evaluate import Evaluator
 from edgeloop.monitor.handlers import register_handlers
@@ -20,6 +21,7 @@ def build(settings: MonitorSettings) -> Service:
     """The monitor service, ready to ``run()``."""
     svc = Service("monitor", settings, migrations=MIGRATIONS)
     refs = References(settings.registry_api, settings.registry_token.get_secret_value())
+    register_cohort_handlers(svc)
     register_handlers(
         svc,
         refs,
@@ -38,7 +40,7 @@ def build(settings: MonitorSettings) -> Service:
     @svc.background
     async def api(service: Service) -> None:
         await serve_api(
-            create_api(lambda: service.pool, settings.tokens()),
+            create_api(lambda: service.pool, settings.tokens(), refs),
             settings.api_host,
             settings.api_port,
         )

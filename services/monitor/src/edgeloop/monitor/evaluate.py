@@ -27,6 +27,7 @@ from edgeloop.contracts.events import (
 from edgeloop.kit.db import TRANSIENT_DB_ERRORS, Conn
 from edgeloop.kit.outbox import add_event
 from edgeloop.monitor.aggregate import Window
+from edgeloop.monitor.canary import judge_cohorts
 from edgeloop.monitor.references import References, UnknownVersion
 from edgeloop.monitor.rules import Judgement, judge, score
 
@@ -76,13 +77,15 @@ class Evaluator:
             if row is None:
                 return False
             model, version = row["model"], row["version"]
+            window: Window | None = None
             try:
                 ref = await self.refs.get(model, version)
             except UnknownVersion:
                 scores: dict[str, Any] = {"error": "no reference profile"}
                 judgements: list[Judgement] = []
             else:
-                scores = score(Window.from_json(json.loads(row["aggregate"])), ref)
+                window = Window.from_json(json.loads(row["aggregate"]))
+                scores = score(window, ref)
                 rules = await conn.fetchval("SELECT rules FROM rules WHERE model = $1", model)
                 judgements = judge(scores, json.loads(rules) if rules else {})
             await conn.execute(
@@ -95,6 +98,8 @@ class Evaluator:
             )
             for j in judgements:
                 await self._apply(conn, model, version, row["window_start"], row["window_end"], j)
+            if window is not None:
+                await judge_cohorts(conn, self.schema, model, version, row["window_start"], window)
         WINDOWS.inc()
         for name, f in (scores.get("features") or {}).items():
             DRIFT.labels(model, version, name).set(f["psi"])

@@ -26,6 +26,9 @@ DEFAULT_RULES: dict[str, float] = {
     "latency_p95_ms": 250.0,
     "clear_windows": 2,
     "hysteresis": 0.8,
+    "canary_error_rate_delta": 0.02,
+    "canary_latency_ratio": 1.5,
+    "canary_prediction_psi": 0.25,
 }
 """Thresholds; ``min_count``: windows with fewer inferences are not judged."""
 

@@ -1,0 +1,186 @@
+"""The closed loop's last step, as an example trainer: it waits for ``retrain.requested``,
+exports the samples the monitor selected, retrains the scikit-learn model on the old
+training data plus the new samples, converts it with skl2onnx and registers the new
+version with its lineage (``parent``, ``retrain_request_id``). The builder and the
+validator take it from there.
+
+    python -m examples.retrain --dataset iris          # against `make up`'s stack
+
+New samples carry their manual label when an operator gave one (``edgeloop data label``);
+the others get the current model's prediction (self-training: the new version learns the
+shifted inputs' region, and its reference profile now covers them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import logging
+import os
+from typing import Any
+
+import httpx
+import nats
+import numpy as np
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from edgeloop.contracts import subjects as s
+from edgeloop.contracts.events import RetrainRequested
+from edgeloop.contracts.stackfile import load_stack_json, state_dir
+
+log = logging.getLogger("examples.retrain")
+DURABLE = "example-retrainer"
+
+
+def _npz(**arrays: Any) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def retrain(
+    dataset: str, samples: list[dict[str, Any]], *, seed: int = 0
+) -> tuple[bytes, bytes, bytes, int]:
+    """(model.onnx, suite.npz, reference.npz, new rows used) trained on the bundled
+    dataset's training split plus ``samples``."""
+    from skl2onnx import to_onnx
+    from sklearn import datasets
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    data = getattr(datasets, f"load_{dataset}")()
+    x = data.data.astype(np.float32)
+    x_train, x_val, y_train, y_val = train_test_split(
+        x, data.target, test_size=0.3, random_state=seed, stratify=data.target
+    )
+    old = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x_train, y_train)
+    rows = [s for s in samples if len(s["features"]) == x.shape[1]]
+    if rows:
+        x_new = np.asarray([s["features"] for s in rows], dtype=np.float32)
+        labels = [s.get("label") for s in rows]
+        guessed = old.predict(x_new)
+        y_new = np.asarray(
+            [
+                int(lab) if lab is not None else int(g)
+                for lab, g in zip(labels, guessed, strict=True)
+            ]
+        )
+        x_train = np.concatenate([x_train, x_new])
+        y_train = np.concatenate([y_train, y_new])
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x_train, y_train)
+    onx = to_onnx(
+        model, x_train[:1], options={id(model.steps[-1][1]): {"zipmap": False}}, target_opset=17
+    )
+    return (
+        onx.SerializeToString(),
+        _npz(X=x_val, y=y_val),
+        _npz(X=x_train, feature_names=np.array(data.feature_names, dtype=str)),
+        len(rows),
+    )
+
+
+async def handle(
+    request: RetrainRequested,
+    dataset: str,
+    registry: httpx.AsyncClient,
+    monitor: httpx.AsyncClient,
+) -> dict[str, Any]:
+    """Export, retrain, register: the registry's answer for the new version."""
+    params: dict[str, Any] = {"model": request.model, "kind": "all"}
+    if request.dataset.since:
+        params["since"] = request.dataset.since.isoformat()
+    if request.dataset.until:
+        params["until"] = request.dataset.until.isoformat()
+    resp = await monitor.get("/v1/samples", params=params)
+    resp.raise_for_status()
+    samples = resp.json()["samples"]
+    onnx, suite, reference, used = await asyncio.to_thread(retrain, dataset, samples)
+    resp = await registry.post(
+        f"/api/v1/models/{request.model}/versions",
+        files={
+            "model": ("model.onnx", onnx),
+            "suite": ("suite.npz", suite),
+            "reference": ("reference.npz", reference),
+        },
+        data={
+            "parent": f"{request.model}@{request.version}",
+            "retrain_request_id": str(request.request_id),
+            "params": json.dumps({"retrained_on_samples": str(used)}),
+        },
+    )
+    resp.raise_for_status()
+    body = dict(resp.json())
+    log.info(
+        "retrain request %s: %s@%s registered (parent %s, %d new samples)",
+        request.request_id,
+        request.model,
+        body["version"],
+        request.version,
+        used,
+    )
+    return body
+
+
+async def run(args: argparse.Namespace) -> None:
+    """Consume ``retrain.requested`` until interrupted."""
+    stack = load_stack_json()
+    token = os.environ.get("EDGELOOP_API_TOKEN") or (state_dir() / "api-token").read_text().strip()
+    headers = {"Authorization": f"Bearer {token}"}
+    nc = await nats.connect(args.nats or stack.get("nats_url", "nats://127.0.0.1:14222"))
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(
+        s.RETRAIN_REQUESTED,
+        durable=DURABLE,
+        stream=s.STREAM_LIFECYCLE,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT, ack_wait=300
+        ),
+    )
+    async with (
+        httpx.AsyncClient(
+            base_url=stack.get("registry_api", "http://127.0.0.1:18100"),
+            headers=headers,
+            timeout=120,
+        ) as registry,
+        httpx.AsyncClient(
+            base_url=stack.get("monitor_api", "http://127.0.0.1:18400"),
+            headers=headers,
+            timeout=120,
+        ) as monitor,
+    ):
+        log.info("waiting for retrain.requested (model %s)", args.model or "any")
+        while True:
+            try:
+                msgs = await sub.fetch(1, timeout=5)
+            except TimeoutError:
+                continue
+            for msg in msgs:
+                request = RetrainRequested.model_validate_json(msg.data)
+                if args.model and request.model != args.model:
+                    await msg.ack()
+                    continue
+                try:
+                    await handle(request, args.dataset, registry, monitor)
+                except httpx.HTTPError as exc:
+                    log.warning("retraining failed (will be redelivered): %s", exc)
+                    await msg.nak(delay=10)
+                    continue
+                await msg.ack()
+
+
+def main() -> None:
+    """Entry point."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="iris", help="the bundled dataset of the model")
+    parser.add_argument("--model", default=None, help="only this model's requests")
+    parser.add_argument("--nats", default=None, help="NATS URL (default: from make up)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    asyncio.run(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

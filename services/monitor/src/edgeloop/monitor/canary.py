@@ -1,0 +1,178 @@
+"""Canary verdicts: a rollout wave's cohort (the devices on the new version) against the
+baseline (devices of the same model still on another version), over the same window.
+
+The monitor follows waves from the deployer's events (``rollout.wave.started`` opens a
+cohort, ``…succeeded``/``…failed`` closes it); each judged window of the cohort's
+version is compared with the other versions' windows of the same period, and a
+``CanaryVerdict`` is published when the verdict changes:
+
+- **fail** when the canary's error rate exceeds the baseline's by more than
+  ``canary_error_rate_delta``, its latency p95 is over ``canary_latency_ratio`` times the
+  baseline's, or its prediction distribution differs from the baseline's on the same
+  inputs (PSI over ``canary_prediction_psi``);
+- **inconclusive** while either side has fewer than ``min_count`` inferences;
+- **pass** otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from edgeloop.contracts import subjects as s
+from edgeloop.contracts.events import (
+    CanaryVerdict,
+    RolloutWaveFailed,
+    RolloutWaveStarted,
+    RolloutWaveSucceeded,
+    Verdict,
+)
+from edgeloop.kit.bus import ConsumerSpec
+from edgeloop.kit.consumer import Tx
+from edgeloop.kit.db import Conn
+from edgeloop.kit.outbox import add_event
+from edgeloop.kit.service import Service
+from edgeloop.monitor import drift
+from edgeloop.monitor.aggregate import Window, quantile
+from edgeloop.monitor.rules import DEFAULT_RULES
+
+log = logging.getLogger(__name__)
+
+
+def compare(
+    canary: Window, baseline: Window, rules: dict[str, float]
+) -> tuple[Verdict, list[str], dict[str, float]]:
+    """The verdict of one window's canary against its baseline."""
+    r = {**DEFAULT_RULES, **rules}
+    if canary.count < r["min_count"] or baseline.count < r["min_count"]:
+        return (
+            Verdict.INCONCLUSIVE,
+            [f"too few inferences (canary {canary.count}, baseline {baseline.count})"],
+            {"canary_count": canary.count, "baseline_count": baseline.count},
+        )
+    reasons: list[str] = []
+    c_err, b_err = canary.errors / canary.count, baseline.errors / baseline.count
+    metrics = {
+        "canary_count": float(canary.count),
+        "baseline_count": float(baseline.count),
+        "canary_error_rate": c_err,
+        "baseline_error_rate": b_err,
+    }
+    if c_err - b_err > r["canary_error_rate_delta"]:
+        reasons.append(f"error rate {c_err:.1%} against {b_err:.1%} in the baseline")
+    c_p95 = quantile(canary.latency_edges, canary.latency, 0.95)
+    b_p95 = quantile(baseline.latency_edges, baseline.latency, 0.95)
+    if c_p95 is not None and b_p95 is not None:
+        metrics |= {"canary_latency_p95_ms": c_p95, "baseline_latency_p95_ms": b_p95}
+        if b_p95 > 0 and c_p95 > b_p95 * r["canary_latency_ratio"]:
+            reasons.append(f"latency p95 {c_p95:g} ms against {b_p95:g} ms in the baseline")
+    labels = sorted(set(canary.predictions) | set(baseline.predictions))
+    if labels:
+        c = np.asarray([canary.predictions.get(k, 0) for k in labels])
+        b = np.asarray([baseline.predictions.get(k, 0) for k in labels])
+        psi = float(drift.psi(b, c))
+        metrics["prediction_psi"] = psi
+        if psi > r["canary_prediction_psi"]:
+            reasons.append(
+                f"predictions differ from the baseline's on the same inputs (PSI {psi:.2f})"
+            )
+    return (Verdict.FAIL if reasons else Verdict.PASS), reasons, metrics
+
+
+async def judge_cohorts(
+    conn: Conn, schema: str, model: str, version: str, start: datetime, window: Window
+) -> None:
+    """After a window of ``model@version`` was judged: the verdict of each open cohort of
+    that version, published when it changed."""
+    cohorts = await conn.fetch(
+        """SELECT rollout_id, wave, last_verdict FROM cohorts
+           WHERE model = $1 AND version = $2 AND ended_at IS NULL AND started_at <= $3
+           FOR UPDATE""",
+        model,
+        version,
+        start,
+    )
+    if not cohorts:
+        return
+    rows = await conn.fetch(
+        "SELECT aggregate FROM windows WHERE model = $1 AND version <> $2 AND window_start = $3",
+        model,
+        version,
+        start,
+    )
+    baseline = Window()
+    for row in rows:
+        baseline.merge(Window.from_json(json.loads(row["aggregate"])))
+    raw_rules = await conn.fetchval("SELECT rules FROM rules WHERE model = $1", model)
+    verdict, reasons, metrics = compare(
+        window, baseline, json.loads(raw_rules) if raw_rules else {}
+    )
+    for cohort in cohorts:
+        if cohort["last_verdict"] == verdict.value:
+            continue
+        await conn.execute(
+            "UPDATE cohorts SET last_verdict = $3 WHERE rollout_id = $1 AND wave = $2",
+            cohort["rollout_id"],
+            cohort["wave"],
+            verdict.value,
+        )
+        await add_event(
+            conn,
+            schema,
+            CanaryVerdict(
+                rollout_id=cohort["rollout_id"],
+                model=model,
+                version=version,
+                wave=cohort["wave"],
+                verdict=verdict,
+                reasons=reasons,
+                metrics=metrics,
+            ),
+        )
+        log.info(
+            "canary verdict for rollout %s wave %d: %s %s",
+            cohort["rollout_id"],
+            cohort["wave"],
+            verdict.value,
+            reasons,
+        )
+
+
+def register_cohort_handlers(svc: Service) -> None:
+    """Follow rollout waves."""
+
+    def spec(durable: str, subject: str) -> ConsumerSpec:
+        return ConsumerSpec(stream=s.STREAM_LIFECYCLE, durable=durable, filter_subjects=(subject,))
+
+    @svc.consume(RolloutWaveStarted, spec("monitor-wave-started", s.ROLLOUT_WAVE_STARTED))
+    async def on_wave_started(event: RolloutWaveStarted, tx: Tx) -> None:
+        await tx.conn.execute(
+            """INSERT INTO cohorts (rollout_id, wave, model, version, devices, started_at)
+               VALUES ($1, $2, $3, $4, $5::jsonb, $6) ON CONFLICT DO NOTHING""",
+            event.rollout_id,
+            event.wave,
+            event.model,
+            event.version,
+            json.dumps(event.devices),
+            event.occurred_at,
+        )
+
+    async def close(event: Any, tx: Tx) -> None:
+        await tx.conn.execute(
+            "UPDATE cohorts SET ended_at = $3 WHERE rollout_id = $1 AND wave = $2",
+            event.rollout_id,
+            event.wave,
+            event.occurred_at,
+        )
+
+    @svc.consume(RolloutWaveSucceeded, spec("monitor-wave-succeeded", s.ROLLOUT_WAVE_SUCCEEDED))
+    async def on_wave_succeeded(event: RolloutWaveSucceeded, tx: Tx) -> None:
+        await close(event, tx)
+
+    @svc.consume(RolloutWaveFailed, spec("monitor-wave-failed", s.ROLLOUT_WAVE_FAILED))
+    async def on_wave_failed(event: RolloutWaveFailed, tx: Tx) -> None:
+        await close(event, tx)

@@ -1,0 +1,99 @@
+"""The monitor's canary verdicts drive the deployer: a version that passed validation
+but predicts differently from the running one on the same inputs is rolled back by
+itself after its first wave; a good one is promoted. Real registry, gateway, agents,
+deployer process, monitor service, NATS and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from edgeloop.devstack.servers import NatsServer, Postgres, free_port
+from edgeloop.monitor.app import build as build_monitor
+from edgeloop.monitor.config import MonitorSettings
+from tests.deploy_harness import DeployStack, deploy_stack, lifecycle_events
+from tests.edge_harness import TOKEN
+from tests.modelzoo import classifier
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def nats_private(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def stack(
+    nats_private: NatsServer, postgres: Postgres, registry_url: str, tmp_path: Path, unique: str
+) -> AsyncIterator[DeployStack]:
+    dsn = await asyncio.to_thread(postgres.create_database, f"canary_{unique}")
+    async with deploy_stack(nats_private.url, dsn, registry_url, tmp_path, unique) as st:
+        monitor = build_monitor(
+            MonitorSettings(
+                nats_url=nats_private.url,
+                database_url=dsn,
+                oci_registry_url=registry_url,
+                api_tokens=TOKEN,
+                api_port=free_port(),
+                registry_api=str(st.registry.base_url),
+                registry_token=TOKEN,
+                window_seconds=2,
+                grace_seconds=0.5,
+                evaluate_seconds=0.2,
+            )
+        )
+        async with monitor.running():
+            yield st
+
+
+async def test_a_canary_predicting_differently_is_rolled_back_by_its_verdict(
+    stack: DeployStack,
+) -> None:
+    sel = {"fleet": stack.unique}
+    model = f"iris{stack.unique}"
+    good = classifier("iris")
+    devices = await stack.devices(3, sel, telemetry_seconds=0.5, infer_seconds=0.05)
+    v1 = await stack.validated(model, "1", good.onnx, good.reference)
+    code, body = await stack.start(model, "1", sel, waves=[{"percent": 100}], bake_seconds=0)
+    assert code == 201, body
+    await stack.wait_rollout(body["rollout_id"], "completed")
+    await stack.running(devices, v1)
+
+    # passes validation, but has learned almost nothing: one class for every input
+    bad = classifier("iris", c=1e-5)
+    await stack.validated(model, "2", bad.onnx, good.reference)
+    code, body = await stack.start(
+        model, "2", sel, waves=[{"count": 1}, {"percent": 100}], bake_seconds=120
+    )
+    assert code == 201, body
+    rid = body["rollout_id"]
+    done = await stack.wait_rollout(rid, "rolled_back", "completed", within=90)
+    assert done["state"] == "rolled_back"
+    assert "canary verdict is fail" in done["reason"]
+    assert "predictions differ from the baseline" in done["reason"]
+    assert done["wave_status"][1]["state"] == "pending"  # never reached the others
+    await stack.running(devices, v1)
+    verdicts = await lifecycle_events(stack.edge.js, "rollout.canary.verdict")
+    fails = [v for v in verdicts if v["rollout_id"] == rid and v["verdict"] == "fail"]
+    assert fails
+    assert fails[0]["metrics"]["prediction_psi"] > 0.25
+
+    # a retrained version that behaves like v1 passes its canary and is promoted
+    v3 = await stack.validated(model, "3", classifier("iris", seed=1).onnx, good.reference)
+    code, body = await stack.start(
+        model, "3", sel, waves=[{"count": 1}, {"percent": 100}], bake_seconds=6
+    )
+    assert code == 201, body
+    done = await stack.wait_rollout(body["rollout_id"], "completed", "rolled_back", within=90)
+    assert done["state"] == "completed", done["reason"]
+    await stack.running(devices, v3)
+    verdicts = await lifecycle_events(stack.edge.js, "rollout.canary.verdict")
+    mine = [v["verdict"] for v in verdicts if v["rollout_id"] == body["rollout_id"]]
+    assert "pass" in mine
+    assert "fail" not in mine
