@@ -42,6 +42,7 @@ class Monitored:
     registry: httpx.AsyncClient
     monitor: httpx.AsyncClient
     model: str
+    settings: MonitorSettings
 
     async def alarms(self, **params: Any) -> list[dict[str, Any]]:
         resp = await self.monitor.get("/v1/alarms", params={"model": self.model, **params})
@@ -68,18 +69,17 @@ async def mon(
             **common, api_tokens=TOKEN, api_port=reg_port, repository_prefix=f"m{unique}"
         )
     )
-    monitor = build_monitor(
-        MonitorSettings(
-            **common,
-            api_tokens=TOKEN,
-            api_port=mon_port,
-            registry_api=f"http://127.0.0.1:{reg_port}",
-            registry_token=TOKEN,
-            window_seconds=2,
-            grace_seconds=0.5,
-            evaluate_seconds=0.2,
-        )
+    settings = MonitorSettings(
+        **common,
+        api_tokens=TOKEN,
+        api_port=mon_port,
+        registry_api=f"http://127.0.0.1:{reg_port}",
+        registry_token=TOKEN,
+        window_seconds=2,
+        grace_seconds=0.5,
+        evaluate_seconds=0.2,
     )
+    monitor = build_monitor(settings)
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with (
         registry.running(),
@@ -94,7 +94,7 @@ async def mon(
     ):
         await eventually(lambda: api_up(reg), what="registry API")
         await eventually(lambda: api_up(api), what="monitor API")
-        yield Monitored(edge, reg, api, f"iris{unique}")
+        yield Monitored(edge, reg, api, f"iris{unique}", settings)
 
 
 async def _deploy(mon: Monitored, devices: int, drift: str | None) -> list[Agent]:
@@ -278,3 +278,60 @@ async def test_rules_and_alarms_from_the_cli(mon: Monitored, tmp_path: Path) -> 
     listed = await asyncio.to_thread(cli, "alarms", "list", "--open")
     assert listed.exit_code == 0, listed.output
     assert "no alarms" in listed.output
+
+
+async def test_replicas_share_the_telemetry_and_count_every_record_once(mon: Monitored) -> None:
+    """Two monitor replicas on the shared durable consumer, one stopped half-way: every
+    batch lands in the windows exactly once."""
+    m = classifier("iris")
+    resp = await mon.registry.post(
+        f"/api/v1/models/{mon.model}/versions",
+        files={"model": ("m.onnx", m.onnx), "reference": ("r.npz", m.reference)},
+        data={"version": "1"},
+    )
+    assert resp.status_code == 201, resp.text
+    profile = (
+        await mon.registry.get(f"/api/v1/models/{mon.model}/versions/1", params={"profile": "true"})
+    ).json()["profile"]
+    edges = [f["edges"] for f in profile["features"]]
+    names = [f["name"] for f in profile["features"]]
+    start = datetime.now(UTC)
+
+    def batch(i: int) -> TelemetryBatch:
+        counts = [[0] * (len(e) + 1) for e in edges]
+        for c in counts:
+            c[i % len(c)] = 50
+        return TelemetryBatch(
+            model=mon.model,
+            version="1",
+            device_id=f"dev-{i % 20}",
+            window_start=start,
+            window_end=start,
+            count=50,
+            feature_names=names,
+            feature_histograms=[
+                Histogram(edges=e, counts=c) for e, c in zip(edges, counts, strict=True)
+            ],
+        )
+
+    other = build_monitor(mon.settings.model_copy(update={"api_port": free_port()}))
+    async with other.running():
+        for i in range(150):
+            await publish_event(mon.edge.js, (b := batch(i)), subject=b.bus_subject())
+        await asyncio.sleep(0.3)
+    # the second replica is gone (stopped mid-stream); the first finishes the work
+    for i in range(150, 300):
+        await publish_event(mon.edge.js, (b := batch(i)), subject=b.bus_subject())
+
+    async def all_counted() -> int | None:
+        total = await _counted(mon)
+        return total if total >= 300 * 50 else None
+
+    try:
+        await eventually(all_counted, within=60, what="every batch counted")
+    except AssertionError:
+        print((await mon.monitor.get("/v1/rejections")).json())
+        print((await mon.monitor.get("/v1/windows", params={"model": mon.model})).json())
+        raise
+    await asyncio.sleep(1)  # nothing arrives twice later
+    assert await _counted(mon) == 300 * 50

@@ -37,6 +37,7 @@ WINDOWS = Counter("edgeloop_monitor_windows_evaluated_total", "Windows judged")
 ALARMS = Counter("edgeloop_monitor_alarms_raised_total", "Alarms raised", ["rule"])
 DRIFT = Gauge("edgeloop_monitor_psi", "Latest PSI per feature", ["model", "version", "feature"])
 KPI = Gauge("edgeloop_monitor_kpi", "Latest KPI value", ["model", "version", "kpi"])
+OPEN_ALARMS = Gauge("edgeloop_monitor_open_alarms", "Alarms raised or acknowledged", ["kind"])
 
 #: how far back the samples of a retraining request reach
 SAMPLE_LOOKBACK = timedelta(hours=24)
@@ -57,13 +58,24 @@ class Evaluator:
         """Until cancelled."""
         while True:
             try:
+                judged = 0
                 while await self.evaluate_one():
-                    pass
+                    judged += 1
+                if judged:
+                    await self._count_open()
             except TRANSIENT_DB_ERRORS as exc:
                 log.warning("cannot evaluate windows now: %s", exc)
             except Exception:
                 log.exception("window evaluation failed; trying again")
             await asyncio.sleep(every)
+
+    async def _count_open(self) -> None:
+        rows = await self.pool.fetch(
+            "SELECT kind, count(*) AS n FROM alarms WHERE state <> 'resolved' GROUP BY kind"
+        )
+        counts = {r["kind"]: r["n"] for r in rows}
+        for kind in ("drift", "kpi"):
+            OPEN_ALARMS.labels(kind).set(counts.get(kind, 0))
 
     async def evaluate_one(self) -> bool:
         """Judge the oldest closed window not judged yet; whether there was one."""

@@ -87,6 +87,17 @@ async def _flush(tx: Tx) -> None:
     """Write the transaction's window aggregates (merged with what is stored) and samples."""
     windows: dict[WindowKey, tuple[datetime, Window]] = tx.shared.get("windows", {})
     for (model, version, start), (end, window) in sorted(windows.items()):
+        # the row exists before it is locked: two replicas creating the same window would
+        # otherwise both find nothing to merge with, and the second write would win
+        await tx.conn.execute(
+            """INSERT INTO windows (model, version, window_start, window_end, aggregate, count)
+               VALUES ($1, $2, $3, $4, 'null'::jsonb, 0)
+               ON CONFLICT (model, version, window_start) DO NOTHING""",
+            model,
+            version,
+            start,
+            end,
+        )
         row = await tx.conn.fetchrow(
             "SELECT aggregate FROM windows WHERE model = $1 AND version = $2 "
             "AND window_start = $3 FOR UPDATE",
@@ -94,19 +105,17 @@ async def _flush(tx: Tx) -> None:
             version,
             start,
         )
-        if row is not None:
-            stored = Window.from_json(json.loads(row["aggregate"]))
-            stored.merge(window)
-            window = stored
+        stored = json.loads(row["aggregate"]) if row is not None else None
+        if stored:
+            merged = Window.from_json(stored)
+            merged.merge(window)
+            window = merged
         await tx.conn.execute(
-            """INSERT INTO windows (model, version, window_start, window_end, aggregate, count)
-               VALUES ($1, $2, $3, $4, $5::jsonb, $6)
-               ON CONFLICT (model, version, window_start) DO UPDATE
-               SET aggregate = EXCLUDED.aggregate, count = EXCLUDED.count, updated_at = now()""",
+            """UPDATE windows SET aggregate = $4::jsonb, count = $5, updated_at = now()
+               WHERE model = $1 AND version = $2 AND window_start = $3""",
             model,
             version,
             start,
-            end,
             json.dumps(window.to_json()),
             window.count,
         )
