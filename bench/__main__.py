@@ -16,7 +16,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench import deployer_rollout, edge_gateway, kit_throughput, loop_latency, monitor_aggregate
+from bench import (
+    deployer_rollout,
+    edge_gateway,
+    kit_throughput,
+    loop_latency,
+    monitor_aggregate,
+    monitor_alarm,
+)
 from edgeloop.devstack.servers import NatsServer, OciRegistry, Postgres
 
 RESULTS = Path(__file__).parent / "results"
@@ -44,6 +51,8 @@ def main() -> None:
         deploy(args)
     if args.only in (None, "monitor"):
         _save("monitor_aggregate.json", monitor_aggregate.run())
+        with servers("bench_alarm") as common:
+            _save("monitor_alarm.json", asyncio.run(monitor_alarm.run(*common)))
     if args.only in (None, "edge", "edge-connections"):
         edge(args, connections_only=args.only == "edge-connections")
 

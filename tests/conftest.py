@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from edgeloop.devstack.servers import NatsServer, Postgres
+from tests.deploy_harness import DeployStack, deploy_stack
 from tests.edge_harness import EdgeStack, edge_stack
 
 
@@ -17,3 +20,26 @@ async def edge(
     """A gateway service with its PKI, on the session's NATS, PostgreSQL and registry."""
     async with edge_stack(nats_url, pg_dsn, registry_url, tmp_path / "edge") as stack:
         yield stack
+
+
+@pytest.fixture
+def nats_private(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of this test's own (streams, KV buckets and consumers start empty)."""
+    server = NatsServer(tmp_path / "nats").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def private_dsn(postgres: Postgres, unique: str) -> str:
+    """A database of this test's own on the session's PostgreSQL."""
+    return await asyncio.to_thread(postgres.create_database, f"t_{unique}")
+
+
+@pytest.fixture
+async def deploy(
+    nats_private: NatsServer, private_dsn: str, registry_url: str, tmp_path: Path, unique: str
+) -> AsyncIterator[DeployStack]:
+    """Registry, gateway, deployer process and agents on private NATS and database."""
+    async with deploy_stack(nats_private.url, private_dsn, registry_url, tmp_path, unique) as st:
+        yield st

@@ -5,16 +5,14 @@ deployer process, monitor service, NATS and PostgreSQL."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
-from edgeloop.devstack.servers import NatsServer, Postgres, free_port
+from edgeloop.devstack.servers import NatsServer, free_port
 from edgeloop.monitor.app import build as build_monitor
 from edgeloop.monitor.config import MonitorSettings
-from tests.deploy_harness import DeployStack, deploy_stack, lifecycle_events
+from tests.deploy_harness import DeployStack, lifecycle_events
 from tests.edge_harness import TOKEN
 from tests.modelzoo import classifier
 
@@ -22,34 +20,26 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def nats_private(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 async def stack(
-    nats_private: NatsServer, postgres: Postgres, registry_url: str, tmp_path: Path, unique: str
+    deploy: DeployStack, nats_private: NatsServer, private_dsn: str, registry_url: str
 ) -> AsyncIterator[DeployStack]:
-    dsn = await asyncio.to_thread(postgres.create_database, f"canary_{unique}")
-    async with deploy_stack(nats_private.url, dsn, registry_url, tmp_path, unique) as st:
-        monitor = build_monitor(
-            MonitorSettings(
-                nats_url=nats_private.url,
-                database_url=dsn,
-                oci_registry_url=registry_url,
-                api_tokens=TOKEN,
-                api_port=free_port(),
-                registry_api=str(st.registry.base_url),
-                registry_token=TOKEN,
-                window_seconds=2,
-                grace_seconds=0.5,
-                evaluate_seconds=0.2,
-            )
+    """The deployment stack with a monitor service (2 s windows) beside it."""
+    monitor = build_monitor(
+        MonitorSettings(
+            nats_url=nats_private.url,
+            database_url=private_dsn,
+            oci_registry_url=registry_url,
+            api_tokens=TOKEN,
+            api_port=free_port(),
+            registry_api=str(deploy.registry.base_url),
+            registry_token=TOKEN,
+            window_seconds=2,
+            grace_seconds=0.5,
+            evaluate_seconds=0.2,
         )
-        async with monitor.running():
-            yield st
+    )
+    async with monitor.running():
+        yield deploy
 
 
 async def test_a_canary_predicting_differently_is_rolled_back_by_its_verdict(

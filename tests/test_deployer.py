@@ -6,35 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from edgeloop.contracts.events import CanaryVerdict, RolloutRequested, Verdict, WavePlan
-from edgeloop.devstack.servers import NatsServer, Postgres
 from edgeloop.devstack.testing import eventually
-from tests.deploy_harness import DeployStack, deploy_stack
+from tests.deploy_harness import DeployStack
 from tests.modelzoo import classifier, failing_model
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def nats_private(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-async def stack(
-    nats_private: NatsServer, postgres: Postgres, registry_url: str, tmp_path: Path, unique: str
-) -> AsyncIterator[DeployStack]:
-    dsn = await asyncio.to_thread(postgres.create_database, f"deploy_{unique}")
-    async with deploy_stack(nats_private.url, dsn, registry_url, tmp_path, unique) as st:
-        yield st
 
 
 def _model(st: DeployStack) -> str:
@@ -51,12 +32,12 @@ async def _baseline(st: DeployStack, devices: list[str], selector: dict[str, str
     return v1
 
 
-async def test_rollout_in_three_waves_reaches_every_device_once(stack: DeployStack) -> None:
-    sel = {"fleet": stack.unique}
-    devices = await stack.devices(6, sel)
-    v1 = await stack.validated(_model(stack), "1", classifier("iris").onnx)
-    code, body = await stack.start(
-        _model(stack),
+async def test_rollout_in_three_waves_reaches_every_device_once(deploy: DeployStack) -> None:
+    sel = {"fleet": deploy.unique}
+    devices = await deploy.devices(6, sel)
+    v1 = await deploy.validated(_model(deploy), "1", classifier("iris").onnx)
+    code, body = await deploy.start(
+        _model(deploy),
         "1",
         sel,
         waves=[{"count": 1}, {"percent": 50}, {"percent": 100}],
@@ -64,47 +45,47 @@ async def test_rollout_in_three_waves_reaches_every_device_once(stack: DeploySta
     )
     assert code == 201, body
     assert body["waves_planned"] == [1, 2, 3]
-    done = await stack.wait_rollout(body["rollout_id"], "completed", "rolled_back")
+    done = await deploy.wait_rollout(body["rollout_id"], "completed", "rolled_back")
     assert done["state"] == "completed", done["reason"]
-    await stack.running(devices, v1)
+    await deploy.running(devices, v1)
     assert [w["state"] for w in done["wave_status"]] == ["succeeded"] * 3
     assert [w["converged"] for w in done["wave_status"]] == [1, 2, 3]
     # the plan is the stable hash order, the same for every rollout of these devices
     plan = [d["device_id"] for d in done["device_plan"]]
     assert sorted(plan) == sorted(devices)
-    code, again = await stack.start(
-        _model(stack),
+    code, again = await deploy.start(
+        _model(deploy),
         "1",
         sel,
         waves=[{"count": 1}, {"percent": 50}, {"percent": 100}],
         bake_seconds=0,
     )
     assert code == 201, again
-    again_plan = (await stack.rollout(again["rollout_id"]))["device_plan"]
+    again_plan = (await deploy.rollout(again["rollout_id"]))["device_plan"]
     assert [d["device_id"] for d in again_plan] == plan
-    await stack.wait_rollout(again["rollout_id"], "completed")
+    await deploy.wait_rollout(again["rollout_id"], "completed")
 
     rid = body["rollout_id"]
-    started = [e for e in await stack.events("rollout.wave.started") if e["rollout_id"] == rid]
-    succeeded = [e for e in await stack.events("rollout.wave.succeeded") if e["rollout_id"] == rid]
-    completed = [e for e in await stack.events("rollout.completed") if e["rollout_id"] == rid]
+    started = [e for e in await deploy.events("rollout.wave.started") if e["rollout_id"] == rid]
+    succeeded = [e for e in await deploy.events("rollout.wave.succeeded") if e["rollout_id"] == rid]
+    completed = [e for e in await deploy.events("rollout.completed") if e["rollout_id"] == rid]
     assert sorted(e["wave"] for e in started) == [0, 1, 2]
     assert sorted(e["wave"] for e in succeeded) == [0, 1, 2]
     assert len(completed) == 1
-    requested = await stack.events("rollout.requested")
+    requested = await deploy.events("rollout.requested")
     assert rid in {e["rollout_id"] for e in requested}
 
 
-async def test_wave_whose_devices_fail_activation_is_rolled_back(stack: DeployStack) -> None:
-    sel = {"fleet": stack.unique}
-    devices = await stack.devices(4, sel)
-    v1 = await _baseline(stack, devices, sel)
-    await stack.validated(_model(stack), "2", failing_model())
-    code, body = await stack.start(
-        _model(stack), "2", sel, waves=[{"count": 2}, {"percent": 100}], bake_seconds=5
+async def test_wave_whose_devices_fail_activation_is_rolled_back(deploy: DeployStack) -> None:
+    sel = {"fleet": deploy.unique}
+    devices = await deploy.devices(4, sel)
+    v1 = await _baseline(deploy, devices, sel)
+    await deploy.validated(_model(deploy), "2", failing_model())
+    code, body = await deploy.start(
+        _model(deploy), "2", sel, waves=[{"count": 2}, {"percent": 100}], bake_seconds=5
     )
     assert code == 201, body
-    done = await stack.wait_rollout(body["rollout_id"], "rolled_back", "completed")
+    done = await deploy.wait_rollout(body["rollout_id"], "rolled_back", "completed")
     assert done["state"] == "rolled_back"
     assert "failed to activate" in done["reason"]
     assert "warm-up" in done["reason"]  # the device's own reason reaches the operator
@@ -112,98 +93,98 @@ async def test_wave_whose_devices_fail_activation_is_rolled_back(stack: DeploySt
     assert first["state"] == "failed"
     assert first["failed"] == 2
     assert second["state"] == "pending"  # the second wave never started
-    await stack.running(devices, v1)  # every device runs v1 again
-    rolled = list(await stack.events("rollout.rolled_back"))
+    await deploy.running(devices, v1)  # every device runs v1 again
+    rolled = list(await deploy.events("rollout.rolled_back"))
     assert [e["automatic"] for e in rolled if e["rollout_id"] == body["rollout_id"]] == [True]
 
 
-async def test_failing_canary_verdict_rolls_back(stack: DeployStack) -> None:
-    sel = {"fleet": stack.unique}
-    devices = await stack.devices(3, sel)
-    v1 = await _baseline(stack, devices, sel)
-    v2 = await stack.validated(_model(stack), "2", classifier("iris").onnx)
-    code, body = await stack.start(
-        _model(stack), "2", sel, waves=[{"count": 1}, {"percent": 100}], bake_seconds=120
+async def test_failing_canary_verdict_rolls_back(deploy: DeployStack) -> None:
+    sel = {"fleet": deploy.unique}
+    devices = await deploy.devices(3, sel)
+    v1 = await _baseline(deploy, devices, sel)
+    v2 = await deploy.validated(_model(deploy), "2", classifier("iris").onnx)
+    code, body = await deploy.start(
+        _model(deploy), "2", sel, waves=[{"count": 1}, {"percent": 100}], bake_seconds=120
     )
     assert code == 201, body
     rid = body["rollout_id"]
 
-    await stack.wait_wave(rid, 0, "baking")
-    canary = (await stack.rollout(rid))["device_plan"][0]["device_id"]
-    await stack.running([canary], v2)  # type: ignore[arg-type]
-    await stack.publish(
+    await deploy.wait_wave(rid, 0, "baking")
+    canary = (await deploy.rollout(rid))["device_plan"][0]["device_id"]
+    await deploy.running([canary], v2)  # type: ignore[arg-type]
+    await deploy.publish(
         CanaryVerdict(
             rollout_id=uuid.UUID(rid),
-            model=_model(stack),
+            model=_model(deploy),
             version="2",
             wave=0,
             verdict=Verdict.FAIL,
             reasons=["error rate 12% vs baseline 1%"],
         )
     )
-    done = await stack.wait_rollout(rid, "rolled_back", within=30)
+    done = await deploy.wait_rollout(rid, "rolled_back", within=30)
     assert "canary verdict is fail" in done["reason"]
     assert "error rate 12%" in done["reason"]
-    await stack.running(devices, v1)
+    await deploy.running(devices, v1)
 
 
-async def test_pause_resume_and_abort(stack: DeployStack) -> None:
-    sel = {"fleet": stack.unique}
-    devices = await stack.devices(3, sel)
-    await _baseline(stack, devices, sel)
-    v2 = await stack.validated(_model(stack), "2", classifier("iris").onnx)
-    code, body = await stack.start(
-        _model(stack), "2", sel, waves=[{"count": 1}, {"percent": 100}], bake_seconds=1
+async def test_pause_resume_and_abort(deploy: DeployStack) -> None:
+    sel = {"fleet": deploy.unique}
+    devices = await deploy.devices(3, sel)
+    await _baseline(deploy, devices, sel)
+    v2 = await deploy.validated(_model(deploy), "2", classifier("iris").onnx)
+    code, body = await deploy.start(
+        _model(deploy), "2", sel, waves=[{"count": 1}, {"percent": 100}], bake_seconds=1
     )
     assert code == 201, body
     rid = body["rollout_id"]
-    code, paused = await stack.action(rid, "pause")
+    code, paused = await deploy.action(rid, "pause")
     assert code == 200, paused
     assert paused["state"] == "paused"
     await asyncio.sleep(4)  # long enough for a running rollout to finish both waves
-    now = await stack.rollout(rid)
+    now = await deploy.rollout(rid)
     assert now["state"] == "paused"
     assert now["current_wave"] == 0
-    code, again = await stack.action(rid, "pause")
+    code, again = await deploy.action(rid, "pause")
     assert code == 409
     assert "paused" in again["detail"]
-    code, resumed = await stack.action(rid, "resume")
+    code, resumed = await deploy.action(rid, "resume")
     assert code == 200
     assert resumed["state"] == "running"
-    await stack.wait_rollout(rid, "completed")
-    await stack.running(devices, v2)
-    paused_events = [e for e in await stack.events("rollout.paused") if e["rollout_id"] == rid]
-    resumed_events = [e for e in await stack.events("rollout.resumed") if e["rollout_id"] == rid]
+    await deploy.wait_rollout(rid, "completed")
+    await deploy.running(devices, v2)
+    paused_events = [e for e in await deploy.events("rollout.paused") if e["rollout_id"] == rid]
+    resumed_events = [e for e in await deploy.events("rollout.resumed") if e["rollout_id"] == rid]
     assert len(paused_events) == 1
     assert len(resumed_events) == 1
 
     # abort: the devices keep what they were given, and the group is free again
-    v3 = await stack.validated(_model(stack), "3", classifier("iris").onnx)
-    code, body = await stack.start(
-        _model(stack), "3", sel, waves=[{"count": 1}, {"percent": 100}], bake_seconds=120
+    v3 = await deploy.validated(_model(deploy), "3", classifier("iris").onnx)
+    code, body = await deploy.start(
+        _model(deploy), "3", sel, waves=[{"count": 1}, {"percent": 100}], bake_seconds=120
     )
     rid = body["rollout_id"]
 
-    await stack.wait_wave(rid, 0, "baking")
-    code, aborted = await stack.action(rid, "abort", reason="wrong version")
+    await deploy.wait_wave(rid, 0, "baking")
+    code, aborted = await deploy.action(rid, "abort", reason="wrong version")
     assert code == 200
     assert aborted["state"] == "aborted"
     assert aborted["reason"] == "wrong version"
-    canary = (await stack.rollout(rid))["device_plan"][0]["device_id"]
-    await stack.running([canary], v3)
-    await stack.running([d for d in devices if d != canary], v2)  # type: ignore[arg-type]
-    code, _ = await stack.start(_model(stack), "2", sel, waves=[{"percent": 100}], bake_seconds=0)
+    canary = (await deploy.rollout(rid))["device_plan"][0]["device_id"]
+    await deploy.running([canary], v3)
+    await deploy.running([d for d in devices if d != canary], v2)  # type: ignore[arg-type]
+    code, _ = await deploy.start(_model(deploy), "2", sel, waves=[{"percent": 100}], bake_seconds=0)
     assert code == 201
 
 
 async def test_deployer_killed_mid_wave_resumes_without_repeating_a_wave(
-    stack: DeployStack,
+    deploy: DeployStack,
 ) -> None:
-    sel = {"fleet": stack.unique}
-    devices = await stack.devices(4, sel)
-    v1 = await stack.validated(_model(stack), "1", classifier("iris").onnx)
-    code, body = await stack.start(
-        _model(stack),
+    sel = {"fleet": deploy.unique}
+    devices = await deploy.devices(4, sel)
+    v1 = await deploy.validated(_model(deploy), "1", classifier("iris").onnx)
+    code, body = await deploy.start(
+        _model(deploy),
         "1",
         sel,
         waves=[{"count": 1}, {"percent": 50}, {"percent": 100}],
@@ -213,47 +194,47 @@ async def test_deployer_killed_mid_wave_resumes_without_repeating_a_wave(
     rid = body["rollout_id"]
 
     async def in_second_wave() -> bool:
-        r = await stack.rollout(rid)
+        r = await deploy.rollout(rid)
         return r["current_wave"] == 1 and r["wave_status"][1]["state"] in ("converging", "baking")
 
     await eventually(in_second_wave, within=60, what="second wave in progress")
-    await stack.restart_deployer(kill=True)
-    done = await stack.wait_rollout(rid, "completed", "rolled_back", within=90)
+    await deploy.restart_deployer(kill=True)
+    done = await deploy.wait_rollout(rid, "completed", "rolled_back", within=90)
     assert done["state"] == "completed", done["reason"]
-    await stack.running(devices, v1)
-    started = [e for e in await stack.events("rollout.wave.started") if e["rollout_id"] == rid]
-    succeeded = [e for e in await stack.events("rollout.wave.succeeded") if e["rollout_id"] == rid]
+    await deploy.running(devices, v1)
+    started = [e for e in await deploy.events("rollout.wave.started") if e["rollout_id"] == rid]
+    succeeded = [e for e in await deploy.events("rollout.wave.succeeded") if e["rollout_id"] == rid]
     assert sorted(e["wave"] for e in started) == [0, 1, 2]  # each wave started once
     assert sorted(e["wave"] for e in succeeded) == [0, 1, 2]
     assert len({e["event_id"] for e in started}) == 3
 
 
-async def test_refusals_say_why(stack: DeployStack) -> None:
-    sel = {"fleet": stack.unique}
-    await stack.devices(2, sel)
-    model = _model(stack)
-    await stack.register(model, "1", classifier("iris").onnx)
-    code, body = await stack.start(model, "1", sel)
+async def test_refusals_say_why(deploy: DeployStack) -> None:
+    sel = {"fleet": deploy.unique}
+    await deploy.devices(2, sel)
+    model = _model(deploy)
+    await deploy.register(model, "1", classifier("iris").onnx)
+    code, body = await deploy.start(model, "1", sel)
     assert code == 409
     assert "not validated yet" in body["detail"]
-    await stack.failed_validation(model, "2", classifier("iris").onnx, "accuracy 0.41 < 0.9")
-    code, body = await stack.start(model, "2", sel)
+    await deploy.failed_validation(model, "2", classifier("iris").onnx, "accuracy 0.41 < 0.9")
+    code, body = await deploy.start(model, "2", sel)
     assert code == 409
     assert "failed validation: accuracy 0.41 < 0.9" in body["detail"]
-    code, body = await stack.start(model, "9", sel)
+    code, body = await deploy.start(model, "9", sel)
     assert code == 404
     assert "no version 9" in body["detail"]
-    await stack.validated(model, "3", classifier("iris").onnx)
-    code, body = await stack.start(model, "3", {"fleet": "nowhere"})
+    await deploy.validated(model, "3", classifier("iris").onnx)
+    code, body = await deploy.start(model, "3", {"fleet": "nowhere"})
     assert code == 422
     assert "no enrolled device matches" in body["detail"]
 
     # a rollout overlapping a running one is refused with the running one's id
-    code, first = await stack.start(
+    code, first = await deploy.start(
         model, "3", sel, waves=[{"count": 1}, {"percent": 100}], bake_seconds=300
     )
     assert code == 201
-    code, body = await stack.start(model, "3", sel)
+    code, body = await deploy.start(model, "3", sel)
     assert code == 409
     assert first["rollout_id"] in body["detail"]
 
@@ -265,19 +246,19 @@ async def test_refusals_say_why(stack: DeployStack) -> None:
         selector={"fleet": "other"},
         waves=[WavePlan(percent=100)],
     )
-    await stack.publish(request)
-    refused = await stack.wait_rollout(str(request.rollout_id), "refused", within=30)
+    await deploy.publish(request)
+    refused = await deploy.wait_rollout(str(request.rollout_id), "refused", within=30)
     assert "failed validation" in refused["reason"]
-    events = await stack.events("rollout.refused")
+    events = await deploy.events("rollout.refused")
     assert str(request.rollout_id) in {e["rollout_id"] for e in events}
 
 
 async def _one_wave(
-    stack: DeployStack, version: str, sel: dict[str, str], *, max_failures: int
+    deploy: DeployStack, version: str, sel: dict[str, str], *, max_failures: int
 ) -> dict[str, Any]:
     """A one-wave rollout with a 3 s convergence timeout, to its end."""
-    code, body = await stack.start(
-        _model(stack),
+    code, body = await deploy.start(
+        _model(deploy),
         version,
         sel,
         waves=[{"percent": 100}],
@@ -286,30 +267,30 @@ async def _one_wave(
         max_failures=max_failures,
     )
     assert code == 201, body
-    return await stack.wait_rollout(body["rollout_id"], "rolled_back", "completed")
+    return await deploy.wait_rollout(body["rollout_id"], "rolled_back", "completed")
 
 
-async def test_offline_devices_count_against_the_failure_budget(stack: DeployStack) -> None:
-    sel = {"fleet": stack.unique}
-    devices = await stack.devices(3, sel)
-    v1 = await stack.validated(_model(stack), "1", classifier("iris").onnx)
+async def test_offline_devices_count_against_the_failure_budget(deploy: DeployStack) -> None:
+    sel = {"fleet": deploy.unique}
+    devices = await deploy.devices(3, sel)
+    v1 = await deploy.validated(_model(deploy), "1", classifier("iris").onnx)
     offline = devices[0]
-    await stack.edge.stop_agent(stack.agents[offline])
+    await deploy.edge.stop_agent(deploy.agents[offline])
     online = devices[1:]
-    done = await _one_wave(stack, "1", sel, max_failures=1)
+    done = await _one_wave(deploy, "1", sel, max_failures=1)
     assert done["state"] == "completed"
     assert done["wave_status"][0]["failed"] == 1
     outcome = {d["device_id"]: d["outcome"] for d in done["device_plan"]}
     assert outcome[offline] == "timeout"
-    await stack.running(online, v1)
+    await deploy.running(online, v1)
     # back online, it converges on its own: its desired state is waiting for it
-    agent = await stack.edge.start_agent(await stack.edge.enroll(offline, sel))
-    await stack.running([offline], v1)
+    agent = await deploy.edge.start_agent(await deploy.edge.enroll(offline, sel))
+    await deploy.running([offline], v1)
 
     # with no budget, the same absence rolls the wave back
-    await stack.edge.stop_agent(agent)
-    await stack.validated(_model(stack), "2", classifier("iris").onnx)
-    done = await _one_wave(stack, "2", sel, max_failures=0)
+    await deploy.edge.stop_agent(agent)
+    await deploy.validated(_model(deploy), "2", classifier("iris").onnx)
+    done = await _one_wave(deploy, "2", sel, max_failures=0)
     assert done["state"] == "rolled_back"
     assert "did not converge within 3 s" in done["reason"]
-    await stack.running(online, v1)
+    await deploy.running(online, v1)

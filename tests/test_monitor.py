@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +20,7 @@ from typer.testing import CliRunner, Result
 
 from edgeloop.cli.main import app
 from edgeloop.contracts.events import Histogram, RetrainRequested, TelemetryBatch
-from edgeloop.devstack.servers import NatsServer, Postgres, free_port
+from edgeloop.devstack.servers import NatsServer, free_port
 from edgeloop.devstack.testing import api_up, eventually
 from edgeloop.edge.agent import Agent
 from edgeloop.monitor.app import build as build_monitor
@@ -28,7 +28,7 @@ from edgeloop.monitor.config import MonitorSettings
 from edgeloop.registry.app import build as build_registry
 from edgeloop.registry.config import RegistrySettings
 from examples.retrain import handle
-from tests.deploy_harness import lifecycle_events, publish_event
+from tests.deploy_harness import lifecycle_events, publish_event, register_version
 from tests.edge_harness import TOKEN, EdgeStack, edge_stack, wait_state
 from tests.modelzoo import classifier
 
@@ -51,17 +51,10 @@ class Monitored:
 
 
 @pytest.fixture
-def nats_private(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 async def mon(
-    nats_private: NatsServer, postgres: Postgres, registry_url: str, tmp_path: Path, unique: str
+    nats_private: NatsServer, private_dsn: str, registry_url: str, tmp_path: Path, unique: str
 ) -> AsyncIterator[Monitored]:
-    dsn = await asyncio.to_thread(postgres.create_database, f"mon_{unique}")
+    dsn = private_dsn
     common = {"nats_url": nats_private.url, "database_url": dsn, "oci_registry_url": registry_url}
     reg_port, mon_port = free_port(), free_port()
     registry = build_registry(
@@ -100,15 +93,8 @@ async def mon(
 async def _deploy(mon: Monitored, devices: int, drift: str | None) -> list[Agent]:
     """Register iris with its reference, push its image (profile inside), run agents."""
     m = classifier("iris")
-    resp = await mon.registry.post(
-        f"/api/v1/models/{mon.model}/versions",
-        files={"model": ("m.onnx", m.onnx), "reference": ("r.npz", m.reference)},
-        data={"version": "1"},
-    )
-    assert resp.status_code == 201, resp.text
-    profile = (
-        await mon.registry.get(f"/api/v1/models/{mon.model}/versions/1", params={"profile": "true"})
-    ).json()["profile"]
+    profile = await register_version(mon.registry, mon.model, "1", m.onnx, m.reference)
+    assert profile is not None
     image = await mon.edge.publish_image(mon.model, "1", m.onnx, profile=profile)
     resp = await mon.monitor.put(
         f"/v1/rules/{mon.model}", json={"min_count": 50, "clear_windows": 2}
@@ -284,15 +270,8 @@ async def test_replicas_share_the_telemetry_and_count_every_record_once(mon: Mon
     """Two monitor replicas on the shared durable consumer, one stopped half-way: every
     batch lands in the windows exactly once."""
     m = classifier("iris")
-    resp = await mon.registry.post(
-        f"/api/v1/models/{mon.model}/versions",
-        files={"model": ("m.onnx", m.onnx), "reference": ("r.npz", m.reference)},
-        data={"version": "1"},
-    )
-    assert resp.status_code == 201, resp.text
-    profile = (
-        await mon.registry.get(f"/api/v1/models/{mon.model}/versions/1", params={"profile": "true"})
-    ).json()["profile"]
+    profile = await register_version(mon.registry, mon.model, "1", m.onnx, m.reference)
+    assert profile is not None
     edges = [f["edges"] for f in profile["features"]]
     names = [f["name"] for f in profile["features"]]
     start = datetime.now(UTC)
