@@ -137,7 +137,7 @@ async def run(args: argparse.Namespace) -> None:
         durable=DURABLE,
         stream=s.STREAM_LIFECYCLE,
         config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT, ack_wait=300
+            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT, ack_wait=300
         ),
     )
     async with (

@@ -5,12 +5,14 @@ accepts and a validation report the CLI shows; a bad model ends in a clear failu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner, Result
@@ -27,6 +29,14 @@ runner = CliRunner()
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     state = tmp_path_factory.mktemp("up")
     env = up_environment(state)
+    # a fleet whose inputs drift from the start, short windows: the loop closes in seconds
+    env |= {
+        "EDGELOOP_FLEET_DRIFT": "feature=2,shift=3,after=0s,fraction=1.0",
+        "EDGELOOP_FLEET_TELEMETRY": "1s",
+        "EDGELOOP_FLEET_INFER": "0.1s",
+        "EDGELOOP_MONITOR_WINDOW_SECONDS": "3",
+        "EDGELOOP_MONITOR_GRACE_SECONDS": "1",
+    }
     log = (state / "up.out").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "edgeloop.devstack.up"],
@@ -157,15 +167,78 @@ def test_validated_version_rolls_out_to_the_fleet_from_the_cli(
     listed = runner.invoke(app, ["rollouts", "list"], env=stack)
     assert "iris-fleet@1" in listed.output
     assert "completed" in listed.output
-    devices = json.loads(
-        runner.invoke(
+    deadline = time.monotonic() + 15  # the device registry follows reported state
+    while True:
+        shown = runner.invoke(
             app, ["devices", "list", "--selector", "fleet=sim", "--json"], env=stack
-        ).output
-    )
+        )
+        devices = json.loads(shown.output)
+        running = {(d["model"], d["version"], d["state"]) for d in devices}
+        if running == {("iris-fleet", "1", "running")} or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(devices) == 5
-    assert {(d["model"], d["version"], d["state"]) for d in devices} == {
-        ("iris-fleet", "1", "running")
-    }
+    assert running == {("iris-fleet", "1", "running")}
+
+    # the fleet's inputs drift (make up runs it with a drift here): the monitor raises an
+    # alarm and asks for retraining; the example trainer registers iris-fleet@2 from the
+    # stored samples; the builder and the validator take it through
+    alarm = _wait_json(
+        stack,
+        ["alarms", "list", "--open", "--model", "iris-fleet", "--json"],
+        lambda rows: [a for a in rows if a["rule"] == "drift_psi"],
+        "a drift alarm",
+    )[0]
+    assert "petal length" in alarm["message"]
+    state = Path(stack["EDGELOOP_STATE_DIR"])
+    with (state / "retrain.out").open("wb") as log:
+        trainer = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "examples.retrain",
+                "--dataset",
+                "iris",
+                "--model",
+                "iris-fleet",
+            ],
+            env={**os.environ, **stack},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while runner.invoke(app, ["models", "show", "iris-fleet@2"], env=stack).exit_code:
+            assert trainer.poll() is None, (state / "retrain.out").read_text()
+            assert time.monotonic() < deadline, (state / "retrain.out").read_text()
+            time.sleep(1)
+        report = _wait_report(stack, "iris-fleet@2")
+    finally:
+        trainer.terminate()
+        trainer.wait(30)
+    assert report["state"] == "passed", report
+    v2 = json.loads(
+        runner.invoke(app, ["models", "show", "iris-fleet@2", "--json"], env=stack).output
+    )
+    assert (v2["parent_model"], v2["parent_version"]) == ("iris-fleet", "1")
+    assert v2["retrain_request_id"] == alarm["retrain_request_id"]
+    out = tmp_path / "report.html"
+    result = runner.invoke(app, ["monitor", "report", "iris-fleet@1", "-o", str(out)], env=stack)
+    assert result.exit_code == 0, result.output
+    assert "<svg" in out.read_text()
+    assert "feature drift" in out.read_text()
+
+
+def _wait_json(env: dict[str, str], args: list[str], pick: Callable[[Any], Any], what: str) -> Any:
+    deadline = time.monotonic() + 90
+    while True:
+        result = runner.invoke(app, args, env=env)
+        assert result.exit_code == 0, result.output
+        found = pick(json.loads(result.output))
+        if found:
+            return found
+        assert time.monotonic() < deadline, f"no {what} in 90 s"
+        time.sleep(1)
 
 
 def test_bad_model_ends_in_a_clear_failure(stack: dict[str, str], tmp_path: Path) -> None:

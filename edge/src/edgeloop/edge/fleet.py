@@ -306,8 +306,8 @@ def options_from_args(argv: list[str] | None = None) -> FleetOptions:
     parser.add_argument("--slow", default=None)
     parser.add_argument("--corrupt", type=float, default=0.0)
     parser.add_argument("--prefix", default=env.get("EDGELOOP_FLEET_PREFIX", "sim"))
-    parser.add_argument("--telemetry", default="10s")
-    parser.add_argument("--infer", default="1s")
+    parser.add_argument("--telemetry", default=env.get("EDGELOOP_FLEET_TELEMETRY", "10s"))
+    parser.add_argument("--infer", default=env.get("EDGELOOP_FLEET_INFER", "1s"))
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--duration", default=None)
     parser.add_argument(
