@@ -449,6 +449,9 @@ async def connections(
             if p.returncode is None:
                 p.kill()
         await gw.stop()
+        log = gw.root / "gateway.log"
+        if log.exists():  # what the gateway said about refused or broken sessions
+            print("".join(log.read_text().splitlines(keepends=True)[-40:]), flush=True)
     return {
         "devices": devices,
         "connected": connected,
