@@ -90,8 +90,12 @@ async def mon(
         yield Monitored(edge, reg, api, f"iris{unique}", settings)
 
 
-async def _deploy(mon: Monitored, devices: int, drift: str | None) -> list[Agent]:
-    """Register iris with its reference, push its image (profile inside), run agents."""
+async def _deploy(
+    mon: Monitored, devices: int, drift: str | None, *, groups: list[str | None] | None = None
+) -> list[Agent]:
+    """Register iris with its reference, push its image (profile inside), run agents
+    (device i drifts when ``drift`` is given and, with ``groups``, is in ``groups[i]``:
+    only the first group drifts)."""
     m = classifier("iris")
     profile = await register_version(mon.registry, mon.model, "1", m.onnx, m.reference)
     assert profile is not None
@@ -102,10 +106,11 @@ async def _deploy(mon: Monitored, devices: int, drift: str | None) -> list[Agent
     assert resp.status_code == 200, resp.text
     agents = []
     for i in range(devices):
-        config = await mon.edge.enroll(f"{mon.model}-{i}")
+        group = groups[i] if groups else None
+        config = await mon.edge.enroll(f"{mon.model}-{i}", {"group": group} if group else None)
         config.telemetry_seconds = 0.5
         config.infer_seconds = 0.05
-        config.drift = drift
+        config.drift = drift if not groups or group == groups[0] else None
         agent = await mon.edge.start_agent(config)
         await mon.edge.set_desired(config.device_id, image.desired())
         agents.append(agent)
@@ -314,3 +319,31 @@ async def test_replicas_share_the_telemetry_and_count_every_record_once(mon: Mon
         raise
     await asyncio.sleep(1)  # nothing arrives twice later
     assert await _counted(mon) == 300 * 50
+
+
+async def test_windows_and_alarms_are_per_device_group(mon: Monitored) -> None:
+    await _deploy(
+        mon,
+        4,
+        "feature=2,shift=3,after=0s,fraction=1.0",
+        groups=["north", "north", "south", "south"],
+    )
+
+    async def raised() -> list[dict[str, Any]]:
+        return [a for a in await mon.alarms(open="true") if a["rule"] == "drift_psi"]
+
+    alarms = await eventually(raised, within=60, what="drift alarm")
+    await asyncio.sleep(4)  # two more windows: the other group stays quiet
+    alarms = await raised()
+    assert [a["grp"] for a in alarms] == ["north"]
+    events = await _lifecycle(mon, "alarm.raised")
+    assert {e["group"] for e in events if e["rule"] == "drift_psi"} == {"north"}
+    windows = (await mon.monitor.get("/v1/windows", params={"model": mon.model})).json()
+    assert {w["group"] for w in windows["windows"]} == {"north", "south"}
+    south = [w for w in windows["windows"] if w["group"] == "south" and w["evaluated"]]
+    assert south
+    assert all(
+        max(f["psi"] for f in w["scores"]["features"].values()) < 0.25
+        for w in south
+        if w["scores"].get("features")
+    )

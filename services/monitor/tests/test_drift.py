@@ -99,3 +99,37 @@ def test_identical_distributions_score_zero_and_empty_windows_are_safe() -> None
     assert np.isfinite(drift.psi(r, empty))
     assert drift.chi_square(r, empty).pvalue[0] == 1.0
     assert drift.ks_binned(r, empty).pvalue[0] == 1.0
+
+
+def test_canary_comparison() -> None:
+    """A canary is judged against its baseline: errors, latency, predictions."""
+    from edgeloop.contracts.events import Verdict
+    from edgeloop.monitor.aggregate import Window
+    from edgeloop.monitor.canary import compare
+
+    def window(count: int, errors: int, latency: list[int], predictions: dict[str, int]) -> Window:
+        return Window(
+            count=count,
+            errors=errors,
+            latency_edges=[0.5, 1.0, 10.0, 50.0],
+            latency=np.asarray(latency),
+            predictions=predictions,
+        )
+
+    base = window(1000, 5, [900, 90, 10, 0, 0], {"0": 500, "1": 500})
+    same = window(1000, 6, [850, 140, 10, 0, 0], {"0": 480, "1": 520})
+    assert compare(same, base, {})[0] is Verdict.PASS
+    # 0.5 ms → 1 ms is twice as slow but not slower by a real margin: still a pass
+    assert (
+        compare(window(1000, 5, [0, 1000, 0, 0, 0], {"0": 500, "1": 500}), base, {})[0]
+        is Verdict.PASS
+    )
+    slow = window(1000, 5, [100, 100, 100, 700, 0], {"0": 500, "1": 500})
+    verdict, reasons, _ = compare(slow, base, {})
+    assert verdict is Verdict.FAIL
+    assert "latency p95" in reasons[0]
+    errors = window(1000, 80, [900, 90, 10, 0, 0], {"0": 500, "1": 500})
+    assert "error rate 8.0%" in compare(errors, base, {})[1][0]
+    skewed = window(1000, 5, [900, 90, 10, 0, 0], {"0": 990, "1": 10})
+    assert "predictions differ" in compare(skewed, base, {})[1][0]
+    assert compare(window(10, 0, [10, 0, 0, 0, 0], {"0": 10}), base, {})[0] is Verdict.INCONCLUSIVE

@@ -94,7 +94,7 @@ def windows(
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
-    typer.echo(f"{'WINDOW':19}  {'VER':6} {'COUNT':>8}  {'WORST PSI':28} KPIs")
+    typer.echo(f"{'WINDOW':19}  {'VER':6} {'GROUP':10} {'COUNT':>8}  {'WORST PSI':28} KPIs")
     for w in rows:
         s = w.get("scores") or {}
         feats = s.get("features") or {}
@@ -103,7 +103,8 @@ def windows(
         kpis = ", ".join(f"{k} {v:.3g}" for k, v in sorted((s.get("kpis") or {}).items()))
         state = "" if w["evaluated"] else " (open)"
         typer.echo(
-            f"{when(w['window_start']):19}  {w['version']:6} {w['count']:>8}  {drift:28} "
+            f"{when(w['window_start']):19}  {w['version']:6} {w.get('group') or '-':10} "
+            f"{w['count']:>8}  {drift:28} "
             f"{kpis}{state}"
         )
 

@@ -133,10 +133,11 @@ def telemetry_to_proto(ev: TelemetryBatch) -> pb.TelemetryBatch:
     return msg
 
 
-def telemetry_from_proto(msg: pb.TelemetryBatch) -> TelemetryBatch:
+def telemetry_from_proto(msg: pb.TelemetryBatch, group: str | None = None) -> TelemetryBatch:
     """Wire form → bus form; the batch id becomes the event id (de-duplication).
 
-    ``occurred_at`` is now (the wire form has no such field).
+    ``occurred_at`` is now (the wire form has no such field); ``group`` is the device's
+    group as the gateway knows it from its labels.
 
     Raises:
         ValueError: ``batch_id`` or a window bound is missing.
@@ -170,6 +171,7 @@ def telemetry_from_proto(msg: pb.TelemetryBatch) -> TelemetryBatch:
         samples=[_sample_from_pb(s) for s in msg.samples],
         dropped_batches=msg.dropped_batches,
         trace_parent=msg.trace_parent or None,
+        group=group,
     )
 
 

@@ -343,6 +343,10 @@ class TelemetryBatch(Event, ModelRef):
         default_factory=list, description="bounded sample of raw low-confidence inputs"
     )
     dropped_batches: NonNegativeInt = 0
+    group: str | None = Field(
+        default=None,
+        description="the device's group: its value of the gateway's group label (monitor windows)",
+    )
 
     def bus_subject(self) -> str:
         """``device.telemetry.<model>.<device>``."""

@@ -65,6 +65,7 @@ def build(settings: GatewaySettings) -> tuple[Service, asyncio.Event]:
             outbound_queue=settings.outbound_queue,
             chunk_bytes=settings.chunk_bytes,
             max_sessions=settings.max_sessions,
+            group_label=settings.group_label,
         )
         await gateway.start()
         server = grpc.aio.server(options=GRPC_OPTIONS)

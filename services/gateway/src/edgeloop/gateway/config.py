@@ -45,6 +45,9 @@ class GatewaySettings(ApiServiceSettings):
     """Messages waiting for one device before its session is ended (backpressure)."""
     max_sessions: int = 50_000
     """Sessions one gateway accepts."""
+    group_label: str = "group"
+    """The device label whose value names its group in telemetry (the monitor aggregates
+    per model version and group)."""
 
     def hostnames(self) -> list[str]:
         """Names and addresses for the server certificate."""

@@ -133,13 +133,14 @@ class DeviceStore:
         version: str | None,
         digest: str | None,
         at: datetime,
-    ) -> None:
-        """A session opened (labels from Hello count where enrolment set none)."""
-        await self.pool.execute(
+    ) -> dict[str, str]:
+        """A session opened; the device's labels (from Hello where enrolment set none)."""
+        merged = await self.pool.fetchval(
             f"""UPDATE {self.t} SET online = true, session_id = $2, gateway_id = $3,
                     hello_labels = $4::jsonb, model = $5, version = $6, digest = $7,
                     first_seen = coalesce(first_seen, $8), last_seen = $8
-                WHERE device_id = $1""",
+                WHERE device_id = $1
+                RETURNING (hello_labels || labels)::text""",
             device_id,
             session_id,
             gateway_id,
@@ -149,6 +150,7 @@ class DeviceStore:
             digest,
             at,
         )
+        return dict(json.loads(merged)) if merged else dict(labels)
 
     async def disconnected(self, device_id: str, session_id: str, at: datetime) -> None:
         """A session ended (ignored if a newer session took over)."""

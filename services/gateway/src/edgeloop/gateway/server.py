@@ -103,6 +103,7 @@ class EdgeGateway:
         outbound_queue: int = 64,
         chunk_bytes: int = 256 * 1024,
         max_sessions: int = 50_000,
+        group_label: str = "group",
     ) -> None:
         self.js = js
         self.desired_kv = desired_kv
@@ -115,6 +116,7 @@ class EdgeGateway:
         self.outbound_queue = outbound_queue
         self.chunk_bytes = chunk_bytes
         self.max_sessions = max_sessions
+        self.group_label = group_label
         self.sessions: dict[str, Session] = {}
         self.desired: dict[str, tuple[int, DesiredModel | None]] = {}
         self._desired_mirror = KvMirror(desired_kv, self._desired_changed, name=s.KV_DESIRED)
@@ -314,7 +316,7 @@ class EdgeGateway:
         self.sessions[key] = session
         SESSIONS.set(len(self.sessions))
         now = datetime.now(UTC)
-        await self.store.connected(
+        session.labels = await self.store.connected(
             identity,
             session_id=session.session_id,
             gateway_id=self.gateway_id,
@@ -407,7 +409,7 @@ class EdgeGateway:
         for h in batch.feature_histograms:
             if len(h.counts) != len(h.edges) + 1:
                 raise ValueError("a histogram with n edges must have n+1 counts")
-        event = telemetry_from_proto(batch)
+        event = telemetry_from_proto(batch, session.labels.get(self.group_label))
         await self.js.publish(
             event.bus_subject(),
             event.model_dump_json().encode(),

@@ -113,9 +113,10 @@ def create_api(
     ) -> dict[str, Any]:
         """Judged windows of a model, newest first, with their scores."""
         rows = await pool().fetch(
-            """SELECT model, version, window_start, window_end, count, evaluated, scores
+            """SELECT model, version, grp AS group, window_start, window_end, count, evaluated,
+                      scores
                FROM windows WHERE model = $1 AND ($2::text IS NULL OR version = $2)
-               ORDER BY window_start DESC LIMIT $3""",
+               ORDER BY window_start DESC, grp LIMIT $3""",
             model,
             version,
             limit,

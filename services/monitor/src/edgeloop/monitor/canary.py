@@ -8,8 +8,9 @@ version is compared with the other versions' windows of the same period, and a
 
 - **fail** when the canary's error rate exceeds the baseline's by more than
   ``canary_error_rate_delta``, its latency p95 is over ``canary_latency_ratio`` times the
-  baseline's, or its prediction distribution differs from the baseline's on the same
-  inputs (PSI over ``canary_prediction_psi``);
+  baseline's (and more than ``canary_latency_margin_ms`` slower), or its prediction
+  distribution differs from the baseline's on the same inputs (PSI over
+  ``canary_prediction_psi``);
 - **inconclusive** while either side has fewer than ``min_count`` inferences;
 - **pass** otherwise.
 """
@@ -18,8 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from edgeloop.kit.service import Service
 from edgeloop.monitor import drift
 from edgeloop.monitor.aggregate import Window, quantile
 from edgeloop.monitor.rules import DEFAULT_RULES
+
+if TYPE_CHECKING:
+    from edgeloop.monitor.evaluate import Slot
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,9 @@ def compare(
     b_p95 = quantile(baseline.latency_edges, baseline.latency, 0.95)
     if c_p95 is not None and b_p95 is not None:
         metrics |= {"canary_latency_p95_ms": c_p95, "baseline_latency_p95_ms": b_p95}
-        if b_p95 > 0 and c_p95 > b_p95 * r["canary_latency_ratio"]:
+        # a ratio of sub-millisecond bin edges means nothing: the margin must be real too
+        slower = c_p95 - b_p95 > r["canary_latency_margin_ms"]
+        if b_p95 > 0 and c_p95 > b_p95 * r["canary_latency_ratio"] and slower:
             reasons.append(f"latency p95 {c_p95:g} ms against {b_p95:g} ms in the baseline")
     labels = sorted(set(canary.predictions) | set(baseline.predictions))
     if labels:
@@ -83,11 +88,11 @@ def compare(
     return (Verdict.FAIL if reasons else Verdict.PASS), reasons, metrics
 
 
-async def judge_cohorts(
-    conn: Conn, schema: str, model: str, version: str, start: datetime, window: Window
-) -> None:
-    """After a window of ``model@version`` was judged: the verdict of each open cohort of
-    that version, published when it changed."""
+async def judge_cohorts(conn: Conn, schema: str, at: Slot, window: Window) -> None:
+    """After a window of a version (and device group) was judged: the verdict of each
+    open cohort of that version against the same group's other versions, published when
+    it changed."""
+    model, version, start = at.model, at.version, at.start
     cohorts = await conn.fetch(
         """SELECT rollout_id, wave, last_verdict FROM cohorts
            WHERE model = $1 AND version = $2 AND ended_at IS NULL AND started_at <= $3
@@ -99,9 +104,11 @@ async def judge_cohorts(
     if not cohorts:
         return
     rows = await conn.fetch(
-        "SELECT aggregate FROM windows WHERE model = $1 AND version <> $2 AND window_start = $3",
+        "SELECT aggregate FROM windows WHERE model = $1 AND version <> $2 AND grp = $3 "
+        "AND window_start = $4",
         model,
         version,
+        at.group,
         start,
     )
     baseline = Window()

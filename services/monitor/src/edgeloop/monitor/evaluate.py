@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,6 +42,17 @@ OPEN_ALARMS = Gauge("edgeloop_monitor_open_alarms", "Alarms raised or acknowledg
 
 #: how far back the samples of a retraining request reach
 SAMPLE_LOOKBACK = timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Which window is judged: model version, device group ('' for none), bounds."""
+
+    model: str
+    version: str
+    group: str
+    start: datetime
+    end: datetime
 
 
 class Evaluator:
@@ -81,14 +93,15 @@ class Evaluator:
         """Judge the oldest closed window not judged yet; whether there was one."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                """SELECT model, version, window_start, window_end, aggregate FROM windows
+                """SELECT model, version, grp, window_start, window_end, aggregate FROM windows
                    WHERE NOT evaluated AND window_end <= $1
                    ORDER BY window_start LIMIT 1 FOR UPDATE SKIP LOCKED""",
                 datetime.now(UTC) - self.grace,
             )
             if row is None:
                 return False
-            model, version = row["model"], row["version"]
+            model, version, group = row["model"], row["version"], row["grp"]
+            at = Slot(model, version, group, row["window_start"], row["window_end"])
             window: Window | None = None
             try:
                 ref = await self.refs.get(model, version)
@@ -101,17 +114,18 @@ class Evaluator:
                 rules = await conn.fetchval("SELECT rules FROM rules WHERE model = $1", model)
                 judgements = judge(scores, json.loads(rules) if rules else {})
             await conn.execute(
-                "UPDATE windows SET evaluated = true, scores = $4::jsonb "
-                "WHERE model = $1 AND version = $2 AND window_start = $3",
+                "UPDATE windows SET evaluated = true, scores = $5::jsonb "
+                "WHERE model = $1 AND version = $2 AND grp = $3 AND window_start = $4",
                 model,
                 version,
+                group,
                 row["window_start"],
                 json.dumps(scores),
             )
             for j in judgements:
-                await self._apply(conn, model, version, row["window_start"], row["window_end"], j)
+                await self._apply(conn, at, j)
             if window is not None:
-                await judge_cohorts(conn, self.schema, model, version, row["window_start"], window)
+                await judge_cohorts(conn, self.schema, at, window)
         WINDOWS.inc()
         for name, f in (scores.get("features") or {}).items():
             DRIFT.labels(model, version, name).set(f["psi"])
@@ -119,14 +133,14 @@ class Evaluator:
             KPI.labels(model, version, name).set(value)
         return True
 
-    async def _apply(
-        self, conn: Conn, model: str, version: str, start: datetime, end: datetime, j: Judgement
-    ) -> None:
+    async def _apply(self, conn: Conn, at: Slot, j: Judgement) -> None:
+        model, version, end = at.model, at.version, at.end
         alarm = await conn.fetchrow(
-            "SELECT alarm_id, clean_windows FROM alarms "
-            "WHERE model = $1 AND version = $2 AND rule = $3 AND state <> 'resolved' FOR UPDATE",
+            "SELECT alarm_id, clean_windows FROM alarms WHERE model = $1 AND version = $2 "
+            "AND grp = $3 AND rule = $4 AND state <> 'resolved' FOR UPDATE",
             model,
             version,
+            at.group,
             j.rule,
         )
         if j.fired:
@@ -140,7 +154,7 @@ class Evaluator:
                     end,
                 )
                 return
-            await self._raise(conn, model, version, start, end, j)
+            await self._raise(conn, at, j)
         elif alarm is not None and j.clean:
             clean = alarm["clean_windows"] + 1
             rules = await conn.fetchval("SELECT rules FROM rules WHERE model = $1", model)
@@ -171,16 +185,15 @@ class Evaluator:
                 "UPDATE alarms SET clean_windows = 0 WHERE alarm_id = $1", alarm["alarm_id"]
             )
 
-    async def _raise(
-        self, conn: Conn, model: str, version: str, start: datetime, end: datetime, j: Judgement
-    ) -> None:
+    async def _raise(self, conn: Conn, at: Slot, j: Judgement) -> None:
+        model, version, start, end = at.model, at.version, at.start, at.end
         alarm_id = uuid.uuid4()
         kind = AlarmKind.DRIFT if j.kind == "drift" else AlarmKind.KPI
         request_id = uuid.uuid4()
         await conn.execute(
             """INSERT INTO alarms (alarm_id, model, version, rule, kind, state, message, scores,
-                                   window_start, window_end, retrain_request_id)
-               VALUES ($1, $2, $3, $4, $5, 'raised', $6, $7::jsonb, $8, $9, $10)""",
+                                   window_start, window_end, retrain_request_id, grp)
+               VALUES ($1, $2, $3, $4, $5, 'raised', $6, $7::jsonb, $8, $9, $10, $11)""",
             alarm_id,
             model,
             version,
@@ -191,6 +204,7 @@ class Evaluator:
             start,
             end,
             request_id,
+            at.group,
         )
         await add_event(
             conn,
@@ -202,6 +216,7 @@ class Evaluator:
                 kind=kind,
                 rule=j.rule,
                 severity="warning",
+                group=at.group or None,
                 window_start=start,
                 window_end=end,
                 scores=j.scores,
@@ -224,6 +239,7 @@ class Evaluator:
                 evidence={
                     "rule": j.rule,
                     "kind": kind.value,
+                    "group": at.group or None,
                     "scores": j.scores,
                     "window_start": start.isoformat(),
                     "window_end": end.isoformat(),

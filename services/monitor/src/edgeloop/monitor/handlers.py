@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 RECORDS = Counter("edgeloop_monitor_records_total", "Inferences aggregated")
 REJECTED = Counter("edgeloop_monitor_rejected_batches_total", "Telemetry batches refused", ["code"])
 
-WindowKey = tuple[str, str, datetime]
+WindowKey = tuple[str, str, str, datetime]
+"""(model, version, group, window start)"""
 
 
 def window_of(at: datetime, seconds: float) -> tuple[datetime, datetime]:
@@ -60,7 +61,7 @@ def register_handlers(
             raise  # the registry is unreachable: retried
         windows: dict[WindowKey, tuple[datetime, Window]] = tx.shared.setdefault("windows", {})
         start, end = window_of(batch.window_end, window_seconds)
-        key = (batch.model, batch.version, start)
+        key = (batch.model, batch.version, batch.group or "", start)
         if key not in windows:
             windows[key] = (end, Window())
         windows[key][1].add(batch, ref)
@@ -86,23 +87,26 @@ def register_handlers(
 async def _flush(tx: Tx) -> None:
     """Write the transaction's window aggregates (merged with what is stored) and samples."""
     windows: dict[WindowKey, tuple[datetime, Window]] = tx.shared.get("windows", {})
-    for (model, version, start), (end, window) in sorted(windows.items()):
+    for (model, version, group, start), (end, window) in sorted(windows.items()):
         # the row exists before it is locked: two replicas creating the same window would
         # otherwise both find nothing to merge with, and the second write would win
         await tx.conn.execute(
-            """INSERT INTO windows (model, version, window_start, window_end, aggregate, count)
-               VALUES ($1, $2, $3, $4, 'null'::jsonb, 0)
-               ON CONFLICT (model, version, window_start) DO NOTHING""",
+            """INSERT INTO windows (model, version, grp, window_start, window_end, aggregate,
+                                   count)
+               VALUES ($1, $2, $3, $4, $5, 'null'::jsonb, 0)
+               ON CONFLICT (model, version, grp, window_start) DO NOTHING""",
             model,
             version,
+            group,
             start,
             end,
         )
         row = await tx.conn.fetchrow(
-            "SELECT aggregate FROM windows WHERE model = $1 AND version = $2 "
-            "AND window_start = $3 FOR UPDATE",
+            "SELECT aggregate FROM windows WHERE model = $1 AND version = $2 AND grp = $3 "
+            "AND window_start = $4 FOR UPDATE",
             model,
             version,
+            group,
             start,
         )
         stored = json.loads(row["aggregate"]) if row is not None else None
@@ -111,10 +115,11 @@ async def _flush(tx: Tx) -> None:
             merged.merge(window)
             window = merged
         await tx.conn.execute(
-            """UPDATE windows SET aggregate = $4::jsonb, count = $5, updated_at = now()
-               WHERE model = $1 AND version = $2 AND window_start = $3""",
+            """UPDATE windows SET aggregate = $5::jsonb, count = $6, updated_at = now()
+               WHERE model = $1 AND version = $2 AND grp = $3 AND window_start = $4""",
             model,
             version,
+            group,
             start,
             json.dumps(window.to_json()),
             window.count,

@@ -28,6 +28,7 @@ DEFAULT_RULES: dict[str, float] = {
     "hysteresis": 0.8,
     "canary_error_rate_delta": 0.02,
     "canary_latency_ratio": 1.5,
+    "canary_latency_margin_ms": 5.0,
     "canary_prediction_psi": 0.25,
 }
 """Thresholds; ``min_count``: windows with fewer inferences are not judged."""
