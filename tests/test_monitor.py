@@ -255,13 +255,17 @@ async def test_rules_and_alarms_from_the_cli(mon: Monitored, tmp_path: Path) -> 
         return CliRunner().invoke(app, list(args), env=env)
 
     rules = tmp_path / "rules.yaml"
-    rules.write_text("drift_psi: 0.3\nerror_rate: 0.01\n")
+    rules.write_text(
+        "drift_psi: 0.3\nerror_rate: 0.01\n"
+        "kpis:\n  setosa_share:\n    predictions: [0]\n    max: 0.5\n"
+    )
     args = ("monitor", "rules", "set", mon.model, "--file", str(rules))
     result = await asyncio.to_thread(cli, *args)
     assert result.exit_code == 0, result.output
     shown = await asyncio.to_thread(cli, "monitor", "rules", "show", mon.model)
     assert "drift_psi: 0.3" in shown.output
     assert "latency_p95_ms: 250.0" in shown.output  # a default shows through
+    assert "setosa_share" in shown.output
     rules.write_text("drift_pis: 0.3\n")
     bad = await asyncio.to_thread(cli, *args)
     assert bad.exit_code == 1

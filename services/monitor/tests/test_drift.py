@@ -133,3 +133,27 @@ def test_canary_comparison() -> None:
     skewed = window(1000, 5, [900, 90, 10, 0, 0], {"0": 990, "1": 10})
     assert "predictions differ" in compare(skewed, base, {})[1][0]
     assert compare(window(10, 0, [10, 0, 0, 0, 0], {"0": 10}), base, {})[0] is Verdict.INCONCLUSIVE
+
+
+def test_custom_kpis_are_shares_of_predictions_with_bounds() -> None:
+    from edgeloop.monitor.rules import judge, validate_rules
+
+    rules = validate_rules({"min_count": 10, "kpis": {"flagged": {"predictions": [1], "max": 0.1}}})
+    assert rules["kpis"] == {"flagged": {"predictions": ["1"], "max": 0.1}}
+    scores = {"count": 100, "prediction_counts": {"0": 80, "1": 20}}
+    (kpi,) = [j for j in judge(scores, rules) if j.rule == "kpi.flagged"]
+    assert kpi.fired
+    assert kpi.kind == "kpi"
+    assert kpi.message == "flagged 20.0% above 0.1"
+    calm = {"count": 100, "prediction_counts": {"0": 95, "1": 5}}
+    (kpi,) = [j for j in judge(calm, rules) if j.rule == "kpi.flagged"]
+    assert not kpi.fired
+    assert kpi.clean
+    for bad in (
+        {"kpis": {"x": {"predictions": ["1"]}}},
+        {"kpis": {"x": {"predictions": [], "max": 0.1}}},
+        {"kpis": {"x": {"predictions": ["1"], "max": 2}}},
+        {"kpis": {"bad name": {"predictions": ["1"], "max": 0.1}}},
+    ):
+        with pytest.raises(ValueError, match="KPI"):
+            validate_rules(bad)

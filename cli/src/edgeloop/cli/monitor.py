@@ -74,9 +74,11 @@ def set_rules(
         typer.secho(f"{file} must hold a mapping of rule: number", err=True, fg="red")
         raise typer.Exit(2)
     r = MONITOR.request("PUT", f"/v1/rules/{model}", json={"rules": rules})
-    typer.echo(
-        f"rules of {model} set: {', '.join(f'{k}={v:g}' for k, v in sorted(r['own'].items()))}"
+    own = ", ".join(
+        f"{k}={v:g}" if isinstance(v, int | float) else f"{k}={json.dumps(v)}"
+        for k, v in sorted(r["own"].items())
     )
+    typer.echo(f"rules of {model} set: {own}")
 
 
 @app.command()

@@ -36,10 +36,42 @@ DEFAULT_RULES: dict[str, float] = {
 KPI_RULES = ("error_rate", "low_confidence_rate", "latency_p95_ms")
 
 
-def validate_rules(rules: dict[str, Any]) -> dict[str, float]:
-    """Known keys with non-negative numbers (``ValueError`` naming the bad one)."""
-    out: dict[str, float] = {}
+def validate_kpis(kpis: Any) -> dict[str, dict[str, Any]]:
+    """Custom KPIs: ``name: {predictions: [labels], min: x, max: y}`` — the share of a
+    window's inferences predicted as one of ``labels`` must stay within the bounds (a
+    business KPI such as the share of transactions flagged)."""
+    if not isinstance(kpis, dict):
+        raise ValueError("kpis must map a KPI name to {predictions: [...], min/max: share}")
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in kpis.items():
+        if not isinstance(name, str) or not name.replace("_", "").isalnum():
+            raise ValueError(f"KPI name {name!r} must be letters, digits and _")
+        if not isinstance(spec, dict) or set(spec) - {"predictions", "min", "max"}:
+            raise ValueError(f"KPI {name}: give predictions and min and/or max, nothing else")
+        labels = spec.get("predictions")
+        if not isinstance(labels, list) or not labels:
+            raise ValueError(f"KPI {name}: predictions must be a non-empty list of labels")
+        bounds = {}
+        for bound in ("min", "max"):
+            if spec.get(bound) is not None:
+                value = float(spec[bound])
+                if not 0 <= value <= 1:
+                    raise ValueError(f"KPI {name}: {bound} is a share between 0 and 1")
+                bounds[bound] = value
+        if not bounds:
+            raise ValueError(f"KPI {name}: give min, max or both")
+        out[name] = {"predictions": [str(x) for x in labels], **bounds}
+    return out
+
+
+def validate_rules(rules: dict[str, Any]) -> dict[str, Any]:
+    """Known keys with non-negative numbers, and custom ``kpis`` (``ValueError`` naming
+    the bad one)."""
+    out: dict[str, Any] = {}
     for key, value in rules.items():
+        if key == "kpis":
+            out["kpis"] = validate_kpis(value)
+            continue
         if key not in DEFAULT_RULES:
             raise ValueError(f"unknown rule {key!r}; known: {', '.join(sorted(DEFAULT_RULES))}")
         try:
@@ -85,6 +117,7 @@ def score(window: Window, ref: Reference) -> dict[str, Any]:
             "chi2_p": float(chi.pvalue[0]),
             "unknown_labels": sorted(set(window.predictions) - set(ref.prediction_categories)),
         }
+    out["prediction_counts"] = dict(window.predictions)
     kpis: dict[str, float] = {}
     if window.count:
         kpis["error_rate"] = window.errors / window.count
@@ -108,7 +141,7 @@ class Judgement:
     message: str
 
 
-def judge(scores: dict[str, Any], rules: dict[str, float]) -> list[Judgement]:
+def judge(scores: dict[str, Any], rules: dict[str, Any]) -> list[Judgement]:
     """Every rule's judgement of a window (none when it has too few inferences)."""
     r = {**DEFAULT_RULES, **rules}
     if scores.get("count", 0) < r["min_count"]:
@@ -155,6 +188,39 @@ def judge(scores: dict[str, Any], rules: dict[str, float]) -> list[Judgement]:
                 value < limit * h,
                 {name: value},
                 f"{name} {value:.4g} above {limit:g}",
+            )
+        )
+    out.extend(_custom_kpis(scores, r.get("kpis") or {}, h))
+    return out
+
+
+def _custom_kpis(
+    scores: dict[str, Any], kpis: dict[str, dict[str, Any]], h: float
+) -> list[Judgement]:
+    counts: dict[str, int] = scores.get("prediction_counts") or {}
+    total = sum(counts.values())
+    if not total:
+        return []
+    out = []
+    for name, spec in sorted(kpis.items()):
+        share = sum(counts.get(label, 0) for label in spec["predictions"]) / total
+        high, low = spec.get("max"), spec.get("min")
+        fired = (high is not None and share > high) or (low is not None and share < low)
+        clean = (high is None or share < high * h) and (low is None or share * h > low)
+        if high is not None and share > high:
+            message = f"{name} {share:.1%} above {high:g}"
+        elif low is not None and share < low:
+            message = f"{name} {share:.1%} below {low:g}"
+        else:
+            message = f"{name} {share:.1%}"
+        out.append(
+            Judgement(
+                f"kpi.{name}",
+                "kpi",
+                fired,
+                clean,
+                {f"kpi.{name}": share},
+                message,
             )
         )
     return out
