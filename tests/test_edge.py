@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -12,11 +13,13 @@ import pytest
 
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+from edgeloop.devstack.servers import NatsServer
 from edgeloop.devstack.testing import eventually, stream_messages
 from edgeloop.edge.agent import Faults
 from edgeloop.gateway.pki import CertificateAuthority
+from edgeloop.kit.bus import declare_topology
 from edgeloop.kit.oci.signing import generate_keypair
-from tests.edge_harness import EdgeStack, wait_state
+from tests.edge_harness import EdgeStack, edge_stack, wait_state
 from tests.modelzoo import classifier, failing_model
 
 pytestmark = pytest.mark.timeout(180)
@@ -343,3 +346,40 @@ async def _error_has(agent: object, text: str) -> bool:
 
 
 _ = asyncio
+
+
+async def test_a_bus_that_cannot_take_telemetry_costs_no_session_and_no_batch(
+    nats_private: NatsServer, pg_dsn: str, registry_url: str, tmp_path: Path, unique: str
+) -> None:
+    """JetStream refuses (here: the stream is gone): the gateway answers 'unavailable'
+    for that batch, the session goes on, the agent keeps the batch and sends it again
+    until the bus takes it."""
+    async with edge_stack(nats_private.url, pg_dsn, registry_url, tmp_path / "edge") as edge:
+        device = f"dev-{unique}"
+        agent = await edge.start_agent(await edge.enroll(device))
+        image = await edge.publish_image(
+            f"iris{unique}", "1", classifier("iris").onnx, profile=_profile()
+        )
+        await edge.set_desired(device, image.desired())
+        await wait_state(agent, RUNNING, version="1")
+        sessions = agent.sessions
+        await edge.js.delete_stream(s.STREAM_TELEMETRY)
+        agent.infer_once()
+        agent.flush_telemetry()
+
+        async def refused() -> bool:
+            return agent.last_error is not None and agent.last_error.code == "unavailable"
+
+        await eventually(refused, what="the batch refused as unavailable")
+        await asyncio.sleep(1.5)  # it is sent again, refused again, kept
+        assert agent.sessions == sessions  # the same session throughout
+        assert len(list(agent.buffer.pending())) == 1
+        await declare_topology(edge.js)  # the bus is back
+        subject = s.telemetry_subject(image.model, device)
+        msgs = await eventually(
+            lambda: stream_messages(edge.js, s.STREAM_TELEMETRY, subject), what="telemetry"
+        )
+        assert len(msgs) == 1
+        await eventually(lambda: _acked(agent), what="batch acknowledged")
+        assert not list(agent.buffer.pending())
+        assert agent.sessions == sessions

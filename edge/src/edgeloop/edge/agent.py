@@ -57,6 +57,10 @@ MAX_ATTEMPTS = 3
 CAPABILITIES = ("onnxruntime", "resume-download", "telemetry-batch", "anti-rollback")
 
 
+#: seconds before a batch the gateway could not put on the bus is sent again
+RESEND_SECONDS = 1.0
+
+
 @dataclass
 class AgentConfig:
     """``agent.json`` of an enrolment bundle (paths relative to the file)."""
@@ -373,10 +377,28 @@ class Agent:
                 message.error.code,
                 message.error.message,
             )
-            if message.error.batch_id and self.buffer.ack(message.error.batch_id):
+            if message.error.code == "unavailable" and message.error.batch_id:
+                # the platform could not take it now: keep it, send it again shortly
+                self.stats["resent"] = self.stats.get("resent", 0) + 1
+                asyncio.get_running_loop().call_later(
+                    RESEND_SECONDS, self._resend, message.error.batch_id
+                )
+            elif message.error.batch_id and self.buffer.ack(message.error.batch_id):
                 self.stats["refused"] += 1  # re-sending the same bytes cannot succeed
         elif kind == "command":
             self._command(message.command)
+
+    def _resend(self, batch_id: str) -> None:
+        """Queue a batch the gateway could not take again (if it is still unacknowledged)."""
+        if not self.connected.is_set():
+            return  # the next session sends every pending batch anyway
+        for pending_id, data in self.buffer.pending():
+            if pending_id == batch_id:
+                with contextlib.suppress(asyncio.QueueFull):
+                    self._outbox.put_nowait(
+                        pb.AgentMessage(telemetry=pb.TelemetryBatch.FromString(data))
+                    )
+                return
 
     def _command(self, command: pb.Command) -> None:
         ok, text = True, ""

@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+import nats.errors
+import nats.js.errors
 from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
@@ -46,6 +48,18 @@ SERVICE = "edgeloop.edge.v1.EdgeGateway"
 SESSIONS = Gauge("edgeloop_gateway_sessions", "Open device sessions")
 BATCHES = Counter("edgeloop_gateway_telemetry_batches", "Telemetry batches put on the bus")
 RECORDS = Counter("edgeloop_gateway_telemetry_records", "Inferences in those batches")
+BUS_REFUSED = Counter(
+    "edgeloop_gateway_bus_unavailable_total",
+    "Telemetry batches the bus did not acknowledge (the device resends them)",
+)
+#: Errors of a publish that say "not now", not "never": the device resends.
+BUS_UNAVAILABLE = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+)
 REJECTED = Counter("edgeloop_gateway_rejected_messages", "Agent messages refused", ["code"])
 REFUSED = Counter("edgeloop_gateway_refused_sessions", "Sessions refused", ["reason"])
 
@@ -410,11 +424,28 @@ class EdgeGateway:
             if len(h.counts) != len(h.edges) + 1:
                 raise ValueError("a histogram with n edges must have n+1 counts")
         event = telemetry_from_proto(batch, session.labels.get(self.group_label))
-        await self.js.publish(
-            event.bus_subject(),
-            event.model_dump_json().encode(),
-            headers={"Nats-Msg-Id": str(event.event_id)},
-        )
+        try:
+            await self.js.publish(
+                event.bus_subject(),
+                event.model_dump_json().encode(),
+                headers={"Nats-Msg-Id": str(event.event_id)},
+            )
+        except BUS_UNAVAILABLE as exc:
+            # the bus did not take it (slow, restarting, no stream): the device keeps the
+            # batch and sends it again; its session goes on
+            BUS_REFUSED.inc()
+            await self._send(
+                session,
+                pb.GatewayMessage(
+                    error=pb.Error(
+                        code="unavailable",
+                        message=f"the bus did not take the batch ({type(exc).__name__}); "
+                        "send it again later",
+                        batch_id=batch.batch_id,
+                    )
+                ),
+            )
+            return
         BATCHES.inc()
         RECORDS.inc(event.count)
         await self._send(session, pb.GatewayMessage(ack=pb.Ack(batch_id=batch.batch_id)))
