@@ -56,8 +56,6 @@ class GrpcStream:
         self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         self.stream_id = 0
         self.buffer = b""
-        self.messages: list[bytes] = []
-        self.ended = False
 
     async def open(self, authority: str) -> None:
         self.h2.initiate_connection()
@@ -85,29 +83,49 @@ class GrpcStream:
         self.h2.send_data(self.stream_id, b"\x00" + len(message).to_bytes(4, "big") + message)
         await self._flush()
 
+    def start_reading(self) -> None:
+        """Read the connection all the time, as a real client does: the server's
+        keepalive PINGs are answered at once, not only when a reply is awaited (a silent
+        client gets GOAWAY ping_timeout)."""
+        self._incoming: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._pump = asyncio.create_task(self._read_forever())
+
+    async def _read_forever(self) -> None:
+        try:
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    break
+                ended = False
+                for event in self.h2.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        self.h2.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                        self.buffer += event.data
+                        while len(self.buffer) >= 5:
+                            size = int.from_bytes(self.buffer[1:5], "big")
+                            if len(self.buffer) < 5 + size:
+                                break
+                            self._incoming.put_nowait(self.buffer[5 : 5 + size])
+                            self.buffer = self.buffer[5 + size :]
+                    elif isinstance(event, _ENDS):
+                        ended = True
+                await self._flush()  # settings/ping acknowledgements, window updates
+                if ended:
+                    break
+        finally:
+            self._incoming.put_nowait(None)
+
     async def receive(self) -> AsyncIterator[pb.GatewayMessage]:
         while True:
-            while self.messages:
-                yield pb.GatewayMessage.FromString(self.messages.pop(0))
-            if self.ended:
+            data = await self._incoming.get()
+            if data is None:
                 return
-            data = await self.reader.read(65536)
-            if not data:
-                self.ended = True
-                continue
-            for event in self.h2.receive_data(data):
-                if isinstance(event, h2.events.DataReceived):
-                    self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-                    self.buffer += event.data
-                    while len(self.buffer) >= 5:
-                        size = int.from_bytes(self.buffer[1:5], "big")
-                        if len(self.buffer) < 5 + size:
-                            break
-                        self.messages.append(self.buffer[5 : 5 + size])
-                        self.buffer = self.buffer[5 + size :]
-                elif isinstance(event, _ENDS):
-                    self.ended = True
-            await self._flush()  # settings/ping acknowledgements, window updates
+            yield pb.GatewayMessage.FromString(data)
+
+    def close(self) -> None:
+        self._pump.cancel()
 
 
 async def run(address: str, bundles: dict[str, dict[str, Any]], rate: float) -> None:
@@ -124,6 +142,7 @@ async def run(address: str, bundles: dict[str, dict[str, Any]], rate: float) -> 
         call = GrpcStream(reader, writer)
         try:
             await call.open(address)
+            call.start_reading()
             await call.send(pb.AgentMessage(hello=pb.Hello(device_id=d)).SerializeToString())
             incoming = call.receive()
             first = await anext(incoming)
@@ -153,6 +172,8 @@ async def run(address: str, bundles: dict[str, dict[str, Any]], rate: float) -> 
             finally:
                 counts["connected"] -= 1
         finally:
+            if hasattr(call, "_pump"):
+                call.close()
             writer.close()
 
     async def device(d: str, bundle: dict[str, Any]) -> None:
