@@ -18,7 +18,7 @@ from edgeloop.kit.api import Actor
 from edgeloop.monitor.aggregate import Window
 from edgeloop.monitor.references import References, UnknownVersion
 from edgeloop.monitor.report import render
-from edgeloop.monitor.rules import DEFAULT_RULES, validate_rules
+from edgeloop.monitor.rules import DEFAULT_RULES, load_rules, validate_rules
 
 
 class LabelBody(BaseModel):
@@ -86,8 +86,7 @@ def create_api(
     @api.get("/v1/rules/{model}")
     async def show_rules(model: str, _: Actor) -> dict[str, Any]:
         """The model's rules: its own over the defaults."""
-        own = await pool().fetchval("SELECT rules FROM rules WHERE model = $1", model)
-        own_rules = json.loads(own) if own else {}
+        own_rules = await load_rules(pool(), model)
         return {"model": model, "rules": {**DEFAULT_RULES, **own_rules}, "own": own_rules}
 
     @api.put("/v1/rules/{model}")
@@ -199,8 +198,7 @@ def create_api(
                 version,
             )
         ]
-        own = await pool().fetchval("SELECT rules FROM rules WHERE model = $1", model)
-        threshold = {**DEFAULT_RULES, **(json.loads(own) if own else {})}["drift_psi"]
+        threshold = {**DEFAULT_RULES, **await load_rules(pool(), model)}["drift_psi"]
         return HTMLResponse(render(ref, judged, alarms, threshold=threshold))
 
     @api.get("/v1/rejections")

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 def compare(
-    canary: Window, baseline: Window, rules: dict[str, float]
+    canary: Window, baseline: Window, rules: dict[str, Any]
 ) -> tuple[Verdict, list[str], dict[str, float]]:
     """The verdict of one window's canary against its baseline."""
     r = {**DEFAULT_RULES, **rules}
@@ -88,7 +88,9 @@ def compare(
     return (Verdict.FAIL if reasons else Verdict.PASS), reasons, metrics
 
 
-async def judge_cohorts(conn: Conn, schema: str, at: Slot, window: Window) -> None:
+async def judge_cohorts(
+    conn: Conn, schema: str, at: Slot, window: Window, rules: dict[str, Any]
+) -> None:
     """After a window of a version (and device group) was judged: the verdict of each
     open cohort of that version against the same group's other versions, published when
     it changed."""
@@ -114,10 +116,7 @@ async def judge_cohorts(conn: Conn, schema: str, at: Slot, window: Window) -> No
     baseline = Window()
     for row in rows:
         baseline.merge(Window.from_json(json.loads(row["aggregate"])))
-    raw_rules = await conn.fetchval("SELECT rules FROM rules WHERE model = $1", model)
-    verdict, reasons, metrics = compare(
-        window, baseline, json.loads(raw_rules) if raw_rules else {}
-    )
+    verdict, reasons, metrics = compare(window, baseline, rules)
     for cohort in cohorts:
         if cohort["last_verdict"] == verdict.value:
             continue

@@ -30,7 +30,7 @@ from edgeloop.kit.outbox import add_event
 from edgeloop.monitor.aggregate import Window
 from edgeloop.monitor.canary import judge_cohorts
 from edgeloop.monitor.references import References, UnknownVersion
-from edgeloop.monitor.rules import Judgement, judge, score
+from edgeloop.monitor.rules import DEFAULT_RULES, Judgement, judge, load_rules, score
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class Evaluator:
             model, version, group = row["model"], row["version"], row["grp"]
             at = Slot(model, version, group, row["window_start"], row["window_end"])
             window: Window | None = None
+            rules = {**DEFAULT_RULES, **await load_rules(conn, model)}
             try:
                 ref = await self.refs.get(model, version)
             except UnknownVersion:
@@ -111,8 +112,7 @@ class Evaluator:
             else:
                 window = Window.from_json(json.loads(row["aggregate"]))
                 scores = score(window, ref)
-                rules = await conn.fetchval("SELECT rules FROM rules WHERE model = $1", model)
-                judgements = judge(scores, json.loads(rules) if rules else {})
+                judgements = judge(scores, rules)
             await conn.execute(
                 "UPDATE windows SET evaluated = true, scores = $5::jsonb "
                 "WHERE model = $1 AND version = $2 AND grp = $3 AND window_start = $4",
@@ -123,9 +123,9 @@ class Evaluator:
                 json.dumps(scores),
             )
             for j in judgements:
-                await self._apply(conn, at, j)
+                await self._apply(conn, at, j, int(rules["clear_windows"]))
             if window is not None:
-                await judge_cohorts(conn, self.schema, at, window)
+                await judge_cohorts(conn, self.schema, at, window, rules)
         WINDOWS.inc()
         for name, f in (scores.get("features") or {}).items():
             DRIFT.labels(model, version, name).set(f["psi"])
@@ -133,7 +133,7 @@ class Evaluator:
             KPI.labels(model, version, name).set(value)
         return True
 
-    async def _apply(self, conn: Conn, at: Slot, j: Judgement) -> None:
+    async def _apply(self, conn: Conn, at: Slot, j: Judgement, clear_windows: int) -> None:
         model, version, end = at.model, at.version, at.end
         alarm = await conn.fetchrow(
             "SELECT alarm_id, clean_windows FROM alarms WHERE model = $1 AND version = $2 "
@@ -157,9 +157,7 @@ class Evaluator:
             await self._raise(conn, at, j)
         elif alarm is not None and j.clean:
             clean = alarm["clean_windows"] + 1
-            rules = await conn.fetchval("SELECT rules FROM rules WHERE model = $1", model)
-            needed = int((json.loads(rules) if rules else {}).get("clear_windows", 2))
-            if clean < needed:
+            if clean < clear_windows:
                 await conn.execute(
                     "UPDATE alarms SET clean_windows = $2 WHERE alarm_id = $1",
                     alarm["alarm_id"],

@@ -9,11 +9,14 @@ flap), and a rule has at most one open alarm per version (de-duplication).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import numpy as np
 
+from edgeloop.kit.db import Conn
 from edgeloop.monitor import drift
 from edgeloop.monitor.aggregate import Reference, Window, quantile
 
@@ -34,6 +37,12 @@ DEFAULT_RULES: dict[str, float] = {
 """Thresholds; ``min_count``: windows with fewer inferences are not judged."""
 
 KPI_RULES = ("error_rate", "low_confidence_rate", "latency_p95_ms")
+
+
+async def load_rules(conn: Conn | asyncpg.Pool, model: str) -> dict[str, Any]:
+    """The model's own rules (without the defaults), as stored by ``rules set``."""
+    raw = await conn.fetchval("SELECT rules FROM rules WHERE model = $1", model)
+    return dict(json.loads(raw)) if raw else {}
 
 
 def validate_kpis(kpis: Any) -> dict[str, dict[str, Any]]:
