@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import logging
 import os
@@ -29,15 +28,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import RetrainRequested
 from edgeloop.contracts.stackfile import load_stack_json, state_dir
+from examples.sklearn_models import logistic, logistic_onnx, npz, split
 
 log = logging.getLogger("examples.retrain")
 DURABLE = "example-retrainer"
-
-
-def _npz(**arrays: Any) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
 
 
 def retrain(
@@ -45,24 +39,13 @@ def retrain(
 ) -> tuple[bytes, bytes, bytes, int]:
     """(model.onnx, suite.npz, reference.npz, new rows used) trained on the bundled
     dataset's training split plus ``samples``."""
-    from skl2onnx import to_onnx
-    from sklearn import datasets
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    data = getattr(datasets, f"load_{dataset}")()
-    x = data.data.astype(np.float32)
-    x_train, x_val, y_train, y_val = train_test_split(
-        x, data.target, test_size=0.3, random_state=seed, stratify=data.target
-    )
-    old = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x_train, y_train)
-    rows = [s for s in samples if len(s["features"]) == x.shape[1]]
+    s = split(dataset, seed=seed)
+    x_train, y_train = s.x_train, s.y_train
+    rows = [r for r in samples if len(r["features"]) == x_train.shape[1]]
     if rows:
-        x_new = np.asarray([s["features"] for s in rows], dtype=np.float32)
-        labels = [s.get("label") for s in rows]
-        guessed = old.predict(x_new)
+        x_new = np.asarray([r["features"] for r in rows], dtype=np.float32)
+        labels = [r.get("label") for r in rows]
+        guessed = logistic(x_train, y_train).predict(x_new)  # the old model's answers
         y_new = np.asarray(
             [
                 int(lab) if lab is not None else int(g)
@@ -71,14 +54,10 @@ def retrain(
         )
         x_train = np.concatenate([x_train, x_new])
         y_train = np.concatenate([y_train, y_new])
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x_train, y_train)
-    onx = to_onnx(
-        model, x_train[:1], options={id(model.steps[-1][1]): {"zipmap": False}}, target_opset=17
-    )
     return (
-        onx.SerializeToString(),
-        _npz(X=x_val, y=y_val),
-        _npz(X=x_train, feature_names=np.array(data.feature_names, dtype=str)),
+        logistic_onnx(logistic(x_train, y_train), x_train),
+        npz(X=s.x_val, y=s.y_val),
+        npz(X=x_train, feature_names=np.array(s.feature_names, dtype=str)),
         len(rows),
     )
 
