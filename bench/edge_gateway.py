@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -387,10 +388,11 @@ async def connections(
     ``rate`` sessions a second in all.
     """
     gw = Gateway(root / "gw-conn", nats_url, dsn, registry_url)
+    gw.env["EDGELOOP_LOG_LEVEL"] = "INFO"  # why sessions are refused or end
     await gw.start()
     ids = [f"cx-{i:05d}" for i in range(devices)]
     procs: list[asyncio.subprocess.Process] = []
-    state: list[dict[str, int]] = [{} for _ in range(workers)]
+    state: list[dict[str, Any]] = [{} for _ in range(workers)]
     errors: list[str] = []
     try:
         t0 = time.perf_counter()
@@ -426,11 +428,14 @@ async def connections(
             readers.append(asyncio.create_task(read()))
 
         def total(key: str) -> int:
-            return sum(s.get(key, 0) for s in state)
+            return int(sum(s.get(key, 0) for s in state))
 
         t1 = time.perf_counter()
         while total("connected") < devices and time.perf_counter() - t1 < 900:
             await asyncio.sleep(0.5)
+            if int(time.perf_counter() - t1) % 30 == 0:
+                elapsed = time.perf_counter() - t1
+                print(f"  {elapsed:.0f} s: {total('connected')} connected", flush=True)
         connect_s = time.perf_counter() - t1
         gateway = gw.process()
         await asyncio.sleep(12)  # every session has sent its first batch
@@ -438,7 +443,7 @@ async def connections(
         await asyncio.sleep(seconds)
         cpu1, a1, w1 = gateway.cpu_times(), total("acked"), time.perf_counter()
         rss = gateway.memory_info().rss
-        connected = total("connected")
+        connected, held_errors = total("connected"), total("errors")
         for p in procs:
             assert p.stdin is not None
             p.stdin.close()
@@ -451,11 +456,13 @@ async def connections(
         await gw.stop()
         log = gw.root / "gateway.log"
         if log.exists():  # what the gateway said about refused or broken sessions
-            print("".join(log.read_text().splitlines(keepends=True)[-40:]), flush=True)
+            print(_log_summary(log.read_text()), flush=True)
     return {
         "devices": devices,
         "connected": connected,
-        "errors": total("errors"),
+        "errors_while_held": held_errors,  # sessions that failed before the shutdown
+        "errors_with_shutdown": total("errors"),
+        "error_reasons": _merge_reasons(state),
         "first_errors": errors[:3],
         "load_processes": workers,
         "enroll_s": round(enroll_s, 1),
@@ -466,6 +473,26 @@ async def connections(
         ),
         "gateway_rss_mb": round(rss / 2**20, 1),
     }
+
+
+def _log_summary(text: str) -> str:
+    """The gateway's log lines counted by what they say (device ids and numbers elided)."""
+    said: dict[str, int] = {}
+    for line in text.splitlines():
+        said_ = line.split(" ", 5)[-1] if line[:2] == "20" else line  # drop the timestamp
+        key = re.sub(r"cx-\d+|[0-9a-f]{32}|\d+(\.\d+)?", "#", said_)[:160]
+        said[key] = said.get(key, 0) + 1
+    top = sorted(said.items(), key=lambda kv: -kv[1])[:25]
+    return "\n".join(f"{n:>8} x {key}" for key, n in top)
+
+
+def _merge_reasons(state: list[dict[str, Any]]) -> dict[str, int]:
+    """Why the load generator's sessions ended, summed over its processes."""
+    reasons: dict[str, int] = {}
+    for worker in state:
+        for reason, n in worker.get("reasons", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    return dict(sorted(reasons.items(), key=lambda kv: -kv[1])[:10])
 
 
 def dump(results: dict[str, Any]) -> str:

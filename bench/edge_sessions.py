@@ -130,7 +130,7 @@ class GrpcStream:
 
 async def run(address: str, bundles: dict[str, dict[str, Any]], rate: float) -> None:
     """Sessions for ``bundles`` until stdin closes."""
-    counts = {"connected": 0, "acked": 0, "errors": 0}
+    counts: dict[str, Any] = {"connected": 0, "acked": 0, "errors": 0, "reasons": {}}
     stop = asyncio.Event()
     host, port = address.rsplit(":", 1)
     certs = Path(tempfile.mkdtemp(prefix="edgeloop-sessions-"))
@@ -185,6 +185,8 @@ async def run(address: str, bundles: dict[str, dict[str, Any]], rate: float) -> 
                 await session(d, ctx)
             except Exception as exc:
                 counts["errors"] += 1
+                reason = f"{type(exc).__name__}: {exc}"[:80]
+                counts["reasons"][reason] = counts["reasons"].get(reason, 0) + 1
                 if counts["errors"] <= 3:
                     print(json.dumps({"error": f"{d}: {type(exc).__name__}: {exc}"[:300]}))
             with contextlib.suppress(TimeoutError):
