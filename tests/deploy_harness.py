@@ -137,6 +137,10 @@ async def make_validated(
     return image
 
 
+#: A second operator's token (approvals need someone other than the requester).
+APPROVER_TOKEN = "deploy-approver-token-2"
+
+
 def deployer_process(
     root: Path,
     *,
@@ -155,7 +159,7 @@ def deployer_process(
         "EDGELOOP_NATS_URL": nats_url,
         "EDGELOOP_DATABASE_URL": dsn,
         "EDGELOOP_OCI_REGISTRY_URL": registry_url,
-        "EDGELOOP_DEPLOYER_API_TOKENS": TOKEN,
+        "EDGELOOP_DEPLOYER_API_TOKENS": f"{TOKEN},{APPROVER_TOKEN}",
         "EDGELOOP_DEPLOYER_API_PORT": str(api_port),
         "EDGELOOP_DEPLOYER_HTTP_PORT": str(http_port),
         "EDGELOOP_DEPLOYER_REGISTRY_API": registry_api,

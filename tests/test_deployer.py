@@ -9,10 +9,13 @@ import uuid
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner, Result
 
+from edgeloop.cli.main import app
 from edgeloop.contracts.events import CanaryVerdict, RolloutRequested, Verdict, WavePlan
 from edgeloop.devstack.testing import eventually
-from tests.deploy_harness import DeployStack
+from tests.deploy_harness import APPROVER_TOKEN, DeployStack
+from tests.edge_harness import TOKEN
 from tests.modelzoo import classifier, failing_model
 
 pytestmark = pytest.mark.slow
@@ -294,3 +297,92 @@ async def test_offline_devices_count_against_the_failure_budget(deploy: DeploySt
     assert done["state"] == "rolled_back"
     assert "did not converge within 3 s" in done["reason"]
     await deploy.running(online, v1)
+
+
+async def test_release_policy_rolls_validated_versions_out_up_to_its_approval_gate(
+    deploy: DeployStack,
+) -> None:
+    """A model's release policy rolls each validated version out by itself and holds it
+    at the approval gate; the requester cannot approve their own rollout."""
+    sel = {"fleet": deploy.unique}
+    devices = await deploy.devices(3, sel)
+    model = _model(deploy)
+    cli_env = {
+        "EDGELOOP_DEPLOYER_API": str(deploy.api.base_url),
+        "EDGELOOP_API_TOKEN": TOKEN,
+    }
+
+    def cli(*args: str) -> Result:
+        return CliRunner().invoke(app, list(args), env=cli_env)
+
+    resp = await deploy.api.put(f"/v1/policies/{model}", json={"auto_rollout": True})
+    assert resp.status_code == 422
+    assert "selector" in resp.json()["detail"]
+    result = await asyncio.to_thread(
+        cli, "rollout", "policy", "set", model, "--auto", "--selector", f"fleet={deploy.unique}",
+        "--waves", "1,100%", "--bake", "0.3s", "--approval", "after-first-wave",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "automatic rollout of validated versions: on" in result.output
+    assert "approval: after first wave" in result.output
+
+    v1 = await deploy.validated(model, "1", classifier("iris").onnx)
+
+    async def policy_rollout() -> dict[str, Any] | None:
+        rows = (await deploy.api.get("/v1/rollouts", params={"model": model})).json()
+        return rows["rollouts"][0] if rows["rollouts"] else None
+
+    first = await eventually(policy_rollout, within=30, what="the policy's rollout")
+    assert first["requested_by"] == "policy"
+    assert first["version"] == "1"
+    held = await deploy.wait_rollout(first["rollout_id"], "awaiting_approval")
+    assert [w["state"] for w in held["wave_status"]] == ["succeeded", "pending"]
+    assert held["approval_wave"] == 1
+    assert held["approved_by"] is None
+    asked = list(await deploy.events("rollout.approval.requested"))
+    assert [(e["rollout_id"], e["wave"]) for e in asked] == [(first["rollout_id"], 1)]
+    status = await asyncio.to_thread(cli, "rollout", "status", first["rollout_id"])
+    assert "waits for an approval before wave 1" in status.output
+    # the canary device runs v1; the others wait at the gate
+    await deploy.running([held["device_plan"][0]["device_id"]], v1)
+    rest = [d["device_id"] for d in held["device_plan"][1:]]
+    for d in rest:
+        assert ((await deploy.edge.reported(d)) or {}).get("digest") != v1.digest
+
+    approved = await asyncio.to_thread(
+        cli, "rollout", "approve", first["rollout_id"], "--reason", "canary looks fine"
+    )
+    assert approved.exit_code == 0, approved.output
+    done = await deploy.wait_rollout(first["rollout_id"], "completed", "rolled_back")
+    assert done["state"] == "completed", done["reason"]
+    assert done["approval_reason"] == "canary looks fine"
+    await deploy.running(devices, v1)
+    again = await deploy.action(first["rollout_id"], "approve")
+    assert again[0] == 409
+
+    # a gate before the first wave; an operator cannot approve their own request
+    resp = await deploy.api.put(
+        f"/v1/policies/{model}", json={"auto_rollout": False, "approval": "before_rollout"}
+    )
+    assert resp.status_code == 200, resp.text
+    v2 = await deploy.validated(model, "2", classifier("iris").onnx)
+    code, body = await deploy.start(model, "2", sel, waves=[{"percent": 100}], bake_seconds=0)
+    assert code == 201, body
+    held = await deploy.wait_rollout(body["rollout_id"], "awaiting_approval")
+    assert held["wave_status"][0]["state"] == "pending"
+    code, refused = await deploy.action(body["rollout_id"], "approve")
+    assert code == 403, refused
+    assert "someone else" in refused["detail"]
+    resp = await deploy.api.post(
+        f"/v1/rollouts/{body['rollout_id']}/approve",
+        json={"reason": "second pair of eyes"},
+        headers={"Authorization": f"Bearer {APPROVER_TOKEN}"},
+    )
+    assert resp.status_code == 200, resp.text
+    done = await deploy.wait_rollout(body["rollout_id"], "completed", "rolled_back")
+    assert done["state"] == "completed", done["reason"]
+    assert done["approved_by"] not in (None, done["requested_by"])
+    await deploy.running(devices, v2)
+    # without the automatic rollout, v2's validation started nothing by itself
+    rows = (await deploy.api.get("/v1/rollouts", params={"model": model})).json()["rollouts"]
+    assert len(rows) == 2

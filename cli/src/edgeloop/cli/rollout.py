@@ -14,6 +14,11 @@ from edgeloop.contracts.parsing import parse_duration, parse_waves
 
 app = typer.Typer(help="Roll validated versions out to device groups.", no_args_is_help=True)
 list_app = typer.Typer(help="Rollouts.", no_args_is_help=True)
+policy_app = typer.Typer(
+    help="A model's release policy: automatic rollouts of validated versions, approval gates.",
+    no_args_is_help=True,
+)
+app.add_typer(policy_app, name="policy")
 
 FINISHED = ("completed", "rolled_back", "aborted", "refused")
 
@@ -46,25 +51,12 @@ def start(
     name, _, version = ref.partition("@")
     if not name or not version:
         raise _fail("give NAME@VERSION")
-    labels: dict[str, str] = {}
-    for item in selector:
-        labels |= pairs(item.split(","), "--selector")
-    try:
-        body: dict[str, Any] = {
-            "model": name,
-            "version": version,
-            "selector": labels,
-            "waves": [w.model_dump(exclude_none=True) for w in parse_waves(waves)],
-            "bake_seconds": parse_duration(bake),
-            "converge_timeout_seconds": parse_duration(converge_timeout),
-        }
-        if max_failures:
-            if max_failures.endswith("%"):
-                body["max_failures_percent"] = float(max_failures[:-1])
-            else:
-                body["max_failures"] = int(max_failures)
-    except ValueError as exc:
-        raise _fail(str(exc)) from exc
+    body = {
+        "model": name,
+        "version": version,
+        "selector": _selector(selector),
+        **_options(waves, bake, max_failures, converge_timeout),
+    }
     r = DEPLOYER.request("POST", "/v1/rollouts", json=body)
     typer.echo(r["rollout_id"])
     typer.echo(
@@ -75,6 +67,35 @@ def start(
     )
     if watch:
         _watch(r["rollout_id"])
+
+
+def _selector(items: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        labels |= pairs(item.split(","), "--selector")
+    return labels
+
+
+def _options(
+    waves: str | None, bake: str | None, max_failures: str | None, converge_timeout: str | None
+) -> dict[str, Any]:
+    """The wave options of a rollout (or a release policy) as the API takes them."""
+    body: dict[str, Any] = {}
+    try:
+        if waves:
+            body["waves"] = [w.model_dump(exclude_none=True) for w in parse_waves(waves)]
+        if bake:
+            body["bake_seconds"] = parse_duration(bake)
+        if converge_timeout:
+            body["converge_timeout_seconds"] = parse_duration(converge_timeout)
+        if max_failures:
+            if max_failures.endswith("%"):
+                body["max_failures_percent"] = float(max_failures[:-1])
+            else:
+                body["max_failures"] = int(max_failures)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    return body
 
 
 def _bar(done: int, failed: int, size: int, width: int = 24) -> str:
@@ -107,6 +128,18 @@ def render(r: dict[str, Any]) -> str:
         )
         if w.get("reason"):
             lines.append(f"          {w['reason']}")
+    if r.get("approval_wave") is not None:
+        if r.get("approved_by"):
+            why = f": {r['approval_reason']}" if r.get("approval_reason") else ""
+            lines.append(
+                f"  approved by {r['approved_by']} {when(r['approved_at'])}{why} "
+                f"(gate before wave {r['approval_wave']})"
+            )
+        else:
+            lines.append(
+                f"  waits for an approval before wave {r['approval_wave']}: "
+                f"edgeloop rollout approve {r['rollout_id']} --reason …"
+            )
     if r.get("reason"):
         lines.append(f"  reason: {r['reason']}")
     return "\n".join(lines)
@@ -174,6 +207,78 @@ def rollback(
 ) -> None:
     """Give every device the rollout touched its previous version back."""
     _action("rollback", rollout_id, reason)
+
+
+@app.command()
+def approve(
+    rollout_id: Annotated[str, typer.Argument()],
+    reason: Annotated[str | None, typer.Option(help="why, for the record")] = None,
+) -> None:
+    """Let a rollout waiting at its model's approval gate go on (not by its requester)."""
+    _action("approve", rollout_id, reason)
+
+
+def _policy_text(p: dict[str, Any]) -> str:
+    if not p["defined"]:
+        return f"{p['model']}: no release policy (rollouts are started by hand, no approval gate)"
+    selector = ",".join(f"{k}={v}" for k, v in sorted((p["selector"] or {}).items())) or "-"
+    waves = ", ".join(
+        f"{w['percent']:g}%" if w.get("percent") is not None else str(w["count"])
+        for w in p["waves"] or []
+    )
+    return "\n".join(
+        [
+            f"{p['model']}:",
+            f"  automatic rollout of validated versions: {'on' if p['auto_rollout'] else 'off'}",
+            f"  selector: {selector}",
+            f"  waves: {waves or 'default (1, 10%, 50%, 100%)'}",
+            f"  approval: {p['approval'].replace('_', ' ')}",
+        ]
+    )
+
+
+@policy_app.command("show")
+def policy_show(
+    model: Annotated[str, typer.Argument(help="model name")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+) -> None:
+    """The model's release policy."""
+    p = DEPLOYER.request("GET", f"/v1/policies/{model}")
+    typer.echo(json.dumps(p, indent=1) if as_json else _policy_text(p))
+
+
+@policy_app.command("set")
+def policy_set(
+    model: Annotated[str, typer.Argument(help="model name")],
+    auto: Annotated[
+        bool, typer.Option("--auto/--manual", help="roll out each validated version by itself")
+    ] = False,
+    selector: Annotated[
+        list[str] | None, typer.Option("--selector", "-l", help="k=v: where automatic rollouts go")
+    ] = None,
+    waves: Annotated[str | None, typer.Option(help="e.g. 1,10%,100%")] = None,
+    bake: Annotated[str | None, typer.Option(help="watch time per wave")] = None,
+    max_failures: Annotated[str | None, typer.Option(help="N or P% per wave")] = None,
+    converge_timeout: Annotated[str | None, typer.Option(help="per wave")] = None,
+    approval: Annotated[
+        str,
+        typer.Option(
+            help="none | before-rollout | after-first-wave: which wave waits for an approval"
+        ),
+    ] = "none",
+) -> None:
+    """Set (replace) the model's release policy."""
+    gate = approval.replace("-", "_")
+    if gate not in ("none", "before_rollout", "after_first_wave"):
+        raise _fail("--approval is none, before-rollout or after-first-wave")
+    body = {
+        "auto_rollout": auto,
+        "selector": _selector(selector or []) or None,
+        "approval": gate,
+        **_options(waves, bake, max_failures, converge_timeout),
+    }
+    p = DEPLOYER.request("PUT", f"/v1/policies/{model}", json=body)
+    typer.echo(_policy_text(p))
 
 
 @list_app.command("list")

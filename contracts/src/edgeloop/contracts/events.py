@@ -257,6 +257,26 @@ class RolloutAborted(_RolloutEvent):
     reason: str | None = None
 
 
+class RolloutApprovalRequested(_RolloutEvent):
+    """The model's release policy holds the rollout before ``wave`` until someone other
+    than the requester approves it."""
+
+    subject: ClassVar[str] = s.ROLLOUT_APPROVAL_REQUESTED
+
+    wave: NonNegativeInt
+    requested_by: str | None = None
+
+
+class RolloutApproved(_RolloutEvent):
+    """An operator approved the rollout past its gate."""
+
+    subject: ClassVar[str] = s.ROLLOUT_APPROVED
+
+    wave: NonNegativeInt
+    actor: str
+    reason: str | None = None
+
+
 class Verdict(StrEnum):
     """The monitor's judgement of a canary cohort."""
 
@@ -429,6 +449,8 @@ LIFECYCLE_EVENTS: tuple[type[Event], ...] = (
     RolloutPaused,
     RolloutResumed,
     RolloutAborted,
+    RolloutApprovalRequested,
+    RolloutApproved,
     CanaryVerdict,
     AlarmRaised,
     AlarmResolved,

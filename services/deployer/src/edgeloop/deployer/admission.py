@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from edgeloop.contracts.events import Event, RolloutRefused, RolloutRequested
 from edgeloop.deployer.plan import plan_waves
+from edgeloop.deployer.policy import load_policy
 from edgeloop.deployer.sources import Devices, Refused, Registry, ValidatedImage
 from edgeloop.deployer.store import Store
 from edgeloop.kit.db import Conn
@@ -59,6 +60,7 @@ class Admission:
                 f"{n} of the selected devices are in rollout {rollout_id}, which is still "
                 "running; wait for it, or abort or roll it back first",
             )
+        policy = await load_policy(conn, req.model)
         await self.store.insert(
             conn,
             req,
@@ -68,6 +70,7 @@ class Admission:
             plan=plan,
             state="pending",
             trace_parent=inject_headers().get("traceparent"),
+            approval_wave=policy.approval_wave(len(plan)) if policy else None,
         )
         log.info(
             "rollout %s of %s@%s admitted: %d devices in waves of %s",

@@ -1,4 +1,5 @@
-"""The deployer's HTTP API: start rollouts, look at them, pause, resume, abort, roll back.
+"""The deployer's HTTP API: start rollouts, look at them, pause, resume, abort, roll back,
+approve; and each model's release policy.
 
 Starting a rollout admits it at once (validated image, matching devices, no overlap) and
 answers with its id and plan; a refusal is a 4xx whose message says why. The request
@@ -20,25 +21,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgeloop.contracts.events import (
     Event,
     RolloutAborted,
+    RolloutApproved,
     RolloutPaused,
     RolloutRequested,
     RolloutResumed,
     WavePlan,
 )
 from edgeloop.deployer.admission import Admission
-from edgeloop.deployer.plan import failure_budget, progress
+from edgeloop.deployer.plan import DEFAULT_WAVES, failure_budget, progress
+from edgeloop.deployer.policy import ReleasePolicy, load_policy, save_policy
 from edgeloop.deployer.sources import Refused
 from edgeloop.deployer.store import ACTIVE, Store
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit.api import Actor
 from edgeloop.kit.outbox import add_event
-
-DEFAULT_WAVES = [
-    WavePlan(count=1),
-    WavePlan(percent=10),
-    WavePlan(percent=50),
-    WavePlan(percent=100),
-]
 
 
 class StartBody(BaseModel):
@@ -261,5 +257,67 @@ def create_api(
             lambda r: None,  # rollout.rolled_back goes out once the devices have it
             close_wave="failed",
         )
+
+    @api.post("/v1/rollouts/{rollout_id}/approve")
+    async def approve(rollout_id: uuid.UUID, who: Actor, body: ActionBody | None = None) -> Any:
+        """Let a rollout that waits at its release policy's gate go on (four eyes: not by
+        the one who requested it)."""
+        async with pool().acquire() as conn:
+            r = await store.find(conn, rollout_id)
+        if r is None:
+            raise HTTPException(404, f"no rollout {rollout_id}")
+        if r.approval_wave is None:
+            raise HTTPException(
+                409,
+                f"rollout {rollout_id} needs no approval: {r.model}'s release policy has no gate",
+            )
+        if r.approved_by is not None:
+            raise HTTPException(409, f"rollout {rollout_id} was approved by {r.approved_by}")
+        if who == r.requested_by:
+            raise HTTPException(
+                403,
+                f"you requested rollout {rollout_id}; its approval must come from someone else",
+            )
+        reason = body.reason if body else None
+        return await act(
+            rollout_id,
+            ("awaiting_approval",),
+            "approved",
+            {
+                "state": "running",
+                "approved_by": who,
+                "approved_at": datetime.now(UTC),
+                "approval_reason": reason,
+            },
+            lambda r: RolloutApproved(
+                rollout_id=r.rollout_id,
+                model=r.model,
+                version=r.version,
+                wave=r.current_wave,
+                actor=who,
+                reason=reason,
+            ),
+        )
+
+    @api.get("/v1/policies/{model}")
+    async def show_policy(model: str, _: Actor) -> dict[str, Any]:
+        """The model's release policy (the defaults when it has none)."""
+        async with pool().acquire() as conn:
+            policy = await load_policy(conn, model)
+        return {
+            "model": model,
+            "defined": policy is not None,
+            **(policy or ReleasePolicy()).model_dump(mode="json"),
+        }
+
+    @api.put("/v1/policies/{model}")
+    async def set_policy(model: str, body: ReleasePolicy, who: Actor) -> dict[str, Any]:
+        """Create or replace the model's release policy."""
+        problem = body.check()
+        if problem:
+            raise HTTPException(422, problem)
+        async with pool().acquire() as conn:
+            await save_policy(conn, model, body, who)
+        return await show_policy(model, who)
 
     return api

@@ -12,6 +12,9 @@ failures within budget) ``baking`` → (bake time without a failing verdict or n
 ``succeeded``; or ``failed``, which turns the rollout to ``rolling_back``: every device
 the rollout touched gets its previous desired document back.
 
+A wave the model's release policy gates holds the rollout in ``awaiting_approval``
+before it starts, until an operator other than the requester approves it.
+
 A replica owns the rollouts it drives through a lease (``owner``, ``lease_until``); every
 transition checks it, so two replicas never drive one rollout.
 """
@@ -31,6 +34,7 @@ from prometheus_client import Counter, Gauge
 
 from edgeloop.contracts.events import (
     Event,
+    RolloutApprovalRequested,
     RolloutCompleted,
     RolloutRolledBack,
     RolloutWaveFailed,
@@ -169,7 +173,7 @@ class Engine:
             r = await self.store.rollout(conn, rid)
         if r.state in ("completed", "rolled_back", "aborted", "refused"):
             return None
-        if r.state == "paused":
+        if r.state in ("paused", "awaiting_approval"):
             return self.tick * 4
         if r.state == "rolling_back":
             await self._roll_back(r)
@@ -198,6 +202,8 @@ class Engine:
         return self._devices[key]
 
     async def _start_wave(self, r: Rollout, wave: Wave) -> float:
+        if r.approval_wave == wave.wave and r.approved_by is None:
+            return await self._hold_for_approval(r, wave)
         devices = await self._devices_of(r, wave.wave)
         previous = await self.twin.get_desired(devices)
         await self._transition(
@@ -216,6 +222,24 @@ class Engine:
         )
         log.info("rollout %s: wave %d started (%d devices)", r.rollout_id, wave.wave, len(devices))
         return 0.0
+
+    async def _hold_for_approval(self, r: Rollout, wave: Wave) -> float:
+        """The model's release policy gates this wave: wait for an approval."""
+        await self._transition(
+            r,
+            rollout={"state": "awaiting_approval"},
+            events=[
+                RolloutApprovalRequested(
+                    rollout_id=r.rollout_id,
+                    model=r.model,
+                    version=r.version,
+                    wave=wave.wave,
+                    requested_by=r.requested_by,
+                )
+            ],
+        )
+        log.info("rollout %s: wave %d waits for an approval", r.rollout_id, wave.wave)
+        return self.tick * 4
 
     def _doc(self, r: Rollout) -> DesiredModel:
         return DesiredModel(

@@ -1,5 +1,6 @@
 """Events the deployer consumes: rollout requests from the bus (the closed loop, or any
-publisher) and the monitor's canary verdicts."""
+publisher), validated versions (rolled out by their model's release policy) and the
+monitor's canary verdicts."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from collections.abc import Callable
 import httpx
 
 from edgeloop.contracts import subjects as s
-from edgeloop.contracts.events import CanaryVerdict, RolloutRequested
+from edgeloop.contracts.events import CanaryVerdict, RolloutRequested, ValidationPassed
 from edgeloop.deployer.admission import Admission
+from edgeloop.deployer.plan import DEFAULT_WAVES
+from edgeloop.deployer.policy import load_policy
 from edgeloop.deployer.sources import NotYet, Refused
 from edgeloop.deployer.store import Store
 from edgeloop.kit.bus import ConsumerSpec
@@ -45,8 +48,38 @@ def register_handlers(
         ),
     )
     async def on_rollout_requested(event: RolloutRequested, tx: Tx) -> None:
+        await admit(event, tx)
+
+    @svc.consume(
+        ValidationPassed,
+        ConsumerSpec(
+            stream=s.STREAM_LIFECYCLE,
+            durable=s.CONSUMER_DEPLOYER_RELEASES,
+            filter_subjects=(s.VALIDATION_PASSED,),
+            max_deliver=max_attempts + 1,
+            backoff=backoff,
+            batch_size=1,
+        ),
+    )
+    async def on_validation_passed(event: ValidationPassed, tx: Tx) -> None:
+        policy = await load_policy(tx.conn, event.model)
+        if policy is None or not policy.auto_rollout or policy.check():
+            return
+        req = policy.request(event, DEFAULT_WAVES)
+        log.info(
+            "%s@%s validated: its release policy rolls it out to %s (rollout %s)",
+            event.model,
+            event.version,
+            req.selector,
+            req.rollout_id,
+        )
+        if await admit(req, tx):
+            await tx.publish(req)
+
+    async def admit(event: RolloutRequested, tx: Tx) -> bool:
+        """Admit (or refuse) the request; whether it is new."""
         if await store.find(tx.conn, event.rollout_id) is not None:
-            return  # admitted through the API (its own request coming back), or seen before
+            return False  # admitted through the API (its own request coming back), or seen
         try:
             await admission.admit(tx.conn, event)
         except NotYet as exc:
@@ -66,6 +99,7 @@ def register_handlers(
                 tx.publish,
             )
         tx.after_commit(lambda: wake(None))
+        return True
 
     @svc.consume(
         CanaryVerdict,

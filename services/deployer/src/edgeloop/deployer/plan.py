@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 
 from edgeloop.contracts.events import WavePlan
 
+#: The waves of a rollout that names none: one canary device, 10 %, 50 %, everything.
+DEFAULT_WAVES = [
+    WavePlan(count=1),
+    WavePlan(percent=10),
+    WavePlan(percent=50),
+    WavePlan(percent=100),
+]
+
 
 def device_order(device_ids: Iterable[str]) -> list[str]:
     """``device_ids`` in their stable rollout order (sha-256 of the id)."""

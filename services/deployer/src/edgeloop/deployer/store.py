@@ -13,7 +13,7 @@ import asyncpg
 from edgeloop.contracts.events import RolloutRequested, WavePlan
 from edgeloop.kit.db import Conn
 
-ACTIVE = ("pending", "running", "paused", "rolling_back")
+ACTIVE = ("pending", "running", "paused", "awaiting_approval", "rolling_back")
 TERMINAL = ("completed", "rolled_back", "aborted", "refused")
 
 
@@ -42,13 +42,17 @@ class Rollout:
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
+    approval_wave: int | None = None
+    approved_by: str | None = None
+    approved_at: datetime | None = None
+    approval_reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["rollout_id"] = str(self.rollout_id)
         out["waves"] = [w.model_dump(exclude_none=True) for w in self.waves]
-        for key in ("created_at", "updated_at", "finished_at"):
+        for key in ("created_at", "updated_at", "finished_at", "approved_at"):
             out[key] = out[key].isoformat() if out[key] else None
         return out
 
@@ -176,14 +180,16 @@ class Store:
         state: str,
         reason: str | None = None,
         trace_parent: str | None = None,
+        approval_wave: int | None = None,
     ) -> None:
         """A new rollout with its plan (``state`` pending, or refused with ``reason``)."""
         await conn.execute(
             """INSERT INTO rollouts (rollout_id, model, version, image, digest, model_digest,
                    selector, waves, bake_seconds, converge_timeout_seconds, max_failures,
-                   max_failures_percent, state, reason, requested_by, trace_parent, finished_at)
+                   max_failures_percent, state, reason, requested_by, trace_parent, finished_at,
+                   approval_wave)
                VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11, $12, $13,
-                       $14, $15, $16, CASE WHEN $13 = 'refused' THEN now() END)""",
+                       $14, $15, $16, CASE WHEN $13 = 'refused' THEN now() END, $17)""",
             req.rollout_id,
             req.model,
             req.version,
@@ -200,6 +206,7 @@ class Store:
             reason,
             req.requested_by,
             trace_parent,
+            approval_wave,
         )
         await conn.executemany(
             "INSERT INTO waves (rollout_id, wave, size) VALUES ($1, $2, $3)",

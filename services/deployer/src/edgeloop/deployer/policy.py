@@ -1,0 +1,133 @@
+"""Release policies: per model, whether each validated version is rolled out by itself
+(and where, in which waves), and which wave waits for an approval.
+
+The closed loop runs unattended up to the gate: a retrained version that passes
+validation is admitted as a rollout like any other (``requested_by`` ``policy``), and a
+model whose policy asks for an approval holds that rollout before the gated wave until
+an operator other than the requester approves it (``rollout approve``).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgeloop.contracts.events import RolloutRequested, ValidationPassed, WavePlan
+from edgeloop.kit.db import Conn
+
+#: Who asks for the rollouts a policy starts.
+POLICY_ACTOR = "policy"
+
+#: Rollout ids of automatic rollouts derive from the validation event, so a redelivered
+#: ``validation.passed`` finds the rollout it already caused.
+_NAMESPACE = uuid.UUID("6f1c9a52-3b0e-4a8e-9a55-2d7c0c1e5e41")
+
+
+class Approval(StrEnum):
+    """Which wave of a model's rollouts waits for an approval."""
+
+    NONE = "none"
+    BEFORE_ROLLOUT = "before_rollout"
+    AFTER_FIRST_WAVE = "after_first_wave"
+
+
+class ReleasePolicy(BaseModel):
+    """A model's release policy (``PUT /v1/policies/{model}``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    auto_rollout: bool = False
+    selector: dict[str, str] | None = None
+    waves: list[WavePlan] | None = Field(default=None, min_length=1)
+    bake_seconds: float | None = Field(default=None, ge=0)
+    converge_timeout_seconds: float | None = Field(default=None, gt=0)
+    max_failures: int | None = Field(default=None, ge=0)
+    max_failures_percent: float | None = Field(default=None, ge=0, le=100)
+    approval: Approval = Approval.NONE
+
+    def check(self) -> str | None:
+        """Why the policy cannot work, or None."""
+        if self.auto_rollout and not self.selector:
+            return "an automatic rollout needs a selector (which devices get new versions)"
+        return None
+
+    def approval_wave(self, waves: int) -> int | None:
+        """The wave of a rollout with ``waves`` waves that waits for an approval."""
+        if self.approval is Approval.BEFORE_ROLLOUT:
+            return 0
+        if self.approval is Approval.AFTER_FIRST_WAVE and waves > 1:
+            return 1
+        return None
+
+    def request(
+        self, validated: ValidationPassed, default_waves: list[WavePlan]
+    ) -> RolloutRequested:
+        """The rollout this policy asks for when ``validated`` passed."""
+        extra = {
+            k: v
+            for k, v in {
+                "bake_seconds": self.bake_seconds,
+                "converge_timeout_seconds": self.converge_timeout_seconds,
+            }.items()
+            if v is not None
+        }
+        return RolloutRequested(
+            rollout_id=uuid.uuid5(_NAMESPACE, str(validated.event_id)),
+            model=validated.model,
+            version=validated.version,
+            digest=validated.digest,
+            selector=dict(self.selector or {}),
+            waves=list(self.waves or default_waves),
+            max_failures=self.max_failures,
+            max_failures_percent=self.max_failures_percent,
+            requested_by=POLICY_ACTOR,
+            **extra,
+        )
+
+
+async def load_policy(conn: Conn, model: str) -> ReleasePolicy | None:
+    """The model's policy, or None (no automatic rollouts, no gate)."""
+    row = await conn.fetchrow("SELECT * FROM policies WHERE model = $1", model)
+    if row is None:
+        return None
+    return ReleasePolicy(
+        auto_rollout=row["auto_rollout"],
+        selector=json.loads(row["selector"]) if row["selector"] else None,
+        waves=[WavePlan.model_validate(w) for w in json.loads(row["waves"])]
+        if row["waves"]
+        else None,
+        bake_seconds=row["bake_seconds"],
+        converge_timeout_seconds=row["converge_timeout_seconds"],
+        max_failures=row["max_failures"],
+        max_failures_percent=row["max_failures_percent"],
+        approval=Approval(row["approval"]),
+    )
+
+
+async def save_policy(conn: Conn, model: str, policy: ReleasePolicy, actor: str) -> None:
+    """Create or replace the model's policy."""
+    await conn.execute(
+        """INSERT INTO policies (model, auto_rollout, selector, waves, bake_seconds,
+               converge_timeout_seconds, max_failures, max_failures_percent, approval,
+               updated_by, updated_at)
+           VALUES ($1, $2, $3::jsonb, $4::jsonb, $5, $6, $7, $8, $9, $10, now())
+           ON CONFLICT (model) DO UPDATE SET auto_rollout = $2, selector = $3::jsonb,
+               waves = $4::jsonb, bake_seconds = $5, converge_timeout_seconds = $6,
+               max_failures = $7, max_failures_percent = $8, approval = $9,
+               updated_by = $10, updated_at = now()""",
+        model,
+        policy.auto_rollout,
+        json.dumps(policy.selector) if policy.selector else None,
+        json.dumps([w.model_dump(exclude_none=True) for w in policy.waves])
+        if policy.waves
+        else None,
+        policy.bake_seconds,
+        policy.converge_timeout_seconds,
+        policy.max_failures,
+        policy.max_failures_percent,
+        policy.approval.value,
+        actor,
+    )
