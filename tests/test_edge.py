@@ -64,7 +64,7 @@ async def test_desired_image_is_delivered_activated_and_streams_telemetry(
     for _ in range(5):
         agent.infer_once()
     agent.flush_telemetry()
-    subject = s.telemetry_subject(image.model, device)
+    subject = s.stored_telemetry(image.model, device)
     msgs = await eventually(
         lambda: stream_messages(edge.js, s.STREAM_TELEMETRY, subject), what="telemetry on the bus"
     )
@@ -292,7 +292,7 @@ async def test_offline_batches_are_buffered_and_sent_on_reconnect(
     assert len(agent.buffer) == 3
     await eventually(lambda: _acked(agent), within=30, what="buffer drained after reconnect")
     msgs = await stream_messages(
-        edge.js, s.STREAM_TELEMETRY, s.telemetry_subject(image.model, device)
+        edge.js, s.STREAM_TELEMETRY, s.stored_telemetry(image.model, device)
     )
     ids = [json.loads(m.data)["event_id"] for m in msgs]
     assert len(ids) == 3
@@ -375,7 +375,7 @@ async def test_a_bus_that_cannot_take_telemetry_costs_no_session_and_no_batch(
         assert agent.sessions == sessions  # the same session throughout
         assert len(list(agent.buffer.pending())) == 1
         await declare_topology(edge.js)  # the bus is back
-        subject = s.telemetry_subject(image.model, device)
+        subject = s.stored_telemetry(image.model, device)
         msgs = await eventually(
             lambda: stream_messages(edge.js, s.STREAM_TELEMETRY, subject), what="telemetry"
         )

@@ -13,16 +13,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner, Result
 
 from edgeloop.cli.main import app
+from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import Histogram, RetrainRequested, TelemetryBatch
 from edgeloop.devstack.servers import NatsServer, free_port
 from edgeloop.devstack.testing import api_up, eventually
+from edgeloop.devstack.up import ServiceProcess
 from edgeloop.edge.agent import Agent
+from edgeloop.kit.service import Service
 from edgeloop.monitor.app import build as build_monitor
 from edgeloop.monitor.config import MonitorSettings
 from edgeloop.registry.app import build as build_registry
@@ -43,6 +47,7 @@ class Monitored:
     monitor: httpx.AsyncClient
     model: str
     settings: MonitorSettings
+    service: Service
 
     async def alarms(self, **params: Any) -> list[dict[str, Any]]:
         resp = await self.monitor.get("/v1/alarms", params={"model": self.model, **params})
@@ -71,6 +76,7 @@ async def mon(
         window_seconds=2,
         grace_seconds=0.5,
         evaluate_seconds=0.2,
+        partition_lease_seconds=1.5,
     )
     monitor = build_monitor(settings)
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -87,7 +93,7 @@ async def mon(
     ):
         await eventually(lambda: api_up(reg), what="registry API")
         await eventually(lambda: api_up(api), what="monitor API")
-        yield Monitored(edge, reg, api, f"iris{unique}", settings)
+        yield Monitored(edge, reg, api, f"iris{unique}", settings, monitor)
 
 
 async def _deploy(
@@ -244,6 +250,14 @@ async def _counted(mon: Monitored, more_than: int = 0) -> int:
     return total if total > more_than else 0
 
 
+async def _query(mon: Monitored, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(mon.settings.database_url)
+    try:
+        return list(await conn.fetch(sql, *args))
+    finally:
+        await conn.close()
+
+
 async def _lifecycle(mon: Monitored, subject: str) -> list[dict[str, Any]]:
     return await lifecycle_events(mon.edge.js, subject)
 
@@ -275,8 +289,11 @@ async def test_rules_and_alarms_from_the_cli(mon: Monitored, tmp_path: Path) -> 
     assert "no alarms" in listed.output
 
 
-async def test_replicas_share_the_telemetry_and_count_every_record_once(mon: Monitored) -> None:
-    """Two monitor replicas on the shared durable consumer, one stopped half-way: every
+async def test_replicas_split_the_telemetry_partitions_and_count_every_record_once(
+    mon: Monitored, tmp_path: Path
+) -> None:
+    """A second monitor replica (its own process) takes half of the telemetry partitions;
+    SIGKILLed mid-stream, its partitions move back once their leases run out, and every
     batch lands in the windows exactly once."""
     m = classifier("iris")
     profile = await register_version(mon.registry, mon.model, "1", m.onnx, m.reference)
@@ -284,6 +301,7 @@ async def test_replicas_share_the_telemetry_and_count_every_record_once(mon: Mon
     edges = [f["edges"] for f in profile["features"]]
     names = [f["name"] for f in profile["features"]]
     start = datetime.now(UTC)
+    everything = set(range(s.TELEMETRY_PARTITIONS))
 
     def batch(i: int) -> TelemetryBatch:
         counts = [[0] * (len(e) + 1) for e in edges]
@@ -302,14 +320,62 @@ async def test_replicas_share_the_telemetry_and_count_every_record_once(mon: Mon
             ],
         )
 
-    other = build_monitor(mon.settings.model_copy(update={"api_port": free_port()}))
-    async with other.running():
+    def owned() -> set[int]:
+        return {k for c in mon.service.partitioned for k in c.owned}
+
+    async def holds(expected: int) -> bool:
+        return len(owned()) == expected
+
+    await eventually(lambda: holds(len(everything)), within=15, what="one replica, all partitions")
+    settings = mon.settings
+    other = ServiceProcess(
+        "monitor-2",
+        "edgeloop.monitor",
+        free_port(),
+        {
+            "EDGELOOP_NATS_URL": settings.nats_url,
+            "EDGELOOP_DATABASE_URL": settings.database_url,
+            "EDGELOOP_OCI_REGISTRY_URL": settings.oci_registry_url,
+            "EDGELOOP_MONITOR_API_TOKENS": TOKEN,
+            "EDGELOOP_MONITOR_API_PORT": str(free_port()),
+            "EDGELOOP_MONITOR_REGISTRY_API": settings.registry_api,
+            "EDGELOOP_MONITOR_REGISTRY_TOKEN": TOKEN,
+            "EDGELOOP_MONITOR_WINDOW_SECONDS": "2",
+            "EDGELOOP_MONITOR_GRACE_SECONDS": "0.5",
+            "EDGELOOP_MONITOR_PARTITION_LEASE_SECONDS": "1.5",
+            "EDGELOOP_MONITOR_INSTANCE_ID": "replica-2",
+        },
+        tmp_path / "monitor-2.log",
+    )
+    other.http_port = free_port()
+    other.env["EDGELOOP_MONITOR_HTTP_PORT"] = str(other.http_port)
+    other.start()
+    try:
+        half = len(everything) // 2
+        await eventually(lambda: holds(half), within=30, what="the partitions split in two")
+
+        async def split() -> bool:
+            rows = await _query(
+                mon,
+                "SELECT partition FROM monitor.partition_leases WHERE consumer = $1 "
+                "AND owner = 'replica-2' AND lease_until > now()",
+                s.CONSUMER_MONITOR_TELEMETRY,
+            )
+            theirs = {r["partition"] for r in rows}
+            return len(theirs) == half and theirs == everything - owned()
+
+        await eventually(split, within=30, what="the other half held by replica-2")
         for i in range(150):
             await publish_event(mon.edge.js, (b := batch(i)), subject=b.bus_subject())
         await asyncio.sleep(0.3)
-    # the second replica is gone (stopped mid-stream); the first finishes the work
+        other.kill()  # SIGKILL mid-stream: its leases are not released
+    finally:
+        other.kill()
     for i in range(150, 300):
         await publish_event(mon.edge.js, (b := batch(i)), subject=b.bus_subject())
+    await eventually(
+        lambda: holds(len(everything)), within=30, what="the dead replica's partitions taken over"
+    )
 
     async def all_counted() -> int | None:
         total = await _counted(mon)
@@ -323,6 +389,13 @@ async def test_replicas_share_the_telemetry_and_count_every_record_once(mon: Mon
         raise
     await asyncio.sleep(1)  # nothing arrives twice later
     assert await _counted(mon) == 300 * 50
+    # the twenty devices' batches went to several partitions, each to one durable
+    consumers = await _query(
+        mon,
+        "SELECT DISTINCT consumer FROM monitor.inbox WHERE consumer LIKE $1",
+        f"{s.CONSUMER_MONITOR_TELEMETRY}-%",
+    )
+    assert len(consumers) > 1
 
 
 async def test_windows_and_alarms_are_per_device_group(mon: Monitored) -> None:

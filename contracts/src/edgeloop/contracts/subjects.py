@@ -53,6 +53,10 @@ LIFECYCLE_SUBJECTS: Final = (
 TELEMETRY_PREFIX: Final = "device.telemetry"
 DEVICE_STATUS_PREFIX: Final = "device.status"
 TELEMETRY_SUBJECTS: Final = (f"{TELEMETRY_PREFIX}.>",)
+#: The TELEMETRY stream stores ``device.telemetry.<model>.<device>`` as
+#: ``device.telemetry.<model>.<device>.<partition>``, the partition a stable hash of the
+#: model and device tokens; consumers that scale out take partitions, not messages.
+TELEMETRY_PARTITIONS: Final = 8
 DEVICE_SUBJECTS: Final = (f"{DEVICE_STATUS_PREFIX}.>",)
 
 # --- dead letters -------------------------------------------------------------------
@@ -76,6 +80,25 @@ def _token(value: str) -> str:
         raise ValueError("a subject token cannot be empty")
     bad = set(". *>\t\r\n")
     return "".join("_" if ch in bad else ch for ch in value)
+
+
+def telemetry_partition_subjects() -> tuple[str, str]:
+    """The TELEMETRY stream's subject transform: (published subjects, stored subjects)."""
+    return (
+        f"{TELEMETRY_PREFIX}.*.*",
+        f"{TELEMETRY_PREFIX}.{{{{wildcard(1)}}}}.{{{{wildcard(2)}}}}"
+        f".{{{{partition({TELEMETRY_PARTITIONS},1,2)}}}}",
+    )
+
+
+def telemetry_partition(k: int) -> str:
+    """The stored subjects of telemetry partition ``k``."""
+    return f"{TELEMETRY_PREFIX}.*.*.{k}"
+
+
+def stored_telemetry(model: str, device_id: str) -> str:
+    """The subjects one device's telemetry for ``model`` is stored under (any partition)."""
+    return f"{telemetry_subject(model, device_id)}.*"
 
 
 def telemetry_subject(model: str, device_id: str) -> str:

@@ -15,6 +15,7 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    SubjectTransform,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry.sdk.trace import TracerProvider
@@ -53,6 +54,7 @@ def default_topology(*, telemetry_max_bytes: int = 1 << 30) -> Topology:
             StreamConfig(
                 name=s.STREAM_TELEMETRY,
                 subjects=list(s.TELEMETRY_SUBJECTS),
+                subject_transform=SubjectTransform(*s.telemetry_partition_subjects()),
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
                 max_age=2 * DAY,

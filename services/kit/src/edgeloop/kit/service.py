@@ -30,6 +30,7 @@ from edgeloop.kit.consumer import DeadLetters, EventProcessor, Handler
 from edgeloop.kit.db import create_pool, migrate, read_migrations
 from edgeloop.kit.http import HealthServer
 from edgeloop.kit.outbox import OutboxRelay
+from edgeloop.kit.partitions import Partitioned, PartitionedConsumer, default_owner
 from edgeloop.kit.settings import ServiceSettings
 from edgeloop.kit.tracing import setup_tracing
 
@@ -84,6 +85,8 @@ class Service:
         self._relay: OutboxRelay | None = None
         self._specs: list[ConsumerSpec] = []
         self._background: list[Background] = []
+        self.partitioned: list[PartitionedConsumer] = []
+        """The partitioned consumers running in this replica (their ``owned`` partitions)."""
         self._tasks: list[asyncio.Task[None]] = []
         self.health = HealthServer(
             settings.http_host,
@@ -114,15 +117,7 @@ class Service:
         """Register ``handler`` for ``event_type`` on a durable pull consumer."""
 
         def register(handler: Handler[E]) -> Handler[E]:
-            processor = EventProcessor(
-                event_type=event_type,
-                handler=handler,
-                spec=spec,
-                schema=self.schema,
-                pool=lambda: self.pool,
-                dead_letters=lambda: DeadLetters(self.js),
-                tracer_provider=self.tracer_provider,
-            )
+            processor = self._processor(event_type, handler, spec)
             subscriber = self.broker.subscriber(
                 spec.filter_subjects[0],
                 stream=JStream(spec.stream, declare=False),
@@ -141,6 +136,48 @@ class Service:
             return handler
 
         return register
+
+    def consume_partitioned(
+        self, event_type: type[E], partitioned: Partitioned, *, owner: str | None = None
+    ) -> Callable[[Handler[E]], Handler[E]]:
+        """Register ``handler`` for ``event_type`` on a partitioned consumer: this
+        replica consumes its share of the partitions (see :mod:`edgeloop.kit.partitions`)."""
+
+        def register(handler: Handler[E]) -> Handler[E]:
+            self._specs.extend(partitioned.partition_spec(k) for k in range(partitioned.count))
+
+            async def partitions(svc: Service) -> None:
+                consumer = PartitionedConsumer(
+                    partitioned,
+                    lambda spec: self._processor(event_type, handler, spec),
+                    svc.pool,
+                    svc.js,
+                    owner or default_owner(),
+                )
+                self.partitioned.append(consumer)
+                try:
+                    await consumer.run()
+                finally:
+                    self.partitioned.remove(consumer)
+
+            partitions.__name__ = f"partitions-{partitioned.spec.durable}"
+            self._background.append(partitions)
+            return handler
+
+        return register
+
+    def _processor(
+        self, event_type: type[E], handler: Handler[E], spec: ConsumerSpec
+    ) -> EventProcessor[E]:
+        return EventProcessor(
+            event_type=event_type,
+            handler=handler,
+            spec=spec,
+            schema=self.schema,
+            pool=lambda: self.pool,
+            dead_letters=lambda: DeadLetters(self.js),
+            tracer_provider=self.tracer_provider,
+        )
 
     def background(self, task: Background) -> Background:
         """Run ``task(service)`` once the service is ready; cancelled at shutdown."""

@@ -28,6 +28,8 @@ def build(settings: MonitorSettings) -> Service:
         window_seconds=settings.window_seconds,
         max_count=settings.max_batch_count,
         batch_size=settings.batch_size,
+        lease_seconds=settings.partition_lease_seconds,
+        owner=settings.instance_id,
     )
 
     @svc.background

@@ -27,3 +27,8 @@ class MonitorSettings(ApiServiceSettings):
     """Most inferences one telemetry batch may carry."""
     batch_size: int = 256
     """Telemetry messages applied per transaction."""
+    partition_lease_seconds: float = 15.0
+    """How long a replica's hold on its telemetry partitions lasts without renewal (a
+    stopped replica's partitions move to the others after at most this)."""
+    instance_id: str | None = None
+    """This replica's name among the monitor replicas (default: host, pid, random)."""

@@ -14,6 +14,7 @@ from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import TelemetryBatch
 from edgeloop.kit.bus import ConsumerSpec
 from edgeloop.kit.consumer import Tx
+from edgeloop.kit.partitions import Partitioned
 from edgeloop.kit.service import Service
 from edgeloop.monitor.aggregate import BadTelemetry, Window, check
 from edgeloop.monitor.references import References, UnknownVersion
@@ -36,18 +37,32 @@ def window_of(at: datetime, seconds: float) -> tuple[datetime, datetime]:
 
 
 def register_handlers(
-    svc: Service, refs: References, *, window_seconds: float, max_count: int, batch_size: int
+    svc: Service,
+    refs: References,
+    *,
+    window_seconds: float,
+    max_count: int,
+    batch_size: int,
+    lease_seconds: float = 15.0,
+    owner: str | None = None,
 ) -> None:
-    """Subscribe the telemetry consumer."""
+    """Subscribe the telemetry consumer: the TELEMETRY stream's partitions, shared among
+    the replicas (each device's batches in order on one replica)."""
 
-    @svc.consume(
+    @svc.consume_partitioned(
         TelemetryBatch,
-        ConsumerSpec(
-            stream=s.STREAM_TELEMETRY,
-            durable=s.CONSUMER_MONITOR_TELEMETRY,
-            filter_subjects=s.TELEMETRY_SUBJECTS,
-            batch_size=batch_size,
+        Partitioned(
+            ConsumerSpec(
+                stream=s.STREAM_TELEMETRY,
+                durable=s.CONSUMER_MONITOR_TELEMETRY,
+                filter_subjects=s.TELEMETRY_SUBJECTS,
+                batch_size=batch_size,
+            ),
+            count=s.TELEMETRY_PARTITIONS,
+            subject=s.telemetry_partition,
+            lease_seconds=lease_seconds,
         ),
+        owner=owner,
     )
     async def on_telemetry(batch: TelemetryBatch, tx: Tx) -> None:
         try:
