@@ -83,16 +83,18 @@ def run(batches: int = 4000) -> dict[str, Any]:
         )
     total = batches * RECORDS
 
+    # As the consumer does: each batch is parsed, checked, merged and dropped (keeping
+    # 4,000 parsed batches alive would make every garbage collection walk them, and triple
+    # the parse time — not what the service pays).
     t0 = time.perf_counter()
     window = Window()
-    parsed = []
     for data in raw:
         batch = TelemetryBatch.model_validate_json(data)
         check(batch, ref, max_count=100_000)
         window.add(batch, ref)
-        parsed.append(batch)
     full_s = time.perf_counter() - t0
 
+    parsed = [TelemetryBatch.model_validate_json(data) for data in raw]
     t0 = time.perf_counter()
     again = Window()
     for batch in parsed:

@@ -23,9 +23,10 @@ from edgeloop.cli.main import app
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import Histogram, RetrainRequested, TelemetryBatch
 from edgeloop.devstack.servers import NatsServer, free_port
-from edgeloop.devstack.testing import api_up, eventually
+from edgeloop.devstack.testing import api_up, eventually, stream_messages
 from edgeloop.devstack.up import ServiceProcess
 from edgeloop.edge.agent import Agent
+from edgeloop.kit.consumer import DLQ_REASON
 from edgeloop.kit.service import Service
 from edgeloop.monitor.app import build as build_monitor
 from edgeloop.monitor.config import MonitorSettings
@@ -232,14 +233,50 @@ async def test_bad_telemetry_is_refused_per_device_and_never_poisons_a_window(
     ]
     for batch in bad:
         await publish_event(mon.edge.js, batch, subject=batch.bus_subject())
+    # what does not even parse: negative counts, not JSON; a NaN bin edge
+    body = (
+        await mon.registry.get(f"/api/v1/models/{mon.model}/versions/1", params={"profile": "true"})
+    ).json()
+    features = body["profile"]["features"]
+    nan = json.loads(
+        TelemetryBatch(
+            device_id="bad-5",
+            **base,
+            feature_names=[f["name"] for f in features],
+            feature_histograms=[
+                Histogram(edges=f["edges"], counts=[10] + [0] * len(f["edges"])) for f in features
+            ],
+        ).model_dump_json()
+    )
+    nan["feature_histograms"][0]["edges"][0] = "NaN"
+    negative = json.loads(bad[0].model_dump_json()) | {"device_id": "bad-4", "count": -10}
+    raw = {
+        "bad-4": json.dumps(negative).encode(),
+        "bad-5": json.dumps(nan).replace('"NaN"', "NaN").encode(),
+        "bad-6": b"\x00 not json",
+    }
+    for device, data in raw.items():
+        await mon.edge.js.publish(s.telemetry_subject(mon.model, device), data)
 
     async def refused() -> dict[str, str] | None:
         rows = (await mon.monitor.get("/v1/rejections")).json()["rejections"]
         codes = {r["device_id"]: r["code"] for r in rows}
-        return codes if len(codes) >= 3 else None
+        return codes if len(codes) >= 6 else None
 
     codes = await eventually(refused, within=30, what="rejections")
-    assert codes == {"bad-1": "feature_count", "bad-2": "unknown_model", "bad-3": "too_large"}
+    assert codes == {
+        "bad-1": "feature_count",
+        "bad-2": "unknown_model",
+        "bad-3": "too_large",
+        "bad-4": "malformed",
+        "bad-5": "not_finite",
+        "bad-6": "malformed",
+    }
+    # what did not parse went to the dead letters too, with the reason
+    dead = await stream_messages(mon.edge.js, s.STREAM_DLQ, f"dlq.{s.TELEMETRY_PREFIX}.>")
+    reasons = {m.subject.split(".")[4]: (m.headers or {}).get(DLQ_REASON, "") for m in dead}
+    assert set(reasons) == {"bad-4", "bad-6"}
+    assert "count" in reasons["bad-4"]
     # the monitor kept aggregating the good device
     assert await eventually(lambda: _counted(mon, more_than=good), within=30, what="more windows")
 

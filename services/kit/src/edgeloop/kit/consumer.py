@@ -141,6 +141,11 @@ def describe_validation_error(exc: ValidationError) -> str:
     return f"malformed {exc.title}: " + "; ".join(parts)
 
 
+Malformed = Callable[[Conn, Msg, str], Awaitable[None]]
+"""Called (in its own transaction) for a message that does not parse, before it is
+dead-lettered: a service that accounts for bad input by sender records it here."""
+
+
 class EventProcessor(Generic[E]):
     """Runs one handler under the kit's acknowledgement policy.
 
@@ -161,8 +166,10 @@ class EventProcessor(Generic[E]):
         dead_letters: Callable[[], DeadLetters],
         heartbeat_seconds: float | None = None,
         tracer_provider: TracerProvider | None = None,
+        on_malformed: Malformed | None = None,
     ) -> None:
         self.event_type = event_type
+        self._on_malformed = on_malformed
         self.handler = handler
         self.spec = spec
         self.schema = schema
@@ -191,10 +198,10 @@ class EventProcessor(Generic[E]):
             try:
                 parsed.append((i, msg, self.event_type.model_validate_json(msg.data)))
             except ValidationError as exc:
-                await self._dead_letter(msg, describe_validation_error(exc))
+                await self._malformed(msg, describe_validation_error(exc))
                 outcomes[i] = "malformed"
             except ValueError as exc:  # not JSON at all
-                await self._dead_letter(msg, f"malformed payload: {exc}")
+                await self._malformed(msg, f"malformed payload: {exc}")
                 outcomes[i] = "malformed"
         if parsed:
             keepalive = asyncio.create_task(  # noqa: RUF006 (cancelled below)
@@ -317,6 +324,15 @@ class EventProcessor(Generic[E]):
             except Exception:
                 log.exception("%s: an after-commit callback failed", self.spec.durable)
         return results
+
+    async def _malformed(self, msg: Msg, reason: str) -> None:
+        if self._on_malformed is not None:
+            try:
+                async with self._pool().acquire() as conn, conn.transaction():
+                    await self._on_malformed(conn, msg, reason)
+            except Exception:
+                log.exception("%s: the malformed-message hook failed", self.spec.durable)
+        await self._dead_letter(msg, reason)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         await self._dead_letters().send(msg, self.spec.durable, reason, _deliveries(msg))

@@ -26,7 +26,7 @@ from nats.js import JetStreamContext
 from edgeloop.contracts.events import Event
 from edgeloop.kit import compat, failpoints
 from edgeloop.kit.bus import ConsumerSpec, declare_consumer, declare_topology, make_broker
-from edgeloop.kit.consumer import DeadLetters, EventProcessor, Handler
+from edgeloop.kit.consumer import DeadLetters, EventProcessor, Handler, Malformed
 from edgeloop.kit.db import create_pool, migrate, read_migrations
 from edgeloop.kit.http import HealthServer
 from edgeloop.kit.outbox import OutboxRelay
@@ -138,7 +138,12 @@ class Service:
         return register
 
     def consume_partitioned(
-        self, event_type: type[E], partitioned: Partitioned, *, owner: str | None = None
+        self,
+        event_type: type[E],
+        partitioned: Partitioned,
+        *,
+        owner: str | None = None,
+        on_malformed: Malformed | None = None,
     ) -> Callable[[Handler[E]], Handler[E]]:
         """Register ``handler`` for ``event_type`` on a partitioned consumer: this
         replica consumes its share of the partitions (see :mod:`edgeloop.kit.partitions`)."""
@@ -149,7 +154,7 @@ class Service:
             async def partitions(svc: Service) -> None:
                 consumer = PartitionedConsumer(
                     partitioned,
-                    lambda spec: self._processor(event_type, handler, spec),
+                    lambda spec: self._processor(event_type, handler, spec, on_malformed),
                     svc.pool,
                     svc.js,
                     owner or default_owner(),
@@ -167,9 +172,14 @@ class Service:
         return register
 
     def _processor(
-        self, event_type: type[E], handler: Handler[E], spec: ConsumerSpec
+        self,
+        event_type: type[E],
+        handler: Handler[E],
+        spec: ConsumerSpec,
+        on_malformed: Malformed | None = None,
     ) -> EventProcessor[E]:
         return EventProcessor(
+            on_malformed=on_malformed,
             event_type=event_type,
             handler=handler,
             spec=spec,

@@ -8,12 +8,14 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 import httpx
+from nats.aio.msg import Msg
 from prometheus_client import Counter
 
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import TelemetryBatch
 from edgeloop.kit.bus import ConsumerSpec
 from edgeloop.kit.consumer import Tx
+from edgeloop.kit.db import Conn
 from edgeloop.kit.partitions import Partitioned
 from edgeloop.kit.service import Service
 from edgeloop.monitor.aggregate import BadTelemetry, Window, check
@@ -63,6 +65,7 @@ def register_handlers(
             lease_seconds=lease_seconds,
         ),
         owner=owner,
+        on_malformed=_malformed,
     )
     async def on_telemetry(batch: TelemetryBatch, tx: Tx) -> None:
         try:
@@ -149,10 +152,22 @@ async def _flush(tx: Tx) -> None:
         )
 
 
+async def _malformed(conn: Conn, msg: Msg, reason: str) -> None:
+    """A batch that does not parse (negative counts, not JSON …): counted for the device
+    its subject names (``device.telemetry.<model>.<device>.<partition>``)."""
+    tokens = msg.subject.split(".")
+    device = tokens[3] if len(tokens) > 3 else "unknown"
+    await _record_rejection(conn, device, "malformed", reason)
+
+
 async def _reject(tx: Tx, device_id: str, code: str, reason: str) -> None:
+    await _record_rejection(tx.conn, device_id, code, reason)
+
+
+async def _record_rejection(conn: Conn, device_id: str, code: str, reason: str) -> None:
     REJECTED.labels(code).inc()
     log.info("telemetry of %s refused (%s): %s", device_id, code, reason)
-    await tx.conn.execute(
+    await conn.execute(
         """INSERT INTO rejections (device_id, code, count, last_reason) VALUES ($1, $2, 1, $3)
            ON CONFLICT (device_id, code) DO UPDATE
            SET count = rejections.count + 1, last_reason = EXCLUDED.last_reason,
