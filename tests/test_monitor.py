@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -461,3 +462,39 @@ async def test_windows_and_alarms_are_per_device_group(mon: Monitored) -> None:
         for w in south
         if w["scores"].get("features")
     )
+
+
+async def test_drift_raises_its_alarm_before_the_window_closes(mon: Monitored) -> None:
+    """Open windows are looked at as they grow: a drifted window raises its alarm (once)
+    long before it closes; resolving still waits for closed windows."""
+    m = classifier("iris")
+    profile = await register_version(mon.registry, mon.model, "1", m.onnx, m.reference)
+    assert profile is not None
+    later = datetime.now(UTC) + timedelta(hours=1)  # a window that closes in an hour
+    edges = [f["edges"] for f in profile["features"]]
+    drifted = TelemetryBatch(
+        model=mon.model,
+        version="1",
+        device_id="early-1",
+        window_start=later,
+        window_end=later,
+        count=500,
+        feature_names=[f["name"] for f in profile["features"]],
+        feature_histograms=[Histogram(edges=e, counts=[0] * len(e) + [500]) for e in edges],
+    )
+    await publish_event(mon.edge.js, drifted, subject=drifted.bus_subject())
+
+    async def raised() -> list[dict[str, Any]] | None:
+        return await mon.alarms() or None
+
+    alarms = await eventually(raised, within=30, what="an alarm from the open window")
+    assert datetime.fromisoformat(alarms[0]["window_end"]) > datetime.now(UTC)
+    assert alarms[0]["state"] == "raised"
+    again = TelemetryBatch(**{**drifted.model_dump(), "event_id": uuid.uuid4()})
+    await publish_event(mon.edge.js, again, subject=again.bus_subject())
+    await eventually(lambda: _counted(mon, more_than=500), within=30, what="the window grew")
+    await asyncio.sleep(1)  # looked at again: still one alarm per rule
+    rules = [a["rule"] for a in await mon.alarms()]
+    assert len(rules) == len(set(rules))
+    requests = await _lifecycle(mon, s.RETRAIN_REQUESTED)
+    assert len([r for r in requests if r["model"] == mon.model]) == len(rules)

@@ -56,7 +56,7 @@ class Slot:
 
 
 class Evaluator:
-    """Judges closed windows."""
+    """Judges closed windows, and raises alarms early from open ones."""
 
     def __init__(
         self, pool: asyncpg.Pool, schema: str, refs: References, *, grace_seconds: float
@@ -65,6 +65,7 @@ class Evaluator:
         self.schema = schema
         self.refs = refs
         self.grace = timedelta(seconds=grace_seconds)
+        self._peeked: dict[tuple[str, str, str, datetime], int] = {}
 
     async def run(self, every: float) -> None:
         """Until cancelled."""
@@ -73,6 +74,7 @@ class Evaluator:
                 judged = 0
                 while await self.evaluate_one():
                     judged += 1
+                judged += await self.peek_open()
                 if judged:
                     await self._count_open()
             except TRANSIENT_DB_ERRORS as exc:
@@ -88,6 +90,63 @@ class Evaluator:
         counts = {r["kind"]: r["n"] for r in rows}
         for kind in ("drift", "kpi"):
             OPEN_ALARMS.labels(kind).set(counts.get(kind, 0))
+
+    async def peek_open(self) -> int:
+        """Raise alarms from windows still open: drift shows before its window closes
+        (the window's end plus grace would add up to a window's length to the alarm's
+        latency). Only raising: resolving, and the hysteresis that goes with it, wait for
+        closed windows. A window is looked at again only when it has grown; how many
+        alarms were raised."""
+        rows = await self.pool.fetch(
+            """SELECT model, version, grp, window_start, (aggregate->>'count')::bigint AS n
+               FROM windows WHERE NOT evaluated AND window_end > $1""",
+            datetime.now(UTC) - self.grace,
+        )
+        seen = {(r["model"], r["version"], r["grp"], r["window_start"]): r["n"] for r in rows}
+        grown = [k for k, n in seen.items() if n and self._peeked.get(k) != n]
+        self._peeked = seen
+        raised = 0
+        for key in grown:
+            raised += await self._peek(*key)
+        return raised
+
+    async def _peek(self, model: str, version: str, group: str, start: datetime) -> int:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """SELECT window_end, aggregate FROM windows
+                   WHERE model = $1 AND version = $2 AND grp = $3 AND window_start = $4
+                     AND NOT evaluated FOR UPDATE SKIP LOCKED""",
+                model,
+                version,
+                group,
+                start,
+            )
+            if row is None:
+                return 0
+            try:
+                ref = await self.refs.get(model, version)
+            except UnknownVersion:
+                return 0
+            rules = {**DEFAULT_RULES, **await load_rules(conn, model)}
+            window = Window.from_json(json.loads(row["aggregate"]))
+            at = Slot(model, version, group, start, row["window_end"])
+            raised = 0
+            for j in judge(score(window, ref), rules):
+                if j.fired and not await self._open_alarm(conn, at, j.rule):
+                    await self._raise(conn, at, j)
+                    raised += 1
+            return raised
+
+    async def _open_alarm(self, conn: Conn, at: Slot, rule: str) -> asyncpg.Record | None:
+        """The rule's open alarm for the slot's version and group (locked), if any."""
+        return await conn.fetchrow(
+            "SELECT alarm_id, clean_windows FROM alarms WHERE model = $1 AND version = $2 "
+            "AND grp = $3 AND rule = $4 AND state <> 'resolved' FOR UPDATE",
+            at.model,
+            at.version,
+            at.group,
+            rule,
+        )
 
     async def evaluate_one(self) -> bool:
         """Judge the oldest closed window not judged yet; whether there was one."""
@@ -135,14 +194,7 @@ class Evaluator:
 
     async def _apply(self, conn: Conn, at: Slot, j: Judgement, clear_windows: int) -> None:
         model, version, end = at.model, at.version, at.end
-        alarm = await conn.fetchrow(
-            "SELECT alarm_id, clean_windows FROM alarms WHERE model = $1 AND version = $2 "
-            "AND grp = $3 AND rule = $4 AND state <> 'resolved' FOR UPDATE",
-            model,
-            version,
-            at.group,
-            j.rule,
-        )
+        alarm = await self._open_alarm(conn, at, j.rule)
         if j.fired:
             if alarm is not None:  # still firing: one alarm, updated (de-duplication)
                 await conn.execute(
