@@ -55,6 +55,12 @@ EXAMPLES: dict[type[ev.Event], Callable[[], ev.Event]] = {
     ev.RolloutResumed: lambda: ev.RolloutResumed(**REF, rollout_id=RID),
     ev.RolloutAborted: lambda: ev.RolloutAborted(**REF, rollout_id=RID, reason="x"),
     ev.RolloutRefused: lambda: ev.RolloutRefused(**REF, rollout_id=RID, reason="not validated"),
+    ev.RolloutApprovalRequested: lambda: ev.RolloutApprovalRequested(
+        **REF, rollout_id=RID, wave=1, requested_by="policy"
+    ),
+    ev.RolloutApproved: lambda: ev.RolloutApproved(
+        **REF, rollout_id=RID, wave=1, actor="token:abc", reason="canary fine"
+    ),
     ev.CanaryVerdict: lambda: ev.CanaryVerdict(
         **REF, rollout_id=RID, wave=1, verdict=ev.Verdict.FAIL, reasons=["p95"]
     ),
