@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: setup system-deps up down status test test-fast lint format bench proto clean
+.PHONY: setup system-deps up demo down status test test-fast lint format bench proto clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -33,6 +33,9 @@ setup: system-deps $(VENV)/.synced
 
 up: setup
 	$(BIN)/python -m edgeloop.devstack.up
+
+demo: setup
+	$(BIN)/python -m examples.demo
 
 down:
 	$(BIN)/python -m edgeloop.devstack.down

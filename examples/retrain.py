@@ -32,6 +32,12 @@ from examples.sklearn_models import logistic, logistic_onnx, npz, split
 
 log = logging.getLogger("examples.retrain")
 DURABLE = "example-retrainer"
+REFERENCE_ROWS = 300
+"""The newest random samples that make the new version's reference profile."""
+MIN_REFERENCE_ROWS = 100
+COLLECT_RANDOM = 600
+"""Random samples to collect before retraining (at most ``MAX_COLLECT`` seconds)."""
+MAX_COLLECT = 60.0
 
 
 def retrain(
@@ -54,10 +60,19 @@ def retrain(
         )
         x_train = np.concatenate([x_train, x_new])
         y_train = np.concatenate([y_train, y_new])
+    # The new version's reference profile is what the devices see now: the latest
+    # random share of their inputs (low-confidence samples are not representative),
+    # when there are enough of them; else the training data.
+    recent = sorted((r for r in rows if r.get("kind") == "random"), key=lambda r: r["at"])
+    x_ref = (
+        np.asarray([r["features"] for r in recent[-REFERENCE_ROWS:]], dtype=np.float32)
+        if len(recent) >= MIN_REFERENCE_ROWS
+        else x_train
+    )
     return (
         logistic_onnx(logistic(x_train, y_train), x_train),
         npz(X=s.x_val, y=s.y_val),
-        npz(X=x_train, feature_names=np.array(s.feature_names, dtype=str)),
+        npz(X=x_ref, feature_names=np.array(s.feature_names, dtype=str)),
         len(rows),
     )
 
@@ -67,15 +82,26 @@ async def handle(
     dataset: str,
     registry: httpx.AsyncClient,
     monitor: httpx.AsyncClient,
+    *,
+    collect_seconds: float = MAX_COLLECT,
 ) -> dict[str, Any]:
-    """Export, retrain, register: the registry's answer for the new version."""
+    """Export, retrain, register: the registry's answer for the new version.
+
+    An early alarm comes when the new inputs have only begun: the trainer collects until
+    the selection holds ``COLLECT_RANDOM`` samples of the random share (what the devices
+    see now), for at most ``collect_seconds``."""
     params: dict[str, Any] = {"model": request.model, "kind": "all"}
     if request.dataset.since:
         params["since"] = request.dataset.since.isoformat()
-    if request.dataset.until:
-        params["until"] = request.dataset.until.isoformat()
-    resp = await monitor.get("/v1/samples", params=params)
-    resp.raise_for_status()
+    deadline = asyncio.get_running_loop().time() + collect_seconds
+    while True:
+        resp = await monitor.get("/v1/samples", params=params)
+        resp.raise_for_status()
+        randoms = sum(1 for r in resp.json()["samples"] if r.get("kind") == "random")
+        if randoms >= COLLECT_RANDOM or asyncio.get_running_loop().time() >= deadline:
+            break
+        log.info("collecting: %d of %d random samples so far", randoms, COLLECT_RANDOM)
+        await asyncio.sleep(2.0)
     samples = resp.json()["samples"]
     onnx, suite, reference, used = await asyncio.to_thread(retrain, dataset, samples)
     resp = await registry.post(
@@ -143,7 +169,13 @@ async def run(args: argparse.Namespace) -> None:
                     await msg.ack()
                     continue
                 try:
-                    await handle(request, args.dataset, registry, monitor)
+                    await handle(
+                        request,
+                        args.dataset,
+                        registry,
+                        monitor,
+                        collect_seconds=args.collect_seconds,
+                    )
                 except httpx.HTTPError as exc:
                     log.warning("retraining failed (will be redelivered): %s", exc)
                     await msg.nak(delay=10)
@@ -157,6 +189,12 @@ def main() -> None:
     parser.add_argument("--dataset", default="iris", help="the bundled dataset of the model")
     parser.add_argument("--model", default=None, help="only this model's requests")
     parser.add_argument("--nats", default=None, help="NATS URL (default: from make up)")
+    parser.add_argument(
+        "--collect-seconds",
+        type=float,
+        default=MAX_COLLECT,
+        help="how long to wait for new data after an alarm at most",
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     asyncio.run(run(parser.parse_args()))
 

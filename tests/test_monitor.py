@@ -166,7 +166,13 @@ async def test_drift_raises_an_alarm_asks_for_retraining_and_resolves(
         assert "1 samples (1 labelled)" in result.output
     table = pq.read_table(tmp_path / "labelled.parquet").to_pylist()
     assert [(row["label"], row["f2"] is not None) for row in table] == [("2", True)]
-    new = await handle(RetrainRequested.model_validate(request), "iris", mon.registry, mon.monitor)
+    new = await handle(
+        RetrainRequested.model_validate(request),
+        "iris",
+        mon.registry,
+        mon.monitor,
+        collect_seconds=0,
+    )
     assert new["version"] == "2"
     assert (new["parent_model"], new["parent_version"]) == (mon.model, "1")
     assert new["retrain_request_id"] == request["request_id"]
@@ -498,3 +504,37 @@ async def test_drift_raises_its_alarm_before_the_window_closes(mon: Monitored) -
     assert len(rules) == len(set(rules))
     requests = await _lifecycle(mon, s.RETRAIN_REQUESTED)
     assert len([r for r in requests if r["model"] == mon.model]) == len(rules)
+
+
+async def test_a_window_that_cannot_be_judged_is_skipped_not_retried_forever(
+    mon: Monitored,
+) -> None:
+    """A stored window whose judging fails for good (here: a damaged aggregate) is marked
+    judged with the error; the windows after it are judged (it would otherwise stay the
+    oldest unjudged window and hold every later one back)."""
+    m = classifier("iris")
+    await register_version(mon.registry, mon.model, "1", m.onnx, m.reference)
+    old = datetime.now(UTC) - timedelta(minutes=5)
+    conn = await asyncpg.connect(mon.settings.database_url)
+    try:
+        await conn.execute(
+            """INSERT INTO monitor.windows (model, version, grp, window_start, window_end,
+                   aggregate, count) VALUES ($1, '1', '', $2, $3, '{"damaged": true}', 1)""",
+            mon.model,
+            old,
+            old + timedelta(seconds=2),
+        )
+    finally:
+        await conn.close()
+    await _deploy(mon, 1, None)
+
+    async def judged() -> list[dict[str, Any]] | None:
+        rows = (await mon.monitor.get("/v1/windows", params={"model": mon.model})).json()
+        done = [w for w in rows["windows"] if w["evaluated"]]
+        return done if len(done) >= 2 else None
+
+    done = await eventually(judged, within=30, what="the damaged window and a later one judged")
+    damaged = [w for w in done if (w.get("scores") or {}).get("error")]
+    assert len(damaged) == 1
+    assert "KeyError" in damaged[0]["scores"]["error"]
+    assert any("features" in (w.get("scores") or {}) for w in done)

@@ -201,6 +201,8 @@ def test_validated_version_rolls_out_to_the_fleet_from_the_cli(
                 "iris",
                 "--model",
                 "iris-fleet",
+                "--collect-seconds",
+                "5",
             ],
             env={**os.environ, **stack},
             stdout=log,
@@ -285,3 +287,49 @@ def test_each_secret_reaches_only_its_service(stack: dict[str, str]) -> None:
     assert "EDGELOOP_BUILDER_SIGNING_KEY" not in env["registry"]
     assert "EDGELOOP_BUILDER_SIGNING_KEY" not in env["validator"]
     assert "EDGELOOP_REGISTRY_API_TOKENS" not in env["builder"]
+
+
+def test_the_demo_closes_the_loop(stack: dict[str, str], tmp_path: Path) -> None:
+    """`make demo`'s story against `make up`: v1 registered, built, validated, rolled out
+    by its release policy; drift → alarm → retrain request → v2 from the example trainer
+    → built, validated, canary, promoted."""
+    out = tmp_path / "demo.json"
+    log = tmp_path / "demo.out"
+    with log.open("wb") as sink:
+        done = subprocess.run(
+            [sys.executable, "-m", "examples.demo", "--devices", "30", "--bake", "5",
+             "--json", str(out)],
+            env={**os.environ, **stack},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+            check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, log.read_text()
+    story = json.loads(out.read_text())
+    events = [tuple(e) for e in story["events"]]
+
+    def at(subject: str, version: str) -> int:
+        assert (subject, version) in events, (subject, version, events)
+        return events.index((subject, version))
+
+    order = [
+        at("model.committed", "1"),
+        at("image.built", "1"),
+        at("validation.passed", "1"),
+        at("rollout.requested", "1"),
+        at("rollout.completed", "1"),
+        at("alarm.raised", "1"),
+        at("retrain.requested", "1"),
+        at("model.committed", "2"),
+        at("validation.passed", "2"),
+        at("rollout.requested", "2"),
+        at("rollout.completed", "2"),
+    ]
+    assert order == sorted(order)
+    assert ("rollout.rolled_back", "2") not in events
+    waves = [e for e in events if e == ("rollout.wave.succeeded", "2")]
+    assert len(waves) == 2  # the canary wave, then everyone
+    text = log.read_text()
+    assert "done in" in text
+    assert "edgeloop rollout status" in text  # it says where to look

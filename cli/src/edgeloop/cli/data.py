@@ -87,13 +87,17 @@ def export(
     since: Annotated[str | None, typer.Option(help="1h (ago) or an ISO time")] = None,
     until: Annotated[str | None, typer.Option(help="1h (ago) or an ISO time")] = None,
     kind: Annotated[
-        str, typer.Option(help="low-confidence (every stored sample), labelled, or all")
+        str,
+        typer.Option(
+            help="low-confidence, random (a share of every input), labelled (any with a "
+            "label), or all"
+        ),
     ] = "low-confidence",
     as_json: Annotated[bool, typer.Option("--json", help="print the rows instead")] = False,
 ) -> None:
     """Export stored samples for retraining."""
-    if kind not in ("low-confidence", "labelled", "all"):
-        typer.secho("--kind is low-confidence, labelled or all", err=True, fg="red")
+    if kind not in ("low-confidence", "random", "labelled", "all"):
+        typer.secho("--kind is low-confidence, random, labelled or all", err=True, fg="red")
         raise typer.Exit(2)
     rows = fetch_samples(model, _instant(since), _instant(until), kind)
     if as_json:

@@ -37,7 +37,7 @@ _STATE_TO_PB: dict[DeviceState, pb.DeviceState.ValueType] = {
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 
-_SAMPLE_KEYS = frozenset({"features", "prediction", "confidence", "at", "label"})
+_SAMPLE_KEYS = frozenset({"features", "prediction", "confidence", "at", "label", "kind"})
 
 
 def _ts(dt: datetime) -> Timestamp:
@@ -69,6 +69,7 @@ def _sample_to_pb(sample: Mapping[str, Any], into: pb.Sample) -> None:
     into.prediction = str(sample.get("prediction", ""))
     into.confidence = float(sample.get("confidence", 0.0))
     into.label = str(sample.get("label", ""))
+    into.kind = str(sample.get("kind", ""))
     at = sample.get("at")
     if at is not None:
         when = at if isinstance(at, datetime) else datetime.fromisoformat(str(at))
@@ -85,6 +86,8 @@ def _sample_from_pb(s: pb.Sample) -> dict[str, Any]:
     }
     if s.label:
         sample["label"] = s.label
+    if s.kind:
+        sample["kind"] = s.kind
     if s.HasField("at"):
         sample["at"] = _dt(s.at).isoformat()
     return sample

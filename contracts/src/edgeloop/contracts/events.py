@@ -414,7 +414,7 @@ class DatasetSelection(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    kinds: list[Literal["low-confidence", "misclassified", "labelled"]]
+    kinds: list[Literal["low-confidence", "random", "misclassified", "labelled"]]
     since: AwareDatetime | None = None
     until: AwareDatetime | None = None
     sample_count: NonNegativeInt = 0

@@ -377,6 +377,13 @@ def main() -> None:
                 "EDGELOOP_MONITOR_API_PORT": monitor_api.rsplit(":", 1)[1],
                 "EDGELOOP_MONITOR_REGISTRY_API": registry_api,
                 "EDGELOOP_MONITOR_REGISTRY_TOKEN": api_token,
+                # a development stack: windows short enough to watch drift come and go
+                "EDGELOOP_MONITOR_WINDOW_SECONDS": os.environ.get(
+                    "EDGELOOP_MONITOR_WINDOW_SECONDS", "10"
+                ),
+                "EDGELOOP_MONITOR_GRACE_SECONDS": os.environ.get(
+                    "EDGELOOP_MONITOR_GRACE_SECONDS", "2"
+                ),
             },
             "gateway": {
                 "EDGELOOP_GATEWAY_API_TOKENS": api_token,

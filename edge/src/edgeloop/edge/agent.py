@@ -181,6 +181,7 @@ class Agent:
         self._injected = source
         self._source: InputSource | None = source
         self._source_for: str | None = None
+        self._world: dict[str, Any] | None = None  # the first profile the inputs came from
         self.faults = faults or Faults()
         self.rng = random.Random(seed)
         self.channel_options = channel_options or []
@@ -657,12 +658,30 @@ class Agent:
 
     # --- inference and telemetry ----------------------------------------------------------
 
+    def set_drift(self, drift: str | None) -> None:
+        """Drift the simulated inputs from now on (``feature=F,shift=S[,fraction=…]``), or
+        stop drifting (None); the input source is rebuilt on the next inference."""
+        if drift is not None:
+            Drift.parse(drift)  # refuse a bad spec here, not in the inference loop
+        self.config.drift = drift
+        self._source = None
+
     def _input(self, running: Running) -> InputSource:
         if self._injected is not None:
             return self._injected
         if self._source is None or self._source_for != running.installed.model_digest:
-            # a new model may take other inputs: the source follows its profile
+            # A new model may take other inputs: the source follows its profile. The
+            # simulated world does not change with the model, though: a model with the
+            # same features keeps drawing from the first profile (a retrained model's
+            # profile may already hold the drifted inputs; drifting those again would
+            # shift them twice).
             profile = running.installed.profile()
+            names = [f.get("name") for f in (profile or {}).get("features", [])]
+            world = self._world
+            if world is not None and names == [f.get("name") for f in world["features"]]:
+                profile = world
+            elif profile:
+                self._world = profile
             width = running.model.n_features or len(running.aggregator.feature_names) or 1
             self._source = open_source(
                 self.config.source,

@@ -171,6 +171,11 @@ class Fleet:
                 )
             )
 
+    def set_drift(self, drift: str | None) -> None:
+        """Inject drift into every device's inputs now (or end it)."""
+        for agent in self.agents:
+            agent.set_drift(drift)
+
     async def run(self, stop: asyncio.Event, out: TextIO | None = sys.stdout) -> None:
         """Run every agent until ``stop`` (or the duration) ends it, printing a summary."""
         tasks = [asyncio.create_task(a.run(stop)) for a in self.agents]

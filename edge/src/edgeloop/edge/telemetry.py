@@ -85,6 +85,7 @@ class TelemetryAggregator:
         feature_edges: Sequence[Sequence[float]] | None = None,
         low_confidence: float = 0.6,
         max_samples: int = 32,
+        random_share: float = 0.01,
         seed: int | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -96,6 +97,7 @@ class TelemetryAggregator:
         )
         self.low_confidence = low_confidence
         self.max_samples = max_samples
+        self.random_share = random_share
         self.rng = np.random.default_rng(seed)
         self.clock = clock
         self._conf_edges = np.asarray(CONFIDENCE_EDGES)
@@ -175,10 +177,13 @@ class TelemetryAggregator:
         conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
         self._conf_seen = True
         self._conf += _hist(conf, self._conf_edges)
-        low = np.flatnonzero((conf < self.low_confidence) & finite)
-        self._low += int((conf < self.low_confidence).sum())
+        is_low = conf < self.low_confidence
+        self._low += int(is_low.sum())
+        # kept: low-confidence rows, and a small random share of all rows (so retraining
+        # data follows drift where the model is confidently wrong)
+        keep = np.flatnonzero((is_low | (self.rng.random(len(conf)) < self.random_share)) & finite)
         now = self.clock()
-        for i in low.tolist():  # reservoir sampling over the window's low-confidence rows
+        for i in keep.tolist():  # reservoir sampling over the window's kept rows
             self._low_seen += 1
             if len(self._samples) < self.max_samples:
                 slot = len(self._samples)
@@ -193,6 +198,7 @@ class TelemetryAggregator:
                 confidence=float(conf[i]),
                 at=_ts(now),
                 label=str(ground_truth[i]) if ground_truth is not None else "",
+                kind="low-confidence" if is_low[i] else "random",
             )
 
     def flush(

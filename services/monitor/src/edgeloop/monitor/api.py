@@ -128,10 +128,11 @@ def create_api(
         model: str,
         since: datetime | None = None,
         until: datetime | None = None,
-        kind: str = Query("low-confidence", pattern="^(low-confidence|labelled|all)$"),
+        kind: str = Query("low-confidence", pattern="^(low-confidence|random|labelled|all)$"),
         limit: int = Query(10_000, ge=1, le=100_000),
     ) -> dict[str, Any]:
-        """Stored samples of a model (``kind=labelled``: only those with a label)."""
+        """Stored samples of a model: ``low-confidence`` ones, the ``random`` share of all
+        inputs, ``labelled`` ones (any kind with a label), or ``all``."""
         rows = await pool().fetch(
             """SELECT sample_id, model, version, device_id, kind, features, prediction,
                       confidence, label, labelled_by, at
@@ -139,6 +140,7 @@ def create_api(
                WHERE model = $1 AND ($2::timestamptz IS NULL OR at >= $2)
                  AND ($3::timestamptz IS NULL OR at <= $3)
                  AND ($4 <> 'labelled' OR label IS NOT NULL)
+                 AND ($4 NOT IN ('low-confidence', 'random') OR kind = $4)
                ORDER BY at, sample_id LIMIT $5""",
             model,
             since,

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
+import httpx
 from prometheus_client import Counter, Gauge
 
 from edgeloop.contracts.events import (
@@ -55,6 +56,17 @@ class Slot:
     end: datetime
 
 
+_OUTAGES: tuple[type[BaseException], ...] = (*TRANSIENT_DB_ERRORS, httpx.HTTPError)
+
+
+class WindowFailed(Exception):
+    """Judging this window failed for a reason that trying again will not cure."""
+
+    def __init__(self, at: Slot) -> None:
+        super().__init__(f"{at.model}@{at.version} window {at.start.isoformat()}")
+        self.at = at
+
+
 class Evaluator:
     """Judges closed windows, and raises alarms early from open ones."""
 
@@ -66,13 +78,19 @@ class Evaluator:
         self.refs = refs
         self.grace = timedelta(seconds=grace_seconds)
         self._peeked: dict[tuple[str, str, str, datetime], int] = {}
+        self._current: Slot | None = None
 
     async def run(self, every: float) -> None:
         """Until cancelled."""
         while True:
             try:
                 judged = 0
-                while await self.evaluate_one():
+                while True:
+                    try:
+                        if not await self.evaluate_one():
+                            break
+                    except WindowFailed as failed:
+                        await self._give_up(failed)
                     judged += 1
                 judged += await self.peek_open()
                 if judged:
@@ -148,8 +166,41 @@ class Evaluator:
             rule,
         )
 
+    async def _give_up(self, failed: WindowFailed) -> None:
+        """A window whose judging fails for a reason other than a passing outage is
+        marked judged with the error, so the windows after it are judged (it would
+        otherwise be the oldest one forever)."""
+        at = failed.at
+        log.error(
+            "window %s@%s %s %s cannot be judged; skipped",
+            at.model,
+            at.version,
+            at.group or "-",
+            at.start.isoformat(),
+            exc_info=failed.__cause__,
+        )
+        error = f"{type(failed.__cause__).__name__}: {failed.__cause__}"[:500]
+        await self.pool.execute(
+            "UPDATE windows SET evaluated = true, scores = $5::jsonb "
+            "WHERE model = $1 AND version = $2 AND grp = $3 AND window_start = $4",
+            at.model,
+            at.version,
+            at.group,
+            at.start,
+            json.dumps({"error": error}),
+        )
+
     async def evaluate_one(self) -> bool:
         """Judge the oldest closed window not judged yet; whether there was one."""
+        self._current = None
+        try:
+            return await self._evaluate_one()
+        except Exception as exc:
+            if self._current is None or isinstance(exc, _OUTAGES):
+                raise  # an outage: the same window is judged again later
+            raise WindowFailed(self._current) from exc
+
+    async def _evaluate_one(self) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 """SELECT model, version, grp, window_start, window_end, aggregate FROM windows
@@ -161,6 +212,7 @@ class Evaluator:
                 return False
             model, version, group = row["model"], row["version"], row["grp"]
             at = Slot(model, version, group, row["window_start"], row["window_end"])
+            self._current = at
             window: Window | None = None
             rules = {**DEFAULT_RULES, **await load_rules(conn, model)}
             try:
@@ -273,7 +325,9 @@ class Evaluator:
                 message=j.message,
             ),
         )
-        since = start - SAMPLE_LOOKBACK
+        # drift: the inputs changed, so retrain on what came since the drifting window
+        # began; a KPI alarm: on what the last day brought
+        since = start if kind is AlarmKind.DRIFT else start - SAMPLE_LOOKBACK
         samples = await conn.fetchval(
             "SELECT count(*) FROM samples WHERE model = $1 AND at >= $2", model, since
         )
@@ -295,13 +349,13 @@ class Evaluator:
                     "window_end": end.isoformat(),
                 },
                 dataset=DatasetSelection(
-                    kinds=["low-confidence", "labelled"],
+                    kinds=["low-confidence", "random", "labelled"],
                     since=since,
                     until=end,
                     sample_count=int(samples or 0),
                     export_command=(
                         f"edgeloop data export {model} --since {since.isoformat()} "
-                        f"--until {end.isoformat()} -o {model}-retrain.parquet"
+                        f"--until {end.isoformat()} --kind all -o {model}-retrain.parquet"
                     ),
                 ),
             ),

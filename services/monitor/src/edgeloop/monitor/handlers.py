@@ -97,6 +97,7 @@ def register_handlers(
                         float(sample.get("confidence", 0.0)),
                         sample.get("label"),
                         _at(sample.get("at"), batch.window_end),
+                        "random" if sample.get("kind") == "random" else "low-confidence",
                     )
                 )
         tx.before_commit("windows", lambda: _flush(tx))
@@ -146,8 +147,8 @@ async def _flush(tx: Tx) -> None:
     if samples:
         await tx.conn.executemany(
             """INSERT INTO samples (model, version, device_id, features, prediction,
-                                    confidence, label, at)
-               VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8)""",
+                                    confidence, label, at, kind)
+               VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7, $8, $9)""",
             samples,
         )
 

@@ -269,10 +269,16 @@ class Sample(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     AT_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     prediction: _builtins.str
     confidence: _builtins.float
     label: _builtins.str
     """ground truth where the device knows it, else "" """
+    kind: _builtins.str
+    """why it was kept: "low-confidence" (below the agent's confidence threshold) or
+    "random" (a small random share of every input, so retraining data follows drift
+    even where the model is confident); "" is read as "low-confidence"
+    """
     @_builtins.property
     def features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """in TelemetryBatch.feature_names order"""
@@ -287,10 +293,11 @@ class Sample(_message.Message):
         confidence: _builtins.float = ...,
         at: _timestamp_pb2.Timestamp | None = ...,
         label: _builtins.str = ...,
+        kind: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "confidence", b"confidence", "features", b"features", "label", b"label", "prediction", b"prediction"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "confidence", b"confidence", "features", b"features", "kind", b"kind", "label", b"label", "prediction", b"prediction"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
