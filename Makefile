@@ -7,22 +7,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: setup system-deps up demo down status test test-fast lint format bench proto clean
+.PHONY: setup system-deps up demo keys down status test test-fast lint format bench proto clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install -q "uv==$(UV_VERSION)"
 
 # Debian's OCI registry (Distribution), skopeo and a Docker engine (for the builder's
-# Docker backend; its test starts a private dockerd) are what the tests and `make up` use.
+# Docker backend; its test starts a private dockerd) are what the tests and `make up` use;
+# Compose checks docker-compose.yml (Debian's docker-compose when there is no plugin).
 system-deps:
 	@if ! command -v docker-registry >/dev/null || ! command -v skopeo >/dev/null \
-		|| ! command -v dockerd >/dev/null; then \
-		echo "installing docker-registry, skopeo and docker.io (Debian packages)"; \
+		|| ! command -v dockerd >/dev/null \
+		|| ! { command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1; }; then \
+		echo "installing docker-registry, skopeo, docker.io and docker-compose (Debian packages)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-			docker-registry skopeo docker.io >/dev/null; \
+			docker-registry skopeo docker.io docker-compose >/dev/null; \
 	fi
 
 $(VENV)/.synced: $(UV) uv.lock pyproject.toml */pyproject.toml services/*/pyproject.toml
@@ -36,6 +38,10 @@ up: setup
 
 demo: setup
 	$(BIN)/python -m examples.demo
+
+# The secrets `docker compose up` mounts (and `make up` uses): .edgeloop/, generated once.
+keys: setup
+	$(BIN)/python -m edgeloop.devstack.keys
 
 down:
 	$(BIN)/python -m edgeloop.devstack.down

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import SecretStr, ValidationError
 from pydantic_settings import SettingsConfigDict
@@ -50,3 +52,17 @@ def test_secret_is_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
     s = BuilderLike()
     assert "very-private-key-material" not in repr(s)
     assert "very-private-key-material" not in s.model_dump_json()
+
+
+def test_a_secret_can_come_from_a_file_named_like_its_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Docker/Kubernetes secrets: /run/secrets/EDGELOOP_BUILDERX_SIGNING_KEY; the
+    environment wins where both are set."""
+    monkeypatch.delenv("EDGELOOP_BUILDERX_SIGNING_KEY", raising=False)
+    (tmp_path / "EDGELOOP_BUILDERX_SIGNING_KEY").write_text("key-from-a-file\n")
+    settings = BuilderLike(_secrets_dir=tmp_path)  # type: ignore[call-arg]
+    assert settings.signing_key.get_secret_value() == "key-from-a-file"
+    monkeypatch.setenv("EDGELOOP_BUILDERX_SIGNING_KEY", "key-from-the-environment")
+    settings = BuilderLike(_secrets_dir=tmp_path)  # type: ignore[call-arg]
+    assert settings.signing_key.get_secret_value() == "key-from-the-environment"

@@ -21,7 +21,6 @@ import contextlib
 import importlib.util
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 import psutil
 
 from edgeloop.contracts.stackfile import state_dir
+from edgeloop.devstack.keys import generated_secret, signing_keys
 from edgeloop.devstack.servers import ManagedProcess, NatsServer, OciRegistry, Postgres
 
 #: (name, module) of every service, in start order; a service starts when its module
@@ -97,40 +97,6 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
-
-
-def _secret(path: Path) -> str:
-    """A generated secret kept across runs (mode 600)."""
-    if path.exists():
-        return path.read_text().strip()
-    value = secrets.token_urlsafe(24)
-    path.write_text(value + "\n")
-    path.chmod(0o600)
-    return value
-
-
-def _signing_keys(root: Path) -> tuple[str, str]:
-    """The Ed25519 key the builder signs images with (generated once, mode 600)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    private, public = root / "signing-key.pem", root / "signing-key.pub"
-    if not private.exists():
-        key = Ed25519PrivateKey.generate()
-        private.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        private.chmod(0o600)
-        public.write_bytes(
-            key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
-    return private.read_text(), public.read_text()
 
 
 def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
@@ -329,8 +295,8 @@ def main() -> None:
         if signals.stopping:
             return
 
-        api_token = _secret(root / "api-token")
-        private_pem, public_pem = _signing_keys(root)
+        api_token = generated_secret(root / "api-token")
+        private_pem, public_pem = signing_keys(root)
         registry_api = f"http://127.0.0.1:{_port('EDGELOOP_REGISTRY_API_PORT', REGISTRY_API_PORT)}"
         gateway_api = f"http://127.0.0.1:{_port('EDGELOOP_GATEWAY_API_PORT', GATEWAY_API_PORT)}"
         gateway_address = f"127.0.0.1:{_port('EDGELOOP_GATEWAY_GRPC_PORT', GATEWAY_GRPC_PORT)}"

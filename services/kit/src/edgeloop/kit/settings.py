@@ -3,11 +3,15 @@
 Infrastructure URLs are shared by every service and read from ``EDGELOOP_NATS_URL``,
 ``EDGELOOP_DATABASE_URL`` …; a service may override one for itself with its own prefix
 (``EDGELOOP_BUILDER_NATS_URL``). Secrets have no default, and a placeholder secret is
-refused at start (the full-stack-fastapi-template rule).
+refused at start (the full-stack-fastapi-template rule). Any setting can also come from
+a file named like its variable in ``/run/secrets`` (Docker and Kubernetes secrets:
+``/run/secrets/EDGELOOP_BUILDER_SIGNING_KEY``), so secrets need not be in the
+environment; the environment wins where both are set.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
@@ -26,13 +30,21 @@ SHARED_FIELDS = (
 )
 
 
+#: Where container platforms mount secret files.
+SECRETS_DIR = "/run/secrets"
+
+
 class ServiceSettings(BaseSettings):
     """Base settings of an edgeloop service.
 
     Subclass it per service with ``model_config = SettingsConfigDict(env_prefix=...)``.
     """
 
-    model_config = SettingsConfigDict(env_prefix="EDGELOOP_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="EDGELOOP_",
+        extra="ignore",
+        secrets_dir=SECRETS_DIR if os.path.isdir(SECRETS_DIR) else None,
+    )
 
     service_name: ClassVar[str] = "service"
 

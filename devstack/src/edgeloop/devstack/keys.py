@@ -1,0 +1,87 @@
+"""Secrets a local installation needs, generated once into the state directory
+(``.edgeloop/``, mode 600): the API token, the Ed25519 image-signing key, and for
+``docker compose`` the database password and URL, and the copies Compose mounts.
+
+    python -m edgeloop.devstack.keys      # (make keys) before the first `docker compose up`
+
+``make up`` uses the same files, so both ways of running share one token and one key.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from edgeloop.contracts.stackfile import state_dir
+
+
+def generated_secret(path: Path) -> str:
+    """A generated secret kept across runs (mode 600)."""
+    if path.exists():
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(24)
+    path.write_text(value + "\n")
+    path.chmod(0o600)
+    return value
+
+
+def signing_keys(root: Path) -> tuple[str, str]:
+    """The Ed25519 key the builder signs images with (generated once, mode 600)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private, public = root / "signing-key.pem", root / "signing-key.pub"
+    if not private.exists():
+        key = Ed25519PrivateKey.generate()
+        private.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        private.chmod(0o600)
+        public.write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+    return private.read_text(), public.read_text()
+
+
+def compose_secrets(root: Path) -> list[Path]:
+    """The files docker-compose.yml mounts as secrets, in ``root/compose`` (generated
+    where missing). Compose bind-mounts them as they are, and the services run as an
+    unprivileged user: the files are readable (0644) inside a directory only the owner
+    may enter (0700), so on the host they stay private."""
+    root.mkdir(parents=True, exist_ok=True)
+    token = generated_secret(root / "api-token")
+    private, public = signing_keys(root)
+    password = generated_secret(root / "db-password")
+    out = root / "compose"
+    out.mkdir(mode=0o700, exist_ok=True)
+    out.chmod(0o700)
+    files = {
+        "api-token": token + "\n",
+        "signing-key.pem": private,
+        "signing-key.pub": public,
+        "db-password": password + "\n",
+        "database-url": f"postgresql://edgeloop:{password}@postgres:5432/edgeloop\n",
+    }
+    paths = []
+    for name, text in files.items():
+        path = out / name
+        path.write_text(text)
+        path.chmod(0o644)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    """Entry point."""
+    for path in compose_secrets(state_dir()):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
