@@ -18,6 +18,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from edgeloop.cli.main import app
+from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import up_environment
 from tests.modelzoo import ModelFiles, classifier
 
@@ -36,6 +37,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         "EDGELOOP_FLEET_INFER": "0.1s",
         "EDGELOOP_MONITOR_WINDOW_SECONDS": "3",
         "EDGELOOP_MONITOR_GRACE_SECONDS": "1",
+    }
+    # the services' traces go to an OTLP/gRPC receiver this test runs (make up then runs
+    # no collector of its own)
+    otlp_port, query_port = free_port(), free_port()
+    collector = subprocess.Popen(
+        [sys.executable, "-m", "edgeloop.devstack.traces"],
+        env={
+            **os.environ,
+            "EDGELOOP_TRACES_OTLP_PORT": str(otlp_port),
+            "EDGELOOP_TRACES_QUERY_PORT": str(query_port),
+        },
+        stdout=(state / "traces.out").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    env |= {
+        "EDGELOOP_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_port}",
+        "EDGELOOP_TRACES_API": f"http://127.0.0.1:{query_port}",
     }
     log = (state / "up.out").open("wb")
     proc = subprocess.Popen(
@@ -60,6 +78,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         proc.terminate()
         proc.wait(60)
         log.close()
+        collector.terminate()
+        collector.wait(30)
 
 
 def _wait_report(env: dict[str, str], ref: str) -> dict[str, object]:
@@ -333,3 +353,73 @@ def test_the_demo_closes_the_loop(stack: dict[str, str], tmp_path: Path) -> None
     text = log.read_text()
     assert "done in" in text
     assert "edgeloop rollout status" in text  # it says where to look
+
+
+def test_one_trace_per_version_from_registration_to_each_device(
+    stack: dict[str, str], tmp_path: Path
+) -> None:
+    """The spans the services send over OTLP to the test's receiver form one tree per
+    version: registration → build → validation; the rollout → its waves → each device's
+    activation; `edgeloop trace` finds it by the version."""
+    assert _register(stack, tmp_path, "iris-trace", classifier("iris")).exit_code == 0
+    assert _wait_report(stack, "iris-trace@1")["state"] == "passed"
+    started = runner.invoke(
+        app,
+        ["rollout", "start", "iris-trace@1", "--selector", "fleet=sim", "--waves", "1,100%",
+         "--bake", "1s", "--watch"],
+        env=stack,
+    )  # fmt: skip
+    assert started.exit_code == 0, started.output
+    version = json.loads(
+        runner.invoke(app, ["models", "show", "iris-trace@1", "--json"], env=stack).output
+    )
+    trace_id = version["trace_parent"].split("-")[1]
+
+    def activations() -> dict[str, Any] | None:
+        shown = runner.invoke(app, ["trace", "iris-trace@1", "--json"], env=stack)
+        assert shown.exit_code == 0, shown.output
+        doc = json.loads(shown.output)
+        n = sum(s["operationName"].startswith("activate on ") for s in doc.get("spans", []))
+        return doc if n >= 5 else None
+
+    doc = _until(activations, "the five devices' activation spans")
+    spans = {s["spanID"]: s for s in doc["spans"]}
+    services = {pid: p["serviceName"] for pid, p in doc["processes"].items()}
+    assert {s["traceID"] for s in spans.values()} == {trace_id}
+
+    def parent(s: dict[str, Any]) -> dict[str, Any] | None:
+        refs = [r["spanID"] for r in s["references"] if r["refType"] == "CHILD_OF"]
+        return spans.get(refs[0]) if refs else None
+
+    def ancestry(s: dict[str, Any]) -> list[str]:
+        names = []
+        node: dict[str, Any] | None = s
+        while node is not None:
+            names.append(f"{services[node['processID']]}:{node['operationName']}")
+            node = parent(node)
+        return names
+
+    roots = [s for s in spans.values() if parent(s) is None]
+    assert [ancestry(r) for r in roots] == [["registry:register iris-trace"]]
+    named = {ancestry(s)[0]: ancestry(s) for s in spans.values()}
+    assert named["builder:builder process"][-1] == "registry:register iris-trace"
+    assert "builder:builder process" in named["validator:validator process"]
+    devices = [a for key, a in named.items() if key.startswith("gateway:activate on sim-")]
+    assert len(devices) == 5
+    for chain in devices:
+        assert "deployer:rollout iris-trace@1" in chain
+        assert chain[-1] == "registry:register iris-trace"
+    assert {"deployer:wave 0 writing", "deployer:wave 1 writing"} <= set(named)
+    text = runner.invoke(app, ["trace", "iris-trace@1"], env=stack).output
+    assert text.splitlines()[0].startswith(f"trace {trace_id}: ")
+    assert text.splitlines()[1].strip().startswith("register iris-trace  [registry]")
+
+
+def _until(check: Callable[[], Any], what: str, within: float = 30) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"no {what} within {within:.0f} s"
+        time.sleep(0.5)

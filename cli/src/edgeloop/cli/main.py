@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from edgeloop.cli import data, demo, devices, fleet, models, monitor, rollout, status
+from edgeloop.cli import data, demo, devices, fleet, models, monitor, rollout, status, trace
 
 app = typer.Typer(
     help="edgeloop: closed-loop MLOps for models on fleets of edge devices.",
@@ -18,6 +18,7 @@ app = typer.Typer(
 )
 app.command("status", help=status.HELP)(status.status)
 app.command("demo")(demo.demo)
+app.command("trace")(trace.trace)
 app.add_typer(models.app, name="models")
 app.add_typer(models.validations_app, name="validations")
 app.add_typer(devices.app, name="devices")

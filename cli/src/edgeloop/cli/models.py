@@ -109,6 +109,9 @@ def show(
         f"  validation     {v['validation_state']} {json.dumps(v['validation_detail'] or {})}",
         f"  registered     {v['created_at']} by {v['created_by'] or '-'}",
     ]
+    if v.get("trace_parent"):
+        trace_id = v["trace_parent"].split("-")[1]
+        lines.append(f"  trace          {trace_id}  (edgeloop trace {name}@{version})")
     typer.echo("\n".join(lines))
 
 

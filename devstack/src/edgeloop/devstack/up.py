@@ -45,6 +45,9 @@ SERVICES: tuple[tuple[str, str], ...] = (
     ("monitor", "edgeloop.monitor"),
     ("gateway", "edgeloop.gateway"),
     ("fleet", "edgeloop.edge.fleet"),
+    # the trace collector (OTLP in, Jaeger-shaped queries out), unless an
+    # EDGELOOP_OTLP_ENDPOINT sends the traces elsewhere
+    ("traces", "edgeloop.devstack.traces"),
 )
 
 NATS_PORT = 14222
@@ -56,6 +59,7 @@ GATEWAY_API_PORT = 18200
 DEPLOYER_API_PORT = 18300
 MONITOR_API_PORT = 18400
 GATEWAY_GRPC_PORT = 18443
+TRACES_OTLP_PORT = 14317
 FLEET_DEVICES = 5
 FIRST_HTTP_PORT = 18080
 DATABASE = "edgeloop"
@@ -244,6 +248,7 @@ def _print_endpoints(endpoints: dict[str, Any], services: list[ServiceProcess], 
         f"  gateway (gRPC)    {endpoints['gateway_address']}   (mTLS; edgeloop devices enroll ID)",
         f"  deployer API      {endpoints['deployer_api']}/docs   (edgeloop rollouts list)",
         f"  monitor API       {endpoints['monitor_api']}/docs   (alarms, drift windows, rules)",
+        f"  traces            {endpoints.get('traces_api', '-')}   (edgeloop trace NAME@VERSION)",
         f"  API token         export EDGELOOP_API_TOKEN=$(cat {root / 'api-token'})",
         f"  state             {root}  (stack.json, logs/)",
         "check it:   .venv/bin/edgeloop status      stop it:   Ctrl-C or `make down`",
@@ -313,11 +318,16 @@ def main() -> None:
             "monitor_api": monitor_api,
             "public_key": str(root / "signing-key.pub"),
         }
+        external_otlp = os.environ.get("EDGELOOP_OTLP_ENDPOINT")
+        otlp_port = _port("EDGELOOP_TRACES_OTLP_PORT", TRACES_OTLP_PORT)
         common = {
             "EDGELOOP_NATS_URL": nats_url,
             "EDGELOOP_DATABASE_URL": database_url,
             "EDGELOOP_OCI_REGISTRY_URL": registry_url,
+            "EDGELOOP_OTLP_ENDPOINT": external_otlp or f"http://127.0.0.1:{otlp_port}",
         }
+        if os.environ.get("EDGELOOP_TRACES_API"):
+            endpoints["traces_api"] = os.environ["EDGELOOP_TRACES_API"]
         # Each secret goes only to the service that uses it.
         own: dict[str, dict[str, str]] = {
             "registry": {
@@ -374,6 +384,10 @@ def main() -> None:
         for name, module in SERVICES:
             if importlib.util.find_spec(module) is None:
                 continue
+            if name == "traces":
+                if external_otlp:
+                    continue
+                endpoints.setdefault("traces_api", f"http://127.0.0.1:{port}")
             env = {**common, **own.get(name, {}), f"EDGELOOP_{name.upper()}_HTTP_PORT": str(port)}
             services.append(ServiceProcess(name, module, port, env, logs / f"{name}.log"))
             port += 1

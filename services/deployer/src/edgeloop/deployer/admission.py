@@ -7,13 +7,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
 from edgeloop.contracts.events import Event, RolloutRefused, RolloutRequested
 from edgeloop.deployer.plan import plan_waves
 from edgeloop.deployer.policy import load_policy
 from edgeloop.deployer.sources import Devices, Refused, Registry, ValidatedImage
 from edgeloop.deployer.store import Store
 from edgeloop.kit.db import Conn
-from edgeloop.kit.tracing import inject_headers
+from edgeloop.kit.tracing import inject_headers, parent_context
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +26,13 @@ Publish = Callable[[Event], Awaitable[None]]
 class Admission:
     """Decides whether a rollout request may start, and records it."""
 
-    def __init__(self, registry: Registry, devices: Devices, store: Store) -> None:
+    def __init__(
+        self, registry: Registry, devices: Devices, store: Store, tracer: Tracer | None = None
+    ) -> None:
         self.registry = registry
         self.devices = devices
         self.store = store
+        self.tracer = tracer or trace.get_tracer("edgeloop.deployer")
 
     async def check(self, req: RolloutRequested) -> tuple[ValidatedImage, list[list[str]]]:
         """The validated image and the plan, or ``Refused``/``NotYet`` (no DB work)."""
@@ -45,10 +51,31 @@ class Admission:
         plan = plan_waves(devices, req.waves)
         return image, plan
 
-    async def admit(self, conn: Conn, req: RolloutRequested) -> None:
+    async def admit(self, conn: Conn, req: RolloutRequested) -> str | None:
         """Record the admitted rollout, in the caller's transaction; ``Refused`` when the
-        devices overlap a running rollout or the request is inadmissible."""
+        devices overlap a running rollout or the request is inadmissible. Returns the
+        rollout's ``traceparent``: a span in the version's trace (the caller's, when it
+        is in one — the validation event's, for a release policy — else the version's
+        registration), which every wave and device activation of the rollout joins."""
         image, plan = await self.check(req)
+        here = inject_headers().get("traceparent")
+        with self.tracer.start_as_current_span(
+            f"rollout {req.model}@{req.version}",
+            context=parent_context(here or image.trace_parent),
+            attributes={"edgeloop.rollout_id": str(req.rollout_id), "edgeloop.model": req.model},
+        ):
+            trace_parent = inject_headers().get("traceparent")
+            await self._admit(conn, req, image, plan, trace_parent)
+        return trace_parent
+
+    async def _admit(
+        self,
+        conn: Conn,
+        req: RolloutRequested,
+        image: ValidatedImage,
+        plan: list[list[str]],
+        trace_parent: str | None,
+    ) -> None:
         # One admission at a time: the overlap check and the insert must not interleave.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext('deployer:admission'))")
         devices = [d for wave in plan for d in wave]
@@ -69,7 +96,7 @@ class Admission:
             model_digest=image.model_digest,
             plan=plan,
             state="pending",
-            trace_parent=inject_headers().get("traceparent"),
+            trace_parent=trace_parent,
             approval_wave=policy.approval_wave(len(plan)) if policy else None,
         )
         log.info(

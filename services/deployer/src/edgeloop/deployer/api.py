@@ -82,8 +82,13 @@ def create_api(
         req = RolloutRequested(rollout_id=uuid.uuid4(), requested_by=who, **body.model_dump())
         try:
             async with pool().acquire() as conn, conn.transaction():
-                await admission.admit(conn, req)
-                await add_event(conn, schema, req)
+                trace_parent = await admission.admit(conn, req)
+                await add_event(
+                    conn,
+                    schema,
+                    req,
+                    headers={"traceparent": trace_parent} if trace_parent else None,
+                )
         except Refused as exc:
             raise HTTPException(exc.status, exc.reason) from exc
         except httpx.HTTPError as exc:

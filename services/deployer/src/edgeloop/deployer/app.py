@@ -19,6 +19,7 @@ from edgeloop.deployer.store import Store
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit.api import serve_api
 from edgeloop.kit.service import Service, configure_logging
+from edgeloop.kit.tracing import tracer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def build(settings: DeployerSettings) -> Service:
         Registry(settings.registry_api, settings.registry_token.get_secret_value()),
         Devices(settings.gateway_api, settings.gateway_token.get_secret_value()),
         Store(),
+        tracer(svc.tracer_provider, "edgeloop.deployer"),
     )
     engine: list[Engine] = []
 
@@ -54,6 +56,7 @@ def build(settings: DeployerSettings) -> Service:
                 owner=settings.instance_id,
                 lease_seconds=settings.lease_seconds,
                 tick=settings.tick_seconds,
+                tracer=tracer(service.tracer_provider, "edgeloop.deployer"),
             )
         )
         api = asyncio.create_task(

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 from prometheus_client import Counter, Gauge
 
 from edgeloop.contracts.events import (
@@ -47,6 +49,7 @@ from edgeloop.deployer.store import Rollout, Store, Wave
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit.db import TRANSIENT_DB_ERRORS
 from edgeloop.kit.outbox import add_event
+from edgeloop.kit.tracing import parent_context
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,9 @@ class Engine:
         owner: str,
         lease_seconds: float = 15.0,
         tick: float = 0.5,
+        tracer: Tracer | None = None,
     ) -> None:
+        self.tracer = tracer or trace.get_tracer("edgeloop.deployer")
         self.pool = pool
         self.schema = schema
         self.twin = twin
@@ -461,7 +466,29 @@ class Engine:
         outcomes: dict[str, tuple[str, str | None]] | None = None,
         events: Sequence[Event] = (),
     ) -> None:
-        """One transaction: check ownership and state, update, queue the events."""
+        """One transaction: check ownership and state, update, queue the events; in a
+        span of the rollout's trace (so are the events it queues)."""
+        if wave is not None:
+            what = f"wave {wave[0]} {wave[1].get('state', 'step')}"
+        else:
+            what = f"rollout {(rollout or {}).get('state', 'step')}"
+        with self.tracer.start_as_current_span(
+            what,
+            context=parent_context(r.trace_parent),
+            attributes={"edgeloop.rollout_id": str(r.rollout_id)},
+        ):
+            await self._commit(r, expect, rollout, wave, previous, outcomes, events)
+
+    async def _commit(
+        self,
+        r: Rollout,
+        expect: tuple[str, ...],
+        rollout: dict[str, object] | None,
+        wave: tuple[int, dict[str, object]] | None,
+        previous: dict[str, bytes | None] | None,
+        outcomes: dict[str, tuple[str, str | None]] | None,
+        events: Sequence[Event],
+    ) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             if not await self.store.owns(conn, r.rollout_id, self.owner):
                 raise LostOwnership(r.rollout_id)

@@ -33,6 +33,8 @@ class ValidatedImage:
     image: str
     digest: str
     model_digest: str | None
+    trace_parent: str | None = None
+    """The version's trace (its registration's span)."""
 
 
 class Registry:
@@ -69,7 +71,9 @@ class Registry:
         image, digest = build.get("image"), detail.get("digest") or build.get("digest")
         if not image or not digest:
             raise Refused(409, f"{model}@{version} is validated but has no image recorded")
-        return ValidatedImage(model, version, image, digest, record.get("model_digest"))
+        return ValidatedImage(
+            model, version, image, digest, record.get("model_digest"), record.get("trace_parent")
+        )
 
 
 class Devices:

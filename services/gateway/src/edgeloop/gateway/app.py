@@ -23,6 +23,7 @@ from edgeloop.gateway.server import SERVICE, EdgeGateway
 from edgeloop.kit.api import serve_api
 from edgeloop.kit.oci import OciClient
 from edgeloop.kit.service import Service, configure_logging
+from edgeloop.kit.tracing import tracer
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def build(settings: GatewaySettings) -> tuple[Service, asyncio.Event]:
             chunk_bytes=settings.chunk_bytes,
             max_sessions=settings.max_sessions,
             group_label=settings.group_label,
+            tracer=tracer(service.tracer_provider, "edgeloop.gateway"),
         )
         await gateway.start()
         server = grpc.aio.server(options=GRPC_OPTIONS)

@@ -28,6 +28,8 @@ import nats.js.errors
 from google.protobuf.message import DecodeError
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
@@ -40,6 +42,7 @@ from edgeloop.gateway.artifacts import ArtifactCache, NotAllowed
 from edgeloop.gateway.devices import DeviceStore
 from edgeloop.gateway.pki import check_device_id, fingerprint
 from edgeloop.kit.kv import KvMirror
+from edgeloop.kit.tracing import parent_context
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,9 @@ class Session:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: str | None = None
     """Why the gateway ends the session (set → the writer stops)."""
+    delivered: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Manifest digest → (when it was sent, its trace parent): the start of the device's
+    activation span."""
 
     def push_desired(self, revision: int, doc: DesiredModel | None) -> None:
         """Replace any unsent desired state with this one."""
@@ -118,7 +124,9 @@ class EdgeGateway:
         chunk_bytes: int = 256 * 1024,
         max_sessions: int = 50_000,
         group_label: str = "group",
+        tracer: Tracer | None = None,
     ) -> None:
+        self.tracer = tracer or trace.get_tracer("edgeloop.gateway")
         self.js = js
         self.desired_kv = desired_kv
         self.reported_kv = reported_kv
@@ -354,6 +362,8 @@ class EdgeGateway:
             if session.desired is not None:
                 revision, doc = session.desired
                 session.desired = None
+                if doc is not None and doc.manifest_digest and doc.trace_parent:
+                    session.delivered[doc.manifest_digest] = (time.time_ns(), doc.trace_parent)
                 yield pb.GatewayMessage(desired=await self.desired_message(revision, doc))
                 continue
             if session.closed is not None:
@@ -452,6 +462,7 @@ class EdgeGateway:
 
     async def _status(self, session: Session, report: pb.StatusReport) -> None:
         event = status_from_proto(report, session.device_id, session.labels)
+        self._activation_span(session, report)
         await self._report(event)
         await self.store.reported(
             session.device_id,
@@ -462,6 +473,32 @@ class EdgeGateway:
             error=event.error,
             at=event.occurred_at,
         )
+
+    def _activation_span(self, session: Session, report: pb.StatusReport) -> None:
+        """A device finished activating what it was sent (running, or failed): one span
+        in the rollout's trace, from the desired state's delivery to the report. The
+        agent stays free of OpenTelemetry; its report carries the trace parent."""
+        done = {pb.DEVICE_STATE_RUNNING: "running", pb.DEVICE_STATE_FAILED: "failed"}
+        state = done.get(report.state)
+        key = report.desired_digest or report.digest
+        if state is None or key not in session.delivered:
+            return
+        started, trace_parent = session.delivered.pop(key)
+        span = self.tracer.start_span(
+            f"activate on {session.device_id}",
+            context=parent_context(report.trace_parent or trace_parent),
+            kind=SpanKind.CLIENT,
+            start_time=started,
+            attributes={
+                "edgeloop.device_id": session.device_id,
+                "edgeloop.model": report.model,
+                "edgeloop.version": report.version,
+                "edgeloop.state": state,
+            },
+        )
+        if state == "failed":
+            span.set_status(Status(StatusCode.ERROR, report.error[:500]))
+        span.end()
 
     async def _report(self, event: DeviceStatusReported) -> None:
         data = event.model_dump_json().encode()

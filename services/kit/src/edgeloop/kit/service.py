@@ -71,7 +71,9 @@ class Service:
         self.settings = settings
         self.schema = schema or name.replace("-", "_")
         self.migrations = migrations
-        self.tracer_provider = setup_tracing(name, settings.otlp_endpoint)
+        self.tracer_provider = setup_tracing(
+            name, settings.otlp_endpoint, trace_sql=settings.trace_sql
+        )
         self.broker = make_broker(
             settings.nats_url,
             tracer_provider=self.tracer_provider,
@@ -239,6 +241,8 @@ class Service:
             await self._relay.stop()
             self._relay = None
         await self.health.stop()
+        if self.tracer_provider is not None:  # what is still buffered goes out
+            await asyncio.to_thread(self.tracer_provider.force_flush, 5000)
         if self._pool is not None:
             await self._pool.close()
             self._pool = None

@@ -26,6 +26,7 @@ SHARED_FIELDS = (
     "database_url",
     "oci_registry_url",
     "otlp_endpoint",
+    "trace_sql",
     "log_level",
 )
 
@@ -56,6 +57,8 @@ class ServiceSettings(BaseSettings):
     """Base URL of the OCI (Distribution) registry that holds every byte."""
     otlp_endpoint: str | None = None
     """OTLP/gRPC endpoint for traces (e.g. http://127.0.0.1:4317); unset: no export."""
+    trace_sql: bool = False
+    """Trace every PostgreSQL query too (a span each; for debugging)."""
     log_level: str = "INFO"
     """Python logging level."""
     http_host: str = "127.0.0.1"

@@ -16,12 +16,15 @@ log = logging.getLogger(__name__)
 _asyncpg_instrumented = False
 
 
-def setup_tracing(service_name: str, otlp_endpoint: str | None) -> TracerProvider | None:
+def setup_tracing(
+    service_name: str, otlp_endpoint: str | None, *, trace_sql: bool = False
+) -> TracerProvider | None:
     """A tracer provider for ``service_name`` exporting by OTLP/gRPC, when configured.
 
     With no endpoint there is nowhere to send spans, so none are recorded (the global
     no-op provider): trace context still travels in message headers, at no cost. With
-    one, PostgreSQL calls are traced too (asyncpg instrumentation, once per process).
+    ``trace_sql``, PostgreSQL calls are traced too (asyncpg instrumentation, once per
+    process; a span per query, so off unless asked for).
     """
     global _asyncpg_instrumented
     if not otlp_endpoint:
@@ -30,9 +33,11 @@ def setup_tracing(service_name: str, otlp_endpoint: str | None) -> TracerProvide
 
     provider = TracerProvider(resource=Resource.create({SERVICE_NAME: service_name}))
     provider.add_span_processor(
-        BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
+        BatchSpanProcessor(
+            OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True), schedule_delay_millis=1000
+        )
     )
-    if not _asyncpg_instrumented:
+    if trace_sql and not _asyncpg_instrumented:
         from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
         AsyncPGInstrumentor().instrument(  # type: ignore[no-untyped-call]
@@ -47,6 +52,16 @@ def inject_headers() -> dict[str, str]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier
+
+
+def tracer(provider: TracerProvider | None, name: str) -> trace.Tracer:
+    """A tracer of ``provider`` (the global, no-op one when tracing is off)."""
+    return (provider or trace.get_tracer_provider()).get_tracer(name)
+
+
+def parent_context(trace_parent: str | None) -> Context:
+    """The context of a stored ``traceparent`` (empty: a new trace)."""
+    return propagate.extract({"traceparent": trace_parent} if trace_parent else {})
 
 
 def current_trace_id() -> str | None:

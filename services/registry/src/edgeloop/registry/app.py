@@ -11,6 +11,7 @@ from pathlib import Path
 from edgeloop.kit.api import serve_api
 from edgeloop.kit.oci import OciClient
 from edgeloop.kit.service import Service, configure_logging
+from edgeloop.kit.tracing import tracer
 from edgeloop.registry.api import create_api
 from edgeloop.registry.artifacts import OciArtifactStore
 from edgeloop.registry.config import RegistrySettings
@@ -39,6 +40,7 @@ def build(settings: RegistrySettings) -> Service:
             max_model_bytes=settings.max_model_bytes,
             max_data_bytes=settings.max_data_bytes,
             profile_bins=settings.profile_bins,
+            tracer=tracer(service.tracer_provider, "edgeloop.registry"),
         )
         try:
             await serve_api(

@@ -17,9 +17,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Tracer
 
 from edgeloop.contracts.events import ArtifactRef, ModelCommitted, ModelRef
 from edgeloop.edge.runtime import ModelLoadError, OnnxModel
+from edgeloop.kit.tracing import inject_headers
 from edgeloop.registry.errors import Conflict, InvalidInput, NotFound, TooLarge
 from edgeloop.registry.profile import compute_profile
 
@@ -179,7 +183,9 @@ class Registry:
         max_model_bytes: int,
         max_data_bytes: int,
         profile_bins: int = 10,
+        tracer: Tracer | None = None,
     ) -> None:
+        self.tracer = tracer or trace.get_tracer("edgeloop.registry")
         self.store = store
         self.artifacts = artifacts
         self.repository_prefix = repository_prefix.strip("/")
@@ -329,9 +335,16 @@ class Registry:
                 retrain_request_id=reg.retrain_request_id,
             )
 
-        record, created = await self.store.register(
-            reg.name, reg.version, content_digest, row, event_factory
-        )
+        # The version's trace starts here (a new trace, not the HTTP request's): its
+        # build, validation, rollouts and device activations all join it.
+        with self.tracer.start_as_current_span(
+            f"register {reg.name}", context=Context(), attributes={"edgeloop.model": reg.name}
+        ) as span:
+            row["trace_parent"] = inject_headers().get("traceparent")
+            record, created = await self.store.register(
+                reg.name, reg.version, content_digest, row, event_factory
+            )
+            span.set_attribute("edgeloop.version", record["version"])
         if not created:
             return self._same_or_conflict(reg.name, record["version"], record, content_digest)
         return Registered(reg.name, record["version"], True, record)

@@ -42,6 +42,7 @@ _VERSION_COLUMNS = (
     "parent_version",
     "retrain_request_id",
     "created_by",
+    "trace_parent",
 )
 
 
