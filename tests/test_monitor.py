@@ -142,7 +142,7 @@ async def test_drift_raises_an_alarm_asks_for_retraining_and_resolves(
     events = await _lifecycle(mon, "retrain.requested")
     (request,) = [e for e in events if e["alarm_id"] == alarm["alarm_id"]]
     assert request["evidence"]["rule"] == "drift_psi"
-    assert request["dataset"]["kinds"] == ["low-confidence", "labelled"]
+    assert request["dataset"]["kinds"] == ["low-confidence", "random", "labelled"]
     assert "edgeloop data export" in request["dataset"]["export_command"]
     raised_events = [e["alarm_id"] for e in await _lifecycle(mon, "alarm.raised")]
     assert raised_events.count(alarm["alarm_id"]) == 1
