@@ -149,16 +149,19 @@ class Platform:
     """The running stack's HTTP APIs (from ``stack.json``)."""
 
     def __init__(self, stack: dict[str, Any], token: str) -> None:
-        headers = {"Authorization": f"Bearer {token}"}
-        self.registry = httpx.AsyncClient(
-            base_url=stack["registry_api"], headers=headers, timeout=120
-        )
-        self.deployer = httpx.AsyncClient(
-            base_url=stack["deployer_api"], headers=headers, timeout=120
-        )
-        self.monitor = httpx.AsyncClient(
-            base_url=stack["monitor_api"], headers=headers, timeout=120
-        )
+        def client(url: str) -> httpx.AsyncClient:
+            # a service restarting (make up restarts a crashed one) refuses connections
+            # for a few seconds: try again, as any client of the platform should
+            return httpx.AsyncClient(
+                base_url=url,
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=120,
+                transport=httpx.AsyncHTTPTransport(retries=8),
+            )
+
+        self.registry = client(stack["registry_api"])
+        self.deployer = client(stack["deployer_api"])
+        self.monitor = client(stack["monitor_api"])
 
     async def close(self) -> None:
         for client in (self.registry, self.deployer, self.monitor):

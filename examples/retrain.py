@@ -104,19 +104,28 @@ async def handle(
         await asyncio.sleep(2.0)
     samples = resp.json()["samples"]
     onnx, suite, reference, used = await asyncio.to_thread(retrain, dataset, samples)
-    resp = await registry.post(
-        f"/api/v1/models/{request.model}/versions",
-        files={
-            "model": ("model.onnx", onnx),
-            "suite": ("suite.npz", suite),
-            "reference": ("reference.npz", reference),
-        },
-        data={
-            "parent": f"{request.model}@{request.version}",
-            "retrain_request_id": str(request.request_id),
-            "params": json.dumps({"retrained_on_samples": str(used)}),
-        },
-    )
+    for attempt in range(1, 6):
+        try:
+            resp = await registry.post(
+                f"/api/v1/models/{request.model}/versions",
+                files={
+                    "model": ("model.onnx", onnx),
+                    "suite": ("suite.npz", suite),
+                    "reference": ("reference.npz", reference),
+                },
+                data={
+                    "parent": f"{request.model}@{request.version}",
+                    "retrain_request_id": str(request.request_id),
+                    "params": json.dumps({"retrained_on_samples": str(used)}),
+                },
+            )
+            break
+        except httpx.TransportError:
+            # the registry went away mid-request: registering again is safe (the same
+            # retraining request gives the same version)
+            if attempt == 5:
+                raise
+            await asyncio.sleep(2.0)
     resp.raise_for_status()
     body = dict(resp.json())
     log.info(

@@ -162,7 +162,14 @@ def up_environment(state_dir: Path) -> dict[str, str]:
         "EDGELOOP_DEPLOYER_API_PORT": str(free_port()),
         "EDGELOOP_MONITOR_API_PORT": str(free_port()),
         "EDGELOOP_FIRST_HTTP_PORT": str(free_port()),
+        "EDGELOOP_TRACES_OTLP_PORT": str(free_port()),
     }
-    for key in ("EDGELOOP_NATS_URL", "EDGELOOP_DATABASE_URL", "EDGELOOP_OCI_REGISTRY_URL"):
+    for key in (
+        "EDGELOOP_NATS_URL",
+        "EDGELOOP_DATABASE_URL",
+        "EDGELOOP_OCI_REGISTRY_URL",
+        "EDGELOOP_OTLP_ENDPOINT",
+        "EDGELOOP_TRACES_API",
+    ):
         env.pop(key, None)
     return env

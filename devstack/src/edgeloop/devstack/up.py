@@ -225,6 +225,7 @@ def _stack_info(
                 "health_url": s.health_url,
                 "ready_url": s.ready_url,
                 "pid": s.proc.pid if s.proc else None,
+                "restarts": s.restarts,
                 "log": str(s.log_path),
             }
             for s in services
