@@ -280,6 +280,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  {at:6.1f} s  {title}")
         print(f"\n  drift report of v1: {report}")
         print(f"  lineage:            edgeloop models show {model}@{body['version']}")
+        print(f"  one trace each:     edgeloop trace {model}@1; edgeloop trace {model}@2")
         print(f"  rollouts:           edgeloop rollouts list --model {model}")
         return {
             "model": model,
