@@ -3,10 +3,10 @@
     make up      # in one terminal
     make demo    # in another (or: python -m examples.demo)
 
-1. train a scikit-learn classifier on iris and register it as ``iris-demo-<run>@1``;
+1. start 50 simulated devices (in this process) labelled ``fleet=iris-demo-<run>``;
 2. give the model a release policy: validated versions roll out by themselves to the
    demo fleet, a canary wave first;
-3. start 50 simulated devices (in this process) labelled ``fleet=demo-<run>``;
+3. train a scikit-learn classifier on iris and register it as ``iris-demo-<run>@1``;
 4. the builder packages v1, the validator validates it, the deployer rolls it out
    (canary wave, then everyone);
 5. drift is injected into the devices' inputs; the monitor raises an alarm and asks for
@@ -198,18 +198,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     stop = asyncio.Event()
     fleet_task: asyncio.Task[None] | None = None
     try:
-        story.step(f"1. train a classifier on scikit-learn's iris and register {model}@1")
-        files = await asyncio.to_thread(classifier, "iris")
-        resp = await platform.registry.post(
-            f"/api/v1/models/{model}/versions",
-            files={
-                "model": ("model.onnx", files.onnx),
-                "suite": ("suite.npz", files.suite),
-                "reference": ("reference.npz", files.reference),
-            },
-            data={"params": json.dumps({"threshold.accuracy": "0.85"})},
+        story.step(f"1. {args.devices} simulated devices join (label fleet={model})")
+        fleet = Fleet(
+            FleetOptions(
+                devices=args.devices,
+                gateway_api=stack["gateway_api"],
+                token=token,
+                state_dir=Path(tempfile.mkdtemp(prefix="edgeloop-demo-")),
+                prefix=f"demo{run_id}",
+                labels={"fleet": model},
+                telemetry_seconds=1.0,
+                infer_seconds=0.2,
+            )
         )
-        resp.raise_for_status()
+        await asyncio.to_thread(fleet.prepare)
+        fleet_task = asyncio.create_task(fleet.run(stop, out=None))
+        story.say(
+            f"{args.devices} devices enrolled and connecting",
+            look=f"edgeloop devices list --selector fleet={model}",
+        )
 
         story.step("2. release policy: validated versions roll out by themselves, canary first")
         policy = {
@@ -230,25 +237,18 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             look=f"edgeloop rollout policy show {model}; edgeloop monitor rules show {model}",
         )
 
-        story.step(f"3. {args.devices} simulated devices join (label fleet={model})")
-        fleet = Fleet(
-            FleetOptions(
-                devices=args.devices,
-                gateway_api=stack["gateway_api"],
-                token=token,
-                state_dir=Path(tempfile.mkdtemp(prefix="edgeloop-demo-")),
-                prefix=f"demo{run_id}",
-                labels={"fleet": model},
-                telemetry_seconds=1.0,
-                infer_seconds=0.2,
-            )
+        story.step(f"3. train a classifier on scikit-learn's iris and register {model}@1")
+        files = await asyncio.to_thread(classifier, "iris")
+        resp = await platform.registry.post(
+            f"/api/v1/models/{model}/versions",
+            files={
+                "model": ("model.onnx", files.onnx),
+                "suite": ("suite.npz", files.suite),
+                "reference": ("reference.npz", files.reference),
+            },
+            data={"params": json.dumps({"threshold.accuracy": "0.85"})},
         )
-        await asyncio.to_thread(fleet.prepare)
-        fleet_task = asyncio.create_task(fleet.run(stop, out=None))
-        story.say(
-            f"{args.devices} devices enrolled and connecting",
-            look=f"edgeloop devices list --selector fleet={model}",
-        )
+        resp.raise_for_status()
 
         story.step("4. build, validate, canary rollout of v1")
         await story.wait(s.ROLLOUT_COMPLETED, args.timeout, version="1")

@@ -386,3 +386,18 @@ async def test_release_policy_rolls_validated_versions_out_up_to_its_approval_ga
     # without the automatic rollout, v2's validation started nothing by itself
     rows = (await deploy.api.get("/v1/rollouts", params={"model": model})).json()["rollouts"]
     assert len(rows) == 2
+    # the audit trail: who set the policy, started and approved each rollout
+    trail = (await deploy.registry.get("/api/v1/audit", params={"model": model})).json()
+    actions = [(r["action"], r["actor"]) for r in trail["records"] if r["service"] == "deployer"]
+    assert [a for a, _ in actions] == [
+        "release_policy.set",
+        "rollout.start",
+        "rollout.approve",
+        "release_policy.set",
+        "rollout.start",
+        "rollout.approve",
+    ]
+    starts = [actor for action, actor in actions if action == "rollout.start"]
+    approvals = [actor for action, actor in actions if action == "rollout.approve"]
+    assert starts[0] == "policy"
+    assert approvals[1] != starts[1]  # four eyes, on the record

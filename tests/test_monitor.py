@@ -182,6 +182,12 @@ async def test_drift_raises_an_alarm_asks_for_retraining_and_resolves(
     await asyncio.sleep(3)
     assert len(await raised()) == 1
     resp = await mon.monitor.post(f"/v1/alarms/{alarm['alarm_id']}/ack")
+    trail = (await mon.registry.get("/api/v1/audit", params={"model": mon.model})).json()
+    actions = {r["action"]: r for r in trail["records"]}
+    assert actions["alarm.ack"]["subject"] == f"alarm {alarm['alarm_id']}"
+    assert actions["alarm.ack"]["after"] == {"state": "acknowledged"}
+    assert actions["sample.label"]["after"] == {"label": "2"}
+    assert actions["sample.label"]["actor"].startswith("token:")
     assert resp.status_code == 200, resp.text
     assert resp.json()["state"] == "acknowledged"
 
@@ -331,6 +337,10 @@ async def test_rules_and_alarms_from_the_cli(mon: Monitored, tmp_path: Path) -> 
     listed = await asyncio.to_thread(cli, "alarms", "list", "--open")
     assert listed.exit_code == 0, listed.output
     assert "no alarms" in listed.output
+    trail = (await mon.registry.get("/api/v1/audit", params={"model": mon.model})).json()
+    (changed,) = [r for r in trail["records"] if r["action"] == "monitor.rules"]
+    assert changed["before"] == {}
+    assert changed["after"]["drift_psi"] == 0.3
 
 
 async def test_replicas_split_the_telemetry_partitions_and_count_every_record_once(

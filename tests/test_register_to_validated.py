@@ -4,6 +4,7 @@ accepts and a validation report the CLI shows; a bad model ends in a clear failu
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from typer.testing import CliRunner, Result
 
@@ -423,3 +425,50 @@ def _until(check: Callable[[], Any], what: str, within: float = 30) -> Any:
             return value
         assert time.monotonic() < deadline, f"no {what} within {within:.0f} s"
         time.sleep(0.5)
+
+
+def test_the_audit_trail_records_each_action_and_shows_tampering(
+    stack: dict[str, str], tmp_path: Path
+) -> None:
+    """Register, build, validate, move an alias: each is on the record with its actor and
+    trace; `audit verify` checks the hash chain and names the first altered record."""
+    assert _register(stack, tmp_path, "iris-audit", classifier("iris")).exit_code == 0
+    assert _wait_report(stack, "iris-audit@1")["state"] == "passed"
+    moved = runner.invoke(app, ["models", "alias", "set", "iris-audit", "champion", "1"], env=stack)
+    assert moved.exit_code == 0, moved.output
+    shown = runner.invoke(app, ["audit", "log", "--model", "iris-audit@1", "--json"], env=stack)
+    assert shown.exit_code == 0, shown.output
+    records = {r["action"]: r for r in json.loads(shown.output)}
+    assert {"model.register", "image.build", "validation.passed", "model.alias"} <= set(records)
+    assert records["model.register"]["actor"].startswith("token:")
+    assert records["image.build"]["actor"] == "service:builder"
+    assert records["model.alias"]["after"] == {"version": "1"}
+    version = json.loads(
+        runner.invoke(app, ["models", "show", "iris-audit@1", "--json"], env=stack).output
+    )
+    trace_id = version["trace_parent"].split("-")[1]
+    assert records["model.register"]["trace_id"] == trace_id
+    assert records["validation.passed"]["trace_id"] == trace_id  # the same version's trace
+    assert runner.invoke(app, ["audit", "verify"], env=stack).exit_code == 0
+
+    seq = records["image.build"]["seq"]
+    dsn = json.loads((Path(stack["EDGELOOP_STATE_DIR"]) / "stack.json").read_text())["database_url"]
+
+    def alter(reason: str | None) -> None:
+        async def run() -> None:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await conn.execute(
+                    "UPDATE audit.records SET reason = $2 WHERE seq = $1", seq, reason
+                )
+            finally:
+                await conn.close()
+
+        asyncio.run(run())
+
+    alter("nothing to see here")
+    broken = runner.invoke(app, ["audit", "verify"], env=stack)
+    assert broken.exit_code == 1
+    assert f"BROKEN at record {seq}" in broken.output
+    alter(None)  # put back as it was: the chain checks out again
+    assert runner.invoke(app, ["audit", "verify"], env=stack).exit_code == 0

@@ -17,7 +17,7 @@ from edgeloop.contracts.parsing import parse_duration
 app = typer.Typer(help="Samples the fleet sent: label them, export them.", no_args_is_help=True)
 
 
-def _instant(text: str | None) -> str | None:
+def instant(text: str | None) -> str | None:
     """``1h`` (that long ago) or an ISO time → ISO time."""
     if not text:
         return None
@@ -99,7 +99,7 @@ def export(
     if kind not in ("low-confidence", "random", "labelled", "all"):
         typer.secho("--kind is low-confidence, random, labelled or all", err=True, fg="red")
         raise typer.Exit(2)
-    rows = fetch_samples(model, _instant(since), _instant(until), kind)
+    rows = fetch_samples(model, instant(since), instant(until), kind)
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return

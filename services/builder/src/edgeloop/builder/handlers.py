@@ -8,6 +8,7 @@ from edgeloop.builder.docker_backend import DockerBuildError
 from edgeloop.builder.service import Builder, BuildError
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ImageBuildFailed, ModelCommitted
+from edgeloop.kit import audit
 from edgeloop.kit.bus import ConsumerSpec
 from edgeloop.kit.consumer import Tx
 from edgeloop.kit.oci import OciError
@@ -61,6 +62,16 @@ def register_handlers(
                     model=event.model, version=event.version, reason=reason, attempts=tx.deliveries
                 )
             )
+            await audit.record(
+                tx.conn,
+                service="builder",
+                actor="service:builder",
+                action="image.build_failed",
+                subject=f"{event.model}@{event.version}",
+                model=event.model,
+                version=event.version,
+                reason=reason,
+            )
             log.warning("build of %s@%s failed: %s", event.model, event.version, reason)
             return
         built = result.event
@@ -76,3 +87,17 @@ def register_handlers(
             tx.deliveries,
         )
         await tx.publish(built)
+        await audit.record(
+            tx.conn,
+            service="builder",
+            actor="service:builder",
+            action="image.build",
+            subject=f"{event.model}@{event.version}",
+            model=event.model,
+            version=event.version,
+            after={
+                "image": built.image,
+                "digest": built.digest,
+                "signature": result.signature_digest,
+            },
+        )

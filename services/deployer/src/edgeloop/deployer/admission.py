@@ -15,6 +15,7 @@ from edgeloop.deployer.plan import plan_waves
 from edgeloop.deployer.policy import load_policy
 from edgeloop.deployer.sources import Devices, Refused, Registry, ValidatedImage
 from edgeloop.deployer.store import Store
+from edgeloop.kit import audit
 from edgeloop.kit.db import Conn
 from edgeloop.kit.tracing import inject_headers, parent_context
 
@@ -98,6 +99,23 @@ class Admission:
             state="pending",
             trace_parent=trace_parent,
             approval_wave=policy.approval_wave(len(plan)) if policy else None,
+        )
+        await audit.record(
+            conn,
+            service="deployer",
+            actor=req.requested_by or "unknown",
+            action="rollout.start",
+            subject=f"rollout {req.rollout_id}",
+            model=req.model,
+            version=req.version,
+            after={
+                "rollout_id": str(req.rollout_id),
+                "image": image.image,
+                "digest": image.digest,
+                "selector": req.selector,
+                "waves": [len(w) for w in plan],
+                "approval_wave": policy.approval_wave(len(plan)) if policy else None,
+            },
         )
         log.info(
             "rollout %s of %s@%s admitted: %d devices in waves of %s",

@@ -33,6 +33,7 @@ from edgeloop.deployer.policy import ReleasePolicy, load_policy, save_policy
 from edgeloop.deployer.sources import Refused
 from edgeloop.deployer.store import ACTIVE, Store
 from edgeloop.deployer.twin import Twin
+from edgeloop.kit import audit
 from edgeloop.kit.api import Actor
 from edgeloop.kit.outbox import add_event
 
@@ -156,6 +157,9 @@ def create_api(
         update: dict[str, Any],
         event: Callable[[Any], Event | None],
         *,
+        actor: str,
+        action: str,
+        reason: str | None = None,
         close_wave: str | None = None,
         restart_clock: bool = False,
     ) -> dict[str, Any]:
@@ -190,6 +194,18 @@ def create_api(
             e = event(r)
             if e is not None:
                 await add_event(conn, schema, e)
+            await audit.record(
+                conn,
+                service="deployer",
+                actor=str(actor),
+                action=f"rollout.{action}",
+                subject=f"rollout {rollout_id}",
+                model=r.model,
+                version=r.version,
+                before={"state": r.state},
+                after={k: v for k, v in update.items() if k in ("state", "reason")},
+                reason=reason,
+            )
         wake(rollout_id)
         wake(None)
         return await _show(rollout_id)
@@ -205,6 +221,9 @@ def create_api(
             lambda r: RolloutPaused(
                 rollout_id=r.rollout_id, model=r.model, version=r.version, actor=who
             ),
+            actor=who,
+            action="pause",
+            reason=body.reason if body else None,
         )
 
     @api.post("/v1/rollouts/{rollout_id}/resume")
@@ -218,6 +237,9 @@ def create_api(
             lambda r: RolloutResumed(
                 rollout_id=r.rollout_id, model=r.model, version=r.version, actor=who
             ),
+            actor=who,
+            action="resume",
+            reason=body.reason if body else None,
             restart_clock=True,
         )
 
@@ -237,6 +259,9 @@ def create_api(
                 actor=who,
                 reason=reason,
             ),
+            actor=who,
+            action="abort",
+            reason=reason,
             close_wave="aborted",
         )
 
@@ -260,6 +285,9 @@ def create_api(
             "rolled back",
             {"state": "rolling_back", "reason": reason, "rollback_by": who, "finished_at": None},
             lambda r: None,  # rollout.rolled_back goes out once the devices have it
+            actor=who,
+            action="rollback",
+            reason=reason,
             close_wave="failed",
         )
 
@@ -302,6 +330,9 @@ def create_api(
                 actor=who,
                 reason=reason,
             ),
+            actor=who,
+            action="approve",
+            reason=reason,
         )
 
     @api.get("/v1/policies/{model}")
@@ -321,8 +352,19 @@ def create_api(
         problem = body.check()
         if problem:
             raise HTTPException(422, problem)
-        async with pool().acquire() as conn:
+        async with pool().acquire() as conn, conn.transaction():
+            before = await load_policy(conn, model)
             await save_policy(conn, model, body, who)
+            await audit.record(
+                conn,
+                service="deployer",
+                actor=who,
+                action="release_policy.set",
+                subject=f"policy {model}",
+                model=model,
+                before=before.model_dump(mode="json") if before else None,
+                after=body.model_dump(mode="json"),
+            )
         return await show_policy(model, who)
 
     return api

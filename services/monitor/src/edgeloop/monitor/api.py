@@ -14,6 +14,7 @@ from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
+from edgeloop.kit import audit
 from edgeloop.kit.api import Actor
 from edgeloop.monitor.aggregate import Window
 from edgeloop.monitor.references import References, UnknownVersion
@@ -68,12 +69,25 @@ def create_api(
     @api.post("/v1/alarms/{alarm_id}/ack")
     async def ack(alarm_id: uuid.UUID, who: Actor) -> dict[str, Any]:
         """Acknowledge a raised alarm (it stays open until its condition clears)."""
-        row = await pool().fetchrow(
-            """UPDATE alarms SET state = 'acknowledged', acked_at = now(), acked_by = $2
-               WHERE alarm_id = $1 AND state = 'raised' RETURNING *""",
-            alarm_id,
-            who,
-        )
+        async with pool().acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """UPDATE alarms SET state = 'acknowledged', acked_at = now(), acked_by = $2
+                   WHERE alarm_id = $1 AND state = 'raised' RETURNING *""",
+                alarm_id,
+                who,
+            )
+            if row is not None:
+                await audit.record(
+                    conn,
+                    service="monitor",
+                    actor=who,
+                    action="alarm.ack",
+                    subject=f"alarm {alarm_id}",
+                    model=row["model"],
+                    version=row["version"],
+                    before={"state": "raised"},
+                    after={"state": "acknowledged"},
+                )
         if row is None:
             state = await pool().fetchval("SELECT state FROM alarms WHERE alarm_id = $1", alarm_id)
             if state is None:
@@ -96,14 +110,27 @@ def create_api(
             rules = validate_rules(body.get("rules", body))
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from exc
-        await pool().execute(
-            """INSERT INTO rules (model, rules, updated_by) VALUES ($1, $2::jsonb, $3)
-               ON CONFLICT (model) DO UPDATE
-               SET rules = EXCLUDED.rules, updated_at = now(), updated_by = EXCLUDED.updated_by""",
-            model,
-            json.dumps(rules),
-            who,
-        )
+        async with pool().acquire() as conn, conn.transaction():
+            before = await load_rules(conn, model)
+            await conn.execute(
+                """INSERT INTO rules (model, rules, updated_by) VALUES ($1, $2::jsonb, $3)
+                   ON CONFLICT (model) DO UPDATE
+                   SET rules = EXCLUDED.rules, updated_at = now(),
+                       updated_by = EXCLUDED.updated_by""",
+                model,
+                json.dumps(rules),
+                who,
+            )
+            await audit.record(
+                conn,
+                service="monitor",
+                actor=who,
+                action="monitor.rules",
+                subject=f"rules {model}",
+                model=model,
+                before=before,
+                after=rules,
+            )
         return {"model": model, "rules": {**DEFAULT_RULES, **rules}, "own": rules}
 
     @api.get("/v1/windows")
@@ -158,13 +185,29 @@ def create_api(
     @api.post("/v1/samples/{sample_id}/label")
     async def label(sample_id: int, body: LabelBody, who: Actor) -> dict[str, Any]:
         """Give a stored sample its true label (it then counts as labelled data)."""
-        row = await pool().fetchrow(
-            "UPDATE samples SET label = $2, labelled_by = $3 WHERE sample_id = $1 "
-            "RETURNING sample_id, label, labelled_by",
-            sample_id,
-            body.label,
-            who,
-        )
+        async with pool().acquire() as conn, conn.transaction():
+            before = await conn.fetchval(
+                "SELECT label FROM samples WHERE sample_id = $1", sample_id
+            )
+            row = await conn.fetchrow(
+                "UPDATE samples SET label = $2, labelled_by = $3 WHERE sample_id = $1 "
+                "RETURNING sample_id, model, version, label, labelled_by",
+                sample_id,
+                body.label,
+                who,
+            )
+            if row is not None:
+                await audit.record(
+                    conn,
+                    service="monitor",
+                    actor=who,
+                    action="sample.label",
+                    subject=f"sample {sample_id}",
+                    model=row["model"],
+                    version=row["version"],
+                    before={"label": before},
+                    after={"label": body.label},
+                )
         if row is None:
             raise HTTPException(404, f"no sample {sample_id}")
         return _row(row)

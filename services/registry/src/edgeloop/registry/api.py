@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from edgeloop.kit import audit
 from edgeloop.kit.api import Actor
 from edgeloop.registry.errors import InvalidInput, NotFound, RegistryError, TooLarge
 from edgeloop.registry.service import Registration, Registry, check_alias, check_name, check_version
@@ -113,6 +115,31 @@ def create_api(registry: Registry, store: PgStore, tokens: frozenset[str]) -> Fa
         body = {"name": result.name, "version": result.version, "created": result.created}
         body.update(_public(result.record))
         return JSONResponse(body, status_code=201 if result.created else 200)
+
+    @api.get("/api/v1/audit")
+    async def audit_log(
+        _: Actor,
+        model: str | None = None,
+        version: str | None = None,
+        since: datetime | None = None,
+        limit: int = Query(200, ge=1, le=10_000),
+    ) -> dict[str, Any]:
+        """The platform's audit trail (every service's records), oldest first."""
+        async with store.pool.acquire() as conn:
+            rows = await audit.log(conn, model=model, version=version, since=since, limit=limit)
+        return {"records": rows}
+
+    @api.get("/api/v1/audit/verify")
+    async def audit_verify(_: Actor) -> dict[str, Any]:
+        """Walk the hash chain: how many records, and the first broken link if any."""
+        async with store.pool.acquire() as conn:
+            verdict = await audit.verify(conn)
+        return {
+            "ok": verdict.ok,
+            "records": verdict.records,
+            "broken_at": verdict.broken_at,
+            "problem": verdict.problem,
+        }
 
     @api.get("/api/v1/models")
     async def list_models(_: Actor) -> list[dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from edgeloop.contracts.events import Event
+from edgeloop.kit import audit
 from edgeloop.kit.db import Conn
 from edgeloop.kit.outbox import add_event
 
@@ -128,6 +130,25 @@ class PgStore:
                 *values,
             )
             await add_event(conn, self.schema, event_factory(version, event_id))
+            await audit.record(
+                conn,
+                service="registry",
+                actor=row.get("created_by") or "unknown",
+                action="model.register",
+                subject=f"{name}@{version}",
+                model=name,
+                version=version,
+                after={
+                    "model_digest": row.get("model_digest"),
+                    "content_digest": content_digest,
+                    "source_commit": row.get("source_commit"),
+                    "data_digest": row.get("data_digest"),
+                    "parent": f"{row['parent_model']}@{row['parent_version']}"
+                    if row.get("parent_model")
+                    else None,
+                    "retrain_request_id": row.get("retrain_request_id"),
+                },
+            )
             rec = _record(inserted)
             assert rec is not None
             return rec, True
@@ -179,7 +200,22 @@ class PgStore:
                  ON CONFLICT (model, alias) DO UPDATE
                  SET version = EXCLUDED.version, updated_at = now(),
                      updated_by = EXCLUDED.updated_by"""
-        if conn is not None:
+        async with contextlib.AsyncExitStack() as stack:
+            if conn is None:
+                conn = await stack.enter_async_context(self.pool.acquire())
+                await stack.enter_async_context(conn.transaction())
+            before = await conn.fetchval(
+                "SELECT version FROM aliases WHERE model = $1 AND alias = $2", name, alias
+            )
             await conn.execute(sql, name, alias, version, actor)
-        else:
-            await self.pool.execute(sql, name, alias, version, actor)
+            await audit.record(
+                conn,
+                service="registry",
+                actor=actor or "unknown",
+                action="model.alias",
+                subject=f"{name}:{alias}",
+                model=name,
+                version=version,
+                before={"version": before},
+                after={"version": version},
+            )

@@ -9,6 +9,7 @@ import httpx
 
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ImageBuilt, ValidationFailed, ValidationPassed
+from edgeloop.kit import audit
 from edgeloop.kit.bus import ConsumerSpec
 from edgeloop.kit.consumer import Tx
 from edgeloop.kit.oci import OciError
@@ -64,6 +65,21 @@ def register_handlers(
             json.dumps(report.reasons),
             json.dumps(report.metrics),
             json.dumps(full),
+        )
+        await audit.record(
+            tx.conn,
+            service="validator",
+            actor="service:validator",
+            action="validation.passed" if report.passed else "validation.failed",
+            subject=f"{event.model}@{event.version}",
+            model=event.model,
+            version=event.version,
+            after={
+                "report_id": str(report_id),
+                "digest": event.digest,
+                "metrics": report.metrics,
+                "reasons": report.reasons,
+            },
         )
         if not report.passed:
             await tx.publish(
