@@ -9,7 +9,19 @@ from __future__ import annotations
 
 import typer
 
-from edgeloop.cli import audit, data, demo, devices, fleet, models, monitor, rollout, status, trace
+from edgeloop.cli import (
+    audit,
+    data,
+    demo,
+    devices,
+    fleet,
+    models,
+    monitor,
+    rollout,
+    status,
+    tokens,
+    trace,
+)
 
 app = typer.Typer(
     help="edgeloop: closed-loop MLOps for models on fleets of edge devices.",
@@ -29,6 +41,7 @@ app.add_typer(monitor.alarms_app, name="alarms")
 app.add_typer(monitor.app, name="monitor")
 app.add_typer(data.app, name="data")
 app.add_typer(audit.app, name="audit")
+app.add_typer(tokens.app, name="tokens")
 
 
 @app.callback()

@@ -34,7 +34,7 @@ from edgeloop.deployer.sources import Refused
 from edgeloop.deployer.store import ACTIVE, Store
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit import audit
-from edgeloop.kit.api import Actor
+from edgeloop.kit.api import Actor, Operator
 from edgeloop.kit.outbox import add_event
 
 
@@ -75,10 +75,11 @@ def create_api(
         description="Canary rollouts of validated model images to device groups.",
     )
     api.state.tokens = tokens
+    api.state.pool = pool
     store = Store()
 
     @api.post("/v1/rollouts", status_code=201)
-    async def start(body: StartBody, who: Actor) -> dict[str, Any]:
+    async def start(body: StartBody, who: Operator) -> dict[str, Any]:
         """Admit a rollout and start it; 4xx with the reason when it cannot start."""
         req = RolloutRequested(rollout_id=uuid.uuid4(), requested_by=who, **body.model_dump())
         try:
@@ -211,7 +212,7 @@ def create_api(
         return await _show(rollout_id)
 
     @api.post("/v1/rollouts/{rollout_id}/pause")
-    async def pause(rollout_id: uuid.UUID, who: Actor, body: ActionBody | None = None) -> Any:
+    async def pause(rollout_id: uuid.UUID, who: Operator, body: ActionBody | None = None) -> Any:
         """Hold the rollout where it is (the current wave is not promoted)."""
         return await act(
             rollout_id,
@@ -227,7 +228,7 @@ def create_api(
         )
 
     @api.post("/v1/rollouts/{rollout_id}/resume")
-    async def resume(rollout_id: uuid.UUID, who: Actor, body: ActionBody | None = None) -> Any:
+    async def resume(rollout_id: uuid.UUID, who: Operator, body: ActionBody | None = None) -> Any:
         """Go on from where it was paused (the current wave's clock starts again)."""
         return await act(
             rollout_id,
@@ -244,7 +245,7 @@ def create_api(
         )
 
     @api.post("/v1/rollouts/{rollout_id}/abort")
-    async def abort(rollout_id: uuid.UUID, who: Actor, body: ActionBody | None = None) -> Any:
+    async def abort(rollout_id: uuid.UUID, who: Operator, body: ActionBody | None = None) -> Any:
         """Stop the rollout; devices keep what they have been given."""
         reason = (body.reason if body else None) or f"aborted by {who}"
         return await act(
@@ -266,7 +267,7 @@ def create_api(
         )
 
     @api.post("/v1/rollouts/{rollout_id}/rollback")
-    async def rollback(rollout_id: uuid.UUID, who: Actor, body: ActionBody | None = None) -> Any:
+    async def rollback(rollout_id: uuid.UUID, who: Operator, body: ActionBody | None = None) -> Any:
         """Give every device the rollout touched its previous desired state back."""
         reason = f"rolled back by {who}" + (f": {body.reason}" if body and body.reason else "")
         async with pool().acquire() as conn:
@@ -292,7 +293,7 @@ def create_api(
         )
 
     @api.post("/v1/rollouts/{rollout_id}/approve")
-    async def approve(rollout_id: uuid.UUID, who: Actor, body: ActionBody | None = None) -> Any:
+    async def approve(rollout_id: uuid.UUID, who: Operator, body: ActionBody | None = None) -> Any:
         """Let a rollout that waits at its release policy's gate go on (four eyes: not by
         the one who requested it)."""
         async with pool().acquire() as conn:
@@ -347,7 +348,7 @@ def create_api(
         }
 
     @api.put("/v1/policies/{model}")
-    async def set_policy(model: str, body: ReleasePolicy, who: Actor) -> dict[str, Any]:
+    async def set_policy(model: str, body: ReleasePolicy, who: Operator) -> dict[str, Any]:
         """Create or replace the model's release policy."""
         problem = body.check()
         if problem:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 
 from edgeloop.gateway.devices import DeviceStore
 from edgeloop.gateway.pki import CertificateAuthority, check_device_id
-from edgeloop.kit.api import Actor
+from edgeloop.kit.api import Actor, DeviceWriter
 
 _LABEL_KEY = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
 
@@ -60,9 +60,10 @@ def create_api(
         description="Device enrolment (mTLS certificates) and the device registry.",
     )
     api.state.tokens = tokens
+    api.state.pool = lambda: store.pool
 
     @api.post("/v1/devices/{device_id}/enroll", status_code=201)
-    async def enroll(device_id: str, body: EnrollBody, who: Actor) -> dict[str, Any]:
+    async def enroll(device_id: str, body: EnrollBody, who: DeviceWriter) -> dict[str, Any]:
         """Issue the device's certificate (replacing any earlier one) and its bundle."""
         try:
             check_device_id(device_id)
@@ -107,7 +108,7 @@ def create_api(
         return record.as_dict()
 
     @api.post("/v1/devices/{device_id}/revoke")
-    async def revoke(device_id: str, _: Actor) -> dict[str, Any]:
+    async def revoke(device_id: str, _: DeviceWriter) -> dict[str, Any]:
         """Refuse the device's certificate from its next session on."""
         if not await store.revoke(device_id):
             raise HTTPException(404, f"device {device_id} is not enrolled")

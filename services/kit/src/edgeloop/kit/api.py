@@ -1,7 +1,9 @@
 """What every service's HTTP API shares: bearer-token authentication, and a uvicorn
 server that leaves signal handling to the kit's ``Service``.
 
-An app stores its accepted tokens in ``app.state.tokens``; a route takes ``who: Actor``.
+An app stores its configured tokens in ``app.state.tokens`` (role admin) and, to accept
+issued tokens with roles, a pool getter in ``app.state.pool``; a route takes ``who:
+Actor`` (any role) or the role it needs (``who: Operator`` …: 403 naming the role).
 """
 
 from __future__ import annotations
@@ -10,30 +12,101 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-from typing import Annotated
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 
+#: Roles, and what each may change (every valid token may read).
+ROLES = ("viewer", "data-scientist", "operator", "admin")
+CAPABILITIES: dict[str, tuple[str, ...]] = {
+    "models.write": ("data-scientist", "admin"),  # register versions, move aliases
+    "data.write": ("data-scientist", "operator", "admin"),  # label samples
+    "rollouts.write": ("operator", "admin"),  # start, pause … approve; release policies
+    "monitor.write": ("operator", "admin"),  # rules, acknowledge alarms
+    "devices.write": ("operator", "admin"),  # enrol, revoke devices
+    "tokens.admin": ("admin",),  # issue and revoke tokens
+}
 
-async def _actor(request: Request, authorization: Annotated[str | None, Header()] = None) -> str:
-    """The caller, from ``Authorization: Bearer <token>``; 401 without a valid token."""
+
+@dataclass(frozen=True)
+class Caller:
+    """Who called: the token's name (``token:<hash prefix>`` for a configured one) and
+    its role."""
+
+    name: str
+    role: str
+
+
+def token_hash(token: str) -> str:
+    """What is stored of a token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status_code=401, detail=detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+async def _caller(
+    request: Request, authorization: Annotated[str | None, Header()] = None
+) -> Caller:
+    """The caller, from ``Authorization: Bearer <token>``: a token from the service's
+    settings (the installation's own, role admin) or one issued with a role
+    (``auth.tokens``, not revoked, not expired); 401 otherwise."""
     tokens: frozenset[str] = request.app.state.tokens
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not any(
-        hmac.compare_digest(token.encode(), t.encode()) for t in tokens
-    ):
-        raise HTTPException(
-            status_code=401,
-            detail="missing or invalid API token: send 'Authorization: Bearer <token>'",
-            headers={"WWW-Authenticate": "Bearer"},
+    if scheme.lower() != "bearer" or not token:
+        raise _unauthorized("missing API token: send 'Authorization: Bearer <token>'")
+    if any(hmac.compare_digest(token.encode(), t.encode()) for t in tokens):
+        return Caller("token:" + token_hash(token)[:12], "admin")
+    pool = getattr(request.app.state, "pool", None)
+    row = None
+    if pool is not None:
+        row = await pool().fetchrow(
+            "SELECT name, role, expires_at, revoked_at FROM auth.tokens WHERE hash = $1",
+            token_hash(token),
         )
-    # Identify the caller without keeping the secret (audit needs more: issue 8).
-    return "token:" + hashlib.sha256(token.encode()).hexdigest()[:12]
+    if row is None:
+        raise _unauthorized("invalid API token: send 'Authorization: Bearer <token>'")
+    if row["revoked_at"] is not None:
+        raise _unauthorized(f"the token {row['name']!r} was revoked")
+    if row["expires_at"] is not None and row["expires_at"] <= datetime.now(UTC):
+        raise _unauthorized(
+            f"the token {row['name']!r} expired at {row['expires_at']:%Y-%m-%d %H:%M} UTC"
+        )
+    return Caller(row["name"], row["role"])
+
+
+async def _actor(caller: Annotated[Caller, Depends(_caller)]) -> str:
+    return caller.name
+
+
+def requires(capability: str) -> Any:
+    """A route dependency: the caller's name, or 403 naming the role it would need."""
+    allowed = CAPABILITIES[capability]
+
+    async def check(caller: Annotated[Caller, Depends(_caller)]) -> str:
+        if caller.role not in allowed:
+            raise HTTPException(
+                status_code=403,
+                detail=f"this needs the role {' or '.join(allowed)} ({capability}); "
+                f"{caller.name} has the role {caller.role}",
+            )
+        return caller.name
+
+    return Depends(check)
 
 
 Actor = Annotated[str, Depends(_actor)]
-"""The authenticated caller of a route."""
+"""Any authenticated caller (every role may read)."""
+ModelWriter = Annotated[str, requires("models.write")]
+DataWriter = Annotated[str, requires("data.write")]
+Operator = Annotated[str, requires("rollouts.write")]
+MonitorWriter = Annotated[str, requires("monitor.write")]
+DeviceWriter = Annotated[str, requires("devices.write")]
+Admin = Annotated[str, requires("tokens.admin")]
 
 
 class QuietServer(uvicorn.Server):

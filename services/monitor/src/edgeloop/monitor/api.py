@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
 from edgeloop.kit import audit
-from edgeloop.kit.api import Actor
+from edgeloop.kit.api import Actor, DataWriter, MonitorWriter
 from edgeloop.monitor.aggregate import Window
 from edgeloop.monitor.references import References, UnknownVersion
 from edgeloop.monitor.report import render
@@ -47,6 +47,7 @@ def create_api(
     """The FastAPI app (OpenAPI at ``/docs``)."""
     api = FastAPI(title="edgeloop monitor", version="1", description="Drift, KPIs and alarms.")
     api.state.tokens = tokens
+    api.state.pool = pool
 
     @api.get("/v1/alarms")
     async def alarms(
@@ -67,7 +68,7 @@ def create_api(
         return {"alarms": [_row(r) for r in rows]}
 
     @api.post("/v1/alarms/{alarm_id}/ack")
-    async def ack(alarm_id: uuid.UUID, who: Actor) -> dict[str, Any]:
+    async def ack(alarm_id: uuid.UUID, who: MonitorWriter) -> dict[str, Any]:
         """Acknowledge a raised alarm (it stays open until its condition clears)."""
         async with pool().acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
@@ -104,7 +105,7 @@ def create_api(
         return {"model": model, "rules": {**DEFAULT_RULES, **own_rules}, "own": own_rules}
 
     @api.put("/v1/rules/{model}")
-    async def set_rules(model: str, body: dict[str, Any], who: Actor) -> dict[str, Any]:
+    async def set_rules(model: str, body: dict[str, Any], who: MonitorWriter) -> dict[str, Any]:
         """Replace the model's own rules (unknown keys or bad values: 422 naming them)."""
         try:
             rules = validate_rules(body.get("rules", body))
@@ -183,7 +184,7 @@ def create_api(
         return {"samples": out}
 
     @api.post("/v1/samples/{sample_id}/label")
-    async def label(sample_id: int, body: LabelBody, who: Actor) -> dict[str, Any]:
+    async def label(sample_id: int, body: LabelBody, who: DataWriter) -> dict[str, Any]:
         """Give a stored sample its true label (it then counts as labelled data)."""
         async with pool().acquire() as conn, conn.transaction():
             before = await conn.fetchval(

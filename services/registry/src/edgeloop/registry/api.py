@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
+from edgeloop.contracts.parsing import parse_duration
 from edgeloop.kit import audit
-from edgeloop.kit.api import Actor
+from edgeloop.kit.api import Actor, Admin, ModelWriter
+from edgeloop.kit.tokens import TokenError, issue_token, list_tokens, revoke_token
 from edgeloop.registry.errors import InvalidInput, NotFound, RegistryError, TooLarge
 from edgeloop.registry.service import Registration, Registry, check_alias, check_name, check_version
 from edgeloop.registry.store import PgStore
@@ -62,6 +64,16 @@ def _kv(text: str | None, what: str) -> dict[str, str]:
     return value
 
 
+class TokenBody(BaseModel):
+    """Body of ``POST /api/v1/tokens``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    role: str
+    expires_in: str | None = Field(default=None, description="e.g. 30d, 12h; none: no expiry")
+
+
 def create_api(registry: Registry, store: PgStore, tokens: frozenset[str]) -> FastAPI:
     """The ASGI app."""
     api = FastAPI(
@@ -75,11 +87,12 @@ def create_api(registry: Registry, store: PgStore, tokens: frozenset[str]) -> Fa
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     api.state.tokens = tokens
+    api.state.pool = lambda: store.pool
 
     @api.post("/api/v1/models/{name}/versions", status_code=201)
     async def register(
         name: str,
-        who: Actor,
+        who: ModelWriter,
         model: Annotated[UploadFile, File(description="the ONNX model")],
         suite: Annotated[UploadFile | None, File(description="npz with X and y")] = None,
         reference: Annotated[UploadFile | None, File(description="npz with X")] = None,
@@ -115,6 +128,41 @@ def create_api(registry: Registry, store: PgStore, tokens: frozenset[str]) -> Fa
         body = {"name": result.name, "version": result.version, "created": result.created}
         body.update(_public(result.record))
         return JSONResponse(body, status_code=201 if result.created else 200)
+
+    @api.post("/api/v1/tokens", status_code=201)
+    async def issue(body: TokenBody, who: Admin) -> dict[str, Any]:
+        """Issue a token with a role (its secret is in this answer only)."""
+        try:
+            expires = (
+                timedelta(seconds=parse_duration(body.expires_in)) if body.expires_in else None
+            )
+            async with store.pool.acquire() as conn, conn.transaction():
+                out = await issue_token(
+                    conn,
+                    name=body.name,
+                    role=body.role,
+                    actor=who,
+                    expires_in=expires,
+                    service="registry",
+                )
+        except (TokenError, ValueError) as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return _public(out)
+
+    @api.get("/api/v1/tokens")
+    async def tokens_list(_: Admin) -> dict[str, Any]:
+        """Every issued token, without secrets."""
+        async with store.pool.acquire() as conn:
+            return {"tokens": [_public(t) for t in await list_tokens(conn)]}
+
+    @api.post("/api/v1/tokens/{name}/revoke")
+    async def revoke(name: str, who: Admin) -> dict[str, Any]:
+        """Revoke a token: it is refused from now on."""
+        try:
+            async with store.pool.acquire() as conn, conn.transaction():
+                return _public(await revoke_token(conn, name=name, actor=who, service="registry"))
+        except KeyError:
+            raise HTTPException(404, f"no active token named {name!r}") from None
 
     @api.get("/api/v1/audit")
     async def audit_log(
@@ -164,7 +212,7 @@ def create_api(registry: Registry, store: PgStore, tokens: frozenset[str]) -> Fa
         return {**_public(record, with_profile=profile), "aliases": sorted(aliases)}
 
     @api.put("/api/v1/models/{name}/aliases/{alias}")
-    async def set_alias(name: str, alias: str, body: AliasBody, who: Actor) -> dict[str, str]:
+    async def set_alias(name: str, alias: str, body: AliasBody, who: ModelWriter) -> dict[str, str]:
         await registry.get(name, check_version(body.version))
         await store.set_alias(name, check_alias(alias), body.version, who)
         return {"name": name, "alias": alias, "version": body.version}
