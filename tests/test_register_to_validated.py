@@ -355,6 +355,23 @@ def test_the_demo_closes_the_loop(stack: dict[str, str], tmp_path: Path) -> None
     text = log.read_text()
     assert "done in" in text
     assert "edgeloop rollout status" in text  # it says where to look
+    # the lineage of v2: its parent, the alarm and retraining request behind it, its image,
+    # validation, rollout and the devices running it
+    model = story["model"]
+    shown = runner.invoke(app, ["models", "lineage", f"{model}@2", "--json"], env=stack)
+    assert shown.exit_code == 0, shown.output
+    lineage = json.loads(shown.output)
+    v2 = lineage["registry"]
+    assert (v2["parent_model"], v2["parent_version"]) == (model, "1")
+    assert lineage["retrain_alarm"]["retrain_request_id"] == v2["retrain_request_id"]
+    assert lineage["retrain_alarm"]["version"] == "1"
+    assert v2["build_detail"]["signature_digest"]
+    assert v2["validation_state"] == "passed"
+    assert [r["state"] for r in lineage["rollouts"]] == ["completed"]
+    assert len(lineage["devices"]) == 30
+    text = runner.invoke(app, ["models", "lineage", f"{model}@2"], env=stack).output
+    assert "caused by      alarm" in text
+    assert "running on       30 devices (" in text
 
 
 def test_one_trace_per_version_from_registration_to_each_device(

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from edgeloop.cli import lineage
 from edgeloop.cli.api import REGISTRY, pairs
 
 app = typer.Typer(help="Register model versions and look at them.", no_args_is_help=True)
@@ -15,6 +16,7 @@ alias_app = typer.Typer(help="Point aliases (champion, candidate, …) at versio
 app.add_typer(alias_app, name="alias")
 
 _request = REGISTRY.request
+app.command("lineage")(lineage.lineage)
 _pairs = pairs
 
 
