@@ -255,6 +255,20 @@ async def test_refusals_say_why(deploy: DeployStack) -> None:
     events = await deploy.events("rollout.refused")
     assert str(request.rollout_id) in {e["rollout_id"] for e in events}
 
+    # a deprecated version: new rollouts refused, with the reason given
+    resp = await deploy.registry.post(
+        f"/api/v1/models/{model}/versions/3/deprecate", json={"reason": "CVE in a dependency"}
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["stage"] == "deprecated"
+    code, body = await deploy.start(model, "3", sel)
+    assert code == 409
+    assert "deprecated: CVE in a dependency" in body["detail"]
+    trail = (await deploy.registry.get("/api/v1/audit", params={"model": model})).json()
+    assert [r["reason"] for r in trail["records"] if r["action"] == "model.deprecate"] == [
+        "CVE in a dependency"
+    ]
+
 
 async def _one_wave(
     deploy: DeployStack, version: str, sel: dict[str, str], *, max_failures: int
@@ -401,3 +415,38 @@ async def test_release_policy_rolls_validated_versions_out_up_to_its_approval_ga
     approvals = [actor for action, actor in actions if action == "rollout.approve"]
     assert starts[0] == "policy"
     assert approvals[1] != starts[1]  # four eyes, on the record
+
+
+async def test_a_rollout_to_gated_labels_waits_for_an_approval(deploy: DeployStack) -> None:
+    """A policy gate by destination (env=prod): a rollout there waits before its first
+    wave; the same version elsewhere goes straight on."""
+    u = deploy.unique
+    model = _model(deploy)
+    prod = await deploy.devices(1, {"fleet": u, "env": "prod"}, prefix="p")
+    lab = await deploy.devices(1, {"fleet": u, "env": "lab"}, prefix="l")
+    resp = await deploy.api.put(f"/v1/policies/{model}", json={"approval_labels": {"env": "prod"}})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["approval_labels"] == {"env": "prod"}
+    v1 = await deploy.validated(model, "1", classifier("iris").onnx)
+    code, to_lab = await deploy.start(
+        model, "1", {"env": "lab"}, waves=[{"percent": 100}], bake_seconds=0
+    )
+    assert code == 201, to_lab
+    code, to_prod = await deploy.start(
+        model, "1", {"env": "prod"}, waves=[{"percent": 100}], bake_seconds=0
+    )
+    assert code == 201, to_prod
+    held = await deploy.wait_rollout(to_prod["rollout_id"], "awaiting_approval")
+    assert held["approval_wave"] == 0
+    done = await deploy.wait_rollout(to_lab["rollout_id"], "completed", "rolled_back")
+    assert done["state"] == "completed"
+    assert done["approval_wave"] is None
+    await deploy.running(lab, v1)
+    resp = await deploy.api.post(
+        f"/v1/rollouts/{to_prod['rollout_id']}/approve",
+        json={"reason": "change ticket 42"},
+        headers={"Authorization": f"Bearer {APPROVER_TOKEN}"},
+    )
+    assert resp.status_code == 200, resp.text
+    await deploy.wait_rollout(to_prod["rollout_id"], "completed")
+    await deploy.running(prod, v1)

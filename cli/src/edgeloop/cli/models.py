@@ -110,11 +110,37 @@ def show(
         f"  build          {v['build_state']} {json.dumps(v['build_detail'] or {})}",
         f"  validation     {v['validation_state']} {json.dumps(v['validation_detail'] or {})}",
         f"  registered     {v['created_at']} by {v['created_by'] or '-'}",
+        f"  stage          {v.get('stage', 'active')}"
+        + (f" ({v['stage_reason']})" if v.get("stage_reason") else ""),
     ]
     if v.get("trace_parent"):
         trace_id = v["trace_parent"].split("-")[1]
         lines.append(f"  trace          {trace_id}  (edgeloop trace {name}@{version})")
     typer.echo("\n".join(lines))
+    if v.get("stage", "active") != "active":
+        typer.secho(
+            f"warning: {name}@{version} is {v['stage']}: new rollouts of it are refused",
+            err=True,
+            fg="yellow",
+        )
+
+
+@app.command()
+def deprecate(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
+    reason: Annotated[str | None, typer.Option(help="why, for the record")] = None,
+) -> None:
+    """Deprecate a version: new rollouts are refused; devices running it keep it."""
+    name, _, version = ref.partition("@")
+    if not name or not version:
+        typer.secho("give NAME@VERSION", err=True, fg="red")
+        raise typer.Exit(2)
+    v = _request(
+        "POST",
+        f"/api/v1/models/{name}/versions/{version}/deprecate",
+        json={"reason": reason} if reason else None,
+    )
+    typer.echo(f"{name}@{version}: {v['stage']}")
 
 
 validations_app = typer.Typer(help="Validation reports.", no_args_is_help=True)

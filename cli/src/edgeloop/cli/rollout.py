@@ -226,6 +226,7 @@ def _policy_text(p: dict[str, Any]) -> str:
         f"{w['percent']:g}%" if w.get("percent") is not None else str(w["count"])
         for w in p["waves"] or []
     )
+    gated = ",".join(f"{k}={v}" for k, v in sorted((p.get("approval_labels") or {}).items()))
     return "\n".join(
         [
             f"{p['model']}:",
@@ -233,6 +234,7 @@ def _policy_text(p: dict[str, Any]) -> str:
             f"  selector: {selector}",
             f"  waves: {waves or 'default (1, 10%, 50%, 100%)'}",
             f"  approval: {p['approval'].replace('_', ' ')}",
+            f"  approval for any rollout to: {gated or '-'}",
         ]
     )
 
@@ -266,6 +268,12 @@ def policy_set(
             help="none | before-rollout | after-first-wave: which wave waits for an approval"
         ),
     ] = "none",
+    approval_labels: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--approval-labels", help="k=v: any rollout to these labels waits for an approval"
+        ),
+    ] = None,
 ) -> None:
     """Set (replace) the model's release policy."""
     gate = approval.replace("-", "_")
@@ -275,6 +283,7 @@ def policy_set(
         "auto_rollout": auto,
         "selector": _selector(selector or []) or None,
         "approval": gate,
+        "approval_labels": _selector(approval_labels or []) or None,
         **_options(waves, bake, max_failures, converge_timeout),
     }
     p = DEPLOYER.request("PUT", f"/v1/policies/{model}", json=body)

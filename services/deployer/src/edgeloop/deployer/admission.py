@@ -89,6 +89,7 @@ class Admission:
                 "running; wait for it, or abort or roll it back first",
             )
         policy = await load_policy(conn, req.model)
+        gate = policy.approval_wave(len(plan), req.selector) if policy else None
         await self.store.insert(
             conn,
             req,
@@ -98,7 +99,7 @@ class Admission:
             plan=plan,
             state="pending",
             trace_parent=trace_parent,
-            approval_wave=policy.approval_wave(len(plan)) if policy else None,
+            approval_wave=gate,
         )
         await audit.record(
             conn,
@@ -114,7 +115,7 @@ class Admission:
                 "digest": image.digest,
                 "selector": req.selector,
                 "waves": [len(w) for w in plan],
-                "approval_wave": policy.approval_wave(len(plan)) if policy else None,
+                "approval_wave": gate,
             },
         )
         log.info(

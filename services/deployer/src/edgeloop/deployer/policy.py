@@ -47,6 +47,9 @@ class ReleasePolicy(BaseModel):
     max_failures: int | None = Field(default=None, ge=0)
     max_failures_percent: float | None = Field(default=None, ge=0, le=100)
     approval: Approval = Approval.NONE
+    approval_labels: dict[str, str] | None = None
+    """A rollout whose selector includes these labels (e.g. env=prod) waits for an
+    approval before it starts, whatever ``approval`` says."""
 
     def check(self) -> str | None:
         """Why the policy cannot work, or None."""
@@ -54,8 +57,12 @@ class ReleasePolicy(BaseModel):
             return "an automatic rollout needs a selector (which devices get new versions)"
         return None
 
-    def approval_wave(self, waves: int) -> int | None:
-        """The wave of a rollout with ``waves`` waves that waits for an approval."""
+    def approval_wave(self, waves: int, selector: dict[str, str] | None = None) -> int | None:
+        """The wave of a rollout with ``waves`` waves (to ``selector``) that waits for an
+        approval."""
+        labels = self.approval_labels or {}
+        if labels and all((selector or {}).get(k) == v for k, v in labels.items()):
+            return 0
         if self.approval is Approval.BEFORE_ROLLOUT:
             return 0
         if self.approval is Approval.AFTER_FIRST_WAVE and waves > 1:
@@ -104,6 +111,7 @@ async def load_policy(conn: Conn, model: str) -> ReleasePolicy | None:
         max_failures=row["max_failures"],
         max_failures_percent=row["max_failures_percent"],
         approval=Approval(row["approval"]),
+        approval_labels=json.loads(row["approval_labels"]) if row["approval_labels"] else None,
     )
 
 
@@ -112,12 +120,12 @@ async def save_policy(conn: Conn, model: str, policy: ReleasePolicy, actor: str)
     await conn.execute(
         """INSERT INTO policies (model, auto_rollout, selector, waves, bake_seconds,
                converge_timeout_seconds, max_failures, max_failures_percent, approval,
-               updated_by, updated_at)
-           VALUES ($1, $2, $3::jsonb, $4::jsonb, $5, $6, $7, $8, $9, $10, now())
+               updated_by, updated_at, approval_labels)
+           VALUES ($1, $2, $3::jsonb, $4::jsonb, $5, $6, $7, $8, $9, $10, now(), $11::jsonb)
            ON CONFLICT (model) DO UPDATE SET auto_rollout = $2, selector = $3::jsonb,
                waves = $4::jsonb, bake_seconds = $5, converge_timeout_seconds = $6,
                max_failures = $7, max_failures_percent = $8, approval = $9,
-               updated_by = $10, updated_at = now()""",
+               updated_by = $10, updated_at = now(), approval_labels = $11::jsonb""",
         model,
         policy.auto_rollout,
         json.dumps(policy.selector) if policy.selector else None,
@@ -130,4 +138,5 @@ async def save_policy(conn: Conn, model: str, policy: ReleasePolicy, actor: str)
         policy.max_failures_percent,
         policy.approval.value,
         actor,
+        json.dumps(policy.approval_labels) if policy.approval_labels else None,
     )

@@ -56,6 +56,13 @@ class Registry:
             raise Refused(404, f"model {model} has no version {version} in the registry")
         resp.raise_for_status()
         record: dict[str, Any] = resp.json()
+        if record.get("stage", "active") != "active":
+            why = f": {record['stage_reason']}" if record.get("stage_reason") else ""
+            raise Refused(
+                409,
+                f"{model}@{version} is {record['stage']}{why}; new rollouts of it are "
+                "refused (roll out a newer version)",
+            )
         state = record.get("validation_state")
         detail = record.get("validation_detail") or {}
         build = record.get("build_detail") or {}

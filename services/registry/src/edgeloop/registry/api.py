@@ -64,6 +64,14 @@ def _kv(text: str | None, what: str) -> dict[str, str]:
     return value
 
 
+class StageBody(BaseModel):
+    """Body of a stage change (optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=2000)
+
+
 class TokenBody(BaseModel):
     """Body of ``POST /api/v1/tokens``."""
 
@@ -216,6 +224,15 @@ def create_api(registry: Registry, store: PgStore, tokens: frozenset[str]) -> Fa
         await registry.get(name, check_version(body.version))
         await store.set_alias(name, check_alias(alias), body.version, who)
         return {"name": name, "alias": alias, "version": body.version}
+
+    @api.post("/api/v1/models/{name}/versions/{version}/deprecate")
+    async def deprecate(
+        name: str, version: str, who: ModelWriter, body: StageBody | None = None
+    ) -> dict[str, Any]:
+        """Deprecate a version: new rollouts of it are refused, tools warn about it."""
+        await registry.get(name, check_version(version))
+        reason = body.reason if body else None
+        return _public(await store.set_stage(name, version, "deprecated", reason, who))
 
     @api.get("/api/v1/models/{name}/aliases/{alias}")
     async def get_alias(name: str, alias: str, _: Actor) -> dict[str, Any]:

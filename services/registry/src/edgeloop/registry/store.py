@@ -192,6 +192,40 @@ class PgStore:
         )
         return {r["alias"]: r["version"] for r in rows}
 
+    async def set_stage(
+        self, name: str, version: str, stage: str, reason: str | None, actor: str
+    ) -> dict[str, Any]:
+        """Move a version to ``stage`` (audited); its record after."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            before = await conn.fetchval(
+                "SELECT stage FROM versions WHERE model = $1 AND version = $2 FOR UPDATE",
+                name,
+                version,
+            )
+            row = await conn.fetchrow(
+                "UPDATE versions SET stage = $3, stage_reason = $4 "
+                "WHERE model = $1 AND version = $2 RETURNING *",
+                name,
+                version,
+                stage,
+                reason,
+            )
+            await audit.record(
+                conn,
+                service="registry",
+                actor=actor,
+                action=f"model.{stage.removesuffix('d')}",
+                subject=f"{name}@{version}",
+                model=name,
+                version=version,
+                before={"stage": before},
+                after={"stage": stage},
+                reason=reason,
+            )
+        rec = _record(row)
+        assert rec is not None
+        return rec
+
     async def set_alias(
         self, name: str, alias: str, version: str, actor: str | None, conn: Conn | None = None
     ) -> None:
