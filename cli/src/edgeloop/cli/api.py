@@ -79,6 +79,15 @@ def check(resp: httpx.Response) -> Any:
     return resp.json()
 
 
+def version_ref(ref: str) -> tuple[str, str]:
+    """``NAME@VERSION`` → (name, version); exit 2 with a hint when either is missing."""
+    name, _, version = ref.partition("@")
+    if not name or not version:
+        typer.secho(f"give NAME@VERSION, not {ref!r}", err=True, fg="red")
+        raise typer.Exit(2)
+    return name, version
+
+
 def pairs(values: list[str] | None, what: str) -> dict[str, str]:
     """``k=v`` options → dict (exit 2 on a malformed one)."""
     out: dict[str, str] = {}

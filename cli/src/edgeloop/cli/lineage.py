@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import typer
 
-from edgeloop.cli.api import DEPLOYER, GATEWAY, MONITOR, REGISTRY, when
+from edgeloop.cli.api import DEPLOYER, GATEWAY, MONITOR, REGISTRY, version_ref, when
 
 
 def gather(name: str, version: str) -> dict[str, Any]:
@@ -107,9 +107,6 @@ def lineage(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
 ) -> None:
     """Where a version came from and where it went, from data to devices."""
-    name, _, version = ref.partition("@")
-    if not name or not version:
-        typer.secho("give NAME@VERSION", err=True, fg="red")
-        raise typer.Exit(2)
+    name, version = version_ref(ref)
     doc = gather(name, version)
     typer.echo(json.dumps(doc, indent=1, default=str) if as_json else render(doc))

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from edgeloop.cli import lineage
-from edgeloop.cli.api import REGISTRY, pairs
+from edgeloop.cli.api import REGISTRY, pairs, version_ref
 
 app = typer.Typer(help="Register model versions and look at them.", no_args_is_help=True)
 alias_app = typer.Typer(help="Point aliases (champion, candidate, …) at versions.")
@@ -131,10 +131,7 @@ def deprecate(
     reason: Annotated[str | None, typer.Option(help="why, for the record")] = None,
 ) -> None:
     """Deprecate a version: new rollouts are refused; devices running it keep it."""
-    name, _, version = ref.partition("@")
-    if not name or not version:
-        typer.secho("give NAME@VERSION", err=True, fg="red")
-        raise typer.Exit(2)
+    name, version = version_ref(ref)
     v = _request(
         "POST",
         f"/api/v1/models/{name}/versions/{version}/deprecate",
@@ -152,10 +149,7 @@ def validations_show(
     json_out: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """A version's validation report: verdict, reasons, metrics, champion, profile."""
-    name, _, version = ref.partition("@")
-    if not version:
-        typer.secho("give NAME@VERSION", err=True, fg="red")
-        raise typer.Exit(2)
+    name, version = version_ref(ref)
     v = _request("GET", f"/api/v1/models/{name}/versions/{version}")
     detail = v.get("validation_detail") or {}
     report = detail.get("report") or {}

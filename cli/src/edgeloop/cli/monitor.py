@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from edgeloop.cli.api import MONITOR, check, when
+from edgeloop.cli.api import MONITOR, check, version_ref, when
 
 alarms_app = typer.Typer(help="Drift and KPI alarms.", no_args_is_help=True)
 app = typer.Typer(help="Drift and KPI monitoring: rules and windows.", no_args_is_help=True)
@@ -118,10 +118,7 @@ def report(
 ) -> None:
     """The drift report of a version: reference vs current per feature, PSI over time,
     alarms — one self-contained HTML file."""
-    name, _, version = ref.partition("@")
-    if not name or not version:
-        typer.secho("give NAME@VERSION", err=True, fg="red")
-        raise typer.Exit(2)
+    name, version = version_ref(ref)
     with MONITOR.client() as client:
         resp = client.get("/v1/report", params={"model": name, "version": version})
     if resp.status_code >= 400:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgeloop.cli.api import DEPLOYER, pairs, when
+from edgeloop.cli.api import DEPLOYER, pairs, version_ref, when
 from edgeloop.contracts.parsing import parse_duration, parse_waves
 
 app = typer.Typer(help="Roll validated versions out to device groups.", no_args_is_help=True)
@@ -48,9 +48,7 @@ def start(
     watch: Annotated[bool, typer.Option("--watch", help="then follow it")] = False,
 ) -> None:
     """Start a rollout; prints its id and plan."""
-    name, _, version = ref.partition("@")
-    if not name or not version:
-        raise _fail("give NAME@VERSION")
+    name, version = version_ref(ref)
     body = {
         "model": name,
         "version": version,

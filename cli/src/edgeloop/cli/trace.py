@@ -16,7 +16,7 @@ from urllib.parse import quote
 import httpx
 import typer
 
-from edgeloop.cli.api import REGISTRY, Api
+from edgeloop.cli.api import REGISTRY, Api, version_ref
 
 TRACES = Api("traces", "EDGELOOP_TRACES_API", "traces_api", "http://127.0.0.1:18500")
 
@@ -86,9 +86,6 @@ def trace(
     as_json: Annotated[bool, typer.Option("--json", help="the raw trace")] = False,
 ) -> None:
     """The trace id of a model version and its span tree, from registration to devices."""
-    name, _, version = ref.partition("@")
-    if not name or not version:
-        typer.secho("give NAME@VERSION", err=True, fg="red")
-        raise typer.Exit(2)
+    name, version = version_ref(ref)
     doc = fetch(trace_id_of(name, version))
     typer.echo(json.dumps(doc, indent=1) if as_json else render(doc))

@@ -36,31 +36,23 @@ def register_handlers(
     """Subscribe the deployer's consumers."""
     store = Store()
 
-    @svc.consume(
-        RolloutRequested,
-        ConsumerSpec(
+    def admitting(durable: str, subject: str) -> ConsumerSpec:
+        """One event per transaction (an admission asks other services), retried with
+        back-off while they are unreachable or the version is still being validated."""
+        return ConsumerSpec(
             stream=s.STREAM_LIFECYCLE,
-            durable=s.CONSUMER_DEPLOYER,
-            filter_subjects=(s.ROLLOUT_REQUESTED,),
+            durable=durable,
+            filter_subjects=(subject,),
             max_deliver=max_attempts + 1,
             backoff=backoff,
             batch_size=1,
-        ),
-    )
+        )
+
+    @svc.consume(RolloutRequested, admitting(s.CONSUMER_DEPLOYER, s.ROLLOUT_REQUESTED))
     async def on_rollout_requested(event: RolloutRequested, tx: Tx) -> None:
         await admit(event, tx)
 
-    @svc.consume(
-        ValidationPassed,
-        ConsumerSpec(
-            stream=s.STREAM_LIFECYCLE,
-            durable=s.CONSUMER_DEPLOYER_RELEASES,
-            filter_subjects=(s.VALIDATION_PASSED,),
-            max_deliver=max_attempts + 1,
-            backoff=backoff,
-            batch_size=1,
-        ),
-    )
+    @svc.consume(ValidationPassed, admitting(s.CONSUMER_DEPLOYER_RELEASES, s.VALIDATION_PASSED))
     async def on_validation_passed(event: ValidationPassed, tx: Tx) -> None:
         policy = await load_policy(tx.conn, event.model)
         if policy is None or not policy.auto_rollout or policy.check():

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from edgeloop.kit import audit
 from edgeloop.kit.api import Actor, DataWriter, MonitorWriter
+from edgeloop.kit.db import Conn
 from edgeloop.monitor.aggregate import Window
 from edgeloop.monitor.references import References, UnknownVersion
 from edgeloop.monitor.report import render
@@ -39,6 +40,23 @@ def _row(record: asyncpg.Record) -> dict[str, Any]:
             value = json.loads(value)
         out[key] = value
     return out
+
+
+async def _audit(
+    conn: Conn, who: str, action: str, subject: str, row: Any, before: Any, after: Any
+) -> None:
+    """An audit record of a change to ``row`` (which names its model and version)."""
+    await audit.record(
+        conn,
+        service="monitor",
+        actor=who,
+        action=action,
+        subject=subject,
+        model=row["model"],
+        version=row["version"],
+        before=before,
+        after=after,
+    )
 
 
 def create_api(
@@ -78,16 +96,14 @@ def create_api(
                 who,
             )
             if row is not None:
-                await audit.record(
+                await _audit(
                     conn,
-                    service="monitor",
-                    actor=who,
-                    action="alarm.ack",
-                    subject=f"alarm {alarm_id}",
-                    model=row["model"],
-                    version=row["version"],
-                    before={"state": "raised"},
-                    after={"state": "acknowledged"},
+                    who,
+                    "alarm.ack",
+                    f"alarm {alarm_id}",
+                    row,
+                    {"state": "raised"},
+                    {"state": "acknowledged"},
                 )
         if row is None:
             state = await pool().fetchval("SELECT state FROM alarms WHERE alarm_id = $1", alarm_id)
@@ -198,16 +214,14 @@ def create_api(
                 who,
             )
             if row is not None:
-                await audit.record(
+                await _audit(
                     conn,
-                    service="monitor",
-                    actor=who,
-                    action="sample.label",
-                    subject=f"sample {sample_id}",
-                    model=row["model"],
-                    version=row["version"],
-                    before={"label": before},
-                    after={"label": body.label},
+                    who,
+                    "sample.label",
+                    f"sample {sample_id}",
+                    row,
+                    {"label": before},
+                    {"label": body.label},
                 )
         if row is None:
             raise HTTPException(404, f"no sample {sample_id}")
