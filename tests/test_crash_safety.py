@@ -6,6 +6,7 @@ validation, wave, alarm, retrain request — exists exactly once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import nats
 import pytest
 
@@ -90,7 +92,13 @@ def test_the_loop_survives_every_service_killed_once(tmp_path: Path) -> None:
             assert up.poll() is None, (tmp_path / "up.out").read_text()
             assert time.monotonic() < deadline, "make up did not start"
             time.sleep(0.5)
-        time.sleep(3)  # the services are ready
+        for svc in _stack(state)["services"].values():  # every service ready
+            while True:
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(svc["ready_url"], timeout=5).status_code == 200:
+                        break
+                assert time.monotonic() < deadline + 60, f"{svc} never became ready"
+                time.sleep(0.5)
         out = tmp_path / "demo.json"
         killer = threading.Thread(target=_killer, args=(state, rng, stop, kills))
         with (tmp_path / "demo.out").open("wb") as demo_log:

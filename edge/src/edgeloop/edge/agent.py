@@ -484,7 +484,11 @@ class Agent:
             await self._start(installed)
         except ActivationError as exc:
             key = (desired.manifest_digest, desired.revision)
-            if not exc.permanent and self.connected.is_set():
+            if not exc.permanent and not self.connected.is_set():
+                # cut off from the gateway (it restarts, the link is down): not this
+                # image's fault, so no attempt is spent; try again once back
+                raise _Retry(str(exc)) from exc
+            if not exc.permanent:
                 self._attempts[key] = self._attempts.get(key, 0) + 1
                 if self._attempts[key] < MAX_ATTEMPTS:
                     raise _Retry(str(exc)) from exc

@@ -102,6 +102,10 @@ class FleetOptions:
     """host:port override (default: the address the enrolment bundle names)."""
 
 
+#: Seconds enrolment waits for a gateway API that refuses connections (starting up).
+ENROL_PATIENCE = 60.0
+
+
 def device_ids(prefix: str, n: int) -> list[str]:
     """``prefix-00000`` … (stable: a re-run reuses the same devices)."""
     return [f"{prefix}-{i:05d}" for i in range(n)]
@@ -118,13 +122,21 @@ def enroll(opts: FleetOptions, device_id: str) -> AgentConfig:
             headers={"Authorization": f"Bearer {opts.token}", "Content-Type": "application/json"},
             method="POST",
         )
-        try:
-            with urllib.request.urlopen(request, timeout=60) as resp:
-                body = json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            raise RuntimeError(
-                f"enrolment of {device_id} refused ({exc.code}): {exc.read().decode()[:300]}"
-            ) from exc
+        deadline = time.monotonic() + ENROL_PATIENCE
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as resp:
+                    body = json.loads(resp.read())
+                break
+            except urllib.error.HTTPError as exc:
+                raise RuntimeError(
+                    f"enrolment of {device_id} refused ({exc.code}): {exc.read().decode()[:300]}"
+                ) from exc
+            except urllib.error.URLError:
+                # the gateway is (re)starting: its API comes up in a moment
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         write_bundle(bundle, body)
     config = AgentConfig.load(config_file)
     config.telemetry_seconds = opts.telemetry_seconds
