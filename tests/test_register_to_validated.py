@@ -430,6 +430,10 @@ def test_one_trace_per_version_from_registration_to_each_device(
         assert "deployer:rollout iris-trace@1" in chain
         assert chain[-1] == "registry:register iris-trace"
     assert {"deployer:wave 0 writing", "deployer:wave 1 writing"} <= set(named)
+    # the agents' downloads carry the rollout's context in gRPC metadata
+    fetches = [a for key, a in named.items() if key.startswith("gateway:fetch artifact for sim-")]
+    assert fetches
+    assert all("deployer:rollout iris-trace@1" in chain for chain in fetches)
     text = runner.invoke(app, ["trace", "iris-trace@1"], env=stack).output
     assert text.splitlines()[0].startswith(f"trace {trace_id}: ")
     assert text.splitlines()[1].strip().startswith("register iris-trace  [registry]")

@@ -519,7 +519,9 @@ class Agent:
             )
         self.state = pb.DEVICE_STATE_DOWNLOADING
         self._report()
-        manifest_path = await self._download(desired.manifest_digest, desired.image)
+        manifest_path = await self._download(
+            desired.manifest_digest, desired.image, desired.trace_parent
+        )
         try:
             manifest = json.loads(manifest_path.read_bytes())
             layer = manifest["layers"][-1]
@@ -532,7 +534,7 @@ class Agent:
             raise ActivationError(
                 f"the image's model is {annotated}, the desired state names {desired.model_digest}"
             )
-        layer_path = await self._download(layer_digest, desired.image)
+        layer_path = await self._download(layer_digest, desired.image, desired.trace_parent)
         return await asyncio.to_thread(
             self.store.install,
             desired.manifest_digest,
@@ -574,7 +576,7 @@ class Agent:
             + "; ".join(reasons)
         )
 
-    async def _download(self, digest: str, image: str) -> Path:
+    async def _download(self, digest: str, image: str, trace_parent: str = "") -> Path:
         """A verified artifact, fetched from where an interrupted download stopped."""
         if self.store.have(digest):
             return self.store.blob(digest)
@@ -586,7 +588,9 @@ class Agent:
             self.faults.corrupt_download > 0 and self.rng.random() < self.faults.corrupt_download
         )
         call = self._stub.FetchArtifact(
-            pb.FetchArtifactRequest(digest=digest, offset=have, image=image)
+            pb.FetchArtifactRequest(digest=digest, offset=have, image=image),
+            # the rollout's trace context, so the gateway's fetch span joins it
+            metadata=(("traceparent", trace_parent),) if trace_parent else None,
         )
         try:
             with self.store.partial(digest).open("ab") as out:

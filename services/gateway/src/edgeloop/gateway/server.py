@@ -564,17 +564,33 @@ class EdgeGateway:
             await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))
             return
         offset = request.offset
-        async for data in chunks:
-            end = offset + len(data)
-            yield pb.ArtifactChunk(
-                digest=request.digest,
-                offset=offset,
-                data=data,
-                total_size=size,
-                last=end >= size,
-                media_type=media_type,
+        trace_parent = dict(context.invocation_metadata() or ()).get("traceparent")
+        span = (
+            self.tracer.start_span(
+                f"fetch artifact for {session.device_id}",
+                context=parent_context(str(trace_parent)),
+                kind=SpanKind.SERVER,
+                attributes={"edgeloop.digest": request.digest, "edgeloop.offset": offset},
             )
-            offset = end
+            if trace_parent
+            else None
+        )
+        try:
+            async for data in chunks:
+                end = offset + len(data)
+                yield pb.ArtifactChunk(
+                    digest=request.digest,
+                    offset=offset,
+                    data=data,
+                    total_size=size,
+                    last=end >= size,
+                    media_type=media_type,
+                )
+                offset = end
+        finally:
+            if span is not None:
+                span.set_attribute("edgeloop.bytes", offset - request.offset)
+                span.end()
         if offset == size and size == request.offset:  # nothing left: say so once
             yield pb.ArtifactChunk(
                 digest=request.digest,
