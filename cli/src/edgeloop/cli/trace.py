@@ -16,9 +16,7 @@ from urllib.parse import quote
 import httpx
 import typer
 
-from edgeloop.cli.api import REGISTRY, Api, version_ref
-
-TRACES = Api("traces", "EDGELOOP_TRACES_API", "traces_api", "http://127.0.0.1:18500")
+from edgeloop.cli.api import REGISTRY, TRACES, version_ref
 
 
 def trace_id_of(name: str, version: str) -> str:

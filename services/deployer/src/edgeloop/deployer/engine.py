@@ -477,33 +477,21 @@ class Engine:
             context=parent_context(r.trace_parent),
             attributes={"edgeloop.rollout_id": str(r.rollout_id)},
         ):
-            await self._commit(r, expect, rollout, wave, previous, outcomes, events)
-
-    async def _commit(
-        self,
-        r: Rollout,
-        expect: tuple[str, ...],
-        rollout: dict[str, object] | None,
-        wave: tuple[int, dict[str, object]] | None,
-        previous: dict[str, bytes | None] | None,
-        outcomes: dict[str, tuple[str, str | None]] | None,
-        events: Sequence[Event],
-    ) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            if not await self.store.owns(conn, r.rollout_id, self.owner):
-                raise LostOwnership(r.rollout_id)
-            if not await self.store.set_rollout(
-                conn, r.rollout_id, expect=expect, **(rollout or {})
-            ):
-                raise LostOwnership(r.rollout_id)  # paused, aborted … meanwhile
-            if wave is not None:
-                await self.store.set_wave(conn, r.rollout_id, wave[0], **wave[1])
-            if previous is not None:
-                await self.store.capture_previous(conn, r.rollout_id, previous)
-            if outcomes:
-                await self.store.set_outcomes(conn, r.rollout_id, outcomes)
-            for event in events:
-                await add_event(conn, self.schema, event)
+            async with self.pool.acquire() as conn, conn.transaction():
+                if not await self.store.owns(conn, r.rollout_id, self.owner):
+                    raise LostOwnership(r.rollout_id)
+                if not await self.store.set_rollout(
+                    conn, r.rollout_id, expect=expect, **(rollout or {})
+                ):
+                    raise LostOwnership(r.rollout_id)  # paused, aborted … meanwhile
+                if wave is not None:
+                    await self.store.set_wave(conn, r.rollout_id, wave[0], **wave[1])
+                if previous is not None:
+                    await self.store.capture_previous(conn, r.rollout_id, previous)
+                if outcomes:
+                    await self.store.set_outcomes(conn, r.rollout_id, outcomes)
+                for event in events:
+                    await add_event(conn, self.schema, event)
 
 
 def _now() -> datetime:

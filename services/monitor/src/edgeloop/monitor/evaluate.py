@@ -78,7 +78,6 @@ class Evaluator:
         self.refs = refs
         self.grace = timedelta(seconds=grace_seconds)
         self._peeked: dict[tuple[str, str, str, datetime], int] = {}
-        self._current: Slot | None = None
 
     async def run(self, every: float) -> None:
         """Until cancelled."""
@@ -116,7 +115,7 @@ class Evaluator:
         closed windows. A window is looked at again only when it has grown; how many
         alarms were raised."""
         rows = await self.pool.fetch(
-            """SELECT model, version, grp, window_start, (aggregate->>'count')::bigint AS n
+            """SELECT model, version, grp, window_start, count AS n
                FROM windows WHERE NOT evaluated AND window_end > $1""",
             datetime.now(UTC) - self.grace,
         )
@@ -192,15 +191,6 @@ class Evaluator:
 
     async def evaluate_one(self) -> bool:
         """Judge the oldest closed window not judged yet; whether there was one."""
-        self._current = None
-        try:
-            return await self._evaluate_one()
-        except Exception as exc:
-            if self._current is None or isinstance(exc, _OUTAGES):
-                raise  # an outage: the same window is judged again later
-            raise WindowFailed(self._current) from exc
-
-    async def _evaluate_one(self) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 """SELECT model, version, grp, window_start, window_end, aggregate FROM windows
@@ -210,39 +200,48 @@ class Evaluator:
             )
             if row is None:
                 return False
-            model, version, group = row["model"], row["version"], row["grp"]
-            at = Slot(model, version, group, row["window_start"], row["window_end"])
-            self._current = at
-            window: Window | None = None
-            rules = {**DEFAULT_RULES, **await load_rules(conn, model)}
+            model, version = row["model"], row["version"]
+            at = Slot(model, version, row["grp"], row["window_start"], row["window_end"])
             try:
-                ref = await self.refs.get(model, version)
-            except UnknownVersion:
-                scores: dict[str, Any] = {"error": "no reference profile"}
-                judgements: list[Judgement] = []
-            else:
-                window = Window.from_json(json.loads(row["aggregate"]))
-                scores = score(window, ref)
-                judgements = judge(scores, rules)
-            await conn.execute(
-                "UPDATE windows SET evaluated = true, scores = $5::jsonb "
-                "WHERE model = $1 AND version = $2 AND grp = $3 AND window_start = $4",
-                model,
-                version,
-                group,
-                row["window_start"],
-                json.dumps(scores),
-            )
-            for j in judgements:
-                await self._apply(conn, at, j, int(rules["clear_windows"]))
-            if window is not None:
-                await judge_cohorts(conn, self.schema, at, window, rules)
+                scores = await self._judge(conn, at, row["aggregate"])
+            except _OUTAGES:
+                raise  # an outage: the same window is judged again later
+            except Exception as exc:
+                raise WindowFailed(at) from exc
         WINDOWS.inc()
         for name, f in (scores.get("features") or {}).items():
             DRIFT.labels(model, version, name).set(f["psi"])
         for name, value in (scores.get("kpis") or {}).items():
             KPI.labels(model, version, name).set(value)
         return True
+
+    async def _judge(self, conn: Conn, at: Slot, aggregate: str) -> dict[str, Any]:
+        """Score the window, mark it judged, apply its judgements; its scores."""
+        window: Window | None = None
+        rules = {**DEFAULT_RULES, **await load_rules(conn, at.model)}
+        try:
+            ref = await self.refs.get(at.model, at.version)
+        except UnknownVersion:
+            scores: dict[str, Any] = {"error": "no reference profile"}
+            judgements: list[Judgement] = []
+        else:
+            window = Window.from_json(json.loads(aggregate))
+            scores = score(window, ref)
+            judgements = judge(scores, rules)
+        await conn.execute(
+            "UPDATE windows SET evaluated = true, scores = $5::jsonb "
+            "WHERE model = $1 AND version = $2 AND grp = $3 AND window_start = $4",
+            at.model,
+            at.version,
+            at.group,
+            at.start,
+            json.dumps(scores),
+        )
+        for j in judgements:
+            await self._apply(conn, at, j, int(rules["clear_windows"]))
+        if window is not None:
+            await judge_cohorts(conn, self.schema, at, window, rules)
+        return scores
 
     async def _apply(self, conn: Conn, at: Slot, j: Judgement, clear_windows: int) -> None:
         model, version, end = at.model, at.version, at.end

@@ -73,7 +73,7 @@ def register_handlers(
             check(batch, ref, max_count=max_count)
         except (UnknownVersion, BadTelemetry) as exc:
             code = exc.code if isinstance(exc, BadTelemetry) else "unknown_model"
-            await _reject(tx, batch.device_id, code, str(exc))
+            await _reject(tx.conn, batch.device_id, code, str(exc))
             return
         except httpx.HTTPError:
             raise  # the registry is unreachable: retried
@@ -158,14 +158,10 @@ async def _malformed(conn: Conn, msg: Msg, reason: str) -> None:
     its subject names (``device.telemetry.<model>.<device>.<partition>``)."""
     tokens = msg.subject.split(".")
     device = tokens[3] if len(tokens) > 3 else "unknown"
-    await _record_rejection(conn, device, "malformed", reason)
+    await _reject(conn, device, "malformed", reason)
 
 
-async def _reject(tx: Tx, device_id: str, code: str, reason: str) -> None:
-    await _record_rejection(tx.conn, device_id, code, reason)
-
-
-async def _record_rejection(conn: Conn, device_id: str, code: str, reason: str) -> None:
+async def _reject(conn: Conn, device_id: str, code: str, reason: str) -> None:
     REJECTED.labels(code).inc()
     log.info("telemetry of %s refused (%s): %s", device_id, code, reason)
     await conn.execute(

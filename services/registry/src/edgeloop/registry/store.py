@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import uuid
 from collections.abc import Callable
@@ -226,18 +225,13 @@ class PgStore:
         assert rec is not None
         return rec
 
-    async def set_alias(
-        self, name: str, alias: str, version: str, actor: str | None, conn: Conn | None = None
-    ) -> None:
+    async def set_alias(self, name: str, alias: str, version: str, actor: str | None) -> None:
         """Point ``alias`` at ``version`` (the version must exist)."""
         sql = """INSERT INTO aliases (model, alias, version, updated_by) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (model, alias) DO UPDATE
                  SET version = EXCLUDED.version, updated_at = now(),
                      updated_by = EXCLUDED.updated_by"""
-        async with contextlib.AsyncExitStack() as stack:
-            if conn is None:
-                conn = await stack.enter_async_context(self.pool.acquire())
-                await stack.enter_async_context(conn.transaction())
+        async with self.pool.acquire() as conn, conn.transaction():
             before = await conn.fetchval(
                 "SELECT version FROM aliases WHERE model = $1 AND alias = $2", name, alias
             )
