@@ -31,12 +31,12 @@ from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import CanaryVerdict, Verdict
 from edgeloop.contracts.twin import DesiredModel
 from edgeloop.devstack.servers import free_port
-from edgeloop.devstack.testing import api_up, eventually
+from edgeloop.devstack.testing import api_up, eventually, publish_event
 from edgeloop.edge.fleet import Fleet, FleetOptions
 from edgeloop.kit.kv import KvMirror
 from edgeloop.registry.app import build as build_registry
 from edgeloop.registry.config import RegistrySettings
-from tests.deploy_harness import deployer_process, make_validated, publish_event
+from tests.deploy_harness import deployer_process, make_validated
 from tests.edge_harness import TOKEN
 from tests.modelzoo import classifier
 

@@ -19,13 +19,13 @@ import numpy as np
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import Histogram, TelemetryBatch
 from edgeloop.devstack.servers import free_port
-from edgeloop.devstack.testing import api_up, eventually
+from edgeloop.devstack.testing import api_up, eventually, publish_event
 from edgeloop.edge.sources import Drift, SimulatedSensor
 from edgeloop.monitor.app import build as build_monitor
 from edgeloop.monitor.config import MonitorSettings
 from edgeloop.registry.app import build as build_registry
 from edgeloop.registry.config import RegistrySettings
-from tests.deploy_harness import publish_event, register_version
+from tests.deploy_harness import register_version
 from tests.edge_harness import TOKEN
 from tests.modelzoo import classifier
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +20,6 @@ async def edge(
     """A gateway service with its PKI, on the session's NATS, PostgreSQL and registry."""
     async with edge_stack(nats_url, pg_dsn, registry_url, tmp_path / "edge") as stack:
         yield stack
-
-
-@pytest.fixture
-def nats_private(tmp_path: Path) -> Iterator[NatsServer]:
-    """A nats-server of this test's own (streams, KV buckets and consumers start empty)."""
-    server = NatsServer(tmp_path / "nats").start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

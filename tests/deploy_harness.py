@@ -23,19 +23,12 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import Event, ImageBuilt, ValidationFailed, ValidationPassed
 from edgeloop.devstack.servers import free_port
-from edgeloop.devstack.testing import api_up, eventually
+from edgeloop.devstack.testing import api_up, eventually, publish_event
 from edgeloop.devstack.up import ServiceProcess
 from edgeloop.edge.agent import Agent, Faults
 from edgeloop.registry.app import build as build_registry
 from edgeloop.registry.config import RegistrySettings
 from tests.edge_harness import TOKEN, EdgeStack, Image, edge_stack, push_model_image
-
-
-async def publish_event(js: JetStreamContext, event: Event, subject: str | None = None) -> None:
-    """Publish ``event`` as its service's outbox relay (or the gateway) would."""
-    await js.publish(
-        subject or event.subject, event.to_json(), headers={"Nats-Msg-Id": str(event.event_id)}
-    )
 
 
 async def lifecycle_events(js: JetStreamContext, subject: str) -> list[dict[str, Any]]:

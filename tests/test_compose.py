@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 import yaml
 
@@ -60,7 +61,31 @@ def config() -> dict[str, Any]:
 def test_compose_config_passes_and_has_every_part(config: dict[str, Any]) -> None:
     services = config["services"]
     assert set(services) == {*PLATFORM, *INFRA, "fleet"}
-    assert "-js" in services["nats"]["command"]  # JetStream
+    assert services["nats"]["command"] == ["-c", "/run/secrets/nats.conf"]
+    assert services["nats"]["secrets"][0]["target"] == "nats.conf"
+
+
+def test_every_service_connects_to_nats_as_its_own_user(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    compose_secrets(tmp_path)
+    server = (tmp_path / "compose" / "nats.conf").read_text()
+    assert "jetstream" in server
+    assert 'store_dir: "/data"' in server
+    for name in PLATFORM:
+        svc = config["services"][name]
+        assert svc["environment"][f"EDGELOOP_{name.upper()}_NATS_USER"] == name
+        (secret,) = [
+            s for s in svc["secrets"] if s.get("target") == f"EDGELOOP_{name.upper()}_NATS_PASSWORD"
+        ]
+        source = Path(config["secrets"][secret["source"]]["file"]).name
+        password = (tmp_path / "compose" / source).read_text().strip()
+        # the server holds a hash of that password, for that user, with its rights only
+        entry = server[server.index(f'"user": "{name}"') :]
+        digest = entry.split('"password": "', 1)[1].split('"', 1)[0]
+        assert bcrypt.checkpw(password.encode(), digest.encode()), name
+        assert password not in server
+        assert entry.index('"permissions"') < entry.index("}\n  }")
 
 
 def test_every_service_is_built_from_its_dockerfile_in_the_workspace(

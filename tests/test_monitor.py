@@ -24,7 +24,7 @@ from edgeloop.cli.main import app
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import Histogram, RetrainRequested, TelemetryBatch
 from edgeloop.devstack.servers import NatsServer, free_port
-from edgeloop.devstack.testing import api_up, eventually, stream_messages
+from edgeloop.devstack.testing import api_up, eventually, publish_event, stream_messages
 from edgeloop.devstack.up import ServiceProcess
 from edgeloop.edge.agent import Agent
 from edgeloop.kit.consumer import DLQ_REASON
@@ -34,7 +34,7 @@ from edgeloop.monitor.config import MonitorSettings
 from edgeloop.registry.app import build as build_registry
 from edgeloop.registry.config import RegistrySettings
 from examples.retrain import handle
-from tests.deploy_harness import lifecycle_events, publish_event, register_version
+from tests.deploy_harness import lifecycle_events, register_version
 from tests.edge_harness import TOKEN, EdgeStack, edge_stack, wait_state
 from tests.modelzoo import classifier
 

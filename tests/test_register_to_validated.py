@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from edgeloop.cli.main import app
+from edgeloop.contracts.access import SERVICES as ACCESS
 from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import stream_messages, up_environment
 from tests.modelzoo import ModelFiles, classifier
@@ -310,6 +311,14 @@ def test_each_secret_reaches_only_its_service(stack: dict[str, str]) -> None:
     assert "EDGELOOP_BUILDER_SIGNING_KEY" not in env["registry"]
     assert "EDGELOOP_BUILDER_SIGNING_KEY" not in env["validator"]
     assert "EDGELOOP_REGISTRY_API_TOKENS" not in env["builder"]
+    # each service connects to NATS as itself, and knows no other's password
+    for name, own in env.items():
+        users = {k for k in own if k.endswith("_NATS_PASSWORD")}
+        if name in ACCESS:
+            assert own[f"EDGELOOP_{name.upper()}_NATS_USER"] == name
+            assert users == {f"EDGELOOP_{name.upper()}_NATS_PASSWORD"}, name
+        else:
+            assert users == set(), name
 
 
 def test_the_demo_closes_the_loop(stack: dict[str, str], tmp_path: Path) -> None:
@@ -496,6 +505,14 @@ def test_the_audit_trail_records_each_action_and_shows_tampering(
     assert runner.invoke(app, ["audit", "verify"], env=stack).exit_code == 0
 
 
+def test_no_service_was_refused_by_nats(stack: dict[str, str]) -> None:
+    """After the module's stories (register, build, validate, roll out, the demo's whole
+    loop), with every service on its own NATS user: the server refused none of them."""
+    log = (Path(stack["EDGELOOP_STATE_DIR"]) / "nats" / "nats.log").read_text()
+    refused = [line for line in log.splitlines() if "Violation" in line or "authentication" in line]
+    assert refused == [], refused[:5]
+
+
 def test_no_secret_in_an_event_a_log_line_or_an_image(stack: dict[str, str]) -> None:
     """Last in this module, after the stack built, validated and rolled out versions and
     ran the demo: the API token and the signing key appear in no event (LIFECYCLE,
@@ -507,7 +524,9 @@ def test_no_secret_in_an_event_a_log_line_or_an_image(stack: dict[str, str]) -> 
         for line in (state / "signing-key.pem").read_text().splitlines()
         if line and not line.startswith("-----")
     ]
+    nats_passwords = [p.read_text().strip() for p in (state / "nats-users").iterdir()]
     secrets = [token.encode(), *(line.encode() for line in key_lines)]
+    secrets += [p.encode() for p in nats_passwords]
     assert all(len(s) >= 16 for s in secrets)
 
     def leaks(data: bytes) -> list[bytes]:

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from edgeloop.cli.config import load_endpoints, ready_url_for, redact
+from edgeloop.cli.config import load_endpoints, ready_url_for
 from edgeloop.cli.main import app
+from edgeloop.contracts.stackfile import redact
 from edgeloop.devstack.servers import NatsServer, free_port
 from edgeloop.kit.http import HealthServer
 

@@ -15,6 +15,7 @@ import asyncpg
 import psutil
 import pytest
 
+from edgeloop.contracts.access import SERVICES as ACCESS
 from edgeloop.contracts.stackfile import load_stack_json
 from edgeloop.devstack.testing import up_environment
 from edgeloop.devstack.up import SERVICES, running_pid
@@ -77,7 +78,12 @@ def test_up_writes_stack_json_keeps_data_and_stops_cleanly(tmp_path: Path) -> No
     proc = _up(state, env)
     try:
         stack = _wait_for_stack(proc, state)
-        assert stack["nats_url"] == f"nats://127.0.0.1:{env['EDGELOOP_NATS_PORT']}"
+        # the tools' URL is the admin's; each service has a user of its own
+        admin = (state / "nats-users" / "admin").read_text().strip()
+        port = env["EDGELOOP_NATS_PORT"]
+        assert stack["nats_url"] == f"nats://admin:{admin}@127.0.0.1:{port}"
+        assert len(list((state / "nats-users").iterdir())) == len(ACCESS) + 1
+        assert admin not in (state / "nats" / "nats.conf").read_text()
         assert stack["registry_url"] == f"http://127.0.0.1:{env['EDGELOOP_OCI_REGISTRY_PORT']}"
         dsn = str(stack["database_url"])
         assert dsn == f"postgresql://postgres@127.0.0.1:{env['EDGELOOP_PG_PORT']}/edgeloop"

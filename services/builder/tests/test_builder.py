@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import AsyncIterator
 
 import pytest
+from nats.js import JetStreamContext
 
 from edgeloop.builder.app import build
 from edgeloop.builder.config import BuilderSettings
@@ -69,16 +70,21 @@ async def _events(js: object, subject: str, model: str, cls: type) -> list:  # t
 
 
 async def test_committed_version_becomes_a_signed_image(
-    nats_url: str, pg_dsn: str, registry_url: str, unique: str, oci: OciClient
+    nats_url: str,
+    pg_dsn: str,
+    registry_url: str,
+    unique: str,
+    oci: OciClient,
+    admin_js: JetStreamContext,
 ) -> None:
     event = await _commit(oci, unique, classifier().onnx)
     svc = build(_settings(nats_url, pg_dsn, registry_url, unique))
     async with svc.running():
-        await svc.js.publish(
+        await admin_js.publish(
             s.MODEL_COMMITTED, event.to_json(), headers={MSG_ID_HEADER: str(event.event_id)}
         )
         built = await eventually(
-            lambda: _events(svc.js, s.IMAGE_BUILT, event.model, ImageBuilt), what="image.built"
+            lambda: _events(admin_js, s.IMAGE_BUILT, event.model, ImageBuilt), what="image.built"
         )
     assert len(built) == 1
     img = built[0]
@@ -118,7 +124,12 @@ async def test_builds_are_reproducible(oci: OciClient, unique: str) -> None:
 
 
 async def test_missing_artifact_is_retried_then_reported_failed(
-    nats_url: str, pg_dsn: str, registry_url: str, unique: str, oci: OciClient
+    nats_url: str,
+    pg_dsn: str,
+    registry_url: str,
+    unique: str,
+    oci: OciClient,
+    admin_js: JetStreamContext,
 ) -> None:
     event = await _commit(oci, unique, classifier().onnx)
     gone = event.model_copy(
@@ -126,9 +137,9 @@ async def test_missing_artifact_is_retried_then_reported_failed(
     )
     svc = build(_settings(nats_url, pg_dsn, registry_url, unique))
     async with svc.running():
-        await svc.js.publish(s.MODEL_COMMITTED, gone.to_json())
+        await admin_js.publish(s.MODEL_COMMITTED, gone.to_json())
         failed = await eventually(
-            lambda: _events(svc.js, s.IMAGE_BUILD_FAILED, gone.model, ImageBuildFailed),
+            lambda: _events(admin_js, s.IMAGE_BUILD_FAILED, gone.model, ImageBuildFailed),
             what="image.build_failed",
         )
     assert failed[0].attempts == 3
@@ -136,21 +147,28 @@ async def test_missing_artifact_is_retried_then_reported_failed(
 
 
 async def test_bytes_that_are_not_a_model_fail_at_once(
-    nats_url: str, pg_dsn: str, registry_url: str, unique: str, oci: OciClient
+    nats_url: str,
+    pg_dsn: str,
+    registry_url: str,
+    unique: str,
+    oci: OciClient,
+    admin_js: JetStreamContext,
 ) -> None:
     event = await _commit(oci, unique, b"definitely not onnx")
     svc = build(_settings(nats_url, pg_dsn, registry_url, unique))
     async with svc.running():
-        await svc.js.publish(s.MODEL_COMMITTED, event.to_json())
+        await admin_js.publish(s.MODEL_COMMITTED, event.to_json())
         failed = await eventually(
-            lambda: _events(svc.js, s.IMAGE_BUILD_FAILED, event.model, ImageBuildFailed),
+            lambda: _events(admin_js, s.IMAGE_BUILD_FAILED, event.model, ImageBuildFailed),
             what="image.build_failed",
         )
     assert failed[0].attempts == 1
     assert "onnxruntime" in failed[0].reason
 
 
-async def test_registry_down_then_failed(nats_url: str, pg_dsn: str, unique: str) -> None:
+async def test_registry_down_then_failed(
+    nats_url: str, pg_dsn: str, unique: str, admin_js: JetStreamContext
+) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     event = ModelCommitted(
         model=f"m{unique}",
@@ -160,9 +178,9 @@ async def test_registry_down_then_failed(nats_url: str, pg_dsn: str, unique: str
     )
     svc = build(_settings(nats_url, pg_dsn, dead, unique))
     async with svc.running():
-        await svc.js.publish(s.MODEL_COMMITTED, event.to_json())
+        await admin_js.publish(s.MODEL_COMMITTED, event.to_json())
         failed = await eventually(
-            lambda: _events(svc.js, s.IMAGE_BUILD_FAILED, event.model, ImageBuildFailed),
+            lambda: _events(admin_js, s.IMAGE_BUILD_FAILED, event.model, ImageBuildFailed),
             within=60,
             what="image.build_failed",
         )

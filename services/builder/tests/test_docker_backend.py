@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from nats.js import JetStreamContext
 
 from edgeloop.builder.app import build
 from edgeloop.builder.config import BuilderSettings
@@ -47,7 +48,12 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerEngine]:
 
 
 async def test_docker_backend_builds_an_image_that_serves_predictions(
-    engine: DockerEngine, nats_url: str, pg_dsn: str, registry_url: str, unique: str
+    engine: DockerEngine,
+    nats_url: str,
+    pg_dsn: str,
+    registry_url: str,
+    unique: str,
+    admin_js: JetStreamContext,
 ) -> None:
     m = classifier()
     async with OciClient(registry_url) as oci:
@@ -71,10 +77,10 @@ async def test_docker_backend_builds_an_image_that_serves_predictions(
         )
         svc = build(settings)
         async with svc.running():
-            await svc.js.publish(s.MODEL_COMMITTED, event.to_json())
+            await admin_js.publish(s.MODEL_COMMITTED, event.to_json())
 
             async def built() -> list[ImageBuilt]:
-                msgs = await stream_messages(svc.js, s.STREAM_LIFECYCLE, s.IMAGE_BUILT)
+                msgs = await stream_messages(admin_js, s.STREAM_LIFECYCLE, s.IMAGE_BUILT)
                 evs = [ImageBuilt.from_json(x.data) for x in msgs]
                 return [e for e in evs if e.model == event.model]
 

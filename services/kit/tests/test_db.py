@@ -7,7 +7,8 @@ from importlib import resources
 
 import pytest
 
-from edgeloop.kit.db import check_schema, create_pool, migrate, redact
+from edgeloop.contracts.stackfile import redact
+from edgeloop.kit.db import check_schema, create_pool, migrate
 
 
 async def test_migrations_apply_once_and_refuse_edits(pg_dsn: str, unique: str) -> None:

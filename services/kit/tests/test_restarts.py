@@ -24,13 +24,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path / "nats").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def private_pg(tmp_path: Path) -> Iterator[Postgres]:
     server = Postgres(tmp_path / "pg").start()
     yield server
@@ -111,16 +104,16 @@ async def _run_with_restart(
 
 
 async def test_nats_restart_mid_run(
-    tmp_path: Path, private_nats: NatsServer, pg_dsn: str, unique: str
+    tmp_path: Path, nats_private: NatsServer, pg_dsn: str, unique: str
 ) -> None:
-    await _run_with_restart(tmp_path, private_nats, pg_dsn, private_nats.restart, unique)
+    await _run_with_restart(tmp_path, nats_private, pg_dsn, nats_private.restart, unique)
 
 
 async def test_nats_crash_mid_run(
-    tmp_path: Path, private_nats: NatsServer, pg_dsn: str, unique: str
+    tmp_path: Path, nats_private: NatsServer, pg_dsn: str, unique: str
 ) -> None:
     await _run_with_restart(
-        tmp_path, private_nats, pg_dsn, lambda: private_nats.restart(hard=True), unique
+        tmp_path, nats_private, pg_dsn, lambda: nats_private.restart(hard=True), unique
     )
 
 

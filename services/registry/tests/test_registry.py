@@ -10,13 +10,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from nats.js import JetStreamContext
 
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ModelCommitted, ValidationPassed
 from edgeloop.devstack.servers import free_port
-from edgeloop.devstack.testing import api_up, eventually, stream_messages
+from edgeloop.devstack.testing import api_up, eventually, publish_event, stream_messages
 from edgeloop.kit.oci import OciClient
-from edgeloop.kit.outbox import add_event
 from edgeloop.registry.app import build
 from edgeloop.registry.config import RegistrySettings
 from tests.modelzoo import classifier, npz, regressor
@@ -179,24 +179,24 @@ async def test_bad_names_and_tokens(api: Api, unique: str) -> None:
     assert "API token" in wrong.json()["detail"]
 
 
-async def test_lineage_and_projection_of_validation(api: Api, unique: str) -> None:
+async def test_lineage_and_projection_of_validation(
+    api: Api, unique: str, admin_js: JetStreamContext
+) -> None:
     name = f"lin-{unique}"
     assert (await api.register(name, _m(name))).status_code == 201
     child = await api.register(name, _m(name), parent=f"{name}@1", version="2")
     assert child.status_code == 201
     # A validation.passed for v2 moves the candidate alias and shows in the version.
-    async with api.svc.pool.acquire() as conn, conn.transaction():
-        await add_event(
-            conn,
-            api.schema,
-            ValidationPassed(
-                model=name,
-                version="2",
-                image="x/y",
-                digest="sha256:" + "1" * 64,
-                metrics={"accuracy": 0.97},
-            ),
-        )
+    await publish_event(
+        admin_js,
+        ValidationPassed(
+            model=name,
+            version="2",
+            image="x/y",
+            digest="sha256:" + "1" * 64,
+            metrics={"accuracy": 0.97},
+        ),
+    )
 
     async def candidate() -> Any:
         body = (await api.client.get(f"/api/v1/models/{name}/versions/2")).json()

@@ -18,6 +18,7 @@ from edgeloop.builder.app import build as build_builder
 from edgeloop.builder.config import BuilderSettings
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ImageBuilt, ValidationFailed
+from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import NatsServer, free_port
 from edgeloop.devstack.testing import api_up, eventually, stream_messages
 from edgeloop.kit.oci import OciClient
@@ -35,8 +36,10 @@ PRIVATE, PUBLIC = generate_keypair()
 
 
 @pytest.fixture(scope="module")
-def nats_private(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    server = NatsServer(tmp_path_factory.mktemp("nats-validator")).start()
+def nats_private(
+    tmp_path_factory: pytest.TempPathFactory, nats_auth: NatsAuth
+) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path_factory.mktemp("nats-validator"), auth=nats_auth).start()
     yield server
     server.stop()
 

@@ -24,8 +24,6 @@ ENV_NATS_URL = "EDGELOOP_NATS_URL"
 ENV_DATABASE_URL = "EDGELOOP_DATABASE_URL"
 ENV_OCI_REGISTRY_URL = "EDGELOOP_OCI_REGISTRY_URL"
 
-_NATS_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
-
 
 @dataclass(frozen=True)
 class ServiceEndpoint:
@@ -88,22 +86,3 @@ def load_endpoints(environ: Mapping[str, str] | None = None) -> Endpoints:
         ),
         stack_file=stack_file,
     )
-
-
-def redact(url: str) -> str:
-    """``url`` fit to print: a password, or a NATS token (``nats://TOKEN@host``), becomes
-    ``***``."""
-    try:
-        parts = urlsplit(url)
-        token = bool(parts.username) and parts.scheme in _NATS_SCHEMES
-        if parts.password is None and not token:
-            return url
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
-        user = f"{parts.username}:***" if parts.password is not None else "***"
-        return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
-    except ValueError:  # unparsable: show no part of it that might be a secret
-        return url.split("@")[-1]

@@ -29,8 +29,8 @@ from edgeloop.cli.config import (
     ENV_OCI_REGISTRY_URL,
     Endpoints,
     ServiceEndpoint,
-    redact,
 )
+from edgeloop.contracts.stackfile import redact
 
 TIMEOUT_SECONDS = 2.0
 """Budget of each step of a check (connect, then one request)."""

@@ -8,6 +8,9 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+_NATS_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
 
 
 def state_dir() -> Path:
@@ -27,3 +30,22 @@ def load_stack_json(path: Path | None = None) -> dict[str, Any]:
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def redact(url: str) -> str:
+    """``url`` fit to print: a password, or a NATS token (``nats://TOKEN@host``), becomes
+    ``***``."""
+    try:
+        parts = urlsplit(url)
+        token = bool(parts.username) and parts.scheme in _NATS_SCHEMES
+        if parts.password is None and not token:
+            return url
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        user = f"{parts.username}:***" if parts.password is not None else "***"
+        return urlunsplit(parts._replace(netloc=f"{user}@{host}"))
+    except ValueError:  # unparsable: show no part of it that might be a secret
+        return url.split("@")[-1]

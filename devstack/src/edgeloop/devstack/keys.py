@@ -1,6 +1,7 @@
 """Secrets a local installation needs, generated once into the state directory
-(``.edgeloop/``, mode 600): the API token, the Ed25519 image-signing key, and for
-``docker compose`` the database password and URL, and the copies Compose mounts.
+(``.edgeloop/``, mode 600): the API token, the Ed25519 image-signing key, a NATS
+password per service, and for ``docker compose`` the database password and URL, the NATS
+server's configuration, and the copies Compose mounts.
 
     python -m edgeloop.devstack.keys      # (make keys) before the first `docker compose up`
 
@@ -12,7 +13,10 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
+from edgeloop.contracts.access import SERVICES
 from edgeloop.contracts.stackfile import state_dir
+from edgeloop.devstack.nats_auth import NatsAuth
+from edgeloop.devstack.servers import nats_config
 
 
 def generated_secret(path: Path) -> str:
@@ -49,6 +53,14 @@ def signing_keys(root: Path) -> tuple[str, str]:
     return private.read_text(), public.read_text()
 
 
+def nats_users(root: Path) -> NatsAuth:
+    """The NATS users of the platform, their passwords generated once under
+    ``root/nats-users`` (a file per user, mode 600)."""
+    users = root / "nats-users"
+    users.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return NatsAuth.platform(lambda name: generated_secret(users / name))
+
+
 def compose_secrets(root: Path) -> list[Path]:
     """The files docker-compose.yml mounts as secrets, in ``root/compose`` (generated
     where missing). Compose bind-mounts them as they are, and the services run as an
@@ -58,6 +70,7 @@ def compose_secrets(root: Path) -> list[Path]:
     token = generated_secret(root / "api-token")
     private, public = signing_keys(root)
     password = generated_secret(root / "db-password")
+    auth = nats_users(root)
     out = root / "compose"
     out.mkdir(mode=0o700, exist_ok=True)
     out.chmod(0o700)
@@ -67,7 +80,10 @@ def compose_secrets(root: Path) -> list[Path]:
         "signing-key.pub": public,
         "db-password": password + "\n",
         "database-url": f"postgresql://edgeloop:{password}@postgres:5432/edgeloop\n",
+        # the NATS server's users (bcrypt hashes) and each service's own password
+        "nats.conf": nats_config("0.0.0.0:4222", "0.0.0.0:8222", "/data", auth),
     }
+    files |= {f"nats-{name}-password": auth.user(name).password + "\n" for name in SERVICES}
     paths = []
     for name, text in files.items():
         path = out / name

@@ -1,7 +1,10 @@
 """Session fixtures every test in the repository can use (registered as a pytest11 plugin).
 
 The servers are real and private to the test session: their own ports and directories,
-started on first use and stopped at the end of the session. PostgreSQL is the server in
+started on first use and stopped at the end of the session. NATS servers have the
+platform's users (``nats_auth``): every service a test builds connects as itself, with
+only its own rights, while the tests' own clients connect without credentials as the
+admin. PostgreSQL is the server in
 ``DATABASE_URL`` when that is set and reachable (a fresh database per session, dropped at
 the end), else an embedded one. The fixtures are synchronous (they start processes), so
 they work under pytest-asyncio with any loop scope.
@@ -11,11 +14,15 @@ from __future__ import annotations
 
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import nats
 import pytest
+import pytest_asyncio
+from nats.js import JetStreamContext
 
+from edgeloop.devstack.nats_auth import ADMIN, NatsAuth
 from edgeloop.devstack.servers import NatsServer, OciRegistry, Postgres
 
 
@@ -25,10 +32,44 @@ def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("edgeloop-stack")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nats_auth() -> Iterator[NatsAuth]:
+    """The platform's NATS users for this session; every service's user and password are
+    in the environment (``EDGELOOP_<SERVICE>_NATS_USER``/``_PASSWORD``) while it runs, so
+    the settings of any service a test starts pick them up. Give it to a test's own
+    ``NatsServer(..., auth=nats_auth)``."""
+    auth = NatsAuth.platform(anonymous=ADMIN)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in auth.every_service_env().items():
+            patch.setenv(name, value)
+        yield auth
+
+
 @pytest.fixture(scope="session")
-def nats_server(stack_dir: Path) -> Iterator[NatsServer]:
-    """nats-server with JetStream (the pinned wheel), ``sync_interval: always``."""
-    server = NatsServer(stack_dir / "nats").start()
+def nats_server(stack_dir: Path, nats_auth: NatsAuth) -> Iterator[NatsServer]:
+    """nats-server with JetStream (the pinned wheel), ``sync_interval: always``, and the
+    platform's users."""
+    server = NatsServer(stack_dir / "nats", auth=nats_auth).start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture
+async def admin_js(nats_url: str) -> AsyncIterator[JetStreamContext]:
+    """JetStream on the session's server as the admin: what a test publishes as if it
+    were another service (a service's own connection may publish only its events)."""
+    nc = await nats.connect(nats_url)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def nats_private(tmp_path: Path, nats_auth: NatsAuth) -> Iterator[NatsServer]:
+    """A nats-server of the test's own (streams, KV buckets and consumers start empty),
+    with the platform's users; for tests that restart or kill it."""
+    server = NatsServer(tmp_path / "nats", auth=nats_auth).start()
     yield server
     server.stop()
 

@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
+
+from edgeloop.devstack.nats_auth import NatsAuth
 
 T = TypeVar("T")
 
@@ -52,6 +55,27 @@ def free_port() -> int:
             if port not in _handed_out:
                 _handed_out.add(port)
                 return port
+
+
+def free_port_range(count: int) -> int:
+    """The first of ``count`` consecutive ports free on 127.0.0.1 right now, below the
+    kernel's ephemeral range (so no outgoing connection takes one of them meanwhile);
+    none handed out before by this process."""
+    rng = random.Random()
+    with _ports_lock:
+        while True:
+            base = rng.randrange(20000, 32000 - count)
+            ports = range(base, base + count)
+            if any(p in _handed_out for p in ports):
+                continue
+            try:
+                for port in ports:
+                    with socket.socket() as sock:
+                        sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            _handed_out.update(ports)
+            return base
 
 
 def _port_open(port: int) -> bool:
@@ -259,6 +283,21 @@ def _nats_binary() -> str:
     )
 
 
+def nats_config(listen: str, http: str, store: Path | str, auth: NatsAuth | None) -> str:
+    """A nats-server configuration: JetStream storing in ``store`` and ``auth``'s users."""
+    text = f"""# written by edgeloop.devstack
+listen: {listen}
+http: {http}
+max_payload: 8MB
+jetstream {{
+  store_dir: "{store}"
+  # fsync every write: an acknowledged publish survives power loss (DESIGN §4)
+  sync_interval: always
+}}
+"""
+    return text + (auth.config() if auth else "")
+
+
 class NatsServer(ManagedProcess):
     """nats-server (the pinned wheel) with JetStream and ``sync_interval: always``.
 
@@ -266,16 +305,23 @@ class NatsServer(ManagedProcess):
         data_dir: where the config, the JetStream store and the log go.
         port: client port (default: a free one).
         monitor_port: HTTP monitoring port (default: a free one).
+        auth: its users and their rights (default: none, anyone may do anything).
     """
 
     name = "nats"
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, monitor_port: int | None = None
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        monitor_port: int | None = None,
+        *,
+        auth: NatsAuth | None = None,
     ) -> None:
         super().__init__(data_dir)
         self.port = port or free_port()
         self.monitor_port = monitor_port or free_port()
+        self.auth = auth
 
     @property
     def url(self) -> str:
@@ -293,19 +339,15 @@ class NatsServer(ManagedProcess):
         return self.data_dir / "nats.conf"
 
     def prepare(self) -> None:
-        store = self.data_dir / "jetstream"
         self.config_path.write_text(
-            f"""# written by edgeloop.devstack
-listen: 127.0.0.1:{self.port}
-http: 127.0.0.1:{self.monitor_port}
-max_payload: 8MB
-jetstream {{
-  store_dir: "{store}"
-  # fsync every write: an acknowledged publish survives power loss (DESIGN §4)
-  sync_interval: always
-}}
-"""
+            nats_config(
+                f"127.0.0.1:{self.port}",
+                f"127.0.0.1:{self.monitor_port}",
+                self.data_dir / "jetstream",
+                self.auth,
+            )
         )
+        self.config_path.chmod(0o600)
 
     def command(self) -> list[str]:
         return [_nats_binary(), "-c", str(self.config_path)]

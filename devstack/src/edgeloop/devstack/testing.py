@@ -17,6 +17,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from edgeloop.contracts.events import Event
+
 #: an ephemeral consumer a crashed test leaves behind goes after this many seconds
 _INACTIVE_THRESHOLD = 30.0
 _BATCH = 256
@@ -144,10 +146,19 @@ async def wait_for_message(
         await _discard(js, stream, sub)
 
 
+async def publish_event(js: JetStreamContext, event: Event, subject: str | None = None) -> None:
+    """Publish ``event`` as its service's outbox relay (or the gateway) would."""
+    await js.publish(
+        subject or event.subject, event.to_json(), headers={"Nats-Msg-Id": str(event.event_id)}
+    )
+
+
 def up_environment(state_dir: Path) -> dict[str, str]:
     """Environment for running ``make up`` (``python -m edgeloop.devstack.up``) in a test:
     its own state directory and free ports, and no external servers."""
-    from edgeloop.devstack.servers import free_port
+    from edgeloop.devstack.nats_auth import SERVICE_ENV_NAMES
+    from edgeloop.devstack.servers import free_port, free_port_range
+    from edgeloop.devstack.up import SERVICES
 
     env = {
         **os.environ,
@@ -161,7 +172,8 @@ def up_environment(state_dir: Path) -> dict[str, str]:
         "EDGELOOP_GATEWAY_GRPC_PORT": str(free_port()),
         "EDGELOOP_DEPLOYER_API_PORT": str(free_port()),
         "EDGELOOP_MONITOR_API_PORT": str(free_port()),
-        "EDGELOOP_FIRST_HTTP_PORT": str(free_port()),
+        # the services' health ports count up from it
+        "EDGELOOP_FIRST_HTTP_PORT": str(free_port_range(len(SERVICES))),
         "EDGELOOP_TRACES_OTLP_PORT": str(free_port()),
     }
     for key in (
@@ -170,6 +182,8 @@ def up_environment(state_dir: Path) -> dict[str, str]:
         "EDGELOOP_OCI_REGISTRY_URL",
         "EDGELOOP_OTLP_ENDPOINT",
         "EDGELOOP_TRACES_API",
+        # the session's own NATS users: `make up` gives each service one of its own
+        *SERVICE_ENV_NAMES,
     ):
         env.pop(key, None)
     return env

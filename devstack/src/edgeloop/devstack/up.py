@@ -31,8 +31,10 @@ from typing import Any
 
 import psutil
 
-from edgeloop.contracts.stackfile import state_dir
-from edgeloop.devstack.keys import generated_secret, signing_keys
+from edgeloop.contracts.access import SERVICES as SERVICE_ACCESS
+from edgeloop.contracts.stackfile import redact, state_dir
+from edgeloop.devstack.keys import generated_secret, nats_users, signing_keys
+from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import ManagedProcess, NatsServer, OciRegistry, Postgres
 
 #: (name, module) of every service, in start order; a service starts when its module
@@ -236,7 +238,7 @@ def _stack_info(
 def _print_endpoints(endpoints: dict[str, Any], services: list[ServiceProcess], root: Path) -> None:
     lines = [
         "edgeloop is up:",
-        f"  NATS (JetStream)  {endpoints['nats_url']}",
+        f"  NATS (JetStream)  {redact(endpoints['nats_url'])}   (a user per service)",
         f"  PostgreSQL        {endpoints['database_url']}",
         f"  OCI registry      {endpoints['registry_url']}",
     ]
@@ -273,11 +275,16 @@ def main() -> None:
     try:
         nats_url = os.environ.get("EDGELOOP_NATS_URL")
         endpoints: dict[str, Any] = {}
+        # Each service connects to the embedded server as its own user, allowed only its
+        # subjects; the tools (CLI, examples) get the admin's URL from stack.json.
+        auth: NatsAuth | None = None
         if not nats_url:
+            auth = nats_users(root)
             nats = NatsServer(
                 root / "nats",
                 _port("EDGELOOP_NATS_PORT", NATS_PORT),
                 _port("EDGELOOP_NATS_MONITOR_PORT", NATS_MONITOR_PORT),
+                auth=auth,
             )
             servers.append(nats.start())
             nats_url = nats.url
@@ -309,7 +316,7 @@ def main() -> None:
         deployer_api = f"http://127.0.0.1:{_port('EDGELOOP_DEPLOYER_API_PORT', DEPLOYER_API_PORT)}"
         monitor_api = f"http://127.0.0.1:{_port('EDGELOOP_MONITOR_API_PORT', MONITOR_API_PORT)}"
         endpoints |= {
-            "nats_url": nats_url,
+            "nats_url": auth.url(nats_url) if auth else nats_url,
             "database_url": database_url,
             "registry_url": registry_url,
             "registry_api": registry_api,
@@ -390,6 +397,8 @@ def main() -> None:
                     continue
                 endpoints.setdefault("traces_api", f"http://127.0.0.1:{port}")
             env = {**common, **own.get(name, {}), f"EDGELOOP_{name.upper()}_HTTP_PORT": str(port)}
+            if auth is not None and name in SERVICE_ACCESS:
+                env |= auth.service_env(name)
             services.append(ServiceProcess(name, module, port, env, logs / f"{name}.log"))
             port += 1
         for svc in services:

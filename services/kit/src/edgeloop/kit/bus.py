@@ -168,14 +168,18 @@ def make_broker(
     tracer_provider: TracerProvider | None = None,
     graceful_timeout: float = 15.0,
     name: str = "edgeloop",
+    user: str | None = None,
+    password: str | None = None,
 ) -> NatsBroker:
     """A FastStream NATS broker that reconnects forever and propagates trace context.
 
     FastStream's telemetry middleware puts ``traceparent`` in every message's headers and
     continues the trace on the consumer side; the Prometheus middleware counts messages.
+    ``user``/``password``: the service's own NATS user (see ``edgeloop.contracts.access``).
     """
     from faststream.nats.opentelemetry import NatsTelemetryMiddleware
     from faststream.nats.prometheus import NatsPrometheusMiddleware
+    from faststream.security import SASLPlaintext
     from prometheus_client import REGISTRY
 
     middlewares = [
@@ -189,6 +193,7 @@ def make_broker(
         reconnect_time_wait=1,
         graceful_timeout=graceful_timeout,
         middlewares=middlewares,
+        security=SASLPlaintext(username=user, password=password or "") if user else None,
         # Per-message "Received/Processed" lines cost more than the handling itself at
         # thousands of events/s; they are logged at DEBUG, outcomes go to metrics.
         log_level=logging.DEBUG,

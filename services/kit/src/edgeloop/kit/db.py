@@ -13,6 +13,8 @@ from pathlib import Path
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from edgeloop.contracts.stackfile import redact
+
 log = logging.getLogger(__name__)
 
 #: A connection as handlers see it: plain, or borrowed from a pool.
@@ -89,11 +91,6 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     connections: transaction-scoped advisory locks only, no SET, and the relay removes
     its LISTEN before it gives its connection back.
     """
-
-
-def redact(dsn: str) -> str:
-    """A DSN without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
 
 
 def _kit_migrations() -> list[tuple[str, str]]:

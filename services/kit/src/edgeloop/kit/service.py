@@ -79,6 +79,8 @@ class Service:
             tracer_provider=self.tracer_provider,
             graceful_timeout=settings.graceful_timeout,
             name=name,
+            user=settings.nats_user,
+            password=settings.nats_password.get_secret_value() if settings.nats_password else None,
         )
         self.app = FastStream(self.broker)
         """The FastStream app (AsyncAPI docs); lifecycle is :meth:`start`/:meth:`stop`."""

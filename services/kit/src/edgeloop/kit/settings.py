@@ -51,6 +51,11 @@ class ServiceSettings(BaseSettings):
 
     nats_url: str = "nats://127.0.0.1:14222"
     """NATS server URL(s), comma separated for a cluster."""
+    nats_user: str | None = None
+    """The NATS user this service connects as: its own, allowed only its subjects
+    (``edgeloop.contracts.access``). Unset: no credentials (a server without users)."""
+    nats_password: SecretStr | None = None
+    """That user's password."""
     database_url: str = "postgresql://postgres@127.0.0.1:15432/edgeloop"
     """PostgreSQL DSN; the service keeps its tables in its own schema."""
     oci_registry_url: str = "http://127.0.0.1:15000"

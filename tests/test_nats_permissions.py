@@ -1,0 +1,180 @@
+"""Per-service NATS users: each service may publish only its own events (and the dead
+letters of what it consumes), read only its streams and write only its buckets; the
+server refuses everything else. On a server of the test's own, with the platform's
+users as ``make up`` configures them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig
+
+from edgeloop.builder.app import build as build_builder
+from edgeloop.builder.config import BuilderSettings
+from edgeloop.contracts import subjects as s
+from edgeloop.contracts.access import SERVICES, stream_of
+from edgeloop.devstack.nats_auth import NatsAuth
+from edgeloop.devstack.servers import NatsServer
+from edgeloop.devstack.testing import stream_messages
+from edgeloop.kit.bus import declare_topology
+from edgeloop.kit.oci.signing import generate_keypair
+
+ALL_EVENTS = (
+    s.MODEL_COMMITTED,
+    s.IMAGE_BUILT,
+    s.IMAGE_BUILD_FAILED,
+    s.VALIDATION_PASSED,
+    s.VALIDATION_FAILED,
+    s.ROLLOUT_REQUESTED,
+    s.ROLLOUT_WAVE_STARTED,
+    s.ROLLOUT_COMPLETED,
+    s.ROLLOUT_APPROVED,
+    s.ROLLOUT_CANARY_VERDICT,
+    s.ALARM_RAISED,
+    s.RETRAIN_REQUESTED,
+    s.telemetry_subject("m", "d"),
+    s.device_status_subject("d"),
+    s.dlq_subject(s.MODEL_COMMITTED),
+)
+
+
+def _owns(service: str, subject: str) -> bool:
+    access = SERVICES[service]
+    own = [*access.publishes, *(s.dlq_subject(c) for c in access.consumes)]
+    return any(_matches(pattern, subject) for pattern in own)
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    p, t = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(t) > i
+        if i >= len(t) or (token != "*" and token != t[i]):
+            return False
+    return len(p) == len(t)
+
+
+class Session:
+    """A connection as one user, keeping the errors the server sends it."""
+
+    def __init__(self, nc: Client, errors: list[Exception]) -> None:
+        self.nc = nc
+        # a refused request gets no answer: wait for one only briefly
+        self.js = nc.jetstream(timeout=2)
+        self.errors = errors
+
+    async def publish(self, subject: str) -> bool:
+        """Whether the stream stored a message published on ``subject``."""
+        try:
+            await self.js.publish(subject, b"{}", timeout=1)
+        except nats.errors.TimeoutError:
+            return False
+        return True
+
+
+@contextlib.asynccontextmanager
+async def _as(server: NatsServer, auth: NatsAuth, name: str) -> AsyncIterator[Session]:
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(exc)
+
+    user = auth.user(name)
+    nc = await nats.connect(
+        server.url, user=user.name, password=user.password, error_cb=on_error, name=name
+    )
+    try:
+        yield Session(nc, errors)
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+async def bus(nats_private: NatsServer, nats_auth: NatsAuth) -> NatsServer:
+    async with _as(nats_private, nats_auth, "admin") as admin:
+        await declare_topology(admin.js)
+    return nats_private
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+async def test_a_service_publishes_its_own_events_and_no_others(
+    bus: NatsServer, nats_auth: NatsAuth, service: str
+) -> None:
+    async with _as(bus, nats_auth, service) as me:
+        await declare_topology(me.js)  # every service declares the topology at start
+        for subject in ALL_EVENTS:
+            stored = await me.publish(subject)
+            assert stored == _owns(service, subject), (service, subject)
+            if not stored:
+                await asyncio.sleep(0.05)
+                assert any(
+                    "permissions violation" in str(e) and subject in str(e) for e in me.errors
+                ), me.errors
+    async with _as(bus, nats_auth, "admin") as admin:
+        for subject in ALL_EVENTS:
+            stream = stream_of(subject)
+            # telemetry is stored under its partition: one token more
+            stored_as = f"{subject}.*" if stream == s.STREAM_TELEMETRY else subject
+            stored = await stream_messages(admin.js, stream, stored_as)
+            assert bool(stored) == _owns(service, subject), (service, subject)
+
+
+async def test_a_service_cannot_read_or_remove_what_is_not_its_own(
+    bus: NatsServer, nats_auth: NatsAuth
+) -> None:
+    async with _as(bus, nats_auth, "builder") as builder:
+        with pytest.raises(nats.errors.TimeoutError):  # the request never reaches JetStream
+            await builder.js.add_consumer(
+                s.STREAM_TELEMETRY, ConsumerConfig(durable_name="peek"), timeout=1
+            )
+        with pytest.raises(nats.errors.TimeoutError):
+            await builder.js.delete_stream(s.STREAM_LIFECYCLE)
+        with pytest.raises(nats.errors.TimeoutError):
+            await builder.js.purge_stream(s.STREAM_LIFECYCLE)
+        # nor subscribe to a subject on core NATS, past the streams
+        await builder.nc.subscribe(s.MODEL_COMMITTED)
+        await asyncio.sleep(0.1)
+        assert any("subscription" in str(e) for e in builder.errors), builder.errors
+    async with _as(bus, nats_auth, "gateway") as gateway:
+        kv = await gateway.js.key_value(s.KV_REPORTED)
+        await kv.put("device-1", b"{}")  # its own bucket
+        desired = await gateway.js.key_value(s.KV_DESIRED)
+        with pytest.raises(nats.errors.TimeoutError):
+            await desired.put("device-1", b"{}")  # the deployer's
+    async with _as(bus, nats_auth, "admin") as admin:
+        assert (await admin.js.stream_info(s.STREAM_LIFECYCLE)).config.name
+        assert "peek" not in {c.name for c in await admin.js.consumers_info(s.STREAM_TELEMETRY)}
+
+
+async def test_a_running_service_is_refused_a_subject_it_does_not_own(
+    bus: NatsServer, nats_auth: NatsAuth, pg_dsn: str, registry_url: str, tmp_path: Path
+) -> None:
+    """The builder, running with the user its settings name (from the environment the
+    harness sets, as ``make up`` sets it), cannot forge a ``model.committed``."""
+    private, _ = generate_keypair()
+    settings = BuilderSettings(
+        nats_url=bus.url,
+        database_url=pg_dsn,
+        oci_registry_url=registry_url,
+        signing_key=private.decode(),
+    )
+    assert settings.nats_user == "builder"
+    svc = build_builder(settings)
+    async with svc.running():
+        with pytest.raises(nats.errors.TimeoutError):
+            await svc.js.publish(s.MODEL_COMMITTED, b"{}", timeout=1)
+        ack = await svc.js.publish(s.IMAGE_BUILD_FAILED, b"{}", timeout=5)
+        assert ack.stream == s.STREAM_LIFECYCLE
+    async with _as(bus, nats_auth, "admin") as admin:
+        assert await stream_messages(admin.js, s.STREAM_LIFECYCLE, s.MODEL_COMMITTED) == []
+    # the server's log names who was refused what
+    assert '"$G/user:builder" - Publish Violation - Subject "model.committed"' in (
+        bus.log_path.read_text()
+    )
