@@ -15,6 +15,8 @@ from edgeloop.kit.db import Conn
 
 ACTIVE = ("pending", "running", "paused", "awaiting_approval", "rolling_back")
 TERMINAL = ("completed", "rolled_back", "aborted", "refused")
+#: States of a retirement under way (one per version at a time).
+UNDER_WAY = ("replacing", "retiring")
 
 
 @dataclass(frozen=True)
@@ -337,12 +339,17 @@ class Store:
 
     async def active_rollout_of(self, conn: Conn, model: str, version: str) -> uuid.UUID | None:
         """An active rollout of ``model@version``, if any."""
+        return await self._of_version(conn, "rollout", model, version, ACTIVE)
+
+    async def _of_version(
+        self, conn: Conn, table: str, model: str, version: str, states: tuple[str, ...]
+    ) -> uuid.UUID | None:
         return await conn.fetchval(  # type: ignore[no-any-return]
-            "SELECT rollout_id FROM rollouts WHERE model = $1 AND version = $2 "
+            f"SELECT {table}_id FROM {table}s WHERE model = $1 AND version = $2 "
             "AND state = ANY($3) LIMIT 1",
             model,
             version,
-            list(ACTIVE),
+            list(states),
         )
 
     async def retirement(
@@ -361,12 +368,7 @@ class Store:
 
     async def open_retirement(self, conn: Conn, model: str, version: str) -> uuid.UUID | None:
         """The retirement of ``model@version`` under way, if any."""
-        return await conn.fetchval(  # type: ignore[no-any-return]
-            "SELECT retirement_id FROM retirements WHERE model = $1 AND version = $2 "
-            "AND state IN ('replacing', 'retiring')",
-            model,
-            version,
-        )
+        return await self._of_version(conn, "retirement", model, version, UNDER_WAY)
 
     async def insert_retirement(self, conn: Conn, **values: Any) -> None:
         """A new retirement row (``devices`` a list)."""
@@ -393,7 +395,8 @@ class Store:
         """Retirements with something left to do (a rollout to follow, a registry call)."""
         rows = await conn.fetch(
             "SELECT retirement_id FROM retirements "
-            "WHERE NOT synced OR state IN ('replacing', 'retiring') ORDER BY created_at"
+            "WHERE NOT synced OR state = ANY($1) ORDER BY created_at",
+            list(UNDER_WAY),
         )
         return [r["retirement_id"] for r in rows]
 

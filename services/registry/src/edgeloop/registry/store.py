@@ -212,24 +212,16 @@ class PgStore:
         reason: str | None,
         actor: str,
         detail: dict[str, Any] | None = None,
+        conn: Conn | None = None,
     ) -> dict[str, Any]:
-        """Move a version to ``stage`` (audited); its record after.
+        """Move a version to ``stage`` (audited), in ``conn``'s transaction or a new one;
+        its record after.
 
         The same stage with the same reason again changes nothing (a retried call is not
         audited twice); a move :data:`STAGES` does not allow is a ``Conflict``."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            return await self._move(conn, name, version, stage, reason, actor, detail)
-
-    async def _move(
-        self,
-        conn: Conn,
-        name: str,
-        version: str,
-        stage: str,
-        reason: str | None,
-        actor: str,
-        detail: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+        if conn is None:
+            async with self.pool.acquire() as own, own.transaction():
+                return await self.set_stage(name, version, stage, reason, actor, detail, own)
         row = await conn.fetchrow(
             "SELECT * FROM versions WHERE model = $1 AND version = $2 FOR UPDATE", name, version
         )
@@ -320,14 +312,14 @@ class PgStore:
             )
             keep = {d for r in shared for d in (r["artifact_manifest"], r["image"]) if d}
             deleted = await delete(rec, keep)
-            return await self._move(
-                conn,
+            return await self.set_stage(
                 rec["model"],
                 rec["version"],
                 "archived",
                 f"retention of {retention_seconds:g} s after retirement ran out",
                 "service:registry",
                 {"deleted": deleted},
+                conn,
             )
 
     async def set_alias(self, name: str, alias: str, version: str, actor: str | None) -> None:
