@@ -4,19 +4,23 @@ PostgreSQL and the OCI registry."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner, Result
 
+from edgeloop.cli.main import app
 from edgeloop.contracts.twin import image_repository
 from edgeloop.devstack.servers import NatsServer
 from edgeloop.devstack.testing import eventually
 from edgeloop.kit.oci import ManifestNotFound, OciClient
 from edgeloop.kit.oci.signing import signature_tag
 from tests.deploy_harness import DeployStack, deploy_stack
+from tests.edge_harness import TOKEN
 from tests.modelzoo import classifier, failing_model
 
 pytestmark = pytest.mark.slow
@@ -155,25 +159,38 @@ async def test_a_replacement_that_rolls_back_leaves_the_version_deprecated(
     devices = await deploy.devices(2, {"fleet": u})
     v1 = await _on_v1(deploy, devices, {"fleet": u})
     await deploy.validated(model, "2", failing_model())
-    code, started = await _retire(
-        deploy,
-        "1",
-        reason="superseded",
-        replace_with=f"{model}@2",
-        converge_timeout_seconds=20,
-        **ONE_WAVE,
+    # through the CLI, which follows it (--wait) and exits 1 when it failed
+    env = {
+        "EDGELOOP_DEPLOYER_API": str(deploy.api.base_url),
+        "EDGELOOP_REGISTRY_API": str(deploy.registry.base_url),
+        "EDGELOOP_API_TOKEN": TOKEN,
+    }
+
+    def cli(*args: str) -> Result:
+        return CliRunner().invoke(app, list(args), env=env)
+
+    result = await asyncio.to_thread(
+        cli,
+        *("models", "retire", f"{model}@1", "--reason", "superseded"),
+        *("--replace-with", f"{model}@2", "--waves", "100%", "--bake", "0s"),
+        *("--converge-timeout", "20s", "--wait"),
     )
-    assert code == 201, started
-    done = await _ended(deploy, started["retirement_id"])
+    assert result.exit_code == 1, result.output
+    assert "retired when it completes" in result.output
+    assert f"{model}@1 NOT retired (it stays deprecated)" in result.output
+    rid = result.output.split()[1].rstrip(":")
+    done = await _ended(deploy, rid)
     assert done["state"] == "failed"
     assert done["rollout_state"] == "rolled_back"
-    assert f"the replacement rollout {started['rollout_id']} rolled_back" in done["detail"]
+    assert f"the replacement rollout {done['rollout_id']} rolled_back" in done["detail"]
     await deploy.running(devices, v1)
     v = await _version(deploy, "1")
     assert v["stage"] == "deprecated"
     assert "not retired" in v["stage_reason"]
     assert v["retired_at"] is None
     assert "model.retire" not in await _actions(deploy, "1")
+    shown = await asyncio.to_thread(cli, "models", "show", f"{model}@1")
+    assert "stage          deprecated (not retired (" in shown.output
 
 
 async def test_a_version_no_device_runs_is_retired_then_archived(archiving: DeployStack) -> None:
