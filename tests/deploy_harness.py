@@ -301,9 +301,15 @@ class DeployStack:
 
 @contextlib.asynccontextmanager
 async def deploy_stack(
-    nats_url: str, pg_dsn: str, registry_url: str, root: Path, unique: str
+    nats_url: str,
+    pg_dsn: str,
+    registry_url: str,
+    root: Path,
+    unique: str,
+    **registry_settings: Any,
 ) -> AsyncIterator[DeployStack]:
-    """Everything on the given (private) NATS and database."""
+    """Everything on the given (private) NATS and database (``registry_settings``:
+    ``RegistrySettings`` fields to override)."""
     registry_port, deployer_port = free_port(), free_port()
     registry = build_registry(
         RegistrySettings(
@@ -313,6 +319,7 @@ async def deploy_stack(
             api_tokens=TOKEN,
             api_port=registry_port,
             repository_prefix=f"d{unique}/models",
+            **registry_settings,
         )
     )
     async with registry.running(), edge_stack(nats_url, pg_dsn, registry_url, root) as edge:

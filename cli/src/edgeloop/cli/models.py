@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from edgeloop.cli import lineage
-from edgeloop.cli.api import REGISTRY, pairs, version_ref
+from edgeloop.cli import lineage, retire
+from edgeloop.cli.api import REGISTRY, pairs, version_ref, when
 
 app = typer.Typer(help="Register model versions and look at them.", no_args_is_help=True)
 alias_app = typer.Typer(help="Point aliases (champion, candidate, …) at versions.")
@@ -17,6 +17,7 @@ app.add_typer(alias_app, name="alias")
 
 _request = REGISTRY.request
 app.command("lineage")(lineage.lineage)
+app.command("retire")(retire.retire)
 _pairs = pairs
 
 
@@ -113,6 +114,9 @@ def show(
         f"  stage          {v.get('stage', 'active')}"
         + (f" ({v['stage_reason']})" if v.get("stage_reason") else ""),
     ]
+    if v.get("retired_at"):
+        archive = "archived" if v.get("archived_at") else "to be archived"
+        lines.append(f"  retired        {when(v['retired_at'])}, {archive} {when(v['archive_at'])}")
     if v.get("trace_parent"):
         trace_id = v["trace_parent"].split("-")[1]
         lines.append(f"  trace          {trace_id}  (edgeloop trace {name}@{version})")

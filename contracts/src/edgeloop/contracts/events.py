@@ -173,6 +173,11 @@ class RolloutRequested(Event, ModelRef):
     max_failures: int | None = Field(default=None, ge=0)
     max_failures_percent: float | None = Field(default=None, ge=0, le=100)
     requested_by: str | None = None
+    devices: list[str] | None = Field(
+        default=None,
+        description="exactly these devices (each must match the selector, which may be "
+        "empty: any enrolled device), e.g. those a retirement moves off a version",
+    )
 
 
 class _RolloutEvent(Event, ModelRef):

@@ -17,6 +17,7 @@ from edgeloop.deployer.sources import Devices, Refused, Registry, ValidatedImage
 from edgeloop.deployer.store import Store
 from edgeloop.kit import audit
 from edgeloop.kit.db import Conn
+from edgeloop.kit.outbox import add_event
 from edgeloop.kit.tracing import inject_headers, parent_context
 
 log = logging.getLogger(__name__)
@@ -35,22 +36,36 @@ class Admission:
         self.store = store
         self.tracer = tracer or trace.get_tracer("edgeloop.deployer")
 
-    async def check(self, req: RolloutRequested) -> tuple[ValidatedImage, list[list[str]]]:
-        """The validated image and the plan, or ``Refused``/``NotYet`` (no DB work)."""
+    async def check(
+        self, req: RolloutRequested
+    ) -> tuple[ValidatedImage, list[list[str]], list[dict[str, str]]]:
+        """The validated image, the plan and (for a list of devices) their labels, or
+        ``Refused``/``NotYet`` (no DB work)."""
         image = await self.registry.validated_image(req.model, req.version)
         if req.digest and req.digest != image.digest:
             raise Refused(
                 409,
                 f"{req.model}@{req.version} was validated as {image.digest}, not {req.digest}",
             )
-        if not req.selector:
+        if not req.selector and req.devices is None:
             raise Refused(422, "a rollout needs a device selector, e.g. --selector site=lab")
-        devices = await self.devices.matching(req.selector)
-        if not devices:
-            text = ",".join(f"{k}={v}" for k, v in sorted(req.selector.items()))
+        text = ",".join(f"{k}={v}" for k, v in sorted(req.selector.items()))
+        enrolled = {d["device_id"]: d["labels"] for d in await self.devices.enrolled(req.selector)}
+        if req.devices is not None:
+            unknown = sorted(set(req.devices) - set(enrolled))
+            if unknown:
+                raise Refused(
+                    422,
+                    f"{len(unknown)} of the devices named are not enrolled (or revoked)"
+                    + (f" or do not match the selector {text}" if text else "")
+                    + f": {', '.join(unknown[:5])}",
+                )
+            enrolled = {d: enrolled[d] for d in req.devices}
+        if not enrolled:
             raise Refused(422, f"no enrolled device matches the selector {text}")
-        plan = plan_waves(devices, req.waves)
-        return image, plan
+        plan = plan_waves(enrolled, req.waves)
+        # a list of devices is gated by where it goes; a selector by what it says
+        return image, plan, list(enrolled.values()) if req.devices is not None else []
 
     async def admit(self, conn: Conn, req: RolloutRequested) -> str | None:
         """Record the admitted rollout, in the caller's transaction; ``Refused`` when the
@@ -58,7 +73,7 @@ class Admission:
         rollout's ``traceparent``: a span in the version's trace (the caller's, when it
         is in one — the validation event's, for a release policy — else the version's
         registration), which every wave and device activation of the rollout joins."""
-        image, plan = await self.check(req)
+        image, plan, labels = await self.check(req)
         here = inject_headers().get("traceparent")
         with self.tracer.start_as_current_span(
             f"rollout {req.model}@{req.version}",
@@ -66,8 +81,16 @@ class Admission:
             attributes={"edgeloop.rollout_id": str(req.rollout_id), "edgeloop.model": req.model},
         ):
             trace_parent = inject_headers().get("traceparent")
-            await self._admit(conn, req, image, plan, trace_parent)
+            await self._admit(conn, req, image, plan, labels, trace_parent)
         return trace_parent
+
+    async def admit_and_queue(self, conn: Conn, schema: str, req: RolloutRequested) -> None:
+        """:meth:`admit`, and queue ``rollout.requested`` in the same transaction (its
+        coming back over the bus then finds the rollout and does nothing)."""
+        trace_parent = await self.admit(conn, req)
+        await add_event(
+            conn, schema, req, headers={"traceparent": trace_parent} if trace_parent else None
+        )
 
     async def _admit(
         self,
@@ -75,6 +98,7 @@ class Admission:
         req: RolloutRequested,
         image: ValidatedImage,
         plan: list[list[str]],
+        labels: list[dict[str, str]],
         trace_parent: str | None,
     ) -> None:
         # One admission at a time: the overlap check and the insert must not interleave.
@@ -89,7 +113,7 @@ class Admission:
                 "running; wait for it, or abort or roll it back first",
             )
         policy = await load_policy(conn, req.model)
-        gate = policy.approval_wave(len(plan), req.selector) if policy else None
+        gate = policy.approval_wave(len(plan), req.selector, labels) if policy else None
         await self.store.insert(
             conn,
             req,
@@ -114,6 +138,7 @@ class Admission:
                 "image": image.image,
                 "digest": image.digest,
                 "selector": req.selector,
+                "devices": req.devices,
                 "waves": [len(w) for w in plan],
                 "approval_wave": gate,
             },

@@ -8,15 +8,18 @@ goes on the bus as ``rollout.requested`` through the outbox, in the same transac
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import httpx
 from fastapi import FastAPI, HTTPException, Query
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 
 from edgeloop.contracts.events import (
     Event,
@@ -25,11 +28,11 @@ from edgeloop.contracts.events import (
     RolloutPaused,
     RolloutRequested,
     RolloutResumed,
-    WavePlan,
 )
 from edgeloop.deployer.admission import Admission
-from edgeloop.deployer.plan import DEFAULT_WAVES, failure_budget, progress
+from edgeloop.deployer.plan import RolloutKnobs, failure_budget, progress
 from edgeloop.deployer.policy import ReleasePolicy, load_policy, save_policy
+from edgeloop.deployer.retire import Retirements, RetireRequest
 from edgeloop.deployer.sources import Refused
 from edgeloop.deployer.store import ACTIVE, Store
 from edgeloop.deployer.twin import Twin
@@ -38,20 +41,16 @@ from edgeloop.kit.api import Actor, Operator
 from edgeloop.kit.outbox import add_event
 
 
-class StartBody(BaseModel):
+class StartBody(RolloutKnobs):
     """Body of ``POST /v1/rollouts``."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1)
     version: str = Field(min_length=1)
     digest: str | None = None
     selector: dict[str, str]
-    waves: list[WavePlan] = Field(default_factory=lambda: list(DEFAULT_WAVES), min_length=1)
-    bake_seconds: float = Field(default=30.0, ge=0)
-    converge_timeout_seconds: float = Field(default=120.0, gt=0)
-    max_failures: int | None = Field(default=None, ge=0)
-    max_failures_percent: float | None = Field(default=None, ge=0, le=100)
+    devices: list[str] | None = Field(
+        default=None, description="exactly these devices (that match the selector, may be {})"
+    )
 
 
 class ActionBody(BaseModel):
@@ -67,6 +66,7 @@ def create_api(
     twin: Twin,
     wake: Callable[[uuid.UUID | None], None],
     tokens: frozenset[str],
+    retirements: Retirements,
 ) -> FastAPI:
     """The FastAPI app (OpenAPI at ``/docs``)."""
     api = FastAPI(
@@ -78,27 +78,52 @@ def create_api(
     api.state.pool = pool
     store = Store()
 
-    @api.post("/v1/rollouts", status_code=201)
-    async def start(body: StartBody, who: Operator) -> dict[str, Any]:
-        """Admit a rollout and start it; 4xx with the reason when it cannot start."""
-        req = RolloutRequested(rollout_id=uuid.uuid4(), requested_by=who, **body.model_dump())
+    @contextlib.asynccontextmanager
+    async def refusals(what: str) -> AsyncIterator[None]:
+        """``Refused`` as its HTTP status; an unreachable registry or gateway as 503."""
         try:
-            async with pool().acquire() as conn, conn.transaction():
-                trace_parent = await admission.admit(conn, req)
-                await add_event(
-                    conn,
-                    schema,
-                    req,
-                    headers={"traceparent": trace_parent} if trace_parent else None,
-                )
+            yield
         except Refused as exc:
             raise HTTPException(exc.status, exc.reason) from exc
         except httpx.HTTPError as exc:
             raise HTTPException(
-                503, f"cannot reach the registry or the gateway to admit the rollout: {exc}"
+                503, f"cannot reach the registry or the gateway to {what}: {exc}"
             ) from exc
+
+    @api.post("/v1/rollouts", status_code=201)
+    async def start(body: StartBody, who: Operator) -> dict[str, Any]:
+        """Admit a rollout and start it; 4xx with the reason when it cannot start."""
+        req = RolloutRequested(rollout_id=uuid.uuid4(), requested_by=who, **body.model_dump())
+        async with refusals("admit the rollout"), pool().acquire() as conn, conn.transaction():
+            await admission.admit_and_queue(conn, schema, req)
         wake(None)
         return await _show(req.rollout_id)
+
+    @api.post("/v1/retirements")
+    async def retire(body: RetireRequest, who: Operator) -> JSONResponse:
+        """Retire a version: refused while devices run it, unless ``replace_with`` names
+        the version a rollout moves them to first (201: started; 200: the retirement this
+        request's ``retirement_id``, or one under way for the version, already is)."""
+        async with refusals("retire the version"):
+            row, created = await retirements.request(body, who)
+        return JSONResponse(jsonable_encoder(row), status_code=201 if created else 200)
+
+    @api.get("/v1/retirements")
+    async def list_retirements(
+        _: Actor, model: str | None = None, limit: int = Query(50, ge=1, le=1000)
+    ) -> dict[str, Any]:
+        """Retirements, newest first."""
+        async with pool().acquire() as conn:
+            return {"retirements": await store.retirements(conn, model, limit)}
+
+    @api.get("/v1/retirements/{retirement_id}")
+    async def show_retirement(retirement_id: uuid.UUID, _: Actor) -> dict[str, Any]:
+        """One retirement: its state, its replacement rollout's, and why it failed."""
+        async with pool().acquire() as conn:
+            row = await store.retirement(conn, retirement_id)
+        if row is None:
+            raise HTTPException(404, f"no retirement {retirement_id}")
+        return row
 
     @api.get("/v1/rollouts")
     async def list_rollouts(

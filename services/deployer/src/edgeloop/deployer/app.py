@@ -14,11 +14,13 @@ from edgeloop.deployer.api import create_api
 from edgeloop.deployer.config import DeployerSettings
 from edgeloop.deployer.engine import Engine
 from edgeloop.deployer.handlers import register_handlers
+from edgeloop.deployer.retire import Retirements
 from edgeloop.deployer.sources import Devices, Registry
 from edgeloop.deployer.store import Store
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit.api import serve_api
 from edgeloop.kit.service import Service, configure_logging
+from edgeloop.kit.sweep import periodically
 from edgeloop.kit.tracing import tracer
 
 log = logging.getLogger(__name__)
@@ -59,22 +61,36 @@ def build(settings: DeployerSettings) -> Service:
                 tracer=tracer(service.tracer_provider, "edgeloop.deployer"),
             )
         )
+        retirements = Retirements(lambda: service.pool, service.schema, admission, wake)
         api = asyncio.create_task(
             serve_api(
                 create_api(
-                    lambda: service.pool, service.schema, admission, twin, wake, settings.tokens()
+                    lambda: service.pool,
+                    service.schema,
+                    admission,
+                    twin,
+                    wake,
+                    settings.tokens(),
+                    retirements,
                 ),
                 settings.api_host,
                 settings.api_port,
             ),
             name="deployer-api",
         )
+        sweep = asyncio.create_task(
+            periodically(
+                retirements.sweep, settings.retirement_sweep_seconds, what="retirement sweep"
+            ),
+            name="deployer-retirements",
+        )
         try:
             await engine[0].run()
         finally:
-            api.cancel()
-            with contextlib.suppress(BaseException):
-                await api
+            for task in (api, sweep):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
             await twin.stop()
 
     return svc

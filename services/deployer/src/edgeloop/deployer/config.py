@@ -39,3 +39,6 @@ class DeployerSettings(ApiServiceSettings):
     whose registry/gateway cannot be reached, before it is refused."""
     retry_backoff: str = "1,2,5,10,30"
     """Seconds between those attempts."""
+    retirement_sweep_seconds: float = 2.0
+    """How often retirements under way are looked at (a replacement rollout that ended, a
+    registry call to repeat after a crash or an outage)."""

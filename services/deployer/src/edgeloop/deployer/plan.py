@@ -10,6 +10,9 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from edgeloop.contracts.events import WavePlan
 
@@ -20,6 +23,23 @@ DEFAULT_WAVES = [
     WavePlan(percent=50),
     WavePlan(percent=100),
 ]
+
+
+class RolloutKnobs(BaseModel):
+    """How a rollout proceeds: its waves, bake time, convergence timeout and failure
+    budget (the fields an API request may set)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    waves: list[WavePlan] = Field(default_factory=lambda: list(DEFAULT_WAVES), min_length=1)
+    bake_seconds: float = Field(default=30.0, ge=0)
+    converge_timeout_seconds: float = Field(default=120.0, gt=0)
+    max_failures: int | None = Field(default=None, ge=0)
+    max_failures_percent: float | None = Field(default=None, ge=0, le=100)
+
+    def knobs(self) -> dict[str, Any]:
+        """These fields alone, for a ``RolloutRequested``."""
+        return {k: getattr(self, k) for k in RolloutKnobs.model_fields}
 
 
 def device_order(device_ids: Iterable[str]) -> list[str]:

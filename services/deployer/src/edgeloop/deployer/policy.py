@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,11 +58,20 @@ class ReleasePolicy(BaseModel):
             return "an automatic rollout needs a selector (which devices get new versions)"
         return None
 
-    def approval_wave(self, waves: int, selector: dict[str, str] | None = None) -> int | None:
-        """The wave of a rollout with ``waves`` waves (to ``selector``) that waits for an
-        approval."""
+    def approval_wave(
+        self,
+        waves: int,
+        selector: dict[str, str] | None = None,
+        devices: Iterable[dict[str, str]] = (),
+    ) -> int | None:
+        """The wave of a rollout with ``waves`` waves (to ``selector``; ``devices``: the
+        labels of its devices) that waits for an approval. A destination gate applies when
+        the selector includes its labels or, for a rollout to a list of devices, when one
+        of them has them."""
         labels = self.approval_labels or {}
-        if labels and all((selector or {}).get(k) == v for k, v in labels.items()):
+        if labels and any(
+            all(dest.get(k) == v for k, v in labels.items()) for dest in (selector or {}, *devices)
+        ):
             return 0
         if self.approval is Approval.BEFORE_ROLLOUT:
             return 0

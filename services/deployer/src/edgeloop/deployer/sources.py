@@ -44,18 +44,38 @@ class Registry:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"}
 
+    async def version(self, model: str, version: str) -> dict[str, Any]:
+        """The registry's record of ``model@version``; ``Refused`` (404) when unknown.
+
+        Transport errors and 5xx propagate (they are retried).
+        """
+        async with httpx.AsyncClient(timeout=15, headers=self.headers) as client:
+            resp = await client.get(self._version_url(model, version))
+        if resp.status_code == 404:
+            raise Refused(404, f"model {model} has no version {version} in the registry")
+        resp.raise_for_status()
+        return dict(resp.json())
+
+    async def set_stage(self, model: str, version: str, verb: str, **body: Any) -> dict[str, Any]:
+        """``POST …/{verb}`` (deprecate, retire) on the version; its record after.
+
+        ``httpx.HTTPStatusError`` when the registry refuses, transport errors propagate.
+        """
+        async with httpx.AsyncClient(timeout=15, headers=self.headers) as client:
+            resp = await client.post(f"{self._version_url(model, version)}/{verb}", json=body)
+        resp.raise_for_status()
+        return dict(resp.json())
+
+    def _version_url(self, model: str, version: str) -> str:
+        name, ver = quote(model, safe=""), quote(version, safe="")
+        return f"{self.url}/api/v1/models/{name}/versions/{ver}"
+
     async def validated_image(self, model: str, version: str) -> ValidatedImage:
         """The validated image of ``model@version``; ``Refused``/``NotYet`` otherwise.
 
         Transport errors and 5xx propagate (they are retried).
         """
-        async with httpx.AsyncClient(timeout=15, headers=self.headers) as client:
-            name, ver = quote(model, safe=""), quote(version, safe="")
-            resp = await client.get(f"{self.url}/api/v1/models/{name}/versions/{ver}")
-        if resp.status_code == 404:
-            raise Refused(404, f"model {model} has no version {version} in the registry")
-        resp.raise_for_status()
-        record: dict[str, Any] = resp.json()
+        record = await self.version(model, version)
         if record.get("stage", "active") != "active":
             why = f": {record['stage_reason']}" if record.get("stage_reason") else ""
             raise Refused(
@@ -92,8 +112,21 @@ class Devices:
 
     async def matching(self, selector: dict[str, str]) -> list[str]:
         """Ids of the enrolled (not revoked) devices whose labels match ``selector``."""
+        return [d["device_id"] for d in await self.enrolled(selector)]
+
+    async def running(self, model: str, version: str) -> list[str]:
+        """Ids of the enrolled devices running ``model@version`` by their last report (the
+        device twin's reported half, as the gateway keeps it: offline devices count)."""
+        return sorted(
+            d["device_id"]
+            for d in await self.enrolled({})
+            if d.get("model") == model and d.get("version") == version
+        )
+
+    async def enrolled(self, selector: dict[str, str]) -> list[dict[str, Any]]:
+        """The enrolled (not revoked) devices whose labels match ``selector``."""
         text = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-        out: list[str] = []
+        out: list[dict[str, Any]] = []
         page, offset = 10_000, 0
         async with httpx.AsyncClient(timeout=30, headers=self.headers) as client:
             while True:
@@ -104,6 +137,6 @@ class Devices:
                 resp.raise_for_status()
                 devices = resp.json()["devices"]
                 offset += len(devices)
-                out.extend(d["device_id"] for d in devices if not d.get("revoked"))
+                out.extend(d for d in devices if not d.get("revoked"))
                 if len(devices) < page:
                     return out

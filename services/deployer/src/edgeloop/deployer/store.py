@@ -15,6 +15,8 @@ from edgeloop.kit.db import Conn
 
 ACTIVE = ("pending", "running", "paused", "awaiting_approval", "rolling_back")
 TERMINAL = ("completed", "rolled_back", "aborted", "refused")
+#: States of a retirement under way (one per version at a time).
+UNDER_WAY = ("replacing", "retiring")
 
 
 @dataclass(frozen=True)
@@ -332,3 +334,85 @@ class Store:
                 owner,
             )
         )
+
+    # --- retirements -------------------------------------------------------------------
+
+    async def active_rollout_of(self, conn: Conn, model: str, version: str) -> uuid.UUID | None:
+        """An active rollout of ``model@version``, if any."""
+        return await self._of_version(conn, "rollout", model, version, ACTIVE)
+
+    async def _of_version(
+        self, conn: Conn, table: str, model: str, version: str, states: tuple[str, ...]
+    ) -> uuid.UUID | None:
+        return await conn.fetchval(  # type: ignore[no-any-return]
+            f"SELECT {table}_id FROM {table}s WHERE model = $1 AND version = $2 "
+            "AND state = ANY($3) LIMIT 1",
+            model,
+            version,
+            list(states),
+        )
+
+    async def retirement(
+        self, conn: Conn, retirement_id: uuid.UUID, *, lock: bool = False
+    ) -> dict[str, Any] | None:
+        """One retirement with its rollout's state and reason; ``lock`` holds the row
+        (``SKIP LOCKED``: None when another replica drives it)."""
+        row = await conn.fetchrow(
+            """SELECT t.*, r.state AS rollout_state, r.reason AS rollout_reason
+               FROM retirements t LEFT JOIN rollouts r USING (rollout_id)
+               WHERE t.retirement_id = $1"""
+            + (" FOR UPDATE OF t SKIP LOCKED" if lock else ""),
+            retirement_id,
+        )
+        return _retirement(row) if row else None
+
+    async def open_retirement(self, conn: Conn, model: str, version: str) -> uuid.UUID | None:
+        """The retirement of ``model@version`` under way, if any."""
+        return await self._of_version(conn, "retirement", model, version, UNDER_WAY)
+
+    async def insert_retirement(self, conn: Conn, **values: Any) -> None:
+        """A new retirement row (``devices`` a list)."""
+        values["devices"] = json.dumps(values.get("devices") or [])
+        cols = list(values)
+        params = ", ".join(
+            f"${i + 1}" + ("::jsonb" if c == "devices" else "") for i, c in enumerate(cols)
+        )
+        await conn.execute(
+            f"INSERT INTO retirements ({', '.join(cols)}) VALUES ({params})", *values.values()
+        )
+
+    async def set_retirement(self, conn: Conn, retirement_id: uuid.UUID, **values: Any) -> None:
+        """Update a retirement."""
+        cols = list(values)
+        sets = "".join(f"{c} = ${i + 2}, " for i, c in enumerate(cols))
+        await conn.execute(
+            f"UPDATE retirements SET {sets}updated_at = now() WHERE retirement_id = $1",
+            retirement_id,
+            *values.values(),
+        )
+
+    async def pending_retirements(self, conn: Conn) -> list[uuid.UUID]:
+        """Retirements with something left to do (a rollout to follow, a registry call)."""
+        rows = await conn.fetch(
+            "SELECT retirement_id FROM retirements "
+            "WHERE NOT synced OR state = ANY($1) ORDER BY created_at",
+            list(UNDER_WAY),
+        )
+        return [r["retirement_id"] for r in rows]
+
+    async def retirements(self, conn: Conn, model: str | None, limit: int) -> list[dict[str, Any]]:
+        """Newest first."""
+        rows = await conn.fetch(
+            """SELECT t.*, r.state AS rollout_state, r.reason AS rollout_reason
+               FROM retirements t LEFT JOIN rollouts r USING (rollout_id)
+               WHERE $1::text IS NULL OR t.model = $1 ORDER BY t.created_at DESC LIMIT $2""",
+            model,
+            limit,
+        )
+        return [_retirement(r) for r in rows]
+
+
+def _retirement(row: asyncpg.Record) -> dict[str, Any]:
+    out = dict(row)
+    out["devices"] = json.loads(out["devices"])
+    return out

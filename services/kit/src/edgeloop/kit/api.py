@@ -28,6 +28,9 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
     "monitor.write": ("operator", "admin"),  # rules, acknowledge alarms
     "devices.write": ("operator", "admin"),  # enrol, revoke devices
     "tokens.admin": ("admin",),  # issue and revoke tokens
+    # set a version retired directly, without the deployer's check that no device runs
+    # it (the deployer's own token; people retire through the deployer: rollouts.write)
+    "models.retire": ("admin",),
 }
 
 
@@ -107,6 +110,7 @@ Operator = Annotated[str, requires("rollouts.write")]
 MonitorWriter = Annotated[str, requires("monitor.write")]
 DeviceWriter = Annotated[str, requires("devices.write")]
 Admin = Annotated[str, requires("tokens.admin")]
+Retirer = Annotated[str, requires("models.retire")]
 
 
 class QuietServer(uvicorn.Server):

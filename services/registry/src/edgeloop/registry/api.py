@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgeloop.contracts.parsing import parse_duration
 from edgeloop.kit import audit
-from edgeloop.kit.api import Actor, Admin, ModelWriter
+from edgeloop.kit.api import Actor, Admin, ModelWriter, Retirer
 from edgeloop.kit.tokens import TokenError, issue_token, list_tokens, revoke_token
 from edgeloop.registry.errors import InvalidInput, NotFound, RegistryError, TooLarge
 from edgeloop.registry.service import Registration, Registry, check_alias, check_name, check_version
@@ -72,6 +72,14 @@ class StageBody(BaseModel):
     reason: str | None = Field(default=None, max_length=2000)
 
 
+class RetireBody(StageBody):
+    """Body of ``POST …/retire`` (the deployer's, once no device runs the version)."""
+
+    retirement_id: str | None = Field(default=None, max_length=64)
+    requested_by: str | None = Field(default=None, max_length=200)
+    replaced_by: str | None = Field(default=None, max_length=200)
+
+
 class TokenBody(BaseModel):
     """Body of ``POST /api/v1/tokens``."""
 
@@ -82,8 +90,20 @@ class TokenBody(BaseModel):
     expires_in: str | None = Field(default=None, description="e.g. 30d, 12h; none: no expiry")
 
 
-def create_api(registry: Registry, store: PgStore, tokens: frozenset[str]) -> FastAPI:
-    """The ASGI app."""
+def create_api(
+    registry: Registry,
+    store: PgStore,
+    tokens: frozenset[str],
+    retention_seconds: float = 30 * 24 * 3600,
+) -> FastAPI:
+    """The ASGI app (``retention_seconds``: how long a retired version waits for its
+    archival, shown with it)."""
+
+    def stage_times(record: dict[str, Any]) -> dict[str, Any]:
+        retired = record.get("retired_at")
+        due = retired + timedelta(seconds=retention_seconds) if retired else None
+        return {"archive_at": record.get("archived_at") or due}
+
     api = FastAPI(
         title="edgeloop registry",
         version="1",
@@ -217,7 +237,10 @@ def create_api(registry: Registry, store: PgStore, tokens: frozenset[str]) -> Fa
     ) -> dict[str, Any]:
         record = await registry.get(name, version)
         aliases = {a: v for a, v in (await store.aliases(name)).items() if v == version}
-        return {**_public(record, with_profile=profile), "aliases": sorted(aliases)}
+        return {
+            **_public({**record, **stage_times(record)}, with_profile=profile),
+            "aliases": sorted(aliases),
+        }
 
     @api.put("/api/v1/models/{name}/aliases/{alias}")
     async def set_alias(name: str, alias: str, body: AliasBody, who: ModelWriter) -> dict[str, str]:
@@ -233,6 +256,16 @@ def create_api(registry: Registry, store: PgStore, tokens: frozenset[str]) -> Fa
         await registry.get(name, check_version(version))
         reason = body.reason if body else None
         return _public(await store.set_stage(name, version, "deprecated", reason, who))
+
+    @api.post("/api/v1/models/{name}/versions/{version}/retire")
+    async def retire(name: str, version: str, who: Retirer, body: RetireBody) -> dict[str, Any]:
+        """Retire a version: no new rollouts or aliases; its aliases are removed; archived
+        after the retention. Sets the stage only: the deployer calls it once no device
+        runs the version (``POST /v1/retirements`` there checks and replaces)."""
+        await registry.get(name, check_version(version))
+        detail = body.model_dump(exclude={"reason"}, exclude_none=True)
+        record = await store.set_stage(name, version, "retired", body.reason, who, detail)
+        return _public({**record, **stage_times(record)})
 
     @api.get("/api/v1/models/{name}/aliases/{alias}")
     async def get_alias(name: str, alias: str, _: Actor) -> dict[str, Any]:

@@ -11,8 +11,10 @@ from pathlib import Path
 from edgeloop.kit.api import serve_api
 from edgeloop.kit.oci import OciClient
 from edgeloop.kit.service import Service, configure_logging
+from edgeloop.kit.sweep import periodically
 from edgeloop.kit.tracing import tracer
 from edgeloop.registry.api import create_api
+from edgeloop.registry.archive import Archiver
 from edgeloop.registry.artifacts import OciArtifactStore
 from edgeloop.registry.config import RegistrySettings
 from edgeloop.registry.handlers import register_handlers
@@ -42,13 +44,21 @@ def build(settings: RegistrySettings) -> Service:
             profile_bins=settings.profile_bins,
             tracer=tracer(service.tracer_provider, "edgeloop.registry"),
         )
+        archiver = Archiver(store, oci, settings.retention_seconds)
+        sweep = asyncio.create_task(
+            periodically(archiver.sweep, settings.archive_sweep_seconds, what="archival sweep"),
+            name="registry-archival",
+        )
         try:
             await serve_api(
-                create_api(registry, store, settings.tokens()),
+                create_api(registry, store, settings.tokens(), settings.retention_seconds),
                 settings.api_host,
                 settings.api_port,
             )
         finally:
+            sweep.cancel()
+            with contextlib.suppress(BaseException):
+                await sweep
             with contextlib.suppress(Exception):
                 await oci.aclose()
 

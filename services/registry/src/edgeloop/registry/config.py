@@ -22,3 +22,8 @@ class RegistrySettings(ApiServiceSettings):
     """OCI repository prefix; a model's artifacts go to <prefix>/<name>."""
     profile_bins: int = 10
     """Quantile bins per numeric feature in the reference profile."""
+    retention_seconds: float = 30 * 24 * 3600
+    """How long a retired version keeps its artifacts and images before it is archived
+    (its manifests deleted from the OCI registry; its metadata kept)."""
+    archive_sweep_seconds: float = 60.0
+    """How often the registry looks for retired versions due for archival."""

@@ -84,7 +84,8 @@ def register_handlers(svc: Service) -> None:
         if await _project(tx, event.model, event.version, "validation", "passed", detail):
             await tx.conn.execute(
                 """INSERT INTO aliases (model, alias, version, updated_by)
-                   VALUES ($1, $2, $3, 'validator')
+                   SELECT $1, $2, $3, 'validator' FROM versions
+                   WHERE model = $1 AND version = $3 AND stage NOT IN ('retired', 'archived')
                    ON CONFLICT (model, alias) DO UPDATE
                    SET version = EXCLUDED.version, updated_at = now(), updated_by = 'validator'""",
                 event.model,

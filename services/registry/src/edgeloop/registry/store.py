@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -13,6 +13,19 @@ from edgeloop.contracts.events import Event
 from edgeloop.kit import audit
 from edgeloop.kit.db import Conn
 from edgeloop.kit.outbox import add_event
+from edgeloop.registry.errors import Conflict, NotFound
+
+#: stage → the stages a version may come from (``archived`` only by the retention sweep).
+STAGES: dict[str, tuple[str, ...]] = {
+    "active": (),
+    "deprecated": ("active", "deprecated"),
+    "retired": ("active", "deprecated"),
+    "archived": ("retired",),
+}
+
+#: Deletes an archived version's artifacts, except the digests given (still in use);
+#: what it deleted (``repository@digest``).
+ArchiveArtifacts = Callable[[dict[str, Any], set[str]], Awaitable[list[str]]]
 
 _JSON_COLUMNS = (
     "signature",
@@ -192,38 +205,122 @@ class PgStore:
         return {r["alias"]: r["version"] for r in rows}
 
     async def set_stage(
-        self, name: str, version: str, stage: str, reason: str | None, actor: str
+        self,
+        name: str,
+        version: str,
+        stage: str,
+        reason: str | None,
+        actor: str,
+        detail: dict[str, Any] | None = None,
+        conn: Conn | None = None,
     ) -> dict[str, Any]:
-        """Move a version to ``stage`` (audited); its record after."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            before = await conn.fetchval(
-                "SELECT stage FROM versions WHERE model = $1 AND version = $2 FOR UPDATE",
+        """Move a version to ``stage`` (audited), in ``conn``'s transaction or a new one;
+        its record after.
+
+        The same stage with the same reason again changes nothing (a retried call is not
+        audited twice); a move :data:`STAGES` does not allow is a ``Conflict``."""
+        if conn is None:
+            async with self.pool.acquire() as own, own.transaction():
+                return await self.set_stage(name, version, stage, reason, actor, detail, own)
+        row = await conn.fetchrow(
+            "SELECT * FROM versions WHERE model = $1 AND version = $2 FOR UPDATE", name, version
+        )
+        if row is None:
+            raise NotFound(f"{name}@{version} is not registered")
+        before, before_reason = row["stage"], row["stage_reason"]
+        if before == stage and (stage != "deprecated" or row["stage_reason"] == reason):
+            rec = _record(row)
+            assert rec is not None
+            return rec
+        if before not in STAGES[stage]:
+            raise Conflict(f"{name}@{version} is {before}; it cannot become {stage}")
+        row = await conn.fetchrow(
+            """UPDATE versions SET stage = $3, stage_reason = $4,
+                   retired_at = CASE WHEN $3 = 'retired' THEN now() ELSE retired_at END,
+                   archived_at = CASE WHEN $3 = 'archived' THEN now() ELSE archived_at END
+               WHERE model = $1 AND version = $2 RETURNING *""",
+            name,
+            version,
+            stage,
+            reason,
+        )
+        if stage == "retired":
+            # a retired version is nobody's champion or candidate any more
+            gone = await conn.fetch(
+                "DELETE FROM aliases WHERE model = $1 AND version = $2 RETURNING alias",
                 name,
                 version,
             )
-            row = await conn.fetchrow(
-                "UPDATE versions SET stage = $3, stage_reason = $4 "
-                "WHERE model = $1 AND version = $2 RETURNING *",
-                name,
-                version,
-                stage,
-                reason,
-            )
-            await audit.record(
-                conn,
-                service="registry",
-                actor=actor,
-                action=f"model.{stage.removesuffix('d')}",
-                subject=f"{name}@{version}",
-                model=name,
-                version=version,
-                before={"stage": before},
-                after={"stage": stage},
-                reason=reason,
-            )
+            for alias in gone:
+                await audit.record(
+                    conn,
+                    service="registry",
+                    actor=actor,
+                    action="model.alias",
+                    subject=f"{name}:{alias['alias']}",
+                    model=name,
+                    version=version,
+                    before={"version": version},
+                    after={"version": None},
+                    reason=f"{name}@{version} retired",
+                )
+        await audit.record(
+            conn,
+            service="registry",
+            actor=actor,
+            action=f"model.{stage.removesuffix('d')}",
+            subject=f"{name}@{version}",
+            model=name,
+            version=version,
+            before={"stage": before, "reason": before_reason},
+            after={"stage": stage, **(detail or {})},
+            reason=reason,
+        )
         rec = _record(row)
         assert rec is not None
         return rec
+
+    async def archive_due(
+        self, retention_seconds: float, delete: ArchiveArtifacts
+    ) -> dict[str, Any] | None:
+        """Archive one retired version older than the retention (``None`` when there is
+        none): ``delete`` removes its artifacts from the module store, keeping the digests
+        another version that is not archived still references, and returns what it
+        deleted; then the version becomes ``archived`` (audited). The row stays locked
+        meanwhile (replicas skip it), so a crash in between leaves it retired and the
+        next sweep deletes what is left."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """SELECT * FROM versions WHERE stage = 'retired'
+                     AND retired_at <= now() - make_interval(secs => $1)
+                   ORDER BY retired_at LIMIT 1 FOR UPDATE SKIP LOCKED""",
+                retention_seconds,
+            )
+            if row is None:
+                return None
+            rec = _record(row)
+            assert rec is not None
+            shared = await conn.fetch(
+                """SELECT artifact_manifest, build_detail->>'digest' AS image
+                   FROM versions WHERE stage <> 'archived'
+                     AND NOT (model = $1 AND version = $2)
+                     AND (artifact_manifest = $3 OR build_detail->>'digest' = $4)""",
+                rec["model"],
+                rec["version"],
+                rec["artifact_manifest"],
+                (rec.get("build_detail") or {}).get("digest"),
+            )
+            keep = {d for r in shared for d in (r["artifact_manifest"], r["image"]) if d}
+            deleted = await delete(rec, keep)
+            return await self.set_stage(
+                rec["model"],
+                rec["version"],
+                "archived",
+                f"retention of {retention_seconds:g} s after retirement ran out",
+                "service:registry",
+                {"deleted": deleted},
+                conn,
+            )
 
     async def set_alias(self, name: str, alias: str, version: str, actor: str | None) -> None:
         """Point ``alias`` at ``version`` (the version must exist)."""
@@ -232,6 +329,13 @@ class PgStore:
                  SET version = EXCLUDED.version, updated_at = now(),
                      updated_by = EXCLUDED.updated_by"""
         async with self.pool.acquire() as conn, conn.transaction():
+            stage = await conn.fetchval(
+                "SELECT stage FROM versions WHERE model = $1 AND version = $2 FOR SHARE",
+                name,
+                version,
+            )
+            if stage in ("retired", "archived"):
+                raise Conflict(f"{name}@{version} is {stage}; an alias cannot point at it")
             before = await conn.fetchval(
                 "SELECT version FROM aliases WHERE model = $1 AND alias = $2", name, alias
             )
