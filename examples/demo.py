@@ -298,14 +298,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await platform.close()
 
 
-def main() -> None:
-    """Entry point."""
+def main(argv: list[str] | None = None) -> None:
+    """Entry point (``argv``: the options, default the command line's)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--bake", type=float, default=15.0, help="seconds each wave is watched")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per step at most")
     parser.add_argument("--json", type=Path, help="write the timings here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         result = asyncio.run(run(args))
     except (RuntimeError, TimeoutError) as exc:

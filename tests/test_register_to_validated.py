@@ -329,8 +329,9 @@ def test_the_demo_closes_the_loop(stack: dict[str, str], tmp_path: Path) -> None
     log = tmp_path / "demo.out"
     with log.open("wb") as sink:
         done = subprocess.run(
-            [sys.executable, "-m", "examples.demo", "--devices", "30", "--bake", "5",
-             "--json", str(out)],
+            # the installed command, as a user runs it in the checkout
+            [str(Path(sys.executable).parent / "edgeloop"), "demo", "--devices", "30",
+             "--bake", "5", "--json", str(out)],
             env={**os.environ, **stack},
             stdout=sink,
             stderr=subprocess.STDOUT,

@@ -81,6 +81,7 @@ class PartitionedConsumer:
         self.owner = owner
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.busy: set[int] = set()  # partitions applying a batch now
+        self._idle = asyncio.Condition()  # notified when a partition's batch is applied
 
     @property
     def owned(self) -> list[int]:
@@ -182,9 +183,11 @@ class PartitionedConsumer:
         task = self.tasks.pop(k, None)
         if task is None:
             return
-        deadline = asyncio.get_running_loop().time() + self.p.spec.ack_wait
-        while k in self.busy and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.01)
+        async with self._idle:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._idle.wait_for(lambda: k not in self.busy), self.p.spec.ack_wait
+                )
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
@@ -209,6 +212,8 @@ class PartitionedConsumer:
                     await processor.process_batch(msgs)
                 finally:
                     self.busy.discard(k)
+                    async with self._idle:
+                        self._idle.notify_all()
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
