@@ -23,6 +23,7 @@ from bench import (
     loop_latency,
     monitor_aggregate,
     monitor_alarm,
+    nats_permissions,
 )
 from edgeloop.devstack.servers import NatsServer, OciRegistry, Postgres
 
@@ -36,7 +37,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="repetitions (median reported)")
     parser.add_argument(
         "--only",
-        choices=["kit", "loop", "edge", "edge-connections", "deploy", "monitor"],
+        choices=["kit", "loop", "edge", "edge-connections", "deploy", "monitor", "nats-auth"],
         help="run one benchmark",
     )
     parser.add_argument("--devices", type=int, default=10_000, help="sessions held (edge)")
@@ -53,6 +54,9 @@ def main() -> None:
         _save("monitor_aggregate.json", monitor_aggregate.run())
         with servers("bench_alarm") as common:
             _save("monitor_alarm.json", asyncio.run(monitor_alarm.run(*common)))
+    if args.only in (None, "nats-auth"):
+        with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
+            _save("nats_permissions.json", asyncio.run(nats_permissions.run(Path(tmp))))
     if args.only in (None, "edge", "edge-connections"):
         edge(args, connections_only=args.only == "edge-connections")
 
