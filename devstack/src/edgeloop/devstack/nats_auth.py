@@ -24,23 +24,21 @@ ADMIN = "admin"
 _BCRYPT_ROUNDS = 10
 
 
+def _bcrypt_hash(password: str) -> str:
+    """The bcrypt hash of ``password`` in the form nats-server reads (``$2a$``)."""
+    salt = bcrypt.gensalt(rounds=_BCRYPT_ROUNDS, prefix=b"2a")
+    return bcrypt.hashpw(password.encode(), salt).decode()
+
+
 @dataclass(frozen=True)
 class NatsUser:
-    """A user of the server; ``permissions`` None means every right."""
+    """A user of the server; ``permissions`` None means every right. ``stored``: the
+    password as the server's configuration holds it (its bcrypt hash)."""
 
     name: str
     password: str = field(repr=False)
+    stored: str = field(repr=False)
     permissions: Mapping[str, Any] | None = None
-    password_hash: str = field(default="", repr=False, compare=False)
-
-    def hashed(self) -> NatsUser:
-        """This user with the bcrypt hash of its password computed."""
-        if self.password_hash:
-            return self
-        digest = bcrypt.hashpw(
-            self.password.encode(), bcrypt.gensalt(rounds=_BCRYPT_ROUNDS, prefix=b"2a")
-        )
-        return NatsUser(self.name, self.password, self.permissions, digest.decode())
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ class NatsAuth:
     ``anonymous``: connections without credentials act as this user (the test harness
     lets its own clients in as the admin); None refuses them. The server can only match
     that user's password in the clear (it compares its stored password with itself), so
-    it is the one password the configuration holds unhashed.
+    it is the one password the configuration holds unhashed (:meth:`platform`).
     """
 
     users: tuple[NatsUser, ...]
@@ -63,12 +61,15 @@ class NatsAuth:
         """A user per platform service and the admin; ``password(name)`` gives each one's
         password (default: a fresh random one)."""
         pick = password or (lambda _name: secrets.token_urlsafe(24))
-        users = [
-            NatsUser(name, pick(name), nats_permissions(access))
-            for name, access in SERVICES.items()
-        ]
-        users.append(NatsUser(ADMIN, pick(ADMIN)))
-        return cls(tuple(u.hashed() for u in users), anonymous)
+
+        def user(name: str, permissions: Mapping[str, Any] | None = None) -> NatsUser:
+            secret = pick(name)
+            # the server matches the anonymous user's password only in the clear
+            stored = secret if name == anonymous else _bcrypt_hash(secret)
+            return NatsUser(name, secret, stored, permissions)
+
+        users = [user(name, nats_permissions(access)) for name, access in SERVICES.items()]
+        return cls((*users, user(ADMIN)), anonymous)
 
     def user(self, name: str) -> NatsUser:
         """The user called ``name``."""
@@ -80,8 +81,8 @@ class NatsAuth:
     def service_env(self, name: str) -> dict[str, str]:
         """The settings that make service ``name`` connect as its user."""
         user = self.user(name)
-        prefix = f"EDGELOOP_{name.upper()}_NATS"
-        return {f"{prefix}_USER": user.name, f"{prefix}_PASSWORD": user.password}
+        env_user, env_password = service_env_names(name)
+        return {env_user: user.name, env_password: user.password}
 
     def every_service_env(self) -> dict[str, str]:
         """:meth:`service_env` of every platform service."""
@@ -101,8 +102,7 @@ class NatsAuth:
         """The server configuration's ``authorization`` block (and ``no_auth_user``)."""
         entries = []
         for user in self.users:
-            stored = user.password if user.name == self.anonymous else user.hashed().password_hash
-            entry: dict[str, Any] = {"user": user.name, "password": stored}
+            entry: dict[str, Any] = {"user": user.name, "password": user.stored}
             if user.permissions is not None:
                 entry["permissions"] = user.permissions
             entries.append(entry)
@@ -113,7 +113,11 @@ class NatsAuth:
         return text
 
 
+def service_env_names(name: str) -> tuple[str, str]:
+    """The settings naming service ``name``'s NATS user and password."""
+    prefix = f"EDGELOOP_{name.upper()}_NATS"
+    return f"{prefix}_USER", f"{prefix}_PASSWORD"
+
+
 #: Every service's settings names, for clearing an environment of them.
-SERVICE_ENV_NAMES: tuple[str, ...] = tuple(
-    f"EDGELOOP_{name.upper()}_NATS_{what}" for name in SERVICES for what in ("USER", "PASSWORD")
-)
+SERVICE_ENV_NAMES: tuple[str, ...] = tuple(n for s in SERVICES for n in service_env_names(s))
