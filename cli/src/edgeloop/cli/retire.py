@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from edgeloop.cli.api import DEPLOYER, version_ref
-from edgeloop.cli.rollout import _options
+from edgeloop.cli.rollout import rollout_options
 
 #: Where a retirement ends.
 ENDED = ("retired", "failed")
@@ -59,7 +59,7 @@ def retire(
         "reason": reason,
         "replace_with": replace_with,
         "retirement_id": str(uuid.uuid4()),
-        **_options(waves, bake, None, converge_timeout),
+        **rollout_options(waves, bake, None, converge_timeout),
     }
     t = DEPLOYER.request("POST", "/v1/retirements", json=body)
     typer.echo(f"retirement {t['retirement_id']}: {describe(t)}")

@@ -53,7 +53,7 @@ def start(
         "model": name,
         "version": version,
         "selector": _selector(selector),
-        **_options(waves, bake, max_failures, converge_timeout),
+        **rollout_options(waves, bake, max_failures, converge_timeout),
     }
     r = DEPLOYER.request("POST", "/v1/rollouts", json=body)
     typer.echo(r["rollout_id"])
@@ -74,7 +74,7 @@ def _selector(items: list[str]) -> dict[str, str]:
     return labels
 
 
-def _options(
+def rollout_options(
     waves: str | None, bake: str | None, max_failures: str | None, converge_timeout: str | None
 ) -> dict[str, Any]:
     """The wave options of a rollout (or a release policy) as the API takes them."""
@@ -282,7 +282,7 @@ def policy_set(
         "selector": _selector(selector or []) or None,
         "approval": gate,
         "approval_labels": _selector(approval_labels or []) or None,
-        **_options(waves, bake, max_failures, converge_timeout),
+        **rollout_options(waves, bake, max_failures, converge_timeout),
     }
     p = DEPLOYER.request("PUT", f"/v1/policies/{model}", json=body)
     typer.echo(_policy_text(p))

@@ -110,10 +110,6 @@ class Devices:
         self.url = url.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"}
 
-    async def matching(self, selector: dict[str, str]) -> list[str]:
-        """Ids of the enrolled (not revoked) devices whose labels match ``selector``."""
-        return [d["device_id"] for d in await self.enrolled(selector)]
-
     async def running(self, model: str, version: str) -> list[str]:
         """Ids of the enrolled devices running ``model@version`` by their last report (the
         device twin's reported half, as the gateway keeps it: offline devices count)."""

@@ -17,6 +17,9 @@ ACTIVE = ("pending", "running", "paused", "awaiting_approval", "rolling_back")
 TERMINAL = ("completed", "rolled_back", "aborted", "refused")
 #: States of a retirement under way (one per version at a time).
 UNDER_WAY = ("replacing", "retiring")
+#: Retirements with the state and reason of their replacement rollout.
+_RETIREMENTS = """SELECT t.*, r.state AS rollout_state, r.reason AS rollout_reason
+    FROM retirements t LEFT JOIN rollouts r USING (rollout_id)"""
 
 
 @dataclass(frozen=True)
@@ -358,9 +361,7 @@ class Store:
         """One retirement with its rollout's state and reason; ``lock`` holds the row
         (``SKIP LOCKED``: None when another replica drives it)."""
         row = await conn.fetchrow(
-            """SELECT t.*, r.state AS rollout_state, r.reason AS rollout_reason
-               FROM retirements t LEFT JOIN rollouts r USING (rollout_id)
-               WHERE t.retirement_id = $1"""
+            f"{_RETIREMENTS} WHERE t.retirement_id = $1"
             + (" FOR UPDATE OF t SKIP LOCKED" if lock else ""),
             retirement_id,
         )
@@ -403,8 +404,7 @@ class Store:
     async def retirements(self, conn: Conn, model: str | None, limit: int) -> list[dict[str, Any]]:
         """Newest first."""
         rows = await conn.fetch(
-            """SELECT t.*, r.state AS rollout_state, r.reason AS rollout_reason
-               FROM retirements t LEFT JOIN rollouts r USING (rollout_id)
+            f"""{_RETIREMENTS}
                WHERE $1::text IS NULL OR t.model = $1 ORDER BY t.created_at DESC LIMIT $2""",
             model,
             limit,

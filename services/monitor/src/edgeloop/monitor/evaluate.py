@@ -179,15 +179,7 @@ class Evaluator:
             exc_info=failed.__cause__,
         )
         error = f"{type(failed.__cause__).__name__}: {failed.__cause__}"[:500]
-        await self.pool.execute(
-            "UPDATE windows SET evaluated = true, scores = $5::jsonb "
-            "WHERE model = $1 AND version = $2 AND grp = $3 AND window_start = $4",
-            at.model,
-            at.version,
-            at.group,
-            at.start,
-            json.dumps({"error": error}),
-        )
+        await _mark_judged(self.pool, at, {"error": error})
 
     async def evaluate_one(self) -> bool:
         """Judge the oldest closed window not judged yet; whether there was one."""
@@ -228,15 +220,7 @@ class Evaluator:
             window = Window.from_json(json.loads(aggregate))
             scores = score(window, ref)
             judgements = judge(scores, rules)
-        await conn.execute(
-            "UPDATE windows SET evaluated = true, scores = $5::jsonb "
-            "WHERE model = $1 AND version = $2 AND grp = $3 AND window_start = $4",
-            at.model,
-            at.version,
-            at.group,
-            at.start,
-            json.dumps(scores),
-        )
+        await _mark_judged(conn, at, scores)
         for j in judgements:
             await self._apply(conn, at, j, int(rules["clear_windows"]))
         if window is not None:
@@ -361,3 +345,17 @@ class Evaluator:
         )
         ALARMS.labels(j.rule).inc()
         log.warning("alarm %s raised for %s@%s: %s", alarm_id, model, version, j.message)
+
+
+async def _mark_judged(conn: Conn | asyncpg.Pool, at: Slot, scores: dict[str, Any]) -> None:
+    """Record ``scores`` (or the error that kept the window from being judged) and mark
+    the window judged."""
+    await conn.execute(
+        "UPDATE windows SET evaluated = true, scores = $5::jsonb "
+        "WHERE model = $1 AND version = $2 AND grp = $3 AND window_start = $4",
+        at.model,
+        at.version,
+        at.group,
+        at.start,
+        json.dumps(scores),
+    )
