@@ -15,6 +15,7 @@ from nats.js.kv import KeyValue
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.twin import DesiredModel
 from edgeloop.deployer.plan import Reported
+from edgeloop.kit import failpoints
 from edgeloop.kit.kv import KvMirror
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class Twin:
 
         async def one(device: str) -> None:
             doc = docs[device]
+            failpoints.hit("kv.write")
             if doc is None:
                 await self.desired.delete(s.kv_key(device))
             else:

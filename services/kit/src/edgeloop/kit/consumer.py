@@ -6,9 +6,15 @@ For every delivered message:
    claimed and does nothing), run the handler (its state changes and the events it
    queues in the outbox), commit;
 3. ack only after the commit;
-4. on an error: ``PermanentError`` → dead-letter now; anything else → nak with the
-   consumer's back-off, and dead-letter after ``max_deliver`` attempts. Nothing is ever
-   dropped silently (FastStream's default would ack a message whose handler raised).
+4. on an error: ``PermanentError`` → dead-letter now. An error that looks like an outage
+   (see :mod:`edgeloop.kit.faults`) makes the consumer look at PostgreSQL and NATS: if one
+   does not answer, it holds the messages in hand (telling the server they are in
+   progress, fetching nothing more) until both answer, then tries again, and the
+   message's delivery budget is untouched. Serialization failures and deadlocks are
+   retried at once. Anything else — the message failing while its dependencies answer —
+   is nak'ed with the consumer's back-off and dead-lettered after ``max_deliver``
+   attempts. Nothing is ever dropped silently (FastStream's default would ack a message
+   whose handler raised), and a DLQ that cannot be reached holds the message too.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,7 +35,7 @@ from nats.js import JetStreamContext
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
 from edgeloop.contracts import subjects as s
@@ -36,6 +43,7 @@ from edgeloop.contracts.events import Event
 from edgeloop.kit import failpoints, inbox, outbox
 from edgeloop.kit.bus import ConsumerSpec
 from edgeloop.kit.db import Conn
+from edgeloop.kit.faults import certainly_outage, is_conflict, looks_like_outage
 from edgeloop.kit.tracing import extract_context
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,20 @@ DLQ_CONSUMER = "Edgeloop-Dlq-Consumer"
 DLQ_STREAM_SEQ = "Edgeloop-Dlq-Stream-Seq"
 DLQ_DELIVERIES = "Edgeloop-Dlq-Deliveries"
 _MAX_REASON = 4000
+#: serialization failures / deadlocks retried at once before they count
+MAX_CONFLICT_RETRIES = 10
+#: lost connections retried at once (the dependency answers again) before they count
+MAX_FREE_RECONNECTS = 3
+#: the longest pause between two looks at a dependency that is down
+MAX_OUTAGE_POLL = 5.0
+
+WAITING = Gauge(
+    "edgeloop_consumer_waiting", "1 while a consumer holds messages during an outage", ["consumer"]
+)
+OUTAGE_SECONDS = Counter(
+    "edgeloop_consumer_outage_seconds_total", "Time consumers held messages", ["consumer"]
+)
+ACK_FAILURES = Counter("edgeloop_consumer_ack_failures_total", "Acks that failed", ["consumer"])
 
 
 class PermanentError(Exception):
@@ -167,8 +189,10 @@ class EventProcessor(Generic[E]):
         heartbeat_seconds: float | None = None,
         tracer_provider: TracerProvider | None = None,
         on_malformed: Malformed | None = None,
+        nats_connected: Callable[[], bool] | None = None,
     ) -> None:
         self.event_type = event_type
+        self._nats_connected = nats_connected
         self._on_malformed = on_malformed
         self.handler = handler
         self.spec = spec
@@ -190,27 +214,31 @@ class EventProcessor(Generic[E]):
         return (await self.process_batch([msg]))[0]
 
     async def process_batch(self, msgs: Sequence[Msg]) -> list[str]:
-        """Handle a fetched batch; returns each message's outcome, in order."""
+        """Handle a fetched batch; returns each message's outcome, in order.
+
+        Never raises but ``CancelledError``: an outage of PostgreSQL or NATS holds the
+        batch (the server is told it is in progress) until they answer again.
+        """
         started = time.perf_counter()
         outcomes: list[str] = [""] * len(msgs)
         parsed: list[tuple[int, Msg, E]] = []
+        malformed: list[tuple[int, Msg, str]] = []
         for i, msg in enumerate(msgs):
             try:
                 parsed.append((i, msg, self.event_type.model_validate_json(msg.data)))
             except ValidationError as exc:
-                await self._malformed(msg, describe_validation_error(exc))
-                outcomes[i] = "malformed"
+                malformed.append((i, msg, describe_validation_error(exc)))
             except ValueError as exc:  # not JSON at all
-                await self._malformed(msg, f"malformed payload: {exc}")
+                malformed.append((i, msg, f"malformed payload: {exc}"))
+        keepalive = asyncio.create_task(self._keep_alive(msgs))
+        try:
+            for i, msg, reason in malformed:
+                await self._malformed(msg, reason)
                 outcomes[i] = "malformed"
-        if parsed:
-            keepalive = asyncio.create_task(  # noqa: RUF006 (cancelled below)
-                self._keep_alive([m for _, m, _ in parsed])
-            )
-            try:
+            if parsed:
                 await self._apply_all(parsed, outcomes)
-            finally:
-                keepalive.cancel()
+        finally:
+            keepalive.cancel()
         elapsed = time.perf_counter() - started
         for outcome in outcomes:
             HANDLED.labels(self.spec.durable, outcome).inc()
@@ -218,13 +246,20 @@ class EventProcessor(Generic[E]):
         return outcomes
 
     async def _apply_all(self, parsed: list[tuple[int, Msg, E]], outcomes: list[str]) -> None:
-        if len(parsed) > 1:
+        conflicts = 0
+        while len(parsed) > 1:
             try:
                 results = await self._transaction(parsed)
             except asyncio.CancelledError:
                 await self._nak_all([m for _, m, _ in parsed])
                 raise
             except Exception as exc:
+                if is_conflict(exc) and conflicts < MAX_CONFLICT_RETRIES:
+                    conflicts += 1
+                    await asyncio.sleep(random.uniform(0, 0.02 * conflicts))
+                    continue
+                if looks_like_outage(exc) and await self._outage(exc):
+                    continue
                 log.info(
                     "%s: batch of %d failed (%s: %s); applying one by one",
                     self.spec.durable,
@@ -232,47 +267,109 @@ class EventProcessor(Generic[E]):
                     type(exc).__name__,
                     exc,
                 )
-            else:
-                failpoints.hit("consumer.after_commit")
-                for (i, msg, _), result in zip(parsed, results, strict=True):
-                    await msg.ack()
-                    outcomes[i] = result
-                return
+                break
+            failpoints.hit("consumer.after_commit")
+            for (i, msg, _), result in zip(parsed, results, strict=True):
+                await self._ack(msg)
+                outcomes[i] = result
+            return
         for i, msg, event in parsed:
             outcomes[i] = await self._apply_one(msg, event)
 
     async def _apply_one(self, msg: Msg, event: E) -> str:
-        deliveries = _deliveries(msg)
-        try:
-            (result,) = await self._transaction([(0, msg, event)])
-        except PermanentError as exc:
-            await self._dead_letter(msg, f"{type(exc).__name__}: {exc}")
-            return "dead_lettered"
-        except asyncio.CancelledError:
-            # Shutting down mid-handler: the transaction rolled back; let it be redelivered.
-            await self._nak_all([msg])
-            raise
-        except Exception as exc:
-            if deliveries >= self.spec.max_deliver:
-                await self._dead_letter(
-                    msg, f"failed {deliveries} times, last error {type(exc).__name__}: {exc}"
-                )
+        conflicts = lost = 0
+        while True:
+            try:
+                (result,) = await self._transaction([(0, msg, event)])
+            except PermanentError as exc:
+                await self._dead_letter(msg, f"{type(exc).__name__}: {exc}")
                 return "dead_lettered"
-            delay = self.spec.delay_after(deliveries)
-            log.warning(
-                "%s: %s on %s (delivery %d), retrying in %.1fs",
-                self.spec.durable,
-                type(exc).__name__,
-                msg.subject,
-                deliveries,
-                delay,
-                exc_info=True,
+            except asyncio.CancelledError:
+                # Shutting down mid-handler: the transaction rolled back; redeliver it.
+                await self._nak_all([msg])
+                raise
+            except Exception as exc:
+                if is_conflict(exc) and conflicts < MAX_CONFLICT_RETRIES:
+                    conflicts += 1
+                    await asyncio.sleep(random.uniform(0, 0.02 * conflicts))
+                    continue
+                if looks_like_outage(exc):
+                    if await self._outage(exc):
+                        continue
+                    # A connection lost under us is not the message's fault even if the
+                    # dependency answers again at once; a few free tries, then it counts.
+                    if certainly_outage(exc) and lost < MAX_FREE_RECONNECTS:
+                        lost += 1
+                        continue
+                return await self._failed(msg, exc)
+            failpoints.hit("consumer.after_commit")
+            await self._ack(msg)
+            return result
+
+    async def _failed(self, msg: Msg, exc: Exception) -> str:
+        """The message failed while PostgreSQL and NATS answered: spend one delivery."""
+        deliveries = _deliveries(msg)
+        if deliveries >= self.spec.max_deliver:
+            await self._dead_letter(
+                msg,
+                f"failed {deliveries} times while PostgreSQL and NATS answered, "
+                f"last error {type(exc).__name__}: {exc}",
             )
-            await msg.nak(delay=delay)
-            return "retried"
-        failpoints.hit("consumer.after_commit")
-        await msg.ack()
-        return result
+            return "dead_lettered"
+        delay = self.spec.delay_after(deliveries)
+        log.warning(
+            "%s: %s on %s (delivery %d), retrying in %.1fs",
+            self.spec.durable,
+            type(exc).__name__,
+            msg.subject,
+            deliveries,
+            delay,
+            exc_info=exc,
+        )
+        await self._nak(msg, delay)
+        return "retried"
+
+    async def _outage(self, exc: BaseException) -> bool:
+        """``exc`` looks like a dependency is down: if one does not answer, hold on until
+        every one does and return True (retry, nothing charged); False when all answer."""
+        if await self._dependencies_answer():
+            return False
+        WAITING.labels(self.spec.durable).set(1)
+        t0 = time.monotonic()
+        log.warning(
+            "%s: %s: %s; holding the messages in hand until PostgreSQL and NATS answer",
+            self.spec.durable,
+            type(exc).__name__,
+            exc,
+        )
+        delay = 0.25
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                if await self._dependencies_answer():
+                    break
+                delay = min(delay * 2, MAX_OUTAGE_POLL)
+        finally:
+            WAITING.labels(self.spec.durable).set(0)
+            OUTAGE_SECONDS.labels(self.spec.durable).inc(time.monotonic() - t0)
+        log.warning(
+            "%s: dependencies answer again after %.1f s; resuming",
+            self.spec.durable,
+            time.monotonic() - t0,
+        )
+        return True
+
+    async def _dependencies_answer(self) -> bool:
+        if self._nats_connected is not None and not self._nats_connected():
+            return False
+        try:
+            async with self._pool().acquire(timeout=2) as conn:
+                await conn.fetchval("SELECT 1", timeout=2)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return False
+        return True
 
     async def _transaction(self, items: list[tuple[int, Msg, E]]) -> list[str]:
         """Claim every event in the inbox and apply the new ones, in one transaction."""
@@ -327,16 +424,71 @@ class EventProcessor(Generic[E]):
 
     async def _malformed(self, msg: Msg, reason: str) -> None:
         if self._on_malformed is not None:
-            try:
-                async with self._pool().acquire() as conn, conn.transaction():
-                    await self._on_malformed(conn, msg, reason)
-            except Exception:
-                log.exception("%s: the malformed-message hook failed", self.spec.durable)
+            hook = self._on_malformed
+            while True:
+                try:
+                    async with self._pool().acquire() as conn, conn.transaction():
+                        await hook(conn, msg, reason)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if looks_like_outage(exc) and await self._outage(exc):
+                        continue
+                    log.exception("%s: the malformed-message hook failed", self.spec.durable)
+                    break
         await self._dead_letter(msg, reason)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        await self._dead_letters().send(msg, self.spec.durable, reason, _deliveries(msg))
-        await msg.term()
+        """Publish to the DLQ until it is stored (a message is never dropped because the
+        DLQ could not be reached), then terminate the original."""
+        delay = 0.5
+        while True:
+            try:
+                failpoints.hit("consumer.dead_letter")
+                await self._dead_letters().send(msg, self.spec.durable, reason, _deliveries(msg))
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "%s: could not dead-letter %s (%s: %s); trying again",
+                    self.spec.durable,
+                    msg.subject,
+                    type(exc).__name__,
+                    exc,
+                )
+                if not await self._outage(exc):
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_OUTAGE_POLL)
+        try:
+            failpoints.hit("consumer.term")
+            await msg.term()
+        except Exception as exc:  # it comes back and is dead-lettered again (same DLQ id)
+            log.warning("%s: term after dead-lettering failed: %s", self.spec.durable, exc)
+
+    async def _ack(self, msg: Msg) -> None:
+        """Ack after the commit. If the ack is lost the message comes back and the inbox
+        finds it processed: nothing to retry here."""
+        try:
+            failpoints.hit("consumer.ack")
+            await msg.ack()
+        except Exception as exc:
+            ACK_FAILURES.labels(self.spec.durable).inc()
+            log.warning(
+                "%s: ack of %s failed (%s: %s); its redelivery will find it processed",
+                self.spec.durable,
+                msg.subject,
+                type(exc).__name__,
+                exc,
+            )
+
+    async def _nak(self, msg: Msg, delay: float) -> None:
+        try:
+            failpoints.hit("consumer.nak")
+            await msg.nak(delay=delay)
+        except Exception as exc:  # redelivered after ack_wait instead of after the delay
+            log.warning("%s: nak failed (%s); redelivery after ack_wait", self.spec.durable, exc)
 
     @staticmethod
     async def _nak_all(msgs: Sequence[Msg]) -> None:

@@ -143,6 +143,11 @@ class OutboxRelay:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the relay's task runs (it retries every failure; only a bug ends it)."""
+        return self._task is not None and not self._task.done()
+
     def start(self) -> None:
         """Run in the background."""
         self._task = asyncio.create_task(self.run(), name=f"outbox-relay-{self._schema}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -32,8 +33,10 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from prometheus_client import Gauge
 
+from edgeloop.kit import failpoints
 from edgeloop.kit.bus import ConsumerSpec
 from edgeloop.kit.consumer import EventProcessor
+from edgeloop.kit.supervise import Loops
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class PartitionedConsumer:
         pool: asyncpg.Pool,
         js: JetStreamContext,
         owner: str,
+        loops: Loops | None = None,
     ) -> None:
         self.p = partitioned
         self.name = partitioned.spec.durable
@@ -80,6 +84,10 @@ class PartitionedConsumer:
         self.js = js
         self.owner = owner
         self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.loops = loops or Loops()
+        """Each partition's consumer is a supervised loop: restarted when it fails, and
+        its lease given up (not renewed) while it is dead."""
+        self.shunned: dict[int, float] = {}  # dead here: not claimed again until then
         self.busy: set[int] = set()  # partitions applying a batch now
         self._idle = asyncio.Condition()  # notified when a partition's batch is applied
 
@@ -110,6 +118,13 @@ class PartitionedConsumer:
         """Renew membership and leases; give up what is beyond the fair share, claim up
         to it."""
         lease = self.p.lease_seconds
+        now = asyncio.get_running_loop().time()
+        for k in [k for k in self.tasks if self._dead(k)]:
+            log.error("%s: partition %d's consumer is dead; giving its lease up", self.name, k)
+            self.shunned[k] = now + 2 * lease
+            await self._stop(k)
+        self.shunned = {k: t for k, t in self.shunned.items() if t > now}
+        alive = sorted(self.tasks)
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 await conn.execute(
@@ -129,6 +144,15 @@ class PartitionedConsumer:
                     "SELECT count(*) FROM partition_members WHERE consumer = $1", self.name
                 )
                 share = math.ceil(self.p.count / max(members, 1))
+                # only partitions whose consumer runs here keep their lease; any other
+                # this owner holds (a consumer that died) is let go for another replica
+                await conn.execute(
+                    """UPDATE partition_leases SET owner = NULL, lease_until = NULL
+                       WHERE consumer = $1 AND owner = $2 AND NOT partition = ANY($3::int[])""",
+                    self.name,
+                    self.owner,
+                    alive,
+                )
                 held = await conn.fetch(
                     """UPDATE partition_leases SET lease_until = now() + make_interval(secs => $3)
                        WHERE consumer = $1 AND owner = $2 RETURNING partition""",
@@ -159,12 +183,14 @@ class PartitionedConsumer:
                        WHERE consumer = $1 AND partition IN (
                            SELECT partition FROM partition_leases
                            WHERE consumer = $1 AND (owner IS NULL OR lease_until < now())
+                             AND NOT partition = ANY($5::int[])
                            ORDER BY partition LIMIT $4 FOR UPDATE SKIP LOCKED)
                        RETURNING partition""",
                     self.name,
                     self.owner,
                     lease,
                     share - len(mine),
+                    sorted(self.shunned),
                 )
                 mine += [r["partition"] for r in claimed]
         for k in mine:
@@ -172,9 +198,16 @@ class PartitionedConsumer:
                 self._start(k)
         OWNED.labels(self.name).set(len(self.tasks))
 
+    def _loop_name(self, k: int) -> str:
+        return f"{self.name}-{k}"
+
+    def _dead(self, k: int) -> bool:
+        task = self.tasks.get(k)
+        return task is None or task.done() or self.loops.is_dead(self._loop_name(k))
+
     def _start(self, k: int) -> None:
         log.info("%s: consuming partition %d", self.name, k)
-        self.tasks[k] = asyncio.create_task(self._consume(k), name=f"{self.name}-{k}")
+        self.tasks[k] = self.loops.spawn(self._loop_name(k), functools.partial(self._consume, k))
 
     async def _stop(self, k: int) -> None:
         """Stop consuming partition ``k``: at once when it is waiting for messages, after
@@ -191,14 +224,17 @@ class PartitionedConsumer:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+        self.loops.forget(self._loop_name(k))
         self.busy.discard(k)
 
     async def _consume(self, k: int) -> None:
+        """Consume partition ``k`` while it is ours (run supervised: an exception that
+        escapes restarts it; the batch in hand is nak'ed to come back at once)."""
         spec = self.p.partition_spec(k)
         processor = self.processor(spec)
         sub = await self.js.pull_subscribe_bind(spec.durable, stream=spec.stream)
         try:
-            while k in self.tasks:
+            while True:  # until cancelled by _stop
                 try:
                     msgs = await sub.fetch(spec.batch_size, timeout=1.0)
                 except (TimeoutError, NatsTimeout):
@@ -209,7 +245,13 @@ class PartitionedConsumer:
                     continue
                 self.busy.add(k)
                 try:
+                    failpoints.hit("partitions.batch")
                     await processor.process_batch(msgs)
+                except Exception:
+                    for msg in msgs:
+                        with contextlib.suppress(Exception):
+                            await msg.nak()
+                    raise
                 finally:
                     self.busy.discard(k)
                     async with self._idle:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -31,7 +32,9 @@ from edgeloop.kit.db import create_pool, migrate, read_migrations
 from edgeloop.kit.http import HealthServer
 from edgeloop.kit.outbox import OutboxRelay
 from edgeloop.kit.partitions import Partitioned, PartitionedConsumer, default_owner
+from edgeloop.kit.retention import prune
 from edgeloop.kit.settings import ServiceSettings
+from edgeloop.kit.supervise import Loops
 from edgeloop.kit.tracing import setup_tracing
 
 log = logging.getLogger(__name__)
@@ -91,11 +94,18 @@ class Service:
         self._background: list[Background] = []
         self.partitioned: list[PartitionedConsumer] = []
         """The partitioned consumers running in this replica (their ``owned`` partitions)."""
-        self._tasks: list[asyncio.Task[None]] = []
+        self.loops = Loops(
+            max_failures=settings.loop_max_failures, stable_after=settings.loop_stable_seconds
+        )
+        """Every long-running task of this process, supervised (see :mod:`.supervise`)."""
         self.health = HealthServer(
             settings.http_host,
             settings.http_port,
-            {"postgres": self._check_postgres, "nats": self._check_nats},
+            {
+                "postgres": self._check_postgres,
+                "nats": self._check_nats,
+                "loops": self._check_loops,
+            },
         )
         self.ready = asyncio.Event()
 
@@ -162,6 +172,7 @@ class Service:
                     svc.pool,
                     svc.js,
                     owner or default_owner(),
+                    svc.loops,
                 )
                 self.partitioned.append(consumer)
                 try:
@@ -191,12 +202,23 @@ class Service:
             pool=lambda: self.pool,
             dead_letters=lambda: DeadLetters(self.js),
             tracer_provider=self.tracer_provider,
+            nats_connected=self._nats_connected,
         )
 
+    def _nats_connected(self) -> bool:
+        return self._js is not None and bool(self.broker.connection.is_connected)
+
     def background(self, task: Background) -> Background:
-        """Run ``task(service)`` once the service is ready; cancelled at shutdown."""
+        """Run ``task(service)`` once the service is ready, supervised (restarted with
+        back-off when it fails or returns); cancelled at shutdown."""
         self._background.append(task)
         return task
+
+    def spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run ``factory()`` as a supervised loop of this process (a sweep, an API server,
+        a watch): restarted with back-off when it fails, and ``/readyz`` fails while it
+        stays dead. Cancelled at shutdown."""
+        self.loops.spawn(name, factory)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -220,24 +242,20 @@ class Service:
             batch=s.relay_batch,
             poll_seconds=s.relay_poll_seconds,
         )
-        self._relay.start()
+        self._relay.start()  # it retries every failure itself; /readyz sees it alive
         await self.broker.start()
         await self.health.start()
-        self._tasks = [
-            asyncio.create_task(t(self), name=f"{self.name}-{t.__name__}") for t in self._background
-        ]
+        for task in self._background:
+            self.loops.spawn(task.__name__, functools.partial(task, self))
+        if s.retention_seconds > 0:
+            self.loops.spawn("retention", self._prune_forever)
         self.ready.set()
         log.info("%s ready; health on http://%s:%d", self.name, s.http_host, self.health.port)
 
     async def stop(self) -> None:
         """Stop fetching, let in-flight handlers finish, flush the relay, close the pool."""
         self.ready.clear()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
+        await self.loops.stop()
         await self.broker.stop()
         if self._relay is not None:
             await self._relay.stop()
@@ -266,11 +284,47 @@ class Service:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
+        dead = False
         try:
-            await stop.wait()
-            log.info("%s: signal received, shutting down gracefully", self.name)
+            signalled = asyncio.create_task(stop.wait())
+            died = asyncio.create_task(self._dead_for(self.settings.loop_exit_seconds))
+            await asyncio.wait({signalled, died}, return_when=asyncio.FIRST_COMPLETED)
+            dead = died.done()
+            for waiter in (signalled, died):
+                waiter.cancel()
+            if dead:
+                log.critical(
+                    "%s: a loop stayed dead for %.0f s (%s); exiting so the process is restarted",
+                    self.name,
+                    self.settings.loop_exit_seconds,
+                    (await self.loops.check())[1],
+                )
+            else:
+                log.info("%s: signal received, shutting down gracefully", self.name)
         finally:
             await self.stop()
+        if dead:
+            raise SystemExit(EXIT_LOOP_DEAD)
+
+    async def _dead_for(self, seconds: float) -> None:
+        """Return once some loop has been dead for ``seconds`` without reviving."""
+        while True:
+            await self.loops.dead.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._revived(), seconds)
+                continue
+            return
+
+    async def _revived(self) -> None:
+        while self.loops.dead.is_set():
+            await asyncio.sleep(0.5)
+
+    async def _prune_forever(self) -> None:
+        """Delete inbox and sent outbox rows older than the retention, every so often."""
+        s = self.settings
+        while True:
+            await prune(self.pool, self.schema, s.retention_seconds)
+            await asyncio.sleep(s.prune_every_seconds)
 
     # --- readiness ----------------------------------------------------------------------
 
@@ -281,6 +335,11 @@ class Service:
             await conn.fetchval("SELECT 1")
         return True, ""
 
+    async def _check_loops(self) -> tuple[bool, str]:
+        if self._relay is not None and not self._relay.alive:
+            return False, "the outbox relay stopped"
+        return await self.loops.check()
+
     async def _check_nats(self) -> tuple[bool, str]:
         if self._js is None:
             return False, "not started"
@@ -288,6 +347,10 @@ class Service:
         if not nc.is_connected:
             return False, "disconnected"
         return True, ""
+
+
+#: the exit status of a process whose supervised loop stayed dead
+EXIT_LOOP_DEAD = 70
 
 
 def configure_logging(level: str) -> None:

@@ -80,6 +80,19 @@ class ServiceSettings(BaseSettings):
     """How often the relay looks for unsent rows when no notification arrives."""
     graceful_timeout: float = 15.0
     """Seconds to let in-flight messages finish on SIGTERM."""
+    retention_seconds: float = 7 * 86400.0
+    """Inbox rows and sent outbox rows older than this are deleted (0: never). At least
+    an hour: an inbox row must outlive every copy of its event that can still arrive."""
+    prune_every_seconds: float = 3600.0
+    """How often the retention sweep runs."""
+    loop_max_failures: int = 5
+    """A supervised loop that fails this many times in a row (not counting outages of
+    PostgreSQL or NATS) is dead: ``/readyz`` fails."""
+    loop_stable_seconds: float = 30.0
+    """A loop that ran this long is healthy again (its failure count starts over)."""
+    loop_exit_seconds: float = 60.0
+    """A loop dead this long makes the process exit (status 70), so its supervisor
+    (``make up``, Compose, Kubernetes) starts it afresh."""
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -98,6 +111,18 @@ class ServiceSettings(BaseSettings):
         if changed:
             cls.model_config["populate_by_name"] = True
             cls.model_rebuild(force=True)
+
+    @model_validator(mode="after")
+    def _retention_long_enough(self) -> ServiceSettings:
+        from edgeloop.kit.retention import MIN_RETENTION_SECONDS
+
+        if 0 < self.retention_seconds < MIN_RETENTION_SECONDS:
+            raise ValueError(
+                f"retention_seconds={self.retention_seconds:.0f} is shorter than "
+                f"{MIN_RETENTION_SECONDS:.0f} s: a pruned inbox row could let a late copy of "
+                "its event through; set at least that, or 0 to keep every row"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> ServiceSettings:
