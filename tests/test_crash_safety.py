@@ -26,7 +26,7 @@ import pytest
 
 from edgeloop.devstack.testing import stream_messages, up_environment
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 KILLED = ("registry", "builder", "validator", "deployer", "monitor", "gateway")
 

@@ -12,12 +12,19 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+
+from edgeloop.kit.db import TRANSIENT_DB_ERRORS
+from edgeloop.kit.faults import CONNECTION_LOST, NATS_OUTAGE_ERRORS, looks_like_outage
+
+log = logging.getLogger(__name__)
 
 #: Roles, and what each may change (every valid token may read).
 ROLES = ("viewer", "data-scientist", "operator", "admin")
@@ -120,8 +127,37 @@ class QuietServer(uvicorn.Server):
         """Leave signal handling to the Service."""
 
 
+#: seconds a client is asked to wait before it retries during an outage
+OUTAGE_RETRY_AFTER = 5
+
+
+def answer_outages_with_503(app: FastAPI) -> None:
+    """A request that meets an outage of PostgreSQL or NATS gets a 503 with a
+    ``Retry-After`` and a sentence saying so, not a 500 with a stack trace."""
+
+    async def outage(request: Request, exc: Exception) -> Response:
+        if not looks_like_outage(exc):
+            raise exc
+        log.warning("%s %s: dependency unavailable: %s", request.method, request.url.path, exc)
+        return JSONResponse(
+            {
+                "detail": "a platform dependency (PostgreSQL or NATS) is not reachable "
+                f"right now ({type(exc).__name__}); nothing was changed, retry in a few "
+                "seconds"
+            },
+            status_code=503,
+            headers={"Retry-After": str(OUTAGE_RETRY_AFTER)},
+        )
+
+    for cls in {*TRANSIENT_DB_ERRORS, *NATS_OUTAGE_ERRORS, *CONNECTION_LOST}:
+        if issubclass(cls, Exception):
+            app.add_exception_handler(cls, outage)
+
+
 async def serve_api(app: FastAPI, host: str, port: int) -> None:
-    """Serve ``app`` until cancelled (the kit's Service owns SIGTERM, not uvicorn)."""
+    """Serve ``app`` until cancelled (the kit's Service owns SIGTERM, not uvicorn).
+    Outages of PostgreSQL or NATS are answered 503 (:func:`answer_outages_with_503`)."""
+    answer_outages_with_503(app)
     server = QuietServer(
         uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
     )

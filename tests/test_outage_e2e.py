@@ -1,0 +1,154 @@
+"""PostgreSQL down for a minute under the whole telemetry path (agents' batches on NATS,
+the monitor's partitioned consumers, the registry): nothing is dead-lettered, every batch
+is counted once when it is back, and a registration refused meanwhile (503, retry)
+succeeds after. The test has a PostgreSQL of its own to kill."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from edgeloop.contracts import subjects as s
+from edgeloop.contracts.events import Histogram, TelemetryBatch
+from edgeloop.devstack.servers import NatsServer, Postgres
+from edgeloop.devstack.testing import eventually, publish_event, stream_messages
+from tests.deploy_harness import DeployStack, register_version
+from tests.modelzoo import classifier
+from tests.test_monitor import Monitored, _counted, mon  # noqa: F401 (mon is a fixture)
+
+pytestmark = pytest.mark.slow
+
+OUTAGE_SECONDS = 60
+
+
+@pytest.fixture
+def restartable_pg(tmp_path: Path) -> Iterator[Postgres]:
+    server = Postgres(tmp_path / "pg").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_dsn(restartable_pg: Postgres, unique: str) -> str:
+    """The monitor fixture's database, on a server this test can kill."""
+    return restartable_pg.create_database(f"t_{unique}")
+
+
+async def test_postgres_down_a_minute_loses_and_dead_letters_no_telemetry(
+    mon: Monitored,  # noqa: F811
+    restartable_pg: Postgres,
+) -> None:
+    m = classifier("iris")
+    profile = await register_version(mon.registry, mon.model, "1", m.onnx, m.reference)
+    assert profile is not None
+    edges = [f["edges"] for f in profile["features"]]
+    names = [f["name"] for f in profile["features"]]
+    start = datetime.now(UTC)
+
+    def batch(i: int) -> TelemetryBatch:
+        counts = [[0] * (len(e) + 1) for e in edges]
+        for c in counts:
+            c[i % len(c)] = 50
+        return TelemetryBatch(
+            model=mon.model,
+            version="1",
+            device_id=f"dev-{i % 20}",
+            window_start=start,
+            window_end=start,
+            count=50,
+            feature_names=names,
+            feature_histograms=[
+                Histogram(edges=e, counts=c) for e, c in zip(edges, counts, strict=True)
+            ],
+        )
+
+    async def publish(first: int, last: int) -> None:
+        for i in range(first, last):
+            await publish_event(mon.edge.js, (b := batch(i)), subject=b.bus_subject())
+
+    await publish(0, 100)
+    await eventually(lambda: _counted(mon, 100 * 50 - 1), within=60, what="the first batches")
+
+    await asyncio.to_thread(restartable_pg.kill)
+    t0 = time.monotonic()
+    refused = await mon.registry.post(
+        f"/api/v1/models/{mon.model}/versions",
+        files={"model": ("model.onnx", m.onnx)},
+        data={"version": "2"},
+    )
+    assert refused.status_code == 503, refused.text
+    for k in range(6):  # a fleet streaming through the outage
+        await publish(100 + 50 * k, 150 + 50 * k)
+        await asyncio.sleep(OUTAGE_SECONDS / 6)
+    ready = httpx.get(f"http://127.0.0.1:{mon.service.health.port}/readyz", timeout=5)
+    assert ready.status_code == 503, ready.text
+    dead = await stream_messages(mon.edge.js, s.STREAM_DLQ, "dlq.device.telemetry.>")
+    assert dead == [], f"{len(dead)} batches dead-lettered during the outage"
+    await asyncio.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - t0)))
+    await asyncio.to_thread(restartable_pg.start)
+
+    await eventually(
+        lambda: _counted(mon, 400 * 50 - 1), within=90, what="every batch counted after"
+    )
+    await asyncio.sleep(2)  # nothing arrives twice later
+    assert await _counted(mon) == 400 * 50
+    assert await stream_messages(mon.edge.js, s.STREAM_DLQ, "dlq.device.telemetry.>") == []
+
+    async def registered() -> bool:
+        resp = await mon.registry.post(
+            f"/api/v1/models/{mon.model}/versions",
+            files={"model": ("model.onnx", m.onnx)},
+            data={"version": "2"},
+        )
+        return resp.status_code in (200, 201)
+
+    await eventually(registered, within=30, what="the registration retried after the outage")
+    ready = httpx.get(f"http://127.0.0.1:{mon.service.health.port}/readyz", timeout=5)
+    assert ready.status_code == 200, ready.text
+
+
+async def test_nats_down_20s_mid_rollout_the_rollout_completes_with_one_write_per_device(
+    deploy: DeployStack, nats_private: NatsServer
+) -> None:
+    sel = {"fleet": deploy.unique}
+    devices = await deploy.devices(4, sel)
+    model = f"iris{deploy.unique}"
+    v1 = await deploy.validated(model, "1", classifier("iris").onnx)
+    code, body = await deploy.start(
+        model,
+        "1",
+        sel,
+        waves=[{"count": 1}, {"percent": 50}, {"percent": 100}],
+        bake_seconds=2,
+        converge_timeout_seconds=120,
+    )
+    assert code == 201, body
+    rid = body["rollout_id"]
+
+    async def in_second_wave() -> bool:
+        r = await deploy.rollout(rid)
+        return r["current_wave"] == 1 and r["wave_status"][1]["state"] in ("converging", "baking")
+
+    await eventually(in_second_wave, within=60, what="second wave in progress")
+    await asyncio.to_thread(nats_private.kill)
+    await asyncio.sleep(20)
+    await asyncio.to_thread(nats_private.start)
+    done = await deploy.wait_rollout(rid, "completed", "rolled_back", within=180)
+    assert done["state"] == "completed", done["reason"]
+    await deploy.running(devices, v1)
+    started = [e for e in await deploy.events("rollout.wave.started") if e["rollout_id"] == rid]
+    assert sorted(e["wave"] for e in started) == [0, 1, 2]  # each wave started once
+    dead = await stream_messages(deploy.edge.js, s.STREAM_DLQ, "dlq.>")
+    assert dead == [], [m.headers for m in dead]
+    # one desired-state write of this version per device: none lost, none doubled
+    kv = await deploy.edge.js.key_value(s.KV_DESIRED)
+    for device in devices:
+        history = await kv.history(s.kv_key(device))
+        writes = [e for e in history if e.value and v1.digest.encode() in e.value]
+        assert len(writes) == 1, f"{device}: {len(writes)} writes of the new version"
