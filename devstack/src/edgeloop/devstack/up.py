@@ -3,7 +3,9 @@
 Starts NATS, PostgreSQL and the OCI registry with their state under ``.edgeloop/`` (a
 second run keeps the data), or uses the external ones named by ``EDGELOOP_NATS_URL``,
 ``EDGELOOP_DATABASE_URL`` and ``EDGELOOP_OCI_REGISTRY_URL``; then every service that
-exists as its own process, restarted with back-off if it crashes. Writes
+exists as its own process. Services and embedded servers alike are supervised: one that
+dies is reaped and started again with back-off (a server on the same port with the same
+data; the services reconnect to it on their own). Writes
 ``.edgeloop/stack.json`` (what ``edgeloop status`` reads) and ``.edgeloop/up.pid``,
 prints the endpoints, and on Ctrl-C / SIGTERM (``make down``) stops the services, then
 the servers.
@@ -17,7 +19,6 @@ services' health ports count up from it).
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -25,9 +26,9 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import psutil
 
@@ -35,7 +36,14 @@ from edgeloop.contracts.access import SERVICES as SERVICE_ACCESS
 from edgeloop.contracts.stackfile import redact, state_dir
 from edgeloop.devstack.keys import generated_secret, nats_users, signing_keys
 from edgeloop.devstack.nats_auth import NatsAuth
-from edgeloop.devstack.servers import ManagedProcess, NatsServer, OciRegistry, Postgres
+from edgeloop.devstack.servers import (
+    ManagedProcess,
+    NatsServer,
+    OciRegistry,
+    Postgres,
+    reap_group,
+    signal_group,
+)
 
 #: (name, module) of every service, in start order; a service starts when its module
 #: is importable (later issues add theirs). ``python -m <module>`` runs it.
@@ -67,7 +75,7 @@ FIRST_HTTP_PORT = 18080
 DATABASE = "edgeloop"
 #: a service stopped with SIGTERM gets this long before SIGKILL
 SERVICE_STOP_TIMEOUT = 20.0
-#: a service that ran this long is stable again: its back-off starts over
+#: a process that ran this long is stable again: its back-off starts over
 STABLE_AFTER = 60.0
 MAX_BACKOFF = 30.0
 
@@ -105,14 +113,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, sig)
-
-
 @dataclass
 class ServiceProcess:
-    """One supervised service: ``python -m <module>`` in its own process group."""
+    """One service: ``python -m <module>`` in its own process group."""
 
     name: str
     module: str
@@ -120,9 +123,6 @@ class ServiceProcess:
     env: dict[str, str]
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    next_start: float = 0.0
-    started_at: float = 0.0
 
     @property
     def health_url(self) -> str:
@@ -133,6 +133,11 @@ class ServiceProcess:
     def ready_url(self) -> str:
         """``/readyz`` on the service's HTTP port."""
         return f"http://127.0.0.1:{self.http_port}/readyz"
+
+    @property
+    def pid(self) -> int | None:
+        """The process id of its latest start."""
+        return self.proc.pid if self.proc else None
 
     def start(self) -> None:
         """Start the process, its output appended to ``log_path``."""
@@ -147,48 +152,119 @@ class ServiceProcess:
                 # before the servers they use; a stop also reaches what it spawned
                 start_new_session=True,
             )
-        self.started_at = time.monotonic()
 
-    def poll(self) -> bool:
-        """Restart with back-off (1 s doubling to 30 s) if it exited; True on a restart."""
-        if self.proc is None:
-            return False
-        if self.proc.poll() is None:
-            if time.monotonic() - self.started_at > STABLE_AFTER:
-                self.restarts = 0
-            return False
-        now = time.monotonic()
-        if self.next_start == 0.0:
-            delay = min(2.0**self.restarts, MAX_BACKOFF)
-            print(
-                f"  ! {self.name} exited with {self.proc.returncode}; restart in {delay:.0f}s "
-                f"(log: {self.log_path})",
-                flush=True,
-            )
-            self.next_start = now + delay
-            return False
-        if now < self.next_start:
-            return False
-        self.restarts += 1
-        self.next_start = 0.0
-        self.start()
-        return True
+    def poll(self) -> int | None:
+        """Its exit status once it exited (reaped with its process group), else None."""
+        return reap_group(self.proc) if self.proc else None
 
     def terminate(self) -> None:
         """SIGTERM to its process group (it may still be running on return)."""
-        if self.proc is not None and self.proc.poll() is None:
-            _signal_group(self.proc, signal.SIGTERM)
+        if self.running and self.proc is not None:
+            signal_group(self.proc, signal.SIGTERM)
 
     def kill(self) -> None:
         """SIGKILL its process group and reap it."""
-        if self.proc is not None and self.proc.poll() is None:
-            _signal_group(self.proc, signal.SIGKILL)
+        if self.running and self.proc is not None:
+            signal_group(self.proc, signal.SIGKILL)
             self.proc.wait(10)
 
     @property
     def running(self) -> bool:
         """Whether the process is alive."""
-        return self.proc is not None and self.proc.poll() is None
+        return self.proc is not None and self.poll() is None
+
+
+class Process(Protocol):
+    """What the supervisor needs of a process: a service or an embedded server."""
+
+    name: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int | None:
+        """Its process id."""
+
+    def start(self) -> object:
+        """Start it (a server: and wait until it answers)."""
+
+    def poll(self) -> int | None:
+        """Its exit status once it exited and was reaped; None while it runs."""
+
+
+P = TypeVar("P", bound=Process)
+
+
+@dataclass
+class Supervised(Generic[P]):
+    """A process ``make up`` keeps running.
+
+    When it exits it is reaped and started again after a back-off of 1 s doubling to
+    30 s, which starts over once it ran ``STABLE_AFTER`` seconds. ``restarts`` counts
+    every start after the first; ``last_exit`` is the status of its latest exit.
+    """
+
+    process: P
+    restarts: int = 0
+    last_exit: int | None = None
+    crashes: int = 0  # in a row: the back-off's exponent
+    next_start: float = 0.0  # while it waits to be started again
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def state(self) -> str:
+        """``running``, or ``restarting`` while it waits out its back-off."""
+        return "restarting" if self.next_start else "running"
+
+    def check(self) -> bool:
+        """Note an exit, or start it again once its back-off is over.
+
+        Returns:
+            Whether its state changed (it exited, or was started again): ``stack.json``
+            is then out of date.
+        """
+        now = time.monotonic()
+        if not self.next_start:
+            code = self.process.poll()
+            if code is None:
+                if now - self.started_at > STABLE_AFTER:
+                    self.crashes = 0
+                return False
+            self._exited(code, now)
+            return True
+        if now < self.next_start:
+            return False
+        self.restarts += 1
+        try:
+            self.process.start()
+        except (RuntimeError, OSError) as exc:  # it did not come up: back off again
+            print(f"  ! {self.process.name} did not start: {str(exc).splitlines()[0]}", flush=True)
+            self._exited(self.process.poll(), time.monotonic())
+            return True
+        self.next_start = 0.0
+        self.started_at = time.monotonic()
+        print(f"  + {self.process.name} restarted (pid {self.process.pid})", flush=True)
+        return True
+
+    def _exited(self, code: int | None, now: float) -> None:
+        delay = min(2.0**self.crashes, MAX_BACKOFF)
+        self.crashes += 1
+        self.last_exit = code
+        self.next_start = now + delay
+        print(
+            f"  ! {self.process.name} exited with {code}; restart in {delay:.0f}s "
+            f"(log: {self.process.log_path})",
+            flush=True,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Its entry in ``stack.json``."""
+        return {
+            "pid": self.process.pid,
+            "state": self.state,
+            "restarts": self.restarts,
+            "last_exit": self.last_exit,
+            "log": str(self.process.log_path),
+        }
 
 
 def stop_services(services: list[ServiceProcess], timeout: float = SERVICE_STOP_TIMEOUT) -> None:
@@ -215,20 +291,22 @@ class _Signals:
 
 
 def _stack_info(
-    endpoints: dict[str, Any], services: list[ServiceProcess], root: Path
+    endpoints: dict[str, Any],
+    services: list[Supervised[ServiceProcess]],
+    infrastructure: list[Supervised[ManagedProcess]],
+    root: Path,
 ) -> dict[str, Any]:
     return {
         **endpoints,
         "state_dir": str(root),
         "pid": os.getpid(),
+        "infrastructure": {s.process.name: s.as_dict() for s in infrastructure},
         "services": {
-            s.name: {
-                "module": s.module,
-                "health_url": s.health_url,
-                "ready_url": s.ready_url,
-                "pid": s.proc.pid if s.proc else None,
-                "restarts": s.restarts,
-                "log": str(s.log_path),
+            s.process.name: {
+                "module": s.process.module,
+                "health_url": s.process.health_url,
+                "ready_url": s.process.ready_url,
+                **s.as_dict(),
             }
             for s in services
         },
@@ -404,13 +482,17 @@ def main() -> None:
         for svc in services:
             svc.start()
 
+        infrastructure = [Supervised(server) for server in servers]
+        supervised = [Supervised(svc) for svc in services]
         stack_file = root / "stack.json"
-        _write_json(stack_file, _stack_info(endpoints, services, root))
+        _write_json(stack_file, _stack_info(endpoints, supervised, infrastructure, root))
         _print_endpoints(endpoints, services, root)
         while not signals.stopping:
-            restarted = [svc.poll() for svc in services]  # every one, not up to the first
-            if any(restarted):
-                _write_json(stack_file, _stack_info(endpoints, services, root))
+            # every one, not up to the first that changed; a dead server does not
+            # restart the services: they reconnect to it on their own
+            changed = [s.check() for s in infrastructure] + [s.check() for s in supervised]
+            if any(changed):
+                _write_json(stack_file, _stack_info(endpoints, supervised, infrastructure, root))
             time.sleep(0.2)
     finally:
         print("stopping edgeloop …", flush=True)
