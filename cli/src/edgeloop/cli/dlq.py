@@ -168,7 +168,8 @@ async def _replay(
         try:
             await dlq.publish(js, r)
         except Exception as exc:
-            r.outcome, r.detail = dlq.FAILED, f"not published: {describe(exc)}"
+            r.outcome = dlq.FAILED
+            r.detail = f"not replayed: the publish failed ({describe(exc)}); still in the DLQ"
     await dlq.settle(js, published, timeout=timeout)
     _report(published)  # before deleting: an acknowledged replay's removal is no drop
     for r in published:
@@ -220,7 +221,6 @@ def replay(
         typer.echo(json.dumps([r.record() for r in replays], indent=1))
     else:
         for r in replays:
-            gone = "; removed from the DLQ" if r.outcome in dlq.REMOVED else ""
-            typer.echo(f"{_describe(r)}: {r.outcome.replace('_', ' ')} ({r.detail}){gone}")
+            typer.echo(f"{_describe(r)}: {r.detail}")
     if any(r.outcome != dlq.ACKED for r in replays):
         raise typer.Exit(1)

@@ -238,7 +238,10 @@ async def check_consumers(js: JetStreamContext, replays: Iterable[Replay]) -> No
             known[name] = bool(name) and await _consumer_exists(js, r.letter.subject, name)
         if not known[name]:
             r.outcome = FAILED
-            r.detail = f"its consumer {name or '(unnamed)'!r} does not exist on the stream"
+            r.detail = (
+                f"not replayed: its consumer {name or '(unnamed)'!r} does not exist on the "
+                "stream; still in the DLQ"
+            )
 
 
 async def _consumer_exists(js: JetStreamContext, subject: str, consumer: str) -> bool:
@@ -291,9 +294,9 @@ async def settle(
             for r in waiting:
                 r.outcome = NOT_ACKED
                 r.detail = (
-                    f"{r.letter.consumer} has not acknowledged {r.stream} #{r.seq} within "
-                    f"{timeout:g} s (its ack floor is #{floors[(r.stream, r.letter.consumer)]}); "
-                    "still in the DLQ"
+                    f"not acked: {r.letter.consumer} has not acknowledged {r.stream} #{r.seq} "
+                    f"within {timeout:g} s (its ack floor is "
+                    f"#{floors[(r.stream, r.letter.consumer)]}); still in the DLQ"
                 )
             return
         await asyncio.sleep(poll)
@@ -303,11 +306,12 @@ async def _dead_lettered_again(js: JetStreamContext, done: list[Replay], dlq_las
     """Tell ``acked`` from ``dead_lettered_again``: the consumer terminates what it
     dead-letters, which moves its ack floor too, after storing the new dead letter."""
     for r in done:
-        r.outcome, r.detail = ACKED, f"{r.letter.consumer} acknowledged {r.stream} #{r.seq}"
+        r.outcome = ACKED
+        r.detail = f"acked by {r.letter.consumer} ({r.stream} #{r.seq}); removed from the DLQ"
         for new in await read(js, r.letter.subject, after=dlq_last):
             if new.consumer == r.letter.consumer and new.stream_seq == r.seq:
                 r.outcome, r.again = DEAD_LETTERED_AGAIN, new.id
-                r.detail = f"dead-lettered again as #{new.id}: {new.reason}"
+                r.detail = f"dead-lettered again as #{new.id}, which replaces it: {new.reason}"
 
 
 async def remove(js: JetStreamContext, replay: Replay) -> None:

@@ -39,7 +39,10 @@ class DlqWatch:
         state = info.state
         MESSAGES.set(state.messages)
         BYTES.set(state.bytes)
-        dropped, since = await self.store.account_dlq(s.STREAM_DLQ, state.first_seq)
+        # the lowest id still to come or kept (an empty stream reports first_seq 0 until
+        # its first message)
+        head = state.first_seq if state.messages else state.last_seq + 1
+        dropped, since = await self.store.account_dlq(s.STREAM_DLQ, head)
         if dropped:
             DROPPED.inc(dropped)
             log.warning(
@@ -47,7 +50,7 @@ class DlqWatch:
                 "its limits are max_bytes %s, max_age %.0f s; it holds %d (%d bytes)",
                 dropped,
                 since,
-                state.first_seq - 1,
+                head - 1,
                 info.config.max_bytes,
                 info.config.max_age or 0,
                 state.messages,
