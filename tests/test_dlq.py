@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import nats as nats_py
 import pytest
 from nats.aio.client import Client
 from nats.js import JetStreamContext
@@ -24,15 +25,12 @@ from typer.testing import CliRunner, Result
 from edgeloop.cli.main import app
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import DatasetSelection, RetrainRequested
-from edgeloop.devstack.servers import NatsServer, free_port
-from edgeloop.devstack.testing import api_up, eventually, publish_event
+from edgeloop.devstack.servers import NatsServer
+from edgeloop.devstack.testing import eventually, publish_event
 from edgeloop.kit.service import Service
-from edgeloop.registry.app import build
-from edgeloop.registry.config import RegistrySettings
-from tests.deploy_harness import register_version
+from tests.deploy_harness import register_version, registry_service
+from tests.edge_harness import TOKEN
 from tests.modelzoo import classifier
-
-TOKEN = "dlq-test-token-5c1e"
 
 
 @dataclass
@@ -45,7 +43,8 @@ class Stack:
     js: JetStreamContext
     env: dict[str, str]
     unique: str
-    dsn: str
+    model: str
+    """The model of the test's retrain requests (not registered until it registers it)."""
 
     async def cli(self, *args: str, token: str = TOKEN) -> Result:
         env = {**self.env, "EDGELOOP_API_TOKEN": token}
@@ -68,9 +67,9 @@ class Stack:
         (rows,) = await eventually(listed, within=30, what=f"{n} dead letters")
         return rows
 
-    async def retrain(self, model: str, **extra: Any) -> RetrainRequested:
+    async def retrain(self, **extra: Any) -> RetrainRequested:
         event = RetrainRequested(
-            model=model,
+            model=self.model,
             version="1",
             request_id=uuid.uuid4(),
             reason="drift",
@@ -88,8 +87,8 @@ class Stack:
             )
         )
 
-    async def register(self, model: str) -> None:
-        await register_version(self.api, model, "1", classifier("iris").onnx)
+    async def register(self) -> None:
+        await register_version(self.api, self.model, "1", classifier("iris").onnx)
 
     async def lifecycle_last(self) -> int:
         return int((await self.js.stream_info(s.STREAM_LIFECYCLE)).state.last_seq)
@@ -103,36 +102,17 @@ class Stack:
 async def running_registry(
     nats: NatsServer, dsn: str, unique: str, registry_url: str
 ) -> AsyncIterator[Stack]:
-    import nats as nats_py
-
-    port = free_port()
-    svc = build(
-        RegistrySettings(
-            nats_url=nats.url,
-            database_url=dsn,
-            oci_registry_url=registry_url,
-            api_tokens=TOKEN,
-            api_port=port,
-            repository_prefix=f"q{unique}/models",
-            dlq_check_seconds=0.2,
-        )
-    )
     nc = await nats_py.connect(nats.url)  # as the admin, like the CLI
-    env = {
-        "EDGELOOP_NATS_URL": nats.url,
-        "EDGELOOP_REGISTRY_API": f"http://127.0.0.1:{port}",
-    }
     try:
-        async with (
-            svc.running(),
-            httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}",
-                headers={"Authorization": f"Bearer {TOKEN}"},
-                timeout=30,
-            ) as api,
+        async with registry_service(nats.url, dsn, registry_url, unique, dlq_check_seconds=0.2) as (
+            svc,
+            api,
         ):
-            await eventually(lambda: api_up(api), what="registry API")
-            yield Stack(svc, api, nc, nc.jetstream(), env, unique, dsn)
+            env = {
+                "EDGELOOP_NATS_URL": nats.url,
+                "EDGELOOP_REGISTRY_API": str(api.base_url).rstrip("/"),
+            }
+            yield Stack(svc, api, nc, nc.jetstream(), env, unique, f"dlq{unique}")
     finally:
         await nc.close()
 
@@ -148,8 +128,8 @@ async def stack(
 async def test_dead_letters_are_listed_shown_and_replayed_once_their_cause_is_fixed(
     stack: Stack,
 ) -> None:
-    model = f"dlq{stack.unique}"
-    event = await stack.retrain(model)
+    model = stack.model
+    event = await stack.retrain()
     (row,) = await stack.dead_letters(1)
     assert row["consumer"] == s.CONSUMER_REGISTRY_RETRAIN
     assert row["event_id"] == str(event.event_id)
@@ -192,7 +172,7 @@ async def test_dead_letters_are_listed_shown_and_replayed_once_their_cause_is_fi
     assert await stack.requests(event) == 0
 
     # the cause fixed (the version registered), the replay has its effect once
-    await stack.register(model)
+    await stack.register()
     done = await stack.cli("dlq", "replay", "--subject", s.RETRAIN_REQUESTED, token=operator)
     assert done.exit_code == 0, done.output
     assert "acked by registry-retrain" in done.output
@@ -220,11 +200,10 @@ async def test_dead_letters_are_listed_shown_and_replayed_once_their_cause_is_fi
 async def test_an_applied_event_is_not_applied_twice_and_an_unacked_replay_stays(
     stack: Stack,
 ) -> None:
-    model = f"dlq{stack.unique}"
-    event = await stack.retrain(model)
+    event = await stack.retrain()
     (row,) = await stack.dead_letters(1)
     dead = str(row["id"])
-    await stack.register(model)
+    await stack.register()
     # the producer sends the event again (as itself, after the duplicate window): applied
     await stack.js.publish(s.RETRAIN_REQUESTED, event.to_json())
     await eventually(lambda: stack.requests(event), what="the re-sent event applied")
@@ -263,9 +242,8 @@ async def test_dead_letters_dropped_by_the_byte_limit_are_counted_and_logged(
     async with running_registry(nats_private, private_dsn, unique, registry_url) as stack:
         config = (await stack.js.stream_info(s.STREAM_DLQ)).config
         assert config.max_bytes == 6000
-        model = f"dlq{unique}"
         for _ in range(6):
-            await stack.retrain(model, evidence={"pad": "x" * 1500})
+            await stack.retrain(evidence={"pad": "x" * 1500})
 
         async def settled() -> int | None:
             state = (await stack.js.stream_info(s.STREAM_DLQ)).state
@@ -274,7 +252,7 @@ async def test_dead_letters_dropped_by_the_byte_limit_are_counted_and_logged(
         kept = await eventually(settled, within=30, what="six dead letters")
         assert 0 < kept < 6
         # what is left is replayed (its removal is no drop), and nothing else goes
-        await stack.register(model)
+        await stack.register()
         done = await stack.cli("dlq", "replay", "--subject", s.RETRAIN_REQUESTED)
         assert done.exit_code == 0, done.output
 
