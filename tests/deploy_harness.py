@@ -26,6 +26,7 @@ from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import api_up, eventually, publish_event
 from edgeloop.devstack.up import ServiceProcess
 from edgeloop.edge.agent import Agent, Faults
+from edgeloop.kit.service import Service
 from edgeloop.registry.app import build as build_registry
 from edgeloop.registry.config import RegistrySettings
 from tests.edge_harness import TOKEN, EdgeStack, Image, edge_stack, push_model_image
@@ -300,6 +301,36 @@ class DeployStack:
 
 
 @contextlib.asynccontextmanager
+async def registry_service(
+    nats_url: str, pg_dsn: str, registry_url: str, unique: str, **settings: Any
+) -> AsyncIterator[tuple[Service, httpx.AsyncClient]]:
+    """The registry service in this process, and a client of its API (with ``TOKEN``);
+    ``settings``: ``RegistrySettings`` fields to override."""
+    port = free_port()
+    registry = build_registry(
+        RegistrySettings(
+            nats_url=nats_url,
+            database_url=pg_dsn,
+            oci_registry_url=registry_url,
+            api_tokens=TOKEN,
+            api_port=port,
+            repository_prefix=f"d{unique}/models",
+            **settings,
+        )
+    )
+    async with (
+        registry.running(),
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        ) as api,
+    ):
+        await eventually(lambda: api_up(api), what="registry API")
+        yield registry, api
+
+
+@contextlib.asynccontextmanager
 async def deploy_stack(
     nats_url: str,
     pg_dsn: str,
@@ -310,25 +341,20 @@ async def deploy_stack(
 ) -> AsyncIterator[DeployStack]:
     """Everything on the given (private) NATS and database (``registry_settings``:
     ``RegistrySettings`` fields to override)."""
-    registry_port, deployer_port = free_port(), free_port()
-    registry = build_registry(
-        RegistrySettings(
-            nats_url=nats_url,
-            database_url=pg_dsn,
-            oci_registry_url=registry_url,
-            api_tokens=TOKEN,
-            api_port=registry_port,
-            repository_prefix=f"d{unique}/models",
-            **registry_settings,
-        )
-    )
-    async with registry.running(), edge_stack(nats_url, pg_dsn, registry_url, root) as edge:
+    deployer_port = free_port()
+    async with (
+        registry_service(nats_url, pg_dsn, registry_url, unique, **registry_settings) as (
+            _,
+            reg_api,
+        ),
+        edge_stack(nats_url, pg_dsn, registry_url, root) as edge,
+    ):
         deployer = deployer_process(
             root,
             nats_url=nats_url,
             dsn=pg_dsn,
             registry_url=registry_url,
-            registry_api=f"http://127.0.0.1:{registry_port}",
+            registry_api=str(reg_api.base_url).rstrip("/"),
             gateway_api=f"http://127.0.0.1:{edge.settings.api_port}",
             api_port=deployer_port,
             instance=f"deployer-{unique}",
@@ -338,19 +364,11 @@ async def deploy_stack(
         )
         deployer.start()
         try:
-            async with (
-                httpx.AsyncClient(
-                    base_url=f"http://127.0.0.1:{registry_port}",
-                    headers={"Authorization": f"Bearer {TOKEN}"},
-                    timeout=30,
-                ) as reg_api,
-                httpx.AsyncClient(
-                    base_url=f"http://127.0.0.1:{deployer_port}",
-                    headers={"Authorization": f"Bearer {TOKEN}"},
-                    timeout=30,
-                ) as api,
-            ):
-                await eventually(lambda: api_up(reg_api), what="registry API")
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{deployer_port}",
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                timeout=30,
+            ) as api:
                 await eventually(lambda: api_up(api), within=60, what="deployer API")
                 yield DeployStack(edge, reg_api, api, deployer, unique)
         finally:

@@ -14,14 +14,10 @@ from nats.js import JetStreamContext
 
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ModelCommitted, ValidationPassed
-from edgeloop.devstack.servers import free_port
-from edgeloop.devstack.testing import api_up, eventually, publish_event, stream_messages
+from edgeloop.devstack.testing import eventually, publish_event, stream_messages
 from edgeloop.kit.oci import OciClient
-from edgeloop.registry.app import build
-from edgeloop.registry.config import RegistrySettings
+from tests.deploy_harness import registry_service
 from tests.modelzoo import classifier, npz, regressor
-
-TOKEN = "test-token-0123456789"
 
 
 class Api:
@@ -40,26 +36,9 @@ class Api:
 
 @pytest.fixture
 async def api(nats_url: str, pg_dsn: str, registry_url: str, unique: str) -> AsyncIterator[Api]:
-    port = free_port()
-    settings = RegistrySettings(
-        nats_url=nats_url,
-        database_url=pg_dsn,
-        oci_registry_url=registry_url,
-        api_tokens=TOKEN,
-        api_port=port,
-        max_model_bytes=2_000_000,
-        repository_prefix=f"t{unique}/models",
-    )
-    svc = build(settings)
-    async with (
-        svc.running(),
-        httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}",
-            headers={"Authorization": f"Bearer {TOKEN}"},
-            timeout=30,
-        ) as client,
-    ):
-        await eventually(lambda: api_up(client), what="registry API")
+    async with registry_service(
+        nats_url, pg_dsn, registry_url, unique, max_model_bytes=2_000_000
+    ) as (svc, client):
         yield Api(client, svc, svc.schema)
 
 

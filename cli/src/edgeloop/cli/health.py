@@ -97,7 +97,7 @@ def _bounded(
     return run()
 
 
-async def _nats_connect(url: str) -> Any:
+async def nats_connect(url: str) -> Any:
     """Connect once, failing on the first error: nats-py retries the initial connection
     for a while even when told not to reconnect, and reports each failure only to
     ``error_cb``."""
@@ -139,7 +139,7 @@ async def check_nats(url: str) -> Check:
     shown = redact(url)
     label = f"NATS at {shown}"
     try:
-        nc = await _nats_connect(url)
+        nc = await nats_connect(url)
     except Exception as exc:
         return Check("nats", shown, False, f"{label}: {describe(exc)}")
     try:

@@ -14,6 +14,7 @@ from edgeloop.cli import (
     data,
     demo,
     devices,
+    dlq,
     fleet,
     models,
     monitor,
@@ -42,6 +43,7 @@ app.add_typer(monitor.app, name="monitor")
 app.add_typer(data.app, name="data")
 app.add_typer(audit.app, name="audit")
 app.add_typer(tokens.app, name="tokens")
+app.add_typer(dlq.app, name="dlq")
 
 
 @app.callback()

@@ -35,6 +35,7 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
     "monitor.write": ("operator", "admin"),  # rules, acknowledge alarms
     "devices.write": ("operator", "admin"),  # enrol, revoke devices
     "tokens.admin": ("admin",),  # issue and revoke tokens
+    "dlq.replay": ("operator", "admin"),  # replay dead letters to their consumers
     # set a version retired directly, without the deployer's check that no device runs
     # it (the deployer's own token; people retire through the deployer: rollouts.write)
     "models.retire": ("admin",),
@@ -118,6 +119,7 @@ MonitorWriter = Annotated[str, requires("monitor.write")]
 DeviceWriter = Annotated[str, requires("devices.write")]
 Admin = Annotated[str, requires("tokens.admin")]
 Retirer = Annotated[str, requires("models.retire")]
+DlqReplayer = Annotated[str, requires("dlq.replay")]
 
 
 class QuietServer(uvicorn.Server):

@@ -21,6 +21,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry.sdk.trace import TracerProvider
 
 from edgeloop.contracts import subjects as s
+from edgeloop.kit.settings import TopologySettings
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,15 @@ class Topology:
     kv: tuple[KeyValueConfig, ...] = field(default=())
 
 
-def default_topology(*, telemetry_max_bytes: int = 1 << 30) -> Topology:
-    """The platform's streams and buckets, with the retention DESIGN §2 gives them."""
+def default_topology(
+    *, telemetry_max_bytes: int = 1 << 30, limits: TopologySettings | None = None
+) -> Topology:
+    """The platform's streams and buckets, with the retention DESIGN §2 gives them.
+
+    ``limits``: the DLQ's (default: read from the environment, ``EDGELOOP_DLQ_MAX_BYTES``
+    and ``EDGELOOP_DLQ_MAX_AGE_SECONDS``).
+    """
+    limits = limits or TopologySettings()
     return Topology(
         streams=(
             StreamConfig(
@@ -75,7 +83,9 @@ def default_topology(*, telemetry_max_bytes: int = 1 << 30) -> Topology:
                 subjects=list(s.DLQ_SUBJECTS),
                 retention=RetentionPolicy.LIMITS,
                 storage=StorageType.FILE,
-                max_age=90 * DAY,
+                # the oldest go first; the registry counts what goes unreplayed
+                max_age=limits.dlq_max_age_seconds,
+                max_bytes=limits.dlq_max_bytes,
                 duplicate_window=DUPLICATE_WINDOW_SECONDS,
             ),
         ),

@@ -137,6 +137,22 @@ class ServiceSettings(BaseSettings):
         return self
 
 
+class TopologySettings(BaseSettings):
+    """Limits of the platform's streams (``EDGELOOP_…``, the shared prefix only).
+
+    Every service declares the topology at start and brings the streams to its idea of
+    it, so these must be the same for all of them: they have no per-service prefix.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EDGELOOP_", extra="ignore")
+
+    dlq_max_bytes: int = 1 << 30
+    """Most bytes the DLQ stream keeps; beyond it the oldest dead letters are dropped
+    (counted by the registry: ``edgeloop_dlq_dropped_total``)."""
+    dlq_max_age_seconds: float = 90 * 24 * 3600.0
+    """How long the DLQ stream keeps a dead letter."""
+
+
 def secret_field(description: str) -> Any:
     """A required secret: no default, never logged (``SecretStr``)."""
     return Field(..., description=description)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgeloop.contracts.parsing import parse_duration
 from edgeloop.kit import audit
-from edgeloop.kit.api import Actor, Admin, ModelWriter, Retirer
+from edgeloop.kit.api import Actor, Admin, DlqReplayer, ModelWriter, Retirer
 from edgeloop.kit.tokens import TokenError, issue_token, list_tokens, revoke_token
 from edgeloop.registry.errors import InvalidInput, NotFound, RegistryError, TooLarge
 from edgeloop.registry.service import Registration, Registry, check_alias, check_name, check_version
@@ -88,6 +88,32 @@ class TokenBody(BaseModel):
     name: str
     role: str
     expires_in: str | None = Field(default=None, description="e.g. 30d, 12h; none: no expiry")
+
+
+class DlqReplayBody(BaseModel):
+    """One dead letter's replay, as ``edgeloop dlq replay`` reports it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dlq_seq: int = Field(ge=1, description="the dead letter's id (its DLQ sequence)")
+    subject: str = Field(min_length=1, max_length=1000, description="the original subject")
+    consumer: str = Field(max_length=200)
+    event_id: str | None = Field(default=None, max_length=100)
+    model: str | None = Field(default=None, max_length=200)
+    version: str | None = Field(default=None, max_length=200)
+    # edgeloop.kit.dlq's outcomes
+    outcome: Literal["replaying", "acked", "dead_lettered_again", "not_acked", "failed"]
+    replay_seq: int | None = Field(default=None, description="the replay's stream sequence")
+    new_dlq_seq: int | None = Field(default=None, description="dead-lettered again as")
+    detail: str | None = Field(default=None, max_length=2000)
+
+
+class DlqReplaysBody(BaseModel):
+    """Body of ``POST /api/v1/dlq/replays``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replays: list[DlqReplayBody] = Field(max_length=10_000)
 
 
 def create_api(
@@ -204,6 +230,14 @@ def create_api(
         async with store.pool.acquire() as conn:
             rows = await audit.log(conn, model=model, version=version, since=since, limit=limit)
         return {"records": rows}
+
+    @api.post("/api/v1/dlq/replays")
+    async def dlq_replays(body: DlqReplaysBody, who: DlqReplayer) -> dict[str, Any]:
+        """Audit dead-letter replays (``dlq.replay``): the CLI reports each one before it
+        publishes (outcome ``replaying``) and once its outcome is known, before it deletes
+        an acknowledged one from the DLQ (so its removal is not counted as a drop)."""
+        replays = [r.model_dump() for r in body.replays]
+        return {"recorded": await store.record_dlq_replays(who, replays)}
 
     @api.get("/api/v1/audit/verify")
     async def audit_verify(_: Actor) -> dict[str, Any]:

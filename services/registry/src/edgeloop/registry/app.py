@@ -17,6 +17,7 @@ from edgeloop.registry.api import create_api
 from edgeloop.registry.archive import Archiver
 from edgeloop.registry.artifacts import OciArtifactStore
 from edgeloop.registry.config import RegistrySettings
+from edgeloop.registry.deadletters import DlqWatch
 from edgeloop.registry.handlers import register_handlers
 from edgeloop.registry.service import Registry
 from edgeloop.registry.store import PgStore
@@ -45,10 +46,17 @@ def build(settings: RegistrySettings) -> Service:
             tracer=tracer(service.tracer_provider, "edgeloop.registry"),
         )
         archiver = Archiver(store, oci, settings.retention_seconds)
-        sweep = asyncio.create_task(
-            periodically(archiver.sweep, settings.archive_sweep_seconds, what="archival sweep"),
-            name="registry-archival",
-        )
+        watch = DlqWatch(store, lambda: service.js)
+        sweeps = [
+            asyncio.create_task(
+                periodically(archiver.sweep, settings.archive_sweep_seconds, what="archival sweep"),
+                name="registry-archival",
+            ),
+            asyncio.create_task(
+                periodically(watch.check, settings.dlq_check_seconds, what="DLQ limits check"),
+                name="registry-dlq-watch",
+            ),
+        ]
         try:
             await serve_api(
                 create_api(registry, store, settings.tokens(), settings.retention_seconds),
@@ -56,9 +64,10 @@ def build(settings: RegistrySettings) -> Service:
                 settings.api_port,
             )
         finally:
-            sweep.cancel()
-            with contextlib.suppress(BaseException):
-                await sweep
+            for sweep in sweeps:
+                sweep.cancel()
+                with contextlib.suppress(BaseException):
+                    await sweep
             with contextlib.suppress(Exception):
                 await oci.aclose()
 

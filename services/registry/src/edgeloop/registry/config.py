@@ -27,3 +27,6 @@ class RegistrySettings(ApiServiceSettings):
     (its manifests deleted from the OCI registry; its metadata kept)."""
     archive_sweep_seconds: float = 60.0
     """How often the registry looks for retired versions due for archival."""
+    dlq_check_seconds: float = 30.0
+    """How often the registry looks whether the DLQ stream's limits dropped dead letters
+    (``edgeloop_dlq_dropped_total``, a warning in the log)."""

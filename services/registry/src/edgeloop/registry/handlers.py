@@ -16,7 +16,7 @@ from edgeloop.contracts.events import (
     ValidationPassed,
 )
 from edgeloop.kit.bus import ConsumerSpec
-from edgeloop.kit.consumer import Tx
+from edgeloop.kit.consumer import PermanentError, Tx
 from edgeloop.kit.service import Service
 
 CANDIDATE_ALIAS = "candidate"
@@ -105,6 +105,17 @@ def register_handlers(svc: Service) -> None:
 
     @svc.consume(RetrainRequested, _spec("registry-retrain", s.RETRAIN_REQUESTED))
     async def on_retrain_requested(event: RetrainRequested, tx: Tx) -> None:
+        known = await tx.conn.fetchval(
+            "SELECT 1 FROM versions WHERE model = $1 AND version = $2",
+            event.model,
+            event.version,
+        )
+        if not known:
+            # a request against nothing: dead-lettered, to replay once the version exists
+            # (e.g. a registry restored from a backup older than the monitor's state)
+            raise PermanentError(
+                f"retrain requested for {event.model}@{event.version}, which is not registered"
+            )
         await tx.conn.execute(
             """INSERT INTO retrain_requests
                    (request_id, model, version, alarm_id, reason, evidence, dataset)

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 
 from edgeloop.contracts.events import Event
-from edgeloop.kit import audit
+from edgeloop.kit import audit, dlq
 from edgeloop.kit.db import Conn
 from edgeloop.kit.outbox import add_event
 from edgeloop.registry.errors import Conflict, NotFound
@@ -351,3 +351,66 @@ class PgStore:
                 before={"version": before},
                 after={"version": version},
             )
+
+    async def record_dlq_replays(self, actor: str, replays: list[dict[str, Any]]) -> list[int]:
+        """Audit each replay (``dlq.replay``); remember the dead letters whose replay was
+        acknowledged (their removal from the DLQ is not a drop). The audit sequences."""
+        seqs = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for r in replays:
+                after = {k: v for k, v in r.items() if k not in ("subject", "detail")}
+                seqs.append(
+                    await audit.record(
+                        conn,
+                        service="registry",
+                        actor=actor,
+                        action="dlq.replay",
+                        subject=r["subject"],
+                        model=r.get("model"),
+                        version=r.get("version"),
+                        after=after,
+                        reason=r.get("detail"),
+                    )
+                )
+                if r["outcome"] in dlq.REMOVED:
+                    await conn.execute(
+                        "INSERT INTO dlq_replayed (seq) VALUES ($1) ON CONFLICT DO NOTHING",
+                        r["dlq_seq"],
+                    )
+        return seqs
+
+    async def account_dlq(self, stream: str, first_seq: int) -> tuple[int, int]:
+        """Account for the dead letters below ``first_seq`` (the DLQ stream's head now):
+        (how many were dropped rather than replayed since the last look, the head then).
+
+        The first look only notes the head; a head that went back (the stream was
+        recreated) starts the count again. Replicas serialise on the row.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            before = await conn.fetchval(
+                "SELECT first_seq FROM dlq_watch WHERE stream = $1 FOR UPDATE", stream
+            )
+            if before is None or first_seq < before:
+                await conn.execute(
+                    """INSERT INTO dlq_watch (stream, first_seq) VALUES ($1, $2)
+                       ON CONFLICT (stream) DO UPDATE
+                       SET first_seq = EXCLUDED.first_seq, checked_at = now()""",
+                    stream,
+                    first_seq,
+                )
+                return 0, first_seq
+            replayed = await conn.fetchval(
+                """WITH gone AS (DELETE FROM dlq_replayed WHERE seq < $2 RETURNING seq)
+                   SELECT count(*) FROM gone WHERE seq >= $1""",
+                before,
+                first_seq,
+            )
+            dropped = first_seq - before - int(replayed)
+            await conn.execute(
+                """UPDATE dlq_watch SET first_seq = $2, dropped = dropped + $3, checked_at = now()
+                   WHERE stream = $1""",
+                stream,
+                first_seq,
+                dropped,
+            )
+            return dropped, before
