@@ -218,6 +218,7 @@ class DiskBuffer(MemoryBuffer):
         for name, size in found:
             seq, _, batch_id = name.removesuffix(".pb").partition("-")
             if not seq.isdigit() or not _BATCH_ID.match(batch_id) or batch_id in self._sizes:
+                # kept under its file name (never a batch id: it has a dot) to set it aside
                 self._files[name] = directory / name
                 self._sizes[name] = 0
                 self.set_aside(name, "its name is not <sequence>-<batch id>.pb")
