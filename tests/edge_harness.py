@@ -200,6 +200,15 @@ class EdgeStack:
                 await task
         self.agents = [x for x in self.agents if x[0] is not agent]
 
+    async def kill_agent(self, agent: Agent) -> None:
+        """End an agent abruptly: its task is cancelled wherever it is (no clean stop)."""
+        for a, _, task in self.agents:
+            if a is agent:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self.agents = [x for x in self.agents if x[0] is not agent]
+
 
 async def wait_state(agent: Agent, state: int, *, within: float = 30, version: str = "") -> None:
     """Until the agent reports ``state`` (and runs ``version`` when given)."""

@@ -373,7 +373,7 @@ async def test_a_bus_that_cannot_take_telemetry_costs_no_session_and_no_batch(
         await eventually(refused, what="the batch refused as unavailable")
         await asyncio.sleep(1.5)  # it is sent again, refused again, kept
         assert agent.sessions == sessions  # the same session throughout
-        assert len(list(agent.buffer.pending())) == 1
+        assert len(agent.buffer) == 1
         await declare_topology(edge.js)  # the bus is back
         subject = s.stored_telemetry(image.model, device)
         msgs = await eventually(
@@ -381,5 +381,5 @@ async def test_a_bus_that_cannot_take_telemetry_costs_no_session_and_no_batch(
         )
         assert len(msgs) == 1
         await eventually(lambda: _acked(agent), what="batch acknowledged")
-        assert not list(agent.buffer.pending())
+        assert len(agent.buffer) == 0
         assert agent.sessions == sessions

@@ -125,6 +125,7 @@ def telemetry_to_proto(ev: TelemetryBatch) -> pb.TelemetryBatch:
         feature_histograms=[_hist_to_pb(h) for h in ev.feature_histograms],
         prediction_counts=ev.prediction_counts,
         dropped_batches=ev.dropped_batches,
+        corrupt_batches=ev.corrupt_batches,
         trace_parent=ev.trace_parent or "",
     )
     if ev.confidence_histogram is not None:
@@ -173,6 +174,7 @@ def telemetry_from_proto(msg: pb.TelemetryBatch, group: str | None = None) -> Te
         else None,
         samples=[_sample_from_pb(s) for s in msg.samples],
         dropped_batches=msg.dropped_batches,
+        corrupt_batches=msg.corrupt_batches,
         trace_parent=msg.trace_parent or None,
         group=group,
     )

@@ -368,6 +368,10 @@ class TelemetryBatch(Event, ModelRef):
         default_factory=list, description="bounded sample of raw low-confidence inputs"
     )
     dropped_batches: NonNegativeInt = 0
+    corrupt_batches: NonNegativeInt = Field(
+        default=0,
+        description="batches the device found unreadable in its offline buffer (set aside)",
+    )
     group: str | None = Field(
         default=None,
         description="the device's group: its value of the gateway's group label (monitor windows)",

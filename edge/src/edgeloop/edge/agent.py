@@ -12,7 +12,10 @@ inference with batched telemetry.
   reported ``FAILED`` with the reason.
 - **Telemetry**: inferences are aggregated per window into one ``TelemetryBatch``
   (histograms, counts, a bounded sample of low-confidence rows); batches wait in a
-  bounded buffer (on disk for a real device) until the gateway acknowledges them.
+  bounded buffer (on disk for a real device) until the gateway acknowledges them. A
+  session sends them as a flow-controlled stream (``Drain``: live batches first, then
+  the backlog oldest first, a bounded number awaiting acknowledgement), and its status
+  reports and heartbeats go before any batch.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import logging
 import random
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +36,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgeloop.contracts.edge.v1 import edge_pb2 as pb
@@ -43,7 +48,7 @@ from edgeloop.contracts.signing import (
     verify_manifest_signature,
 )
 from edgeloop.contracts.twin import image_repository
-from edgeloop.edge.buffer import BatchBuffer, DiskBuffer, MemoryBuffer
+from edgeloop.edge.buffer import BatchBuffer, DiskBuffer, Drain, MemoryBuffer
 from edgeloop.edge.runtime import ModelLoadError, OnnxModel
 from edgeloop.edge.sources import Drift, InputSource, open_source
 from edgeloop.edge.store import ActivationError, Installed, ModelStore, version_key
@@ -59,6 +64,10 @@ CAPABILITIES = ("onnxruntime", "resume-download", "telemetry-batch", "anti-rollb
 
 #: seconds before a batch the gateway could not put on the bus is sent again
 RESEND_SECONDS = 1.0
+#: telemetry batches a session sends ahead of the gateway's acknowledgements
+SEND_WINDOW = 64
+#: a full window without one answer for this long: the session is stuck, a new one starts
+ACK_TIMEOUT_SECONDS = 60.0
 
 
 @dataclass
@@ -199,7 +208,11 @@ class Agent:
         self.sessions = 0
         self.stats: dict[str, int] = {"batches_sent": 0, "batches_acked": 0, "refused": 0}
         self.last_error: pb.Error | None = None
-        self._outbox: asyncio.Queue[pb.AgentMessage] = asyncio.Queue(1024)
+        # the session's own messages (status, command results): before any telemetry; a
+        # burst keeps the newest
+        self._outbox: deque[pb.AgentMessage] = deque(maxlen=256)
+        self._drain: Drain | None = None  # the telemetry of the session in progress
+        self._wake = asyncio.Event()  # something for the writer: a message, an ack
         self._desired_changed = asyncio.Event()
         self._stub: pb_grpc.EdgeGatewayStub | None = None
         self._offline_until = 0.0
@@ -235,7 +248,8 @@ class Agent:
     def go_offline(self, seconds: float) -> None:
         """Drop the link for ``seconds`` (fault injection)."""
         self._offline_until = time.monotonic() + seconds
-        self._outbox.put_nowait(pb.AgentMessage())  # wakes the writer, which ends the call
+        self._outbox.append(pb.AgentMessage())  # the writer ends the call on it
+        self._wake.set()
 
     async def _resume(self) -> None:
         installed = self.store.current
@@ -318,15 +332,15 @@ class Agent:
         welcome = first.welcome
         self.session_id = welcome.session_id
         self.sessions += 1
-        while not self._outbox.empty():  # reports of the last session: the state is resent
-            self._outbox.get_nowait()
-        await self._outbox.put(self._status_message())
-        for batch_id, data in self.buffer.pending():
-            await self._outbox.put(pb.AgentMessage(telemetry=pb.TelemetryBatch.FromString(data)))
-            self.stats["batches_sent"] += 1
-            del batch_id
+        self._outbox.clear()  # reports of the last session: the state is resent
+        self._outbox.append(self._status_message())
+        drain = self._drain = Drain(self.buffer, SEND_WINDOW)
         self.connected.set()
-        writer = asyncio.create_task(self._writer(call, welcome.heartbeat_interval_seconds or 10))
+        writer = asyncio.create_task(
+            self._writer(
+                call, drain, welcome.heartbeat_interval_seconds or 10, welcome.max_message_bytes
+            )
+        )
         try:
             while not writer.done():
                 try:
@@ -340,27 +354,74 @@ class Agent:
                     break
                 self._on_message(message)
         finally:
+            self._drain = None
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
             call.cancel()
 
-    async def _writer(self, call: Any, heartbeat: int) -> None:
+    async def _writer(self, call: Any, drain: Drain, heartbeat: int, max_bytes: int) -> None:
+        """Everything the session sends: a heartbeat when due, the session's own messages,
+        then telemetry while the drain's window has room; never waiting on the backlog."""
         seq = 0
+        beat_at = time.monotonic() + heartbeat
         while True:
-            try:
-                message = await asyncio.wait_for(self._outbox.get(), heartbeat)
-            except TimeoutError:
+            if time.monotonic() >= beat_at:
                 seq += 1
-                message = pb.AgentMessage(
-                    heartbeat=pb.Heartbeat(
-                        sent_at=_ts(), seq=seq, buffered_batches=len(self.buffer)
+                beat_at = time.monotonic() + heartbeat
+                await call.write(
+                    pb.AgentMessage(
+                        heartbeat=pb.Heartbeat(
+                            sent_at=_ts(), seq=seq, buffered_batches=len(self.buffer)
+                        )
                     )
                 )
-            if message.WhichOneof("kind") is None:  # go_offline
+            elif self._outbox:
+                message = self._outbox.popleft()
+                if message.WhichOneof("kind") is None:  # go_offline
+                    call.cancel()
+                    return
+                await call.write(message)
+            elif (batch := self._next_batch(drain, max_bytes)) is not None:
+                await call.write(batch)
+                self.stats["batches_sent"] += 1
+            elif drain.stalled(ACK_TIMEOUT_SECONDS):
+                log.warning(
+                    "%s: no acknowledgement for %d batches in %.0f s; starting a new session",
+                    self.config.device_id,
+                    len(drain.in_flight),
+                    ACK_TIMEOUT_SECONDS,
+                )
                 call.cancel()
                 return
-            await call.write(message)
+            else:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), beat_at - time.monotonic())
+
+    def _next_batch(self, drain: Drain, max_bytes: int) -> pb.AgentMessage | None:
+        """The drain's next batch as a message; one it can never send leaves the buffer."""
+        while (taken := drain.next()) is not None:
+            batch_id, data = taken
+            try:
+                message = pb.AgentMessage(telemetry=pb.TelemetryBatch.FromString(data))
+            except DecodeError as exc:
+                self.buffer.set_aside(batch_id, f"not a telemetry batch: {exc}")
+                continue
+            if max_bytes and message.ByteSize() > max_bytes:
+                # the gateway would refuse it without naming it: nothing would free its slot
+                log.warning(
+                    "%s: telemetry batch %s of %d bytes is over the gateway's limit; dropped",
+                    self.config.device_id,
+                    batch_id,
+                    message.ByteSize(),
+                )
+                self.buffer.ack(batch_id)
+                self.stats["refused"] += 1
+                continue
+            drain.sent(batch_id)
+            return message
+        return None
 
     def _on_message(self, message: pb.GatewayMessage) -> None:
         kind = message.WhichOneof("kind")
@@ -370,6 +431,7 @@ class Agent:
         elif kind == "ack":
             if self.buffer.ack(message.ack.batch_id):
                 self.stats["batches_acked"] += 1
+            self._answered(message.ack.batch_id)
         elif kind == "error":
             self.last_error = message.error
             log.warning(
@@ -378,28 +440,35 @@ class Agent:
                 message.error.code,
                 message.error.message,
             )
-            if message.error.code == "unavailable" and message.error.batch_id:
-                # the platform could not take it now: keep it, send it again shortly
-                self.stats["resent"] = self.stats.get("resent", 0) + 1
-                asyncio.get_running_loop().call_later(
-                    RESEND_SECONDS, self._resend, message.error.batch_id
-                )
-            elif message.error.batch_id and self.buffer.ack(message.error.batch_id):
-                self.stats["refused"] += 1  # re-sending the same bytes cannot succeed
+            batch_id = message.error.batch_id
+            if batch_id and message.error.code == "unavailable":
+                self._send_later(batch_id)
+            elif batch_id:
+                if self.buffer.ack(batch_id):
+                    self.stats["refused"] += 1  # re-sending the same bytes cannot succeed
+                self._answered(batch_id)
         elif kind == "command":
             self._command(message.command)
 
-    def _resend(self, batch_id: str) -> None:
-        """Queue a batch the gateway could not take again (if it is still unacknowledged)."""
-        if not self.connected.is_set():
-            return  # the next session sends every pending batch anyway
-        for pending_id, data in self.buffer.pending():
-            if pending_id == batch_id:
-                with contextlib.suppress(asyncio.QueueFull):
-                    self._outbox.put_nowait(
-                        pb.AgentMessage(telemetry=pb.TelemetryBatch.FromString(data))
-                    )
-                return
+    def _answered(self, batch_id: str) -> None:
+        if self._drain is not None:
+            self._drain.answered(batch_id)
+            self._wake.set()
+
+    def _send_later(self, batch_id: str) -> None:
+        """The platform could not take a batch now: keep it (and its slot in the window,
+        so an unavailable bus is not flooded) and send it again shortly."""
+        drain = self._drain
+        if drain is None:
+            return  # the next session sends it anyway
+        self.stats["resent"] = self.stats.get("resent", 0) + 1
+        drain.hold(batch_id)
+
+        def again() -> None:
+            drain.again(batch_id)
+            self._wake.set()
+
+        asyncio.get_running_loop().call_later(RESEND_SECONDS, again)
 
     def _command(self, command: pb.Command) -> None:
         ok, text = True, ""
@@ -415,8 +484,8 @@ class Agent:
 
     def _enqueue(self, message: pb.AgentMessage) -> None:
         if self.connected.is_set():
-            with contextlib.suppress(asyncio.QueueFull):
-                self._outbox.put_nowait(message)
+            self._outbox.append(message)
+            self._wake.set()
 
     def _status_message(self) -> pb.AgentMessage:
         current = self.running.installed if self.running else None
@@ -749,19 +818,24 @@ class Agent:
             )
 
     def _flush(self, running: Running) -> None:
+        if not running.aggregator.count:
+            return  # no batch: what was lost is told by the next one
         installed = running.installed
+        lost = self.buffer.take_lost()
         batch = running.aggregator.flush(
             device_id=self.config.device_id,
             model=installed.model,
             version=installed.version,
             digest=installed.manifest_digest,
-            dropped_batches=self.buffer.take_dropped(),
+            dropped_batches=lost.dropped,
+            corrupt_batches=lost.corrupt,
         )
         if batch is None:
             return
         self.buffer.append(batch.batch_id, batch.SerializeToString())
-        self.stats["batches_sent"] += 1
-        self._enqueue(pb.AgentMessage(telemetry=batch))
+        if self._drain is not None:
+            self._drain.add(batch.batch_id)
+            self._wake.set()
 
     def flush_telemetry(self) -> None:
         """Close the current telemetry window now (tests, shutdown)."""

@@ -1,6 +1,8 @@
 """The agent's state directory: verified downloads, installed models, and what runs.
 
-Layout (everything written atomically: a temporary name, then ``os.replace``)::
+Layout (everything written atomically: a temporary name, then ``os.replace``;
+``state.json``, which holds the anti-rollback floor, also durably — fsync of the file
+and of the directory — so a power cut cannot roll it back)::
 
     state/
       downloads/<hex>.partial   bytes received so far (a download resumes from its size)
@@ -25,6 +27,8 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from edgeloop.edge.durable import write_durably
 
 MODEL_FILE = "model/model.onnx"
 META_FILE = "model/model.json"
@@ -86,15 +90,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (FileNotFoundError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ModelStore:
@@ -167,7 +162,7 @@ class ModelStore:
         self._save()
 
     def _save(self) -> None:
-        _write_atomic(self.root / "state.json", json.dumps(self._state, sort_keys=True).encode())
+        write_durably(self.root / "state.json", json.dumps(self._state, sort_keys=True).encode())
 
     # --- downloads ----------------------------------------------------------------------
 

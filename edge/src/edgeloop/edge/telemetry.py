@@ -209,6 +209,7 @@ class TelemetryAggregator:
         version: str,
         digest: str,
         dropped_batches: int = 0,
+        corrupt_batches: int = 0,
         trace_parent: str = "",
     ) -> pb.TelemetryBatch | None:
         """The window as one batch (None when empty); a new window starts."""
@@ -233,6 +234,7 @@ class TelemetryAggregator:
             ),
             samples=self._samples,
             dropped_batches=dropped_batches,
+            corrupt_batches=corrupt_batches,
             trace_parent=trace_parent,
         )
         if self.edges is not None and self._features is not None:

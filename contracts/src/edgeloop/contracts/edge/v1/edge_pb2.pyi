@@ -350,6 +350,7 @@ class TelemetryBatch(_message.Message):
     SAMPLES_FIELD_NUMBER: _builtins.int
     DROPPED_BATCHES_FIELD_NUMBER: _builtins.int
     TRACE_PARENT_FIELD_NUMBER: _builtins.int
+    CORRUPT_BATCHES_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """unique per device (a UUID): re-sends de-duplicate"""
     device_id: _builtins.str
@@ -365,6 +366,8 @@ class TelemetryBatch(_message.Message):
     """dropped from the offline buffer since the last batch"""
     trace_parent: _builtins.str
     """W3C traceparent, when the batch belongs to a trace"""
+    corrupt_batches: _builtins.int
+    """unreadable in the offline buffer since the last batch"""
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -408,10 +411,11 @@ class TelemetryBatch(_message.Message):
         samples: _abc.Iterable[Global___Sample] | None = ...,
         dropped_batches: _builtins.int = ...,
         trace_parent: _builtins.str = ...,
+        corrupt_batches: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["confidence_histogram", b"confidence_histogram", "latency_ms_histogram", b"latency_ms_histogram", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "confidence_histogram", b"confidence_histogram", "count", b"count", "device_id", b"device_id", "digest", b"digest", "dropped_batches", b"dropped_batches", "errors", b"errors", "feature_histograms", b"feature_histograms", "feature_names", b"feature_names", "latency_ms_histogram", b"latency_ms_histogram", "low_confidence", b"low_confidence", "model", b"model", "prediction_counts", b"prediction_counts", "samples", b"samples", "trace_parent", b"trace_parent", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "confidence_histogram", b"confidence_histogram", "corrupt_batches", b"corrupt_batches", "count", b"count", "device_id", b"device_id", "digest", b"digest", "dropped_batches", b"dropped_batches", "errors", b"errors", "feature_histograms", b"feature_histograms", "feature_names", b"feature_names", "latency_ms_histogram", b"latency_ms_histogram", "low_confidence", b"low_confidence", "model", b"model", "prediction_counts", b"prediction_counts", "samples", b"samples", "trace_parent", b"trace_parent", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
