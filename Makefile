@@ -65,7 +65,7 @@ test-fast: setup
 	$(BIN)/pytest -x -q
 
 bench: setup
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(ARGS)
 
 proto: $(VENV)/.synced
 	PATH=$(abspath $(BIN)):$$PATH bash scripts/gen_proto.sh

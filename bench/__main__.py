@@ -24,6 +24,7 @@ from bench import (
     monitor_aggregate,
     monitor_alarm,
     nats_permissions,
+    outages,
 )
 from edgeloop.devstack.servers import NatsServer, OciRegistry, Postgres
 
@@ -37,7 +38,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="repetitions (median reported)")
     parser.add_argument(
         "--only",
-        choices=["kit", "loop", "edge", "edge-connections", "deploy", "monitor", "nats-auth"],
+        choices=[
+            "kit",
+            "loop",
+            "edge",
+            "edge-connections",
+            "deploy",
+            "monitor",
+            "nats-auth",
+            "outages",
+        ],
         help="run one benchmark",
     )
     parser.add_argument("--devices", type=int, default=10_000, help="sessions held (edge)")
@@ -57,6 +67,12 @@ def main() -> None:
     if args.only in (None, "nats-auth"):
         with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
             _save("nats_permissions.json", asyncio.run(nats_permissions.run(Path(tmp))))
+    if args.only in (None, "outages"):
+        with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
+            _save(
+                "outages.json",
+                asyncio.run(outages.run(Path(tmp), runs=max(args.runs, 3))),
+            )
     if args.only in (None, "edge", "edge-connections"):
         edge(args, connections_only=args.only == "edge-connections")
 
