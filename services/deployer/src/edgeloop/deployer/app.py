@@ -4,7 +4,6 @@ the rollout engine + the HTTP API."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from edgeloop.deployer.store import Store
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit.api import serve_api
 from edgeloop.kit.service import Service, configure_logging
+from edgeloop.kit.supervise import together
 from edgeloop.kit.sweep import periodically
 from edgeloop.kit.tracing import tracer
 
@@ -62,35 +62,26 @@ def build(settings: DeployerSettings) -> Service:
             )
         )
         retirements = Retirements(lambda: service.pool, service.schema, admission, wake)
-        api = asyncio.create_task(
-            serve_api(
-                create_api(
-                    lambda: service.pool,
-                    service.schema,
-                    admission,
-                    twin,
-                    wake,
-                    settings.tokens(),
-                    retirements,
-                ),
-                settings.api_host,
-                settings.api_port,
+        api = serve_api(
+            create_api(
+                lambda: service.pool,
+                service.schema,
+                admission,
+                twin,
+                wake,
+                settings.tokens(),
+                retirements,
             ),
-            name="deployer-api",
+            settings.api_host,
+            settings.api_port,
         )
-        sweep = asyncio.create_task(
-            periodically(
-                retirements.sweep, settings.retirement_sweep_seconds, what="retirement sweep"
-            ),
-            name="deployer-retirements",
+        sweep = periodically(
+            retirements.sweep, settings.retirement_sweep_seconds, what="retirement sweep"
         )
-        try:
-            await engine[0].run()
+        try:  # the engine, its API and the sweep live and die (and restart) together
+            await together(engine[0].run(), api, sweep)
         finally:
-            for task in (api, sweep):
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            engine.clear()
             await twin.stop()
 
     return svc

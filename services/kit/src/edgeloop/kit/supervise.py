@@ -17,8 +17,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 
@@ -50,6 +51,25 @@ class Loop:
 
     def describe(self) -> str:
         return f"{self.name}: dead after {self.failures} failures in a row ({self.last_error})"
+
+
+async def together(*coros: Coroutine[Any, Any, object]) -> None:
+    """Run ``coros`` until the first of them ends; then cancel the others and re-raise
+    what ended it. One supervised loop made of parts (an engine and its API): a part that
+    dies takes the whole down, and the supervisor restarts it whole."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+        finished = ", ".join(t.get_coro().__qualname__ for t in done)  # type: ignore[union-attr]
+        raise RuntimeError(f"{finished} returned; the others are stopped with it")
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 class Loops:
