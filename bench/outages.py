@@ -20,22 +20,14 @@ from typing import Any
 import asyncpg
 import nats
 
+from bench.kit_throughput import _event
 from edgeloop.contracts import subjects as s
-from edgeloop.contracts.events import ArtifactRef, ModelCommitted
+from edgeloop.contracts.events import ModelCommitted
 from edgeloop.devstack.servers import NatsServer, Postgres
 from edgeloop.kit.bus import ConsumerSpec, declare_topology
 from edgeloop.kit.consumer import Tx
 from edgeloop.kit.service import Service
 from edgeloop.kit.settings import ServiceSettings
-
-
-def _event(i: int, run: str) -> ModelCommitted:
-    return ModelCommitted(
-        model=f"outage-{run}",
-        version=str(i),
-        repository="models/bench",
-        model_artifact=ArtifactRef(digest="sha256:" + "2" * 64, size=1, media_type="x"),
-    )
 
 
 async def _consumer(nats_url: str, dsn: str, run: str, handler_sleep: float) -> None:

@@ -256,6 +256,18 @@ class DeployStack:
         assert resp.status_code == 200, resp.text
         return dict(resp.json())
 
+    async def in_wave(self, rollout_id: str, wave: int, *, within: float = 60) -> None:
+        """Until the rollout's wave ``wave`` is converging or baking."""
+
+        async def there() -> bool:
+            r = await self.rollout(rollout_id)
+            return r["current_wave"] == wave and r["wave_status"][wave]["state"] in (
+                "converging",
+                "baking",
+            )
+
+        await eventually(there, within=within, what=f"wave {wave} in progress")
+
     async def wait_rollout(
         self, rollout_id: str, *states: str, within: float = 90
     ) -> dict[str, Any]:

@@ -196,11 +196,7 @@ async def test_deployer_killed_mid_wave_resumes_without_repeating_a_wave(
     assert code == 201, body
     rid = body["rollout_id"]
 
-    async def in_second_wave() -> bool:
-        r = await deploy.rollout(rid)
-        return r["current_wave"] == 1 and r["wave_status"][1]["state"] in ("converging", "baking")
-
-    await eventually(in_second_wave, within=60, what="second wave in progress")
+    await deploy.in_wave(rid, 1)
     await deploy.restart_deployer(kill=True)
     done = await deploy.wait_rollout(rid, "completed", "rolled_back", within=90)
     assert done["state"] == "completed", done["reason"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -294,6 +294,36 @@ async def test_bad_telemetry_is_refused_per_device_and_never_poisons_a_window(
     assert await eventually(lambda: _counted(mon, more_than=good), within=30, what="more windows")
 
 
+async def registered_batches(mon: Monitored) -> Callable[[int], TelemetryBatch]:
+    """Register the monitor's model (iris) and return ``batch(i)``: a telemetry batch of 50
+    records on its reference bins from device ``dev-<i % 20>``, all in one window."""
+    m = classifier("iris")
+    profile = await register_version(mon.registry, mon.model, "1", m.onnx, m.reference)
+    assert profile is not None
+    edges = [f["edges"] for f in profile["features"]]
+    names = [f["name"] for f in profile["features"]]
+    start = datetime.now(UTC)
+
+    def batch(i: int) -> TelemetryBatch:
+        counts = [[0] * (len(e) + 1) for e in edges]
+        for c in counts:
+            c[i % len(c)] = 50
+        return TelemetryBatch(
+            model=mon.model,
+            version="1",
+            device_id=f"dev-{i % 20}",
+            window_start=start,
+            window_end=start,
+            count=50,
+            feature_names=names,
+            feature_histograms=[
+                Histogram(edges=e, counts=c) for e, c in zip(edges, counts, strict=True)
+            ],
+        )
+
+    return batch
+
+
 async def _counted(mon: Monitored, more_than: int = 0) -> int:
     windows = (await mon.monitor.get("/v1/windows", params={"model": mon.model})).json()["windows"]
     total = sum(w["count"] for w in windows)
@@ -349,30 +379,8 @@ async def test_replicas_split_the_telemetry_partitions_and_count_every_record_on
     """A second monitor replica (its own process) takes half of the telemetry partitions;
     SIGKILLed mid-stream, its partitions move back once their leases run out, and every
     batch lands in the windows exactly once."""
-    m = classifier("iris")
-    profile = await register_version(mon.registry, mon.model, "1", m.onnx, m.reference)
-    assert profile is not None
-    edges = [f["edges"] for f in profile["features"]]
-    names = [f["name"] for f in profile["features"]]
-    start = datetime.now(UTC)
+    batch = await registered_batches(mon)
     everything = set(range(s.TELEMETRY_PARTITIONS))
-
-    def batch(i: int) -> TelemetryBatch:
-        counts = [[0] * (len(e) + 1) for e in edges]
-        for c in counts:
-            c[i % len(c)] = 50
-        return TelemetryBatch(
-            model=mon.model,
-            version="1",
-            device_id=f"dev-{i % 20}",
-            window_start=start,
-            window_end=start,
-            count=50,
-            feature_names=names,
-            feature_histograms=[
-                Histogram(edges=e, counts=c) for e, c in zip(edges, counts, strict=True)
-            ],
-        )
 
     def owned() -> set[int]:
         return {k for c in mon.service.partitioned for k in c.owned}

@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
 from edgeloop.contracts import subjects as s
-from edgeloop.contracts.events import Histogram, TelemetryBatch
 from edgeloop.devstack.servers import NatsServer, Postgres
 from edgeloop.devstack.testing import eventually, publish_event, stream_messages
-from tests.deploy_harness import DeployStack, register_version
+from tests.deploy_harness import DeployStack
 from tests.modelzoo import classifier
-from tests.test_monitor import Monitored, _counted, mon  # noqa: F401 (mon is a fixture)
+from tests.test_monitor import Monitored, _counted, mon, registered_batches  # noqa: F401 (mon is a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -27,45 +23,17 @@ OUTAGE_SECONDS = 60
 
 
 @pytest.fixture
-def restartable_pg(tmp_path: Path) -> Iterator[Postgres]:
-    server = Postgres(tmp_path / "pg").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def private_dsn(restartable_pg: Postgres, unique: str) -> str:
+def private_dsn(postgres_private: Postgres, unique: str) -> str:
     """The monitor fixture's database, on a server this test can kill."""
-    return restartable_pg.create_database(f"t_{unique}")
+    return postgres_private.create_database(f"t_{unique}")
 
 
 async def test_postgres_down_a_minute_loses_and_dead_letters_no_telemetry(
     mon: Monitored,  # noqa: F811
-    restartable_pg: Postgres,
+    postgres_private: Postgres,
 ) -> None:
+    batch = await registered_batches(mon)
     m = classifier("iris")
-    profile = await register_version(mon.registry, mon.model, "1", m.onnx, m.reference)
-    assert profile is not None
-    edges = [f["edges"] for f in profile["features"]]
-    names = [f["name"] for f in profile["features"]]
-    start = datetime.now(UTC)
-
-    def batch(i: int) -> TelemetryBatch:
-        counts = [[0] * (len(e) + 1) for e in edges]
-        for c in counts:
-            c[i % len(c)] = 50
-        return TelemetryBatch(
-            model=mon.model,
-            version="1",
-            device_id=f"dev-{i % 20}",
-            window_start=start,
-            window_end=start,
-            count=50,
-            feature_names=names,
-            feature_histograms=[
-                Histogram(edges=e, counts=c) for e, c in zip(edges, counts, strict=True)
-            ],
-        )
 
     async def publish(first: int, last: int) -> None:
         for i in range(first, last):
@@ -74,7 +42,7 @@ async def test_postgres_down_a_minute_loses_and_dead_letters_no_telemetry(
     await publish(0, 100)
     await eventually(lambda: _counted(mon, 100 * 50 - 1), within=60, what="the first batches")
 
-    await asyncio.to_thread(restartable_pg.kill)
+    await asyncio.to_thread(postgres_private.kill)
     t0 = time.monotonic()
     refused = await mon.registry.post(
         f"/api/v1/models/{mon.model}/versions",
@@ -90,7 +58,7 @@ async def test_postgres_down_a_minute_loses_and_dead_letters_no_telemetry(
     dead = await stream_messages(mon.edge.js, s.STREAM_DLQ, "dlq.device.telemetry.>")
     assert dead == [], f"{len(dead)} batches dead-lettered during the outage"
     await asyncio.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - t0)))
-    await asyncio.to_thread(restartable_pg.start)
+    await asyncio.to_thread(postgres_private.start)
 
     await eventually(
         lambda: _counted(mon, 400 * 50 - 1), within=90, what="every batch counted after"
@@ -130,11 +98,7 @@ async def test_nats_down_20s_mid_rollout_the_rollout_completes_with_one_write_pe
     assert code == 201, body
     rid = body["rollout_id"]
 
-    async def in_second_wave() -> bool:
-        r = await deploy.rollout(rid)
-        return r["current_wave"] == 1 and r["wave_status"][1]["state"] in ("converging", "baking")
-
-    await eventually(in_second_wave, within=60, what="second wave in progress")
+    await deploy.in_wave(rid, 1)
     await asyncio.to_thread(nats_private.kill)
     await asyncio.sleep(20)
     await asyncio.to_thread(nats_private.start)

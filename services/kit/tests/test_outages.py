@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -33,13 +33,6 @@ from edgeloop.kit.partitions import Partitioned
 from edgeloop.kit.service import Service
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def private_pg(tmp_path: Path) -> Iterator[Postgres]:
-    server = Postgres(tmp_path / "pg").start()
-    yield server
-    server.stop()
 
 
 class Run:
@@ -118,16 +111,16 @@ class Run:
 
 
 async def test_postgres_down_longer_than_the_budget_dead_letters_nothing(
-    tmp_path: Path, nats_server: NatsServer, private_pg: Postgres, unique: str
+    tmp_path: Path, nats_server: NatsServer, postgres_private: Postgres, unique: str
 ) -> None:
-    run = Run(tmp_path, nats_server.url, private_pg.create_database("outage"), unique)
+    run = Run(tmp_path, nats_server.url, postgres_private.create_database("outage"), unique)
     await run.setup()
     run.proc.start()
     try:
         first = await run.publish(10, "before")
         await eventually(lambda: run.handled_once(first), within=30, what="events before")
         await run.pool.close()
-        await asyncio.to_thread(private_pg.kill)
+        await asyncio.to_thread(postgres_private.kill)
         during = await run.publish(30, "during")  # they arrive while PostgreSQL is down
         seen_not_ready = False
         until = time.monotonic() + 20  # far beyond 3 deliveries at 0.2 and 0.4 s
@@ -136,7 +129,7 @@ async def test_postgres_down_longer_than_the_budget_dead_letters_nothing(
             await asyncio.sleep(1)
         assert seen_not_ready, "/readyz stayed ready while PostgreSQL was down"
         assert await run.dead_letters() == [], "an outage dead-lettered messages"
-        await asyncio.to_thread(private_pg.start)
+        await asyncio.to_thread(postgres_private.start)
         run.pool = await create_pool(run.dsn, run.schema)
         await eventually(
             lambda: run.handled_once(first + during),

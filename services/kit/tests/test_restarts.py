@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -21,13 +20,6 @@ from edgeloop.kit.db import create_pool, migrate, read_migrations
 from edgeloop.kit.outbox import MSG_ID_HEADER, add_event
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def private_pg(tmp_path: Path) -> Iterator[Postgres]:
-    server = Postgres(tmp_path / "pg").start()
-    yield server
-    server.stop()
 
 
 async def _setup(dsn: str, schema: str) -> asyncpg.Pool:
@@ -118,7 +110,7 @@ async def test_nats_crash_mid_run(
 
 
 async def test_postgres_restart_mid_run(
-    tmp_path: Path, nats_server: NatsServer, private_pg: Postgres, unique: str
+    tmp_path: Path, nats_server: NatsServer, postgres_private: Postgres, unique: str
 ) -> None:
-    dsn = private_pg.create_database("restart")
-    await _run_with_restart(tmp_path, nats_server, dsn, private_pg.restart, unique)
+    dsn = postgres_private.create_database("restart")
+    await _run_with_restart(tmp_path, nats_server, dsn, postgres_private.restart, unique)

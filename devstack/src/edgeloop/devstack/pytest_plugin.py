@@ -74,6 +74,15 @@ def nats_private(tmp_path: Path, nats_auth: NatsAuth) -> Iterator[NatsServer]:
     server.stop()
 
 
+@pytest.fixture
+def postgres_private(tmp_path: Path) -> Iterator[Postgres]:
+    """An embedded PostgreSQL of the test's own, for tests that kill or restart it (the
+    session's server is not disturbed)."""
+    server = Postgres(tmp_path / "pg").start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def nats_url(nats_server: NatsServer) -> str:
     """``nats://127.0.0.1:PORT`` of the session's server."""

@@ -114,6 +114,14 @@ class Tx:
 Handler = Callable[[E, Tx], Awaitable[None]]
 
 
+@dataclass
+class _Tries:
+    """Free retries spent on one application (they do not count as deliveries)."""
+
+    conflicts: int = 0
+    lost: int = 0
+
+
 class DeadLetters:
     """Publishes a message that could not be processed to ``dlq.<subject>``, with why."""
 
@@ -246,7 +254,7 @@ class EventProcessor(Generic[E]):
         return outcomes
 
     async def _apply_all(self, parsed: list[tuple[int, Msg, E]], outcomes: list[str]) -> None:
-        conflicts = 0
+        tries = _Tries()
         while len(parsed) > 1:
             try:
                 results = await self._transaction(parsed)
@@ -254,11 +262,7 @@ class EventProcessor(Generic[E]):
                 await self._nak_all([m for _, m, _ in parsed])
                 raise
             except Exception as exc:
-                if is_conflict(exc) and conflicts < MAX_CONFLICT_RETRIES:
-                    conflicts += 1
-                    await asyncio.sleep(random.uniform(0, 0.02 * conflicts))
-                    continue
-                if looks_like_outage(exc) and await self._outage(exc):
+                if await self._worth_retrying(exc, tries):
                     continue
                 log.info(
                     "%s: batch of %d failed (%s: %s); applying one by one",
@@ -277,7 +281,7 @@ class EventProcessor(Generic[E]):
             outcomes[i] = await self._apply_one(msg, event)
 
     async def _apply_one(self, msg: Msg, event: E) -> str:
-        conflicts = lost = 0
+        tries = _Tries()
         while True:
             try:
                 (result,) = await self._transaction([(0, msg, event)])
@@ -289,22 +293,30 @@ class EventProcessor(Generic[E]):
                 await self._nak_all([msg])
                 raise
             except Exception as exc:
-                if is_conflict(exc) and conflicts < MAX_CONFLICT_RETRIES:
-                    conflicts += 1
-                    await asyncio.sleep(random.uniform(0, 0.02 * conflicts))
+                if await self._worth_retrying(exc, tries):
                     continue
-                if looks_like_outage(exc):
-                    if await self._outage(exc):
-                        continue
-                    # A connection lost under us is not the message's fault even if the
-                    # dependency answers again at once; a few free tries, then it counts.
-                    if certainly_outage(exc) and lost < MAX_FREE_RECONNECTS:
-                        lost += 1
-                        continue
                 return await self._failed(msg, exc)
             failpoints.hit("consumer.after_commit")
             await self._ack(msg)
             return result
+
+    async def _worth_retrying(self, exc: Exception, tries: _Tries) -> bool:
+        """Whether to apply again without charging the message: a serialization failure
+        or a deadlock (a few times, after a short random pause); an outage the
+        dependencies confirm (once it is over); a connection lost under us, which is not
+        the message's fault even if the dependency answers again at once (a few times)."""
+        if is_conflict(exc) and tries.conflicts < MAX_CONFLICT_RETRIES:
+            tries.conflicts += 1
+            await asyncio.sleep(random.uniform(0, 0.02 * tries.conflicts))
+            return True
+        if not looks_like_outage(exc):
+            return False
+        if await self._outage(exc):
+            return True
+        if certainly_outage(exc) and tries.lost < MAX_FREE_RECONNECTS:
+            tries.lost += 1
+            return True
+        return False
 
     async def _failed(self, msg: Msg, exc: Exception) -> str:
         """The message failed while PostgreSQL and NATS answered: spend one delivery."""

@@ -65,11 +65,16 @@ async def together(*coros: Coroutine[Any, Any, object]) -> None:
         finished = ", ".join(t.get_coro().__qualname__ for t in done)  # type: ignore[union-attr]
         raise RuntimeError(f"{finished} returned; the others are stopped with it")
     finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(tasks)
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until each has ended (whatever it raised)."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 class Loops:
@@ -116,12 +121,7 @@ class Loops:
 
     async def stop(self) -> None:
         """Cancel every loop and wait for them."""
-        tasks = [lp.task for lp in self.loops.values() if lp.task is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait([lp.task for lp in self.loops.values() if lp.task is not None])
         self.loops.clear()
         self.dead.clear()
 
