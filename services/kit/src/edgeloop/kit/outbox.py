@@ -33,6 +33,11 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 
 RELAYED = Counter("edgeloop_outbox_relayed_total", "Outbox events published", ["schema"])
 RELAY_ERRORS = Counter("edgeloop_outbox_relay_errors_total", "Relay rounds that failed", ["schema"])
+RELAY_DUPLICATES = Counter(
+    "edgeloop_outbox_duplicates_total",
+    "Re-sent outbox events the stream dropped as duplicates (Nats-Msg-Id seen before)",
+    ["schema"],
+)
 UNSENT = Gauge("edgeloop_outbox_unsent", "Outbox rows not yet published (last seen)", ["schema"])
 
 
@@ -107,7 +112,7 @@ class OutboxRelay:
                     await self._js.publish_async(row["subject"], row["payload"], headers=headers)
                 )
             try:
-                await asyncio.wait_for(asyncio.gather(*futures), self._publish_timeout)
+                acks = await asyncio.wait_for(asyncio.gather(*futures), self._publish_timeout)
             except BaseException:
                 for f in futures:
                     f.cancel()
@@ -118,6 +123,8 @@ class OutboxRelay:
                 [r["id"] for r in rows],
             )
         RELAYED.labels(s).inc(len(rows))
+        if duplicates := sum(1 for ack in acks if ack.duplicate):
+            RELAY_DUPLICATES.labels(s).inc(duplicates)
         return len(rows)
 
     async def run(self) -> None:
