@@ -4,7 +4,9 @@ Kit path: a producer commits a state change + outbox row per event (one transact
 each) → the outbox relay publishes with Nats-Msg-Id → JetStream (sync_interval: always)
 → a durable pull consumer → inbox claim + effect in one transaction → ack.
 Raw path: nats-py JetStream ``publish_async`` of the same payloads, then pull-consume
-with explicit acks, on the same server.
+with explicit acks, on the same server. ``nats_url`` may name every node of a cluster
+(comma separated); both paths then use the streams' replica count of
+``EDGELOOP_NATS_REPLICAS``.
 """
 
 from __future__ import annotations
@@ -164,7 +166,7 @@ async def raw_path(nats_url: str, n: int) -> Result:
     run = uuid.uuid4().hex[:8]
     subject = f"model.raw{run}"
     payloads = [_event(i, run).to_json() for i in range(n)]
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url.split(","))
     js = nc.jetstream(publish_async_max_pending=4096)
     await declare_topology(js)
     sub = await js.pull_subscribe(

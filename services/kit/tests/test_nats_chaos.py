@@ -148,11 +148,15 @@ async def _chaos_run(cluster: NatsCluster, dsn: str, total: int, unique: str) ->
     print(f"\nchaos seed {seed} (EDGELOOP_CHAOS_SEED={seed} repeats it), {total} events")
     run, subject = unique, f"model.chaos{unique}"
     durable = f"chaos_{run}"
-    before = {
-        "duplicate": _sample(
-            "edgeloop_events_handled_total", {"consumer": durable, "outcome": "duplicate"}
-        ),
-    }
+    outcomes = ("processed", "duplicate", "retried", "dead_lettered")
+
+    def handled() -> dict[str, float]:
+        return {
+            o: _sample("edgeloop_events_handled_total", {"consumer": durable, "outcome": o})
+            for o in outcomes
+        }
+
+    before = handled()
     started = time.monotonic()
     async with _services(cluster, dsn, run, subject) as (producer, consumers):
         effects = f"{consumers[0].schema}.effects"
@@ -205,18 +209,19 @@ async def _chaos_run(cluster: NatsCluster, dsn: str, total: int, unique: str) ->
         assert stored == total, f"the stream holds {stored} messages for {total} events"
         assert dead == 0, f"{dead} events were dead-lettered"
 
+    after = handled()
+    delta = {o: int(after[o] - before[o]) for o in outcomes}
     relay_dups = _sample("edgeloop_outbox_duplicates_total", {"schema": producer.schema})
-    inbox_dups = (
-        _sample("edgeloop_events_handled_total", {"consumer": durable, "outcome": "duplicate"})
-        - before["duplicate"]
-    )
+    relay_errors = _sample("edgeloop_outbox_relay_errors_total", {"schema": producer.schema})
     print(
         f"chaos: {total} events, each processed once, in {elapsed:.1f}s "
-        f"(produced in {produced:.1f}s); {len(chaos.kills)} node kills "
-        f"(seed {seed}); transport duplicates absorbed: {relay_dups:.0f} re-sent publishes "
-        f"dropped by the stream, {inbox_dups:.0f} redeliveries dropped by the inbox; "
-        f"{redelivered} events first processed on a redelivery"
+        f"(produced in {produced:.1f}s); {len(chaos.kills)} node kills (seed {seed}); "
+        f"transport duplicates absorbed: {relay_dups:.0f} re-sent publishes dropped by the "
+        f"stream, {delta['duplicate']} redeliveries dropped by the inbox; "
+        f"{redelivered} events first processed on a redelivery; relay rounds retried "
+        f"{relay_errors:.0f}; consumer outcomes {delta}"
     )
+    assert delta["dead_lettered"] == 0
     for at, node, down in chaos.kills:
         print(f"  t={at:6.1f}s kill {node} for {down:.2f}s")
 
