@@ -23,15 +23,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 from prometheus_client import REGISTRY
 
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ArtifactRef, ModelCommitted
 from edgeloop.devstack.servers import NatsCluster
-from edgeloop.kit.bus import ConsumerSpec
+from edgeloop.kit.bus import ConsumerSpec, declare_topology
 from edgeloop.kit.consumer import Tx
-from edgeloop.kit.outbox import add_event
+from edgeloop.kit.outbox import MSG_ID_HEADER, add_event
 from edgeloop.kit.service import Service
 from edgeloop.kit.settings import ServiceSettings
 
@@ -234,6 +236,44 @@ async def _summary(producer: Service, effects: str) -> str:
             FROM {effects}"""
     )
     return dict(row).__repr__() if row else "no rows"
+
+
+async def test_topology_has_the_configured_replicas_and_survives_a_node_down(
+    nats_cluster: NatsCluster, unique: str
+) -> None:
+    assert len(nats_cluster.nodes) == 3
+    assert nats_cluster.url == ",".join(nats_cluster.urls)
+    conf = nats_cluster.nodes[0].config_path.read_text()
+    assert "sync_interval: always" in conf
+    assert "cluster {" in conf
+    subject = f"model.cluster{unique}"
+    nc = await nats.connect(nats_cluster.urls, reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    try:
+        js = nc.jetstream()
+        await declare_topology(js, replicas=1)
+        assert (await js.stream_info(s.STREAM_LIFECYCLE)).config.num_replicas == 1
+        await declare_topology(js, replicas=3)  # scaled up in place, buckets too
+        for stream in (s.STREAM_LIFECYCLE, s.STREAM_DLQ, f"KV_{s.KV_DESIRED}"):
+            assert (await js.stream_info(stream)).config.num_replicas == 3
+        await js.publish(subject, b"1", headers={MSG_ID_HEADER: f"{unique}-1"})
+        down = nats_cluster.nodes[0]
+        await asyncio.to_thread(down.kill)
+        deadline = time.monotonic() + 30
+        while True:  # the stream may need a new leader first
+            try:
+                await js.publish(subject, b"2", headers={MSG_ID_HEADER: f"{unique}-2"})
+                break
+            except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
+                assert time.monotonic() < deadline, "no stream leader with a node down"
+                await asyncio.sleep(0.2)
+        await asyncio.to_thread(down.start)  # same ports, same store
+        await asyncio.to_thread(nats_cluster.wait_healthy, 60)
+        info = await js.stream_info(s.STREAM_LIFECYCLE, subjects_filter=subject)
+        assert (info.state.subjects or {}).get(subject) == 2
+        assert info.cluster is not None
+        assert len(info.cluster.replicas or []) == 2  # the leader's two followers
+    finally:
+        await nc.close()
 
 
 @pytest.mark.slow

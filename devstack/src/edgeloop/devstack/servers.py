@@ -415,21 +415,32 @@ class NatsCluster:
         size: number of nodes (3: a JetStream R3 quorum survives one node down).
         auth: the users every node has (the same on each).
         name: the cluster's name.
+        port: the first node's client port (default: a free one, like the others').
+        monitor_port: the first node's monitoring port (default: a free one).
     """
 
     def __init__(
-        self, data_dir: Path, size: int = 3, *, auth: NatsAuth | None = None, name: str = "edgeloop"
+        self,
+        data_dir: Path,
+        size: int = 3,
+        *,
+        auth: NatsAuth | None = None,
+        name: str = "edgeloop",
+        port: int | None = None,
+        monitor_port: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         routes = tuple(free_port() for _ in range(size))
         self.nodes = [
             NatsServer(
                 self.data_dir / f"n{i + 1}",
+                port if i == 0 else None,
+                monitor_port if i == 0 else None,
                 auth=auth,
                 server_name=f"{name}-n{i + 1}",
-                cluster=ClusterRoutes(name, port, routes),
+                cluster=ClusterRoutes(name, route, routes),
             )
-            for i, port in enumerate(routes)
+            for i, route in enumerate(routes)
         ]
 
     @property

@@ -12,7 +12,10 @@ Environment: ``EDGELOOP_STATE_DIR`` (default ``.edgeloop``); ports
 ``EDGELOOP_NATS_PORT`` (14222), ``EDGELOOP_NATS_MONITOR_PORT`` (18222),
 ``EDGELOOP_PG_PORT`` (15432), ``EDGELOOP_OCI_REGISTRY_PORT`` (15000),
 ``EDGELOOP_REGISTRY_API_PORT`` (18100) and ``EDGELOOP_FIRST_HTTP_PORT`` (18080, the
-services' health ports count up from it).
+services' health ports count up from it). ``EDGELOOP_NATS_CLUSTER=3`` runs a 3-node NATS
+cluster instead of one server (the first node on the NATS ports above, the others on
+free ones; state in ``nats-cluster/n<i>``), with every stream and bucket on 3 nodes
+(``EDGELOOP_NATS_REPLICAS``); services get every node's URL.
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ from edgeloop.contracts.access import SERVICES as SERVICE_ACCESS
 from edgeloop.contracts.stackfile import redact, state_dir
 from edgeloop.devstack.keys import generated_secret, nats_users, signing_keys
 from edgeloop.devstack.nats_auth import NatsAuth
-from edgeloop.devstack.servers import ManagedProcess, NatsServer, OciRegistry, Postgres
+from edgeloop.devstack.servers import (
+    ManagedProcess,
+    NatsCluster,
+    NatsServer,
+    OciRegistry,
+    Postgres,
+)
 
 #: (name, module) of every service, in start order; a service starts when its module
 #: is importable (later issues add theirs). ``python -m <module>`` runs it.
@@ -80,6 +89,22 @@ def _port(env: str, default: int) -> int:
         return int(value)
     except ValueError:
         sys.exit(f"{env}={value!r} is not a port number")
+
+
+def _nats_nodes(root: Path, auth: NatsAuth) -> list[NatsServer]:
+    """Start NATS: one server, or the cluster ``EDGELOOP_NATS_CLUSTER`` sizes (healthy
+    on return); the first node listens on the NATS ports."""
+    port = _port("EDGELOOP_NATS_PORT", NATS_PORT)
+    monitor_port = _port("EDGELOOP_NATS_MONITOR_PORT", NATS_MONITOR_PORT)
+    size = os.environ.get("EDGELOOP_NATS_CLUSTER") or "1"
+    if not size.isdigit():
+        sys.exit(f"EDGELOOP_NATS_CLUSTER={size!r} is not a number of nodes")
+    if int(size) <= 1:
+        return [NatsServer(root / "nats", port, monitor_port, auth=auth).start()]
+    cluster = NatsCluster(
+        root / "nats-cluster", int(size), auth=auth, port=port, monitor_port=monitor_port
+    )
+    return cluster.start().nodes
 
 
 def running_pid(root: Path | None = None) -> int | None:
@@ -278,17 +303,15 @@ def main() -> None:
         # Each service connects to the embedded server as its own user, allowed only its
         # subjects; the tools (CLI, examples) get the admin's URL from stack.json.
         auth: NatsAuth | None = None
+        replicas: dict[str, str] = {}
         if not nats_url:
             auth = nats_users(root)
-            nats = NatsServer(
-                root / "nats",
-                _port("EDGELOOP_NATS_PORT", NATS_PORT),
-                _port("EDGELOOP_NATS_MONITOR_PORT", NATS_MONITOR_PORT),
-                auth=auth,
-            )
-            servers.append(nats.start())
-            nats_url = nats.url
-            endpoints["nats_monitor_url"] = nats.monitor_url
+            nodes = _nats_nodes(root, auth)
+            servers.extend(nodes)
+            nats_url = ",".join(node.url for node in nodes)
+            endpoints["nats_monitor_url"] = nodes[0].monitor_url
+            if len(nodes) > 1:
+                replicas["EDGELOOP_NATS_REPLICAS"] = str(min(len(nodes), 3))
         if signals.stopping:
             return
         database_url = os.environ.get("EDGELOOP_DATABASE_URL")
@@ -316,7 +339,8 @@ def main() -> None:
         deployer_api = f"http://127.0.0.1:{_port('EDGELOOP_DEPLOYER_API_PORT', DEPLOYER_API_PORT)}"
         monitor_api = f"http://127.0.0.1:{_port('EDGELOOP_MONITOR_API_PORT', MONITOR_API_PORT)}"
         endpoints |= {
-            "nats_url": auth.url(nats_url) if auth else nats_url,
+            # tools take one URL (the others are discovered from the server's INFO)
+            "nats_url": auth.url(nats_url.split(",")[0]) if auth else nats_url,
             "database_url": database_url,
             "registry_url": registry_url,
             "registry_api": registry_api,
@@ -333,6 +357,7 @@ def main() -> None:
             "EDGELOOP_DATABASE_URL": database_url,
             "EDGELOOP_OCI_REGISTRY_URL": registry_url,
             "EDGELOOP_OTLP_ENDPOINT": external_otlp or f"http://127.0.0.1:{otlp_port}",
+            **replicas,
         }
         if os.environ.get("EDGELOOP_TRACES_API"):
             endpoints["traces_api"] = os.environ["EDGELOOP_TRACES_API"]
