@@ -26,10 +26,12 @@ import nats
 import nats.errors
 import nats.js.errors
 import pytest
+from nats.js import JetStreamContext
 from prometheus_client import REGISTRY
+from test_guarantees import committed
 
 from edgeloop.contracts import subjects as s
-from edgeloop.contracts.events import ArtifactRef, ModelCommitted
+from edgeloop.contracts.events import ModelCommitted
 from edgeloop.devstack.servers import NatsCluster
 from edgeloop.kit.bus import ConsumerSpec, declare_topology
 from edgeloop.kit.consumer import Tx
@@ -66,15 +68,6 @@ class Chaos:
             await asyncio.to_thread(node.kill)
             await asyncio.sleep(down)
             await asyncio.to_thread(node.start)
-
-
-def _event(run: str, n: int) -> ModelCommitted:
-    return ModelCommitted(
-        model=f"chaos-{run}",
-        version=str(n),
-        repository="models/chaos",
-        model_artifact=ArtifactRef(digest="sha256:" + "0" * 64, size=1, media_type="x"),
-    )
 
 
 def _settings(cluster: NatsCluster, dsn: str) -> ServiceSettings:
@@ -135,7 +128,7 @@ async def _produce(producer: Service, run: str, subject: str, total: int) -> Non
     for first in range(0, total, PRODUCE_CHUNK):
         async with producer.pool.acquire() as conn, conn.transaction():
             for n in range(first, min(first + PRODUCE_CHUNK, total)):
-                await add_event(conn, schema, _event(run, n), subject=subject)
+                await add_event(conn, schema, committed(f"chaos-{run}", str(n)), subject=subject)
         ahead = (first + PRODUCE_CHUNK) / PRODUCE_RATE - (time.monotonic() - started)
         if ahead > 0:
             await asyncio.sleep(ahead)
@@ -145,7 +138,12 @@ def _sample(name: str, labels: dict[str, str]) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def _chaos_run(cluster: NatsCluster, dsn: str, total: int, unique: str) -> None:
+async def _chaos_run(
+    cluster: NatsCluster, dsn: str, total: int, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what Service.start's declare_topology reads (the settings' nats_replicas is not
+    # handed to it)
+    monkeypatch.setenv("EDGELOOP_NATS_REPLICAS", "3")
     seed = int(os.environ.get("EDGELOOP_CHAOS_SEED") or random.randrange(1 << 32))
     print(f"\nchaos seed {seed} (EDGELOOP_CHAOS_SEED={seed} repeats it), {total} events")
     run, subject = unique, f"model.chaos{unique}"
@@ -203,6 +201,10 @@ async def _chaos_run(cluster: NatsCluster, dsn: str, total: int, unique: str) ->
         try:
             js = nc.jetstream()
             info = await js.stream_info(s.STREAM_LIFECYCLE, subjects_filter=subject)
+            assert info.config.num_replicas == 3
+            consumer = await js.consumer_info(s.STREAM_LIFECYCLE, durable)
+            assert consumer.cluster is not None
+            assert len(consumer.cluster.replicas or []) == 2  # R3: a leader, two followers
             stored = (info.state.subjects or {}).get(subject, 0)
             dlq = await js.stream_info(s.STREAM_DLQ, subjects_filter=s.dlq_subject(subject))
             dead = sum((dlq.state.subjects or {}).values())
@@ -255,17 +257,13 @@ async def test_topology_has_the_configured_replicas_and_survives_a_node_down(
         await declare_topology(js, replicas=3)  # scaled up in place, buckets too
         for stream in (s.STREAM_LIFECYCLE, s.STREAM_DLQ, f"KV_{s.KV_DESIRED}"):
             assert (await js.stream_info(stream)).config.num_replicas == 3
-        await js.publish(subject, b"1", headers={MSG_ID_HEADER: f"{unique}-1"})
+        # scaling is live: wait until the new peers caught up (a quorum of current
+        # replicas then survives a node down)
+        await asyncio.to_thread(nats_cluster.wait_healthy, 60)
+        await _publish_eventually(js, subject, f"{unique}-1")
         down = nats_cluster.nodes[0]
         await asyncio.to_thread(down.kill)
-        deadline = time.monotonic() + 30
-        while True:  # the stream may need a new leader first
-            try:
-                await js.publish(subject, b"2", headers={MSG_ID_HEADER: f"{unique}-2"})
-                break
-            except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
-                assert time.monotonic() < deadline, "no stream leader with a node down"
-                await asyncio.sleep(0.2)
+        await _publish_eventually(js, subject, f"{unique}-2")  # after a leader election
         await asyncio.to_thread(down.start)  # same ports, same store
         await asyncio.to_thread(nats_cluster.wait_healthy, 60)
         info = await js.stream_info(s.STREAM_LIFECYCLE, subjects_filter=subject)
@@ -276,15 +274,32 @@ async def test_topology_has_the_configured_replicas_and_survives_a_node_down(
         await nc.close()
 
 
+async def _publish_eventually(js: JetStreamContext, subject: str, msg_id: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await js.publish(subject, msg_id.encode(), headers={MSG_ID_HEADER: msg_id})
+            return
+        except (nats.errors.TimeoutError, nats.js.errors.NoStreamResponseError):
+            assert time.monotonic() < deadline, f"no stream leader for 30 s ({msg_id})"
+            await asyncio.sleep(0.2)
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-async def test_nats_chaos_short(nats_cluster: NatsCluster, pg_dsn: str, unique: str) -> None:
-    """3,000 numbered events, each processed once, while NATS nodes die."""
-    await _chaos_run(nats_cluster, pg_dsn, 3_000, unique)
-
-
-@pytest.mark.chaos
-@pytest.mark.timeout(1200)
-async def test_nats_chaos_full(nats_cluster: NatsCluster, pg_dsn: str, unique: str) -> None:
-    """30,000 numbered events, each processed once, while NATS nodes die (``make chaos``)."""
-    await _chaos_run(nats_cluster, pg_dsn, 30_000, unique)
+@pytest.mark.parametrize(
+    "total",
+    [
+        pytest.param(3_000, marks=pytest.mark.timeout(300), id="short"),
+        # `make chaos`; deselected otherwise (addopts: -m 'not chaos')
+        pytest.param(30_000, marks=[pytest.mark.chaos, pytest.mark.timeout(1200)], id="full"),
+    ],
+)
+async def test_nats_chaos(
+    nats_cluster: NatsCluster,
+    pg_dsn: str,
+    unique: str,
+    monkeypatch: pytest.MonkeyPatch,
+    total: int,
+) -> None:
+    """Numbered events, each processed once, while NATS nodes die."""
+    await _chaos_run(nats_cluster, pg_dsn, total, unique, monkeypatch)

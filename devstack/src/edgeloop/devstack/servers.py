@@ -88,7 +88,8 @@ def _port_open(port: int) -> bool:
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """Whether ``url`` answers 200 within a second (no proxy)."""
     try:
         with _opener.open(url, timeout=1) as resp:
             return bool(resp.status == 200)
@@ -393,12 +394,12 @@ class NatsServer(ManagedProcess):
         return [_nats_binary(), "-c", str(self.config_path)]
 
     def ready(self) -> bool:
-        return _http_ok(f"{self.monitor_url}/healthz?js-enabled-only=true")
+        return http_ok(f"{self.monitor_url}/healthz?js-enabled-only=true")
 
     def healthy(self) -> bool:
         """Whether the server is fully healthy: in a cluster, JetStream's meta group has a
         leader and every stream and consumer on this node is current."""
-        return _http_ok(f"{self.monitor_url}/healthz")
+        return http_ok(f"{self.monitor_url}/healthz")
 
 
 class NatsCluster:
@@ -542,7 +543,7 @@ http:
         return [self.binary, "serve", str(self.data_dir / "config.yml")]
 
     def ready(self) -> bool:
-        return _http_ok(f"{self.url}/v2/")
+        return http_ok(f"{self.url}/v2/")
 
 
 #: PostgreSQL refuses to run as root; as root we run it as this user.

@@ -15,7 +15,10 @@ Environment: ``EDGELOOP_STATE_DIR`` (default ``.edgeloop``); ports
 services' health ports count up from it). ``EDGELOOP_NATS_CLUSTER=3`` runs a 3-node NATS
 cluster instead of one server (the first node on the NATS ports above, the others on
 free ones; state in ``nats-cluster/n<i>``), with every stream and bucket on 3 nodes
-(``EDGELOOP_NATS_REPLICAS``); services get every node's URL.
+(``EDGELOOP_NATS_REPLICAS``); services get every node's URL. ``EDGELOOP_SERVICE_REPLICAS=2``
+runs a second process of every platform service (``<name>-2``, sharing its durable
+consumers, partitions and tables; its HTTP APIs on free ports), started once the first
+ones are ready.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +48,8 @@ from edgeloop.devstack.servers import (
     NatsServer,
     OciRegistry,
     Postgres,
+    http_ok,
+    wait_until,
 )
 
 #: (name, module) of every service, in start order; a service starts when its module
@@ -96,15 +102,30 @@ def _nats_nodes(root: Path, auth: NatsAuth) -> list[NatsServer]:
     on return); the first node listens on the NATS ports."""
     port = _port("EDGELOOP_NATS_PORT", NATS_PORT)
     monitor_port = _port("EDGELOOP_NATS_MONITOR_PORT", NATS_MONITOR_PORT)
-    size = os.environ.get("EDGELOOP_NATS_CLUSTER") or "1"
-    if not size.isdigit():
-        sys.exit(f"EDGELOOP_NATS_CLUSTER={size!r} is not a number of nodes")
-    if int(size) <= 1:
+    size = _count("EDGELOOP_NATS_CLUSTER")
+    if size <= 1:
         return [NatsServer(root / "nats", port, monitor_port, auth=auth).start()]
     cluster = NatsCluster(
-        root / "nats-cluster", int(size), auth=auth, port=port, monitor_port=monitor_port
+        root / "nats-cluster", size, auth=auth, port=port, monitor_port=monitor_port
     )
     return cluster.start().nodes
+
+
+def _count(env: str) -> int:
+    value = os.environ.get(env) or "1"
+    if not value.isdigit():
+        sys.exit(f"{env}={value!r} is not a count")
+    return int(value)
+
+
+def _replica_env(name: str, own: dict[str, str], gateway_address: str) -> dict[str, str]:
+    """What a further replica of service ``name`` changes in its environment: its HTTP
+    APIs on free ports (clients use the first replica's), a gateway its gRPC port too,
+    while telling devices the first one's address."""
+    env = {key: "0" for key in own if key.endswith(("_API_PORT", "_GRPC_PORT"))}
+    if name == "gateway":
+        env["EDGELOOP_GATEWAY_PUBLIC_ADDRESS"] = gateway_address
+    return env
 
 
 def running_pid(root: Path | None = None) -> int | None:
@@ -413,6 +434,7 @@ def main() -> None:
         }
         logs = root / "logs"
         logs.mkdir(exist_ok=True)
+        replicas_of: list[ServiceProcess] = []
         port = _port("EDGELOOP_FIRST_HTTP_PORT", FIRST_HTTP_PORT)
         for name, module in SERVICES:
             if importlib.util.find_spec(module) is None:
@@ -426,8 +448,25 @@ def main() -> None:
                 env |= auth.service_env(name)
             services.append(ServiceProcess(name, module, port, env, logs / f"{name}.log"))
             port += 1
+            if name in SERVICE_ACCESS:  # platform services (not the fleet, the collector)
+                for k in range(2, _count("EDGELOOP_SERVICE_REPLICAS") + 1):
+                    extra = {**env, **_replica_env(name, own.get(name, {}), gateway_address)}
+                    extra[f"EDGELOOP_{name.upper()}_HTTP_PORT"] = str(port)
+                    log = logs / f"{name}-{k}.log"
+                    replicas_of.append(ServiceProcess(f"{name}-{k}", module, port, extra, log))
+                    port += 1
         for svc in services:
             svc.start()
+        if replicas_of:
+            # after the first ones: they create what is created once (migrations, the
+            # gateway's CA); one that is not ready in a minute is the supervisor's business
+            for svc in services:
+                if svc.name in SERVICE_ACCESS and not signals.stopping:
+                    with contextlib.suppress(RuntimeError):
+                        wait_until(partial(http_ok, svc.ready_url), 60, svc.name, svc.log_path)
+            for svc in replicas_of:
+                svc.start()
+            services += replicas_of
 
         stack_file = root / "stack.json"
         _write_json(stack_file, _stack_info(endpoints, services, root))

@@ -30,6 +30,9 @@ from edgeloop.kit.tracing import inject_headers
 log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+#: The relay's longest pause between failed rounds: a round is cheap, and a NATS cluster
+#: electing a new stream leader answers again within a second or two.
+RELAY_MAX_BACKOFF = 2.0
 
 RELAYED = Counter("edgeloop_outbox_relayed_total", "Outbox events published", ["schema"])
 RELAY_ERRORS = Counter("edgeloop_outbox_relay_errors_total", "Relay rounds that failed", ["schema"])
@@ -206,7 +209,7 @@ class OutboxRelay:
                 )
                 await self._drop_listener()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RELAY_MAX_BACKOFF)
 
     def start(self) -> None:
         """Run in the background."""
