@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +48,6 @@ from edgeloop.devstack.servers import (
     OciRegistry,
     Postgres,
     http_ok,
-    wait_until,
 )
 
 #: (name, module) of every service, in start order; a service starts when its module
@@ -434,7 +432,7 @@ def main() -> None:
         }
         logs = root / "logs"
         logs.mkdir(exist_ok=True)
-        replicas_of: list[ServiceProcess] = []
+        replicas_of: list[tuple[ServiceProcess, ServiceProcess]] = []
         port = _port("EDGELOOP_FIRST_HTTP_PORT", FIRST_HTTP_PORT)
         for name, module in SERVICES:
             if importlib.util.find_spec(module) is None:
@@ -449,30 +447,30 @@ def main() -> None:
             services.append(ServiceProcess(name, module, port, env, logs / f"{name}.log"))
             port += 1
             if name in SERVICE_ACCESS:  # platform services (not the fleet, the collector)
+                first = services[-1]
                 for k in range(2, _count("EDGELOOP_SERVICE_REPLICAS") + 1):
                     extra = {**env, **_replica_env(name, own.get(name, {}), gateway_address)}
                     extra[f"EDGELOOP_{name.upper()}_HTTP_PORT"] = str(port)
                     log = logs / f"{name}-{k}.log"
-                    replicas_of.append(ServiceProcess(f"{name}-{k}", module, port, extra, log))
+                    replicas_of.append(
+                        (first, ServiceProcess(f"{name}-{k}", module, port, extra, log))
+                    )
                     port += 1
         for svc in services:
             svc.start()
-        if replicas_of:
-            # after the first ones: they create what is created once (migrations, the
-            # gateway's CA); one that is not ready in a minute is the supervisor's business
-            for svc in services:
-                if svc.name in SERVICE_ACCESS and not signals.stopping:
-                    with contextlib.suppress(RuntimeError):
-                        wait_until(partial(http_ok, svc.ready_url), 60, svc.name, svc.log_path)
-            for svc in replicas_of:
-                svc.start()
-            services += replicas_of
 
         stack_file = root / "stack.json"
         _write_json(stack_file, _stack_info(endpoints, services, root))
         _print_endpoints(endpoints, services, root)
         while not signals.stopping:
             restarted = [svc.poll() for svc in services]  # every one, not up to the first
+            # a further replica starts once the first is ready: the first creates what is
+            # created once (migrations, the gateway's CA)
+            if replicas_of and http_ok(replicas_of[0][0].ready_url):
+                _, replica = replicas_of.pop(0)
+                replica.start()
+                services.append(replica)
+                restarted.append(True)
             if any(restarted):
                 _write_json(stack_file, _stack_info(endpoints, services, root))
             time.sleep(0.2)
