@@ -257,10 +257,10 @@ async def test_topology_has_the_configured_replicas_and_survives_a_node_down(
         await declare_topology(js, replicas=3)  # scaled up in place, buckets too
         for stream in (s.STREAM_LIFECYCLE, s.STREAM_DLQ, f"KV_{s.KV_DESIRED}"):
             assert (await js.stream_info(stream)).config.num_replicas == 3
-        # scaling is live: wait until the new peers caught up (a quorum of current
-        # replicas then survives a node down)
-        await asyncio.to_thread(nats_cluster.wait_healthy, 60)
+        # scaling is live: until the new peers have caught up, the first node's copy is
+        # the only one (losing it now would leave the stream without a leader)
         await _publish_eventually(js, subject, f"{unique}-1")
+        await _replicas_current(js, s.STREAM_LIFECYCLE)
         down = nats_cluster.nodes[0]
         await asyncio.to_thread(down.kill)
         await _publish_eventually(js, subject, f"{unique}-2")  # after a leader election
@@ -272,6 +272,17 @@ async def test_topology_has_the_configured_replicas_and_survives_a_node_down(
         assert len(info.cluster.replicas or []) == 2  # the leader's two followers
     finally:
         await nc.close()
+
+
+async def _replicas_current(js: JetStreamContext, stream: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        cluster = (await js.stream_info(stream)).cluster
+        peers = (cluster.replicas or []) if cluster else []
+        if cluster and cluster.leader and len(peers) == 2 and all(p.current for p in peers):
+            return
+        assert time.monotonic() < deadline, f"{stream}'s replicas not current: {cluster}"
+        await asyncio.sleep(0.2)
 
 
 async def _publish_eventually(js: JetStreamContext, subject: str, msg_id: str) -> None:
