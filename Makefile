@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: setup system-deps up demo keys down status test test-fast lint format bench proto clean
+.PHONY: setup system-deps up demo keys down status test test-fast chaos lint format bench proto clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -63,6 +63,11 @@ test: setup lint
 
 test-fast: setup
 	$(BIN)/pytest -x -q
+
+# The full NATS chaos run: 30,000 numbered events while a node of a 3-node cluster dies
+# every 1-3 s (`make test` runs the 3,000-event version). EDGELOOP_CHAOS_SEED repeats one.
+chaos: setup
+	$(BIN)/pytest -m chaos -s services/kit/tests/test_nats_chaos.py
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)

@@ -256,3 +256,49 @@ def test_up_restarts_its_infrastructure_when_it_dies(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.timeout(300)
+def test_up_runs_a_nats_cluster_and_two_replicas_of_every_service(tmp_path: Path) -> None:
+    import nats
+
+    from edgeloop.contracts import subjects as s
+    from edgeloop.devstack.servers import http_ok
+
+    state = tmp_path / "state"
+    env = _env(state) | {"EDGELOOP_NATS_CLUSTER": "3", "EDGELOOP_SERVICE_REPLICAS": "2"}
+    proc = _up(state, env)
+    try:
+        stack = _wait_for_stack(proc, state)
+        platform = [n for n, module in SERVICES if n in ACCESS and importlib.util.find_spec(module)]
+        deadline = time.monotonic() + 180
+        while not {f"{n}-2" for n in platform} <= set(stack["services"]):  # type: ignore[arg-type]
+            assert proc.poll() is None, (state / "up.out").read_text()
+            assert time.monotonic() < deadline, f"replicas missing: {stack['services']}"
+            time.sleep(0.5)
+            stack = load_stack_json(state / "stack.json")
+        services = stack["services"]
+        assert isinstance(services, dict)
+        assert sorted(p.name for p in (state / "nats-cluster").iterdir()) == ["n1", "n2", "n3"]
+        for name, svc in services.items():  # every replica ready (PostgreSQL, NATS)
+            while not http_ok(svc["ready_url"]):
+                assert proc.poll() is None, (state / "up.out").read_text()
+                assert time.monotonic() < deadline, f"{name} not ready: {svc['log']}"
+                time.sleep(0.2)
+
+        async def replicas() -> int | None:
+            nc = await nats.connect(str(stack["nats_url"]))
+            try:
+                info = await nc.jetstream().stream_info(s.STREAM_LIFECYCLE)
+                return info.config.num_replicas
+            finally:
+                await nc.close()
+
+        assert asyncio.run(replicas()) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert _leftovers(state) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -23,7 +23,7 @@ import pytest_asyncio
 from nats.js import JetStreamContext
 
 from edgeloop.devstack.nats_auth import ADMIN, NatsAuth
-from edgeloop.devstack.servers import NatsServer, OciRegistry, Postgres
+from edgeloop.devstack.servers import NatsCluster, NatsServer, OciRegistry, Postgres
 
 
 @pytest.fixture(scope="session")
@@ -81,6 +81,17 @@ def postgres_private(tmp_path: Path) -> Iterator[Postgres]:
     server = Postgres(tmp_path / "pg").start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path, nats_auth: NatsAuth) -> Iterator[NatsCluster]:
+    """A 3-node NATS cluster of the test's own (JetStream clustered, every node with
+    ``sync_interval: always`` and the platform's users), healthy when the test starts;
+    its nodes can be killed and restarted (``cluster.nodes[i].kill()`` / ``.start()``).
+    Clients connect with ``cluster.urls`` (nats-py) or ``cluster.url`` (the settings)."""
+    cluster = NatsCluster(tmp_path / "nats-cluster", auth=nats_auth).start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(scope="session")

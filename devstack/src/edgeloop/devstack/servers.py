@@ -90,7 +90,8 @@ def _port_open(port: int) -> bool:
 _opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _http_ok(url: str) -> bool:
+def http_ok(url: str) -> bool:
+    """Whether ``url`` answers 200 within a second (no proxy)."""
     try:
         with _opener.open(url, timeout=1) as resp:
             return bool(resp.status == 200)
@@ -315,10 +316,40 @@ def _nats_binary() -> str:
     )
 
 
-def nats_config(listen: str, http: str, store: Path | str, auth: NatsAuth | None) -> str:
-    """A nats-server configuration: JetStream storing in ``store`` and ``auth``'s users."""
+@dataclass(frozen=True)
+class ClusterRoutes:
+    """A node's place in a NATS cluster: the cluster's name, the port this node listens on
+    for routes, and every node's route port (its own included; the server skips it)."""
+
+    name: str
+    port: int
+    routes: tuple[int, ...]
+
+    def config(self) -> str:
+        """The ``cluster`` block of the node's configuration."""
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.routes)
+        return f"""cluster {{
+  name: {self.name}
+  listen: 127.0.0.1:{self.port}
+  routes: [{routes}]
+}}
+"""
+
+
+def nats_config(
+    listen: str,
+    http: str,
+    store: Path | str,
+    auth: NatsAuth | None,
+    *,
+    server_name: str | None = None,
+    cluster: ClusterRoutes | None = None,
+) -> str:
+    """A nats-server configuration: JetStream storing in ``store`` and ``auth``'s users;
+    with ``cluster``, a node of that cluster (JetStream clustering needs ``server_name``)."""
+    name = f"server_name: {server_name}\n" if server_name else ""
     text = f"""# written by edgeloop.devstack
-listen: {listen}
+{name}listen: {listen}
 http: {http}
 max_payload: 8MB
 jetstream {{
@@ -327,6 +358,8 @@ jetstream {{
   sync_interval: always
 }}
 """
+    if cluster is not None:
+        text += cluster.config()
     return text + (auth.config() if auth else "")
 
 
@@ -338,6 +371,8 @@ class NatsServer(ManagedProcess):
         port: client port (default: a free one).
         monitor_port: HTTP monitoring port (default: a free one).
         auth: its users and their rights (default: none, anyone may do anything).
+        server_name: the node's name (needed in a cluster; default: the server's own).
+        cluster: the node's cluster (see :class:`NatsCluster`); default: a lone server.
     """
 
     name = "nats"
@@ -349,11 +384,17 @@ class NatsServer(ManagedProcess):
         monitor_port: int | None = None,
         *,
         auth: NatsAuth | None = None,
+        server_name: str | None = None,
+        cluster: ClusterRoutes | None = None,
     ) -> None:
+        if server_name:  # a cluster's node: named apart (make up's stack.json, logs)
+            self.name = server_name
         super().__init__(data_dir)
         self.port = port or free_port()
         self.monitor_port = monitor_port or free_port()
         self.auth = auth
+        self.server_name = server_name
+        self.cluster = cluster
 
     @property
     def url(self) -> str:
@@ -377,6 +418,8 @@ class NatsServer(ManagedProcess):
                 f"127.0.0.1:{self.monitor_port}",
                 self.data_dir / "jetstream",
                 self.auth,
+                server_name=self.server_name,
+                cluster=self.cluster,
             )
         )
         self.config_path.chmod(0o600)
@@ -385,7 +428,100 @@ class NatsServer(ManagedProcess):
         return [_nats_binary(), "-c", str(self.config_path)]
 
     def ready(self) -> bool:
-        return _http_ok(f"{self.monitor_url}/healthz?js-enabled-only=true")
+        return http_ok(f"{self.monitor_url}/healthz?js-enabled-only=true")
+
+    def healthy(self) -> bool:
+        """Whether the server is fully healthy: in a cluster, JetStream's meta group has a
+        leader and every stream and consumer on this node is current."""
+        return http_ok(f"{self.monitor_url}/healthz")
+
+
+class NatsCluster:
+    """``size`` nats-server nodes routed into one cluster, each with its own JetStream
+    store, ports and log under ``data_dir/n<i>``; every node can be SIGKILLed and
+    restarted on the same ports with the same store (the chaos tests do, as nats-server's
+    own ``jetstream_chaos_test.go`` does).
+
+    Clients connect with :attr:`url`, every node's URL comma separated (what
+    ``EDGELOOP_NATS_URL`` takes), so they reconnect to a surviving node.
+
+    Args:
+        data_dir: where each node's directory goes.
+        size: number of nodes (3: a JetStream R3 quorum survives one node down).
+        auth: the users every node has (the same on each).
+        name: the cluster's name.
+        port: the first node's client port (default: a free one, like the others').
+        monitor_port: the first node's monitoring port (default: a free one).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        size: int = 3,
+        *,
+        auth: NatsAuth | None = None,
+        name: str = "edgeloop",
+        port: int | None = None,
+        monitor_port: int | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        routes = tuple(free_port() for _ in range(size))
+        self.nodes = [
+            NatsServer(
+                self.data_dir / f"n{i + 1}",
+                port if i == 0 else None,
+                monitor_port if i == 0 else None,
+                auth=auth,
+                server_name=f"{name}-n{i + 1}",
+                cluster=ClusterRoutes(name, route, routes),
+            )
+            for i, route in enumerate(routes)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Every node's ``nats://127.0.0.1:PORT``, comma separated."""
+        return ",".join(node.url for node in self.nodes)
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node's URL."""
+        return [node.url for node in self.nodes]
+
+    @property
+    def monitor_url(self) -> str:
+        """The first node's monitoring URL."""
+        return self.nodes[0].monitor_url
+
+    def start(self, timeout: float = 60) -> Self:
+        """Start every node, then wait until the cluster is healthy (a meta leader, every
+        node current). On a failure, the nodes started are stopped."""
+        try:
+            for node in self.nodes:
+                node.start(timeout)
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_healthy(self, timeout: float = 60) -> None:
+        """Wait until every running node reports itself healthy (``/healthz``)."""
+        wait_until(
+            lambda: all(n.healthy() for n in self.nodes if n.running),
+            timeout,
+            "NATS cluster",
+            self.nodes[0].log_path,
+        )
+
+    def stop(self) -> None:
+        """Stop every node, gracefully."""
+        for node in self.nodes:
+            node.stop()
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of every node's log."""
+        return "\n".join(f"--- {n.server_name}\n{n.log_tail(lines)}" for n in self.nodes)
 
 
 DOCKER_REGISTRY = "/usr/bin/docker-registry"
@@ -441,7 +577,7 @@ http:
         return [self.binary, "serve", str(self.data_dir / "config.yml")]
 
     def ready(self) -> bool:
-        return _http_ok(f"{self.url}/v2/")
+        return http_ok(f"{self.url}/v2/")
 
 
 #: PostgreSQL refuses to run as root; as root we run it as this user.

@@ -14,7 +14,13 @@ Environment: ``EDGELOOP_STATE_DIR`` (default ``.edgeloop``); ports
 ``EDGELOOP_NATS_PORT`` (14222), ``EDGELOOP_NATS_MONITOR_PORT`` (18222),
 ``EDGELOOP_PG_PORT`` (15432), ``EDGELOOP_OCI_REGISTRY_PORT`` (15000),
 ``EDGELOOP_REGISTRY_API_PORT`` (18100) and ``EDGELOOP_FIRST_HTTP_PORT`` (18080, the
-services' health ports count up from it).
+services' health ports count up from it). ``EDGELOOP_NATS_CLUSTER=3`` runs a 3-node NATS
+cluster instead of one server (the first node on the NATS ports above, the others on
+free ones; state in ``nats-cluster/n<i>``), with every stream and bucket on 3 nodes
+(``EDGELOOP_NATS_REPLICAS``); services get every node's URL. ``EDGELOOP_SERVICE_REPLICAS=2``
+runs a second process of every platform service (``<name>-2``, sharing its durable
+consumers, partitions and tables; its HTTP APIs on free ports), started once the first
+ones are ready.
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ from edgeloop.devstack.keys import generated_secret, nats_users, signing_keys
 from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import (
     ManagedProcess,
+    NatsCluster,
     NatsServer,
     OciRegistry,
     Postgres,
+    http_ok,
     reap_group,
     signal_group,
 )
@@ -88,6 +96,37 @@ def _port(env: str, default: int) -> int:
         return int(value)
     except ValueError:
         sys.exit(f"{env}={value!r} is not a port number")
+
+
+def _nats_nodes(root: Path, auth: NatsAuth) -> list[NatsServer]:
+    """Start NATS: one server, or the cluster ``EDGELOOP_NATS_CLUSTER`` sizes (healthy
+    on return); the first node listens on the NATS ports."""
+    port = _port("EDGELOOP_NATS_PORT", NATS_PORT)
+    monitor_port = _port("EDGELOOP_NATS_MONITOR_PORT", NATS_MONITOR_PORT)
+    size = _count("EDGELOOP_NATS_CLUSTER")
+    if size <= 1:
+        return [NatsServer(root / "nats", port, monitor_port, auth=auth).start()]
+    cluster = NatsCluster(
+        root / "nats-cluster", size, auth=auth, port=port, monitor_port=monitor_port
+    )
+    return cluster.start().nodes
+
+
+def _count(env: str) -> int:
+    value = os.environ.get(env) or "1"
+    if not value.isdigit():
+        sys.exit(f"{env}={value!r} is not a count")
+    return int(value)
+
+
+def _replica_env(name: str, own: dict[str, str], gateway_address: str) -> dict[str, str]:
+    """What a further replica of service ``name`` changes in its environment: its HTTP
+    APIs on free ports (clients use the first replica's), a gateway its gRPC port too,
+    while telling devices the first one's address."""
+    env = {key: "0" for key in own if key.endswith(("_API_PORT", "_GRPC_PORT"))}
+    if name == "gateway":
+        env["EDGELOOP_GATEWAY_PUBLIC_ADDRESS"] = gateway_address
+    return env
 
 
 def running_pid(root: Path | None = None) -> int | None:
@@ -356,17 +395,15 @@ def main() -> None:
         # Each service connects to the embedded server as its own user, allowed only its
         # subjects; the tools (CLI, examples) get the admin's URL from stack.json.
         auth: NatsAuth | None = None
+        replicas: dict[str, str] = {}
         if not nats_url:
             auth = nats_users(root)
-            nats = NatsServer(
-                root / "nats",
-                _port("EDGELOOP_NATS_PORT", NATS_PORT),
-                _port("EDGELOOP_NATS_MONITOR_PORT", NATS_MONITOR_PORT),
-                auth=auth,
-            )
-            servers.append(nats.start())
-            nats_url = nats.url
-            endpoints["nats_monitor_url"] = nats.monitor_url
+            nodes = _nats_nodes(root, auth)
+            servers.extend(nodes)
+            nats_url = ",".join(node.url for node in nodes)
+            endpoints["nats_monitor_url"] = nodes[0].monitor_url
+            if len(nodes) > 1:
+                replicas["EDGELOOP_NATS_REPLICAS"] = str(min(len(nodes), 3))
         if signals.stopping:
             return
         database_url = os.environ.get("EDGELOOP_DATABASE_URL")
@@ -394,7 +431,8 @@ def main() -> None:
         deployer_api = f"http://127.0.0.1:{_port('EDGELOOP_DEPLOYER_API_PORT', DEPLOYER_API_PORT)}"
         monitor_api = f"http://127.0.0.1:{_port('EDGELOOP_MONITOR_API_PORT', MONITOR_API_PORT)}"
         endpoints |= {
-            "nats_url": auth.url(nats_url) if auth else nats_url,
+            # tools take one URL (the others are discovered from the server's INFO)
+            "nats_url": auth.url(nats_url.split(",")[0]) if auth else nats_url,
             "database_url": database_url,
             "registry_url": registry_url,
             "registry_api": registry_api,
@@ -411,6 +449,7 @@ def main() -> None:
             "EDGELOOP_DATABASE_URL": database_url,
             "EDGELOOP_OCI_REGISTRY_URL": registry_url,
             "EDGELOOP_OTLP_ENDPOINT": external_otlp or f"http://127.0.0.1:{otlp_port}",
+            **replicas,
         }
         if os.environ.get("EDGELOOP_TRACES_API"):
             endpoints["traces_api"] = os.environ["EDGELOOP_TRACES_API"]
@@ -466,6 +505,7 @@ def main() -> None:
         }
         logs = root / "logs"
         logs.mkdir(exist_ok=True)
+        replicas_of: list[tuple[ServiceProcess, ServiceProcess]] = []
         port = _port("EDGELOOP_FIRST_HTTP_PORT", FIRST_HTTP_PORT)
         for name, module in SERVICES:
             if importlib.util.find_spec(module) is None:
@@ -479,6 +519,16 @@ def main() -> None:
                 env |= auth.service_env(name)
             services.append(ServiceProcess(name, module, port, env, logs / f"{name}.log"))
             port += 1
+            if name in SERVICE_ACCESS:  # platform services (not the fleet, the collector)
+                first = services[-1]
+                for k in range(2, _count("EDGELOOP_SERVICE_REPLICAS") + 1):
+                    extra = {**env, **_replica_env(name, own.get(name, {}), gateway_address)}
+                    extra[f"EDGELOOP_{name.upper()}_HTTP_PORT"] = str(port)
+                    log = logs / f"{name}-{k}.log"
+                    replicas_of.append(
+                        (first, ServiceProcess(f"{name}-{k}", module, port, extra, log))
+                    )
+                    port += 1
         for svc in services:
             svc.start()
 
@@ -491,6 +541,14 @@ def main() -> None:
             # every one, not up to the first that changed; a dead server does not
             # restart the services: they reconnect to it on their own
             changed = [s.check() for s in infrastructure] + [s.check() for s in supervised]
+            # a further replica starts once the first is ready: the first creates what is
+            # created once (migrations, the gateway's CA)
+            if replicas_of and http_ok(replicas_of[0][0].ready_url):
+                _, replica = replicas_of.pop(0)
+                replica.start()
+                services.append(replica)
+                supervised.append(Supervised(replica))
+                changed.append(True)
             if any(changed):
                 _write_json(stack_file, _stack_info(endpoints, supervised, infrastructure, root))
             time.sleep(0.2)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from faststream.nats import NatsBroker
 from nats.js import JetStreamContext
@@ -41,15 +41,19 @@ class Topology:
 
 
 def default_topology(
-    *, telemetry_max_bytes: int = 1 << 30, limits: TopologySettings | None = None
+    *,
+    replicas: int = 1,
+    telemetry_max_bytes: int = 1 << 30,
+    limits: TopologySettings | None = None,
 ) -> Topology:
-    """The platform's streams and buckets, with the retention DESIGN §2 gives them.
+    """The platform's streams and buckets, with the retention DESIGN §2 gives them, each
+    stored on ``replicas`` nodes of the NATS cluster (consumers inherit it).
 
     ``limits``: the DLQ's (default: read from the environment, ``EDGELOOP_DLQ_MAX_BYTES``
     and ``EDGELOOP_DLQ_MAX_AGE_SECONDS``).
     """
     limits = limits or TopologySettings()
-    return Topology(
+    topology = Topology(
         streams=(
             StreamConfig(
                 name=s.STREAM_LIFECYCLE,
@@ -94,18 +98,56 @@ def default_topology(
             KeyValueConfig(bucket=s.KV_REPORTED, history=5, storage=StorageType.FILE),
         ),
     )
+    return with_replicas(topology, replicas)
 
 
-async def declare_topology(js: JetStreamContext, topology: Topology | None = None) -> None:
-    """Create or update every stream and bucket; safe to call from every service at start."""
-    topology = topology or default_topology()
+def with_replicas(topology: Topology, replicas: int) -> Topology:
+    """``topology`` with every stream and bucket stored on ``replicas`` nodes."""
+    return Topology(
+        streams=tuple(replace(cfg, num_replicas=replicas) for cfg in topology.streams),
+        kv=tuple(replace(kv, replicas=replicas) for kv in topology.kv),
+    )
+
+
+def configured_replicas() -> int:
+    """``EDGELOOP_NATS_REPLICAS`` (the settings' ``nats_replicas``; 1 when unset)."""
+    from edgeloop.kit.settings import ServiceSettings
+
+    return ServiceSettings().nats_replicas
+
+
+async def declare_topology(
+    js: JetStreamContext, topology: Topology | None = None, *, replicas: int | None = None
+) -> None:
+    """Create or update every stream and bucket; safe to call from every service at start.
+
+    ``replicas`` (default: :func:`configured_replicas`) applies to the default topology;
+    an existing stream or bucket with another replica count is scaled to it (JetStream
+    moves the data; scaling down a cluster's streams to 1 keeps the leader's copy).
+    """
+    if topology is None:
+        topology = default_topology(replicas=replicas or configured_replicas())
     for cfg in topology.streams:
         await declare_stream(js, cfg)
     for kv in topology.kv:
+        await declare_bucket(js, kv)
+
+
+async def declare_bucket(js: JetStreamContext, kv: KeyValueConfig) -> None:
+    """Create ``kv``'s bucket, or bring an existing one to ``kv``'s replica count."""
+    try:
+        info = await js.stream_info(f"KV_{kv.bucket}")
+    except NotFoundError:
         try:
-            await js.key_value(kv.bucket)
-        except (NotFoundError, BadRequestError):
             await js.create_key_value(config=kv)
+            log.info("created KV bucket %s", kv.bucket)
+            return
+        except BadRequestError as exc:  # another replica created it in between
+            if exc.err_code != 10058:
+                raise
+        info = await js.stream_info(f"KV_{kv.bucket}")
+    if (info.config.num_replicas or 1) != kv.replicas:
+        await js.update_stream(config=replace(info.config, num_replicas=kv.replicas))
 
 
 async def declare_stream(js: JetStreamContext, cfg: StreamConfig) -> None:

@@ -15,11 +15,11 @@ import contextlib
 import json
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from nats.js import JetStreamContext
+from nats.js.api import PubAck
 from prometheus_client import Counter, Gauge
 
 from edgeloop.contracts.events import Event
@@ -30,9 +30,17 @@ from edgeloop.kit.tracing import inject_headers
 log = logging.getLogger(__name__)
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+#: The relay's longest pause between failed rounds: a round is cheap, and a NATS cluster
+#: electing a new stream leader answers again within a second or two.
+RELAY_MAX_BACKOFF = 2.0
 
 RELAYED = Counter("edgeloop_outbox_relayed_total", "Outbox events published", ["schema"])
 RELAY_ERRORS = Counter("edgeloop_outbox_relay_errors_total", "Relay rounds that failed", ["schema"])
+RELAY_DUPLICATES = Counter(
+    "edgeloop_outbox_duplicates_total",
+    "Re-sent outbox events the stream dropped as duplicates (Nats-Msg-Id seen before)",
+    ["schema"],
+)
 UNSENT = Gauge("edgeloop_outbox_unsent", "Outbox rows not yet published (last seen)", ["schema"])
 
 
@@ -75,6 +83,7 @@ class OutboxRelay:
         batch: int = 256,
         poll_seconds: float = 1.0,
         publish_timeout: float = 10.0,
+        ack_stall_seconds: float = 3.0,
     ) -> None:
         self._pool = pool
         self._schema = check_schema(schema)
@@ -82,14 +91,28 @@ class OutboxRelay:
         self._batch = batch
         self._poll = poll_seconds
         self._publish_timeout = publish_timeout
+        self._ack_stall = ack_stall_seconds
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._listen_conn: PoolConnectionProxy | None = None
 
     async def publish_pending(self) -> int:
-        """Publish up to one batch of unsent rows; return how many were published."""
+        """Publish up to one batch of unsent rows; return how many were published.
+
+        Rows whose publish JetStream acknowledged are marked sent, the others stay for
+        the next round. A round ends when every publish is answered, or when no answer
+        has come for ``ack_stall_seconds`` (in a cluster, a publish proposed to a stream
+        leader that then died is never answered: waiting longer only delays the re-send
+        the new leader will take), or after ``publish_timeout`` in all.
+
+        Raises:
+            TimeoutError: some publishes were not answered (the others were marked sent).
+            nats.js.errors.Error: JetStream refused a publish (e.g. no stream leader yet:
+                "no response from stream"); the answered ones were marked sent.
+        """
         s = self._schema
+        failure: BaseException | None = None
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 f"""SELECT id, event_id, subject, payload, headers FROM {s}.outbox
@@ -99,26 +122,65 @@ class OutboxRelay:
             if not rows:
                 return 0
             failpoints.hit("relay.before_publish")
-            futures: list[asyncio.Future[Any]] = []
-            for row in rows:
-                headers: dict[str, str] = json.loads(row["headers"]) if row["headers"] else {}
-                headers[MSG_ID_HEADER] = str(row["event_id"])
-                futures.append(
-                    await self._js.publish_async(row["subject"], row["payload"], headers=headers)
-                )
+            pending: dict[asyncio.Future[PubAck], int] = {}
             try:
-                await asyncio.wait_for(asyncio.gather(*futures), self._publish_timeout)
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+                for row in rows:
+                    headers: dict[str, str] = json.loads(row["headers"]) if row["headers"] else {}
+                    headers[MSG_ID_HEADER] = str(row["event_id"])
+                    future = await self._js.publish_async(
+                        row["subject"], row["payload"], headers=headers
+                    )
+                    pending[future] = row["id"]
+                sent, duplicates, failure = await self._answers(pending)
+            finally:
+                # Unanswered publishes must not keep their slots in the client's window of
+                # pending publishes (a full window would block every later round).
+                for future in pending:
+                    future.cancel()
             failpoints.hit("relay.after_publish")
-            await conn.execute(
-                f"UPDATE {s}.outbox SET sent_at = now() WHERE id = ANY($1::bigint[])",
-                [r["id"] for r in rows],
-            )
-        RELAYED.labels(s).inc(len(rows))
-        return len(rows)
+            if sent:
+                await conn.execute(
+                    f"UPDATE {s}.outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", sent
+                )
+        RELAYED.labels(s).inc(len(sent))
+        if duplicates:
+            RELAY_DUPLICATES.labels(s).inc(duplicates)
+        if failure is not None:
+            raise failure
+        return len(sent)
+
+    async def _answers(
+        self, pending: dict[asyncio.Future[PubAck], int]
+    ) -> tuple[list[int], int, BaseException | None]:
+        """Wait for the publishes' acknowledgements (removing the answered ones from
+        ``pending``): the ids acknowledged, how many of them were duplicates, and the
+        first failure (a refusal, or the stall/overall timeout) if not every one was."""
+        sent: list[int] = []
+        duplicates = 0
+        failure: BaseException | None = None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._publish_timeout
+        total = len(pending)
+        while pending:
+            left = deadline - loop.time()
+            wait = min(self._ack_stall, max(left, 0.0))
+            done, _ = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                why = (
+                    f"after {self._publish_timeout:.1f}s"
+                    if left <= self._ack_stall
+                    else f"(no answer for {self._ack_stall:.1f}s)"
+                )
+                failure = TimeoutError(f"{len(pending)} of {total} publishes unacknowledged {why}")
+                break
+            for future in done:
+                row_id = pending.pop(future)
+                if (error := future.exception()) is not None:
+                    failure = failure or error
+                    continue
+                sent.append(row_id)
+                duplicates += bool(future.result().duplicate)
+        return sent, duplicates, failure
 
     async def run(self) -> None:
         """Publish until stopped; survives NATS and PostgreSQL outages (retries)."""
@@ -138,10 +200,16 @@ class OutboxRelay:
                 raise
             except Exception as exc:
                 RELAY_ERRORS.labels(self._schema).inc()
-                log.warning("outbox relay (%s): %s; retrying in %.1fs", self._schema, exc, delay)
+                log.warning(
+                    "outbox relay (%s): %s: %s; retrying in %.1fs",
+                    self._schema,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
                 await self._drop_listener()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RELAY_MAX_BACKOFF)
 
     @property
     def alive(self) -> bool:

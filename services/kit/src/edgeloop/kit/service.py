@@ -232,7 +232,7 @@ class Service:
         await migrate(self._pool, self.schema, read_migrations(self.migrations))
         await self.broker.connect()
         self._js = self.broker.config.connection_state.stream
-        await declare_topology(self._js)
+        await declare_topology(self._js, replicas=s.nats_replicas)
         for spec in self._specs:
             await declare_consumer(self._js, spec)
         self._relay = OutboxRelay(

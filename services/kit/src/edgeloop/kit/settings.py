@@ -23,6 +23,7 @@ PLACEHOLDER_SECRETS = frozenset({"changeme", "changethis", "secret", "password",
 #: Fields every service shares, readable from the common ``EDGELOOP_`` prefix too.
 SHARED_FIELDS = (
     "nats_url",
+    "nats_replicas",
     "database_url",
     "oci_registry_url",
     "otlp_endpoint",
@@ -51,6 +52,9 @@ class ServiceSettings(BaseSettings):
 
     nats_url: str = "nats://127.0.0.1:14222"
     """NATS server URL(s), comma separated for a cluster."""
+    nats_replicas: int = Field(default=1, ge=1, le=5)
+    """Replicas of every stream and KV bucket the service declares (1 on a lone server,
+    3 on a 3-node cluster: a quorum then survives one node down)."""
     nats_user: str | None = None
     """The NATS user this service connects as: its own, allowed only its subjects
     (``edgeloop.contracts.access``). Unset: no credentials (a server without users)."""
