@@ -22,8 +22,8 @@ import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
-from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY, RequestBodyLimitMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeloop.contracts.names import InvalidName
 from edgeloop.kit.db import TRANSIENT_DB_ERRORS
@@ -197,57 +197,112 @@ def answer_outages_with_503(app: FastAPI) -> None:
 #: takes more declares it: ``@api.post(..., max_body_size=N)``.
 DEFAULT_BODY_LIMIT = 1 << 20
 
-#: Answers sent before the body was read close the connection, so that the rest of an
-#: oversized or unauthenticated body is not received at all.
-_CLOSE = {"Connection": "close"}
+#: After a refusal sent before the body was read, how long and how much of the body the
+#: server still reads (and drops) before it closes the connection: a client still
+#: sending would otherwise get a reset instead of the answer (nginx's lingering close).
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 16 << 20
+
+
+class BodyTooLarge(HTTPException):
+    """413: the body is over its route's limit (the message names the limit)."""
+
+    def __init__(self, method: str, path: str, limit: int) -> None:
+        super().__init__(
+            status_code=413,
+            detail=f"the request body is larger than the limit of {method} {path}: "
+            f"{limit} bytes ({limit / (1 << 20):g} MiB)",
+            headers={"Connection": "close"},
+        )
 
 
 class Guard:
     """ASGI middleware in front of every API (:func:`guard`): the bearer token is checked
     from the headers before anything reads the body (401 without reading it), and the
-    body is counted while it streams in against the route's limit (its
-    ``max_body_size``, else :data:`DEFAULT_BODY_LIMIT`): a ``Content-Length`` over it is
-    refused before the first byte is read, a chunked body as soon as it passes it (413
-    naming the limit). OpenAPI's pages stay public."""
+    body is held to its route's limit (the route's ``max_body_size``, else
+    :data:`DEFAULT_BODY_LIMIT`): a ``Content-Length`` over it is refused before a byte of
+    the body is read, a chunked body as soon as it passes it (413 naming the limit). A
+    refusal closes the connection. OpenAPI's pages stay public."""
 
     def __init__(self, app: ASGIApp, *, api: FastAPI, default_limit: int) -> None:
-        self.app = RequestBodyLimitMiddleware(app, max_body_size=default_limit)
+        self.app = app
         self.api = api
+        self.default_limit = default_limit
         pages = (api.docs_url, api.redoc_url, api.openapi_url, api.swagger_ui_oauth2_redirect_url)
         self.public = {p for p in pages if p}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Authenticate, then let the app read a limited body."""
-        if scope["type"] == "http" and scope["path"] not in self.public:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        send = _lingering(send, receive)
+        if scope["path"] not in self.public:
             try:
                 authorization = Headers(scope=scope).get("authorization")
                 scope[CALLER_SCOPE_KEY] = await authenticate(self.api, authorization)
             except Unauthorized as exc:
-                refusal = JSONResponse(
-                    {"detail": str(exc)},
-                    status_code=401,
-                    headers={"WWW-Authenticate": "Bearer", **_CLOSE},
-                )
-                await refusal(scope, receive, send)
+                headers = {"WWW-Authenticate": "Bearer", "Connection": "close"}
+                await JSONResponse({"detail": str(exc)}, 401, headers)(scope, receive, send)
                 return
             except Exception as exc:
                 if not looks_like_outage(exc):
                     raise
                 await _outage_response(scope["method"], scope["path"], exc)(scope, receive, send)
                 return
-        await self.app(scope, receive, send)
+        limit = self._limit(scope)
+        too_large = BodyTooLarge(scope["method"], scope["path"], limit)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            refusal = JSONResponse({"detail": too_large.detail}, 413, too_large.headers)
+            await refusal(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise too_large
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _limit(self, scope: Scope) -> int:
+        for route in self.api.router.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return getattr(route, "max_body_size", None) or self.default_limit
+        return self.default_limit
 
 
-async def _too_large(request: Request, exc: Exception) -> Response:
-    """413 naming the route's limit (Starlette's own says only "Content Too Large")."""
-    detail = getattr(exc, "detail", None)
-    limit = request.scope.get(MAX_BODY_SIZE_SCOPE_KEY)
-    if isinstance(limit, int) and detail in (None, "Content Too Large"):
-        detail = (
-            f"the request body is larger than the limit of {request.method} "
-            f"{request.url.path}: {limit} bytes ({limit / (1 << 20):g} MiB)"
-        )
-    return JSONResponse({"detail": detail}, status_code=413, headers=_CLOSE)
+def _lingering(send: Send, receive: Receive) -> Send:
+    """``send`` that, for an answer closing the connection, reads and drops what the
+    client is still sending (bounded) before it completes the answer, so the client
+    reads the answer rather than a connection reset."""
+    closing = False
+
+    async def linger(message: Message) -> None:
+        nonlocal closing
+        if message["type"] == "http.response.start":
+            closing = (b"connection", b"close") in message.get("headers", [])
+        last = message["type"] == "http.response.body" and not message.get("more_body")
+        if not (closing and last):
+            await send(message)
+            return
+        await send({**message, "more_body": True})
+        with contextlib.suppress(TimeoutError, OSError, RuntimeError):
+            async with asyncio.timeout(LINGER_SECONDS):
+                dropped = 0
+                while dropped < LINGER_BYTES:
+                    got = await receive()
+                    if got["type"] != "http.request" or not got.get("more_body"):
+                        break
+                    dropped += len(got.get("body", b""))
+        await send({"type": "http.response.body", "body": b""})
+
+    return linger
 
 
 async def _invalid_name(_: Request, exc: Exception) -> Response:
@@ -256,10 +311,9 @@ async def _invalid_name(_: Request, exc: Exception) -> Response:
 
 
 def guard(app: FastAPI, default_limit: int = DEFAULT_BODY_LIMIT) -> None:
-    """Put ``app`` behind :class:`Guard`, answer a body over its limit 413 naming the
-    limit and a name that breaks its rule 422 stating the rule."""
+    """Put ``app`` behind :class:`Guard` and answer a name that breaks its rule 422
+    stating the rule."""
     app.add_middleware(Guard, api=app, default_limit=default_limit)
-    app.add_exception_handler(413, _too_large)
     app.add_exception_handler(InvalidName, _invalid_name)
 
 
