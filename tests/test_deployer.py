@@ -446,3 +446,22 @@ async def test_a_rollout_to_gated_labels_waits_for_an_approval(deploy: DeploySta
     assert resp.status_code == 200, resp.text
     await deploy.wait_rollout(to_prod["rollout_id"], "completed")
     await deploy.running(prod, v1)
+
+
+async def test_a_selector_reaching_gated_devices_by_another_label_waits(
+    deploy: DeployStack,
+) -> None:
+    """The gate looks at the devices a rollout reaches, not at the selector's words: a
+    selector naming only a site still reaches env=prod devices there, and waits."""
+    u = deploy.unique
+    model = _model(deploy)
+    await deploy.devices(1, {"fleet": u, "env": "prod", "site": f"s{u}"}, prefix="p")
+    resp = await deploy.api.put(f"/v1/policies/{model}", json={"approval_labels": {"env": "prod"}})
+    assert resp.status_code == 200, resp.text
+    await deploy.validated(model, "1", classifier("iris").onnx)
+    code, body = await deploy.start(
+        model, "1", {"site": f"s{u}"}, waves=[{"percent": 100}], bake_seconds=0
+    )
+    assert code == 201, body
+    held = await deploy.wait_rollout(body["rollout_id"], "awaiting_approval")
+    assert held["approval_wave"] == 0

@@ -150,7 +150,7 @@ async def test_bad_names_and_tokens(api: Api, unique: str) -> None:
     assert resp.status_code in (404, 422)
     bad = await api.register("UPPER", {"model": classifier().onnx})
     assert bad.status_code == 422
-    assert "bad model name" in bad.json()["detail"]
+    assert "invalid model name" in bad.json()["detail"]
     anon = await api.client.get("/api/v1/models", headers={"Authorization": ""})
     assert anon.status_code == 401
     wrong = await api.client.get("/api/v1/models", headers={"Authorization": "Bearer nope"})

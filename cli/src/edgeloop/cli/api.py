@@ -8,12 +8,14 @@ recorded in ``stack.json``, else the default port; the bearer token is
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import typer
 
+from edgeloop.contracts.names import InvalidName, check_model, check_version
 from edgeloop.contracts.stackfile import load_stack_json, state_dir
 
 
@@ -79,13 +81,24 @@ def check(resp: httpx.Response) -> Any:
     return resp.json()
 
 
+def valid(check: Callable[[str], str], value: str) -> str:
+    """``value`` if it follows its rule (``edgeloop.contracts.names``); else the rule
+    and exit 2, before anything is sent."""
+    try:
+        return check(value)
+    except InvalidName as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(2) from None
+
+
 def version_ref(ref: str) -> tuple[str, str]:
-    """``NAME@VERSION`` → (name, version); exit 2 with a hint when either is missing."""
+    """``NAME@VERSION`` → (name, version); exit 2 with a hint when either is missing or
+    breaks its rule."""
     name, _, version = ref.partition("@")
     if not name or not version:
         typer.secho(f"give NAME@VERSION, not {ref!r}", err=True, fg="red")
         raise typer.Exit(2)
-    return name, version
+    return valid(check_model, name), valid(check_version, version)
 
 
 def pairs(values: list[str] | None, what: str) -> dict[str, str]:

@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from edgeloop.cli import lineage, retire
-from edgeloop.cli.api import REGISTRY, pairs, version_ref, when
+from edgeloop.cli.api import REGISTRY, pairs, valid, version_ref, when
+from edgeloop.contracts.names import check_model, check_version
 
 app = typer.Typer(help="Register model versions and look at them.", no_args_is_help=True)
 alias_app = typer.Typer(help="Point aliases (champion, candidate, …) at versions.")
@@ -36,6 +37,9 @@ def register(
     retrain_request: Annotated[str | None, typer.Option(help="retrain request id")] = None,
 ) -> None:
     """Register a model version; prints the version."""
+    valid(check_model, name)
+    if version is not None:
+        valid(check_version, version)
     files: dict[str, tuple[str, bytes]] = {"model": (model.name, model.read_bytes())}
     if suite:
         files["suite"] = (suite.name, suite.read_bytes())

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeloop.builder.docker_backend import DockerBackend
 from edgeloop.contracts.events import ImageBuilt, ModelCommitted
+from edgeloop.contracts.thresholds import thresholds
 from edgeloop.edge.runtime import ModelLoadError, OnnxModel
 from edgeloop.kit.oci import OciClient
 from edgeloop.kit.oci.image import (
@@ -29,7 +30,6 @@ MODEL_PATH = "model/model.onnx"
 MANIFEST_PATH = "model/model.json"
 PROFILE_PATH = "model/profile.json"
 """The reference profile: agents histogram their inputs into its bins."""
-THRESHOLD_PREFIX = "threshold."
 
 
 class BuildError(Exception):
@@ -38,18 +38,13 @@ class BuildError(Exception):
 
 def model_manifest(event: ModelCommitted, model: OnnxModel) -> dict[str, Any]:
     """``model.json``: what the runtime and the validator need to know about the model."""
-    thresholds = {
-        k.removeprefix(THRESHOLD_PREFIX): float(v)
-        for k, v in sorted(event.params.items())
-        if k.startswith(THRESHOLD_PREFIX)
-    }
     return {
         "schema_version": 1,
         "name": event.model,
         "version": event.version,
         **model.signature(),
         "labels": event.tags.get("labels", "").split(",") if event.tags.get("labels") else [],
-        "thresholds": thresholds,
+        "thresholds": thresholds(event.params),
         "low_confidence": float(event.params.get("low_confidence", 0.6)),
         "source_commit": event.source_commit,
         "data_digest": event.data_digest,

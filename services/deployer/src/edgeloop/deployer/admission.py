@@ -39,7 +39,7 @@ class Admission:
     async def check(
         self, req: RolloutRequested
     ) -> tuple[ValidatedImage, list[list[str]], list[dict[str, str]]]:
-        """The validated image, the plan and (for a list of devices) their labels, or
+        """The validated image, the plan and the labels of the devices it reaches, or
         ``Refused``/``NotYet`` (no DB work)."""
         image = await self.registry.validated_image(req.model, req.version)
         if req.digest and req.digest != image.digest:
@@ -64,8 +64,8 @@ class Admission:
         if not enrolled:
             raise Refused(422, f"no enrolled device matches the selector {text}")
         plan = plan_waves(enrolled, req.waves)
-        # a list of devices is gated by where it goes; a selector by what it says
-        return image, plan, list(enrolled.values()) if req.devices is not None else []
+        # gated by the labels of the devices it reaches, not by what the selector says
+        return image, plan, list(enrolled.values())
 
     async def admit(self, conn: Conn, req: RolloutRequested) -> str | None:
         """Record the admitted rollout, in the caller's transaction; ``Refused`` when the

@@ -29,6 +29,7 @@ from edgeloop.contracts.events import (
     RolloutRequested,
     RolloutResumed,
 )
+from edgeloop.contracts.names import check_labels, check_model, check_version
 from edgeloop.deployer.admission import Admission
 from edgeloop.deployer.plan import RolloutKnobs, failure_budget, progress
 from edgeloop.deployer.policy import ReleasePolicy, load_policy, save_policy
@@ -93,6 +94,9 @@ def create_api(
     @api.post("/v1/rollouts", status_code=201)
     async def start(body: StartBody, who: Operator) -> dict[str, Any]:
         """Admit a rollout and start it; 4xx with the reason when it cannot start."""
+        check_model(body.model)  # InvalidName: 422 stating the rule
+        check_version(body.version)
+        check_labels(body.selector)
         req = RolloutRequested(rollout_id=uuid.uuid4(), requested_by=who, **body.model_dump())
         async with refusals("admit the rollout"), pool().acquire() as conn, conn.transaction():
             await admission.admit_and_queue(conn, schema, req)
@@ -375,6 +379,8 @@ def create_api(
     @api.put("/v1/policies/{model}")
     async def set_policy(model: str, body: ReleasePolicy, who: Operator) -> dict[str, Any]:
         """Create or replace the model's release policy."""
+        check_model(model)
+        check_labels({**(body.selector or {}), **(body.approval_labels or {})})
         problem = body.check()
         if problem:
             raise HTTPException(422, problem)

@@ -49,8 +49,9 @@ class ReleasePolicy(BaseModel):
     max_failures_percent: float | None = Field(default=None, ge=0, le=100)
     approval: Approval = Approval.NONE
     approval_labels: dict[str, str] | None = None
-    """A rollout whose selector includes these labels (e.g. env=prod) waits for an
-    approval before it starts, whatever ``approval`` says."""
+    """A rollout that reaches a device with these labels (e.g. env=prod), whichever
+    labels its selector names, waits for an approval before it starts, whatever
+    ``approval`` says."""
 
     def check(self) -> str | None:
         """Why the policy cannot work, or None."""
@@ -65,9 +66,9 @@ class ReleasePolicy(BaseModel):
         devices: Iterable[dict[str, str]] = (),
     ) -> int | None:
         """The wave of a rollout with ``waves`` waves (to ``selector``; ``devices``: the
-        labels of its devices) that waits for an approval. A destination gate applies when
-        the selector includes its labels or, for a rollout to a list of devices, when one
-        of them has them."""
+        enrolment labels of the devices it reaches) that waits for an approval. A
+        destination gate applies when one of the devices has its labels (or the selector
+        names them): a selector that reaches production by another label is gated too."""
         labels = self.approval_labels or {}
         if labels and any(
             all(dest.get(k) == v for k, v in labels.items()) for dest in (selector or {}, *devices)

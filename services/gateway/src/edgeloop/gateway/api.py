@@ -8,30 +8,16 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Query
 from pydantic import BaseModel, Field
 
+from edgeloop.contracts.names import check_device_id, check_labels
 from edgeloop.gateway.devices import DeviceStore
-from edgeloop.gateway.pki import CertificateAuthority, check_device_id
+from edgeloop.gateway.pki import CertificateAuthority
 from edgeloop.kit.api import Actor, DeviceWriter
-
-_LABEL_KEY = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$"
 
 
 class EnrollBody(BaseModel):
     """Body of ``POST /v1/devices/{id}/enroll``."""
 
     labels: dict[str, str] = Field(default_factory=dict)
-
-
-def _labels(labels: dict[str, str]) -> dict[str, str]:
-    import re
-
-    for key, value in labels.items():
-        if not re.match(_LABEL_KEY, key):
-            raise HTTPException(
-                422, f"invalid label key {key!r}: letters, digits, '.', '_', '/', '-' (1-63)"
-            )
-        if len(value) > 256 or "," in value or "=" in value:
-            raise HTTPException(422, f"invalid label value for {key!r}: ≤256 chars, no ',' or '='")
-    return labels
 
 
 def parse_selector(text: str | None) -> dict[str, str]:
@@ -42,7 +28,7 @@ def parse_selector(text: str | None) -> dict[str, str]:
         if not sep or not key:
             raise HTTPException(422, f"selector takes k=v[,k=v…], got {part!r}")
         out[key] = value
-    return out
+    return check_labels(out)
 
 
 def create_api(
@@ -65,11 +51,8 @@ def create_api(
     @api.post("/v1/devices/{device_id}/enroll", status_code=201)
     async def enroll(device_id: str, body: EnrollBody, who: DeviceWriter) -> dict[str, Any]:
         """Issue the device's certificate (replacing any earlier one) and its bundle."""
-        try:
-            check_device_id(device_id)
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from exc
-        labels = _labels(body.labels)
+        check_device_id(device_id)  # InvalidName: 422 naming the rule
+        labels = check_labels(body.labels)
         issued = ca.issue_device(device_id)
         record = await store.enroll(device_id, labels, issued)
         return {

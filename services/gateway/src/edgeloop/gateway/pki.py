@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -18,18 +17,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-_DEVICE_ID = re.compile(DEVICE_ID_PATTERN)
+from edgeloop.contracts.names import check_device_id
 
-
-def check_device_id(device_id: str) -> str:
-    """``device_id`` if it is a valid device id, else a ValueError saying what is allowed."""
-    if not _DEVICE_ID.match(device_id):
-        raise ValueError(
-            f"invalid device id {device_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit"
-        )
-    return device_id
+__all__ = [
+    "CertificateAuthority",
+    "IssuedCert",
+    "check_device_id",
+    "common_name",
+    "fingerprint",
+    "server_credentials",
+]
 
 
 @dataclass(frozen=True)

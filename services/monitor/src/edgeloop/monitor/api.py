@@ -14,6 +14,7 @@ from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
 
+from edgeloop.contracts.names import check_model
 from edgeloop.kit import audit
 from edgeloop.kit.api import Actor, DataWriter, MonitorWriter
 from edgeloop.kit.db import Conn
@@ -123,6 +124,7 @@ def create_api(
     @api.put("/v1/rules/{model}")
     async def set_rules(model: str, body: dict[str, Any], who: MonitorWriter) -> dict[str, Any]:
         """Replace the model's own rules (unknown keys or bad values: 422 naming them)."""
+        check_model(model)
         try:
             rules = validate_rules(body.get("rules", body))
         except ValueError as exc:

@@ -10,15 +10,19 @@ from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgeloop.contracts.names import check_alias, check_model, check_version
 from edgeloop.contracts.parsing import parse_duration
 from edgeloop.kit import audit
-from edgeloop.kit.api import Actor, Admin, DlqReplayer, ModelWriter, Retirer
+from edgeloop.kit.api import Actor, Admin, DlqReplayer, ModelWriter, Retirer, Who, may
 from edgeloop.kit.tokens import TokenError, issue_token, list_tokens, revoke_token
 from edgeloop.registry.errors import InvalidInput, NotFound, RegistryError, TooLarge
-from edgeloop.registry.service import Registration, Registry, check_alias, check_name, check_version
+from edgeloop.registry.service import Registration, Registry
 from edgeloop.registry.store import PgStore
 
 _HIDDEN = {"profile", "event_id", "seq"}
+
+#: What a registration's body may hold besides its files: form fields and framing.
+FORM_ALLOWANCE = 1 << 20
 
 
 class AliasBody(BaseModel):
@@ -143,10 +147,14 @@ def create_api(
     api.state.tokens = tokens
     api.state.pool = lambda: store.pool
 
-    @api.post("/api/v1/models/{name}/versions", status_code=201)
+    # the files at their limits, and the form's fields
+    upload_limit = registry.max_model_bytes + 2 * registry.max_data_bytes + FORM_ALLOWANCE
+
+    @api.post("/api/v1/models/{name}/versions", status_code=201, max_body_size=upload_limit)
     async def register(
         name: str,
         who: ModelWriter,
+        caller: Who,
         model: Annotated[UploadFile, File(description="the ONNX model")],
         suite: Annotated[UploadFile | None, File(description="npz with X and y")] = None,
         reference: Annotated[UploadFile | None, File(description="npz with X")] = None,
@@ -165,7 +173,7 @@ def create_api(
         except ValueError as exc:
             raise InvalidInput(f"retrain_request_id is not a UUID: {exc}") from exc
         reg = Registration(
-            name=check_name(name),
+            name=check_model(name),
             version=version or None,
             model=await _read_limited(model, registry.max_model_bytes, "model") or b"",
             suite=await _read_limited(suite, registry.max_data_bytes, "suite"),
@@ -177,6 +185,7 @@ def create_api(
             parent=parent or None,
             retrain_request_id=request_id,
             actor=who,
+            may_loosen_thresholds=may(caller, "thresholds.loosen"),
         )
         result = await registry.register(reg)
         body = {"name": result.name, "version": result.version, "created": result.created}
@@ -257,7 +266,7 @@ def create_api(
 
     @api.get("/api/v1/models/{name}")
     async def show_model(name: str, _: Actor) -> dict[str, Any]:
-        if not await store.model_exists(check_name(name)):
+        if not await store.model_exists(check_model(name)):
             raise NotFound(f"model {name!r} is not registered")
         return {
             "name": name,
@@ -303,7 +312,7 @@ def create_api(
 
     @api.get("/api/v1/models/{name}/aliases/{alias}")
     async def get_alias(name: str, alias: str, _: Actor) -> dict[str, Any]:
-        version = (await store.aliases(check_name(name))).get(check_alias(alias))
+        version = (await store.aliases(check_model(name))).get(check_alias(alias))
         if version is None:
             raise NotFound(f"model {name!r} has no alias {alias!r}")
         return _public(await registry.get(name, version))

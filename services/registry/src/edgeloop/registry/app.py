@@ -16,6 +16,7 @@ from edgeloop.kit.tracing import tracer
 from edgeloop.registry.api import create_api
 from edgeloop.registry.archive import Archiver
 from edgeloop.registry.artifacts import OciArtifactStore
+from edgeloop.registry.checks import Limits, WorkerChecks
 from edgeloop.registry.config import RegistrySettings
 from edgeloop.registry.deadletters import DlqWatch
 from edgeloop.registry.handlers import register_handlers
@@ -42,7 +43,17 @@ def build(settings: RegistrySettings) -> Service:
             repository_prefix=settings.repository_prefix,
             max_model_bytes=settings.max_model_bytes,
             max_data_bytes=settings.max_data_bytes,
-            profile_bins=settings.profile_bins,
+            checks=WorkerChecks(
+                Limits(
+                    cpu_seconds=settings.check_cpu_seconds,
+                    memory_bytes=settings.check_memory_bytes,
+                    timeout_seconds=settings.check_timeout_seconds,
+                    unpacked_bytes=settings.max_unpacked_bytes,
+                    profile_bins=settings.profile_bins,
+                ),
+                settings.check_workers,
+            ),
+            min_thresholds=settings.min_thresholds,
             tracer=tracer(service.tracer_provider, "edgeloop.registry"),
         )
         archiver = Archiver(store, oci, settings.retention_seconds)

@@ -18,6 +18,22 @@ class RegistrySettings(ApiServiceSettings):
     """Largest accepted ONNX file."""
     max_data_bytes: int = 256 * 1024 * 1024
     """Largest accepted suite or reference file."""
+    max_unpacked_bytes: int = 1 << 30
+    """What the arrays of a suite or reference may hold once decompressed (a small
+    compressed file can expand a thousandfold)."""
+    check_cpu_seconds: int = 60
+    """CPU time the worker that checks an upload (ONNX load, decompression, reference
+    profile) may use; over it the upload is refused (422)."""
+    check_memory_bytes: int = 2 << 30
+    """Memory (address space) of that worker."""
+    check_timeout_seconds: float = 120.0
+    """Wall-clock time before that worker is killed."""
+    check_workers: int = 2
+    """Uploads checked at once; more wait their turn."""
+    min_thresholds: dict[str, float] = {}
+    """The platform's minimum quality bars, e.g. ``{"accuracy": 0.8}`` (JSON): a
+    ``threshold.<metric>`` param below one (above one, for an error metric such as
+    ``mae``) needs an admin; a version that sets none is given the minimum."""
     repository_prefix: str = "edgeloop/models"
     """OCI repository prefix; a model's artifacts go to <prefix>/<name>."""
     profile_bins: int = 10

@@ -21,6 +21,12 @@ class TooLarge(RegistryError):
     status = 413
 
 
+class Forbidden(RegistryError):
+    """The caller's role may not do this (e.g. set a threshold below the minimum)."""
+
+    status = 403
+
+
 class NotFound(RegistryError):
     """No such model, version or alias."""
 

@@ -7,29 +7,22 @@ which talks to a :class:`~edgeloop.registry.store.Store` and an :class:`Artifact
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-import numpy.typing as npt
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Tracer
 
 from edgeloop.contracts.events import ArtifactRef, ModelCommitted, ModelRef
-from edgeloop.edge.runtime import ModelLoadError, OnnxModel
+from edgeloop.contracts.names import check_model, check_version
+from edgeloop.contracts.thresholds import BelowMinimum, ThresholdError, apply_minimums
 from edgeloop.kit.tracing import inject_headers
-from edgeloop.registry.errors import Conflict, InvalidInput, NotFound, TooLarge
-from edgeloop.registry.profile import compute_profile
-
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._+-]{0,63}$")
-ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+from edgeloop.registry.checks import Checked, Limits, WorkerChecks
+from edgeloop.registry.errors import Conflict, Forbidden, InvalidInput, NotFound, TooLarge
 
 MEDIA_ONNX = "application/vnd.onnx.model"
 MEDIA_NPZ = "application/vnd.edgeloop.dataset.npz"
@@ -84,6 +77,8 @@ class Registration:
     parent: str | None = None
     retrain_request_id: uuid.UUID | None = None
     actor: str | None = None
+    may_loosen_thresholds: bool = False
+    """Whether the caller may set thresholds below the platform's minimums (an admin)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +89,15 @@ class Registered:
     version: str
     created: bool
     record: dict[str, Any]
+
+
+class Checks(Protocol):
+    """Runs the checks of an upload's bytes (:class:`WorkerChecks`: in a worker process
+    with CPU and memory limits)."""
+
+    async def __call__(
+        self, model: bytes, suite: bytes | None, reference: bytes | None
+    ) -> Checked: ...
 
 
 class Store(Protocol):
@@ -111,64 +115,15 @@ class Store(Protocol):
     async def get_version(self, name: str, version: str) -> dict[str, Any] | None: ...
 
 
-def check_name(name: str) -> str:
-    """A model name: lowercase letters, digits, ``.``, ``_``, ``-``; at most 64."""
-    if not NAME_RE.match(name):
-        raise InvalidInput(
-            f"bad model name {name!r}: use lowercase letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, at most 64 characters"
-        )
-    return name
-
-
-def check_version(version: str) -> str:
-    """A version label such as ``3`` or ``1.4.0``."""
-    if not VERSION_RE.match(version):
-        raise InvalidInput(
-            f"bad version {version!r}: use letters, digits, '.', '_', '+' or '-', "
-            "starting with a letter or digit, at most 64 characters"
-        )
-    return version
-
-
-def check_alias(alias: str) -> str:
-    """An alias such as ``champion`` or ``candidate``."""
-    if not ALIAS_RE.match(alias):
-        raise InvalidInput(
-            f"bad alias {alias!r}: use lowercase letters, digits, '_' or '-', "
-            "starting with a letter, at most 32 characters"
-        )
-    return alias
-
-
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """``NAME[@VERSION]`` → (name, version or None)."""
     name, _, version = ref.partition("@")
-    return check_name(name), (check_version(version) if version else None)
+    return check_model(name), (check_version(version) if version else None)
 
 
 def sha256_digest(data: bytes) -> str:
     """``sha256:<hex>`` of ``data``."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def load_npz(data: bytes, what: str, required: Sequence[str]) -> dict[str, npt.NDArray[Any]]:
-    """Arrays of an ``.npz`` upload, with the required keys present."""
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except Exception as exc:  # numpy raises several types for a non-npz file
-        raise InvalidInput(
-            f"{what} is not a NumPy .npz file ({type(exc).__name__}: {exc}); "
-            f"save it with numpy.savez(path, {', '.join(f'{k}=...' for k in required)})"
-        ) from exc
-    missing = [k for k in required if k not in arrays]
-    if missing:
-        raise InvalidInput(
-            f"{what} lacks the array(s) {', '.join(missing)}; it has "
-            f"{', '.join(sorted(arrays)) or 'none'}"
-        )
-    return arrays
 
 
 class Registry:
@@ -182,7 +137,8 @@ class Registry:
         repository_prefix: str,
         max_model_bytes: int,
         max_data_bytes: int,
-        profile_bins: int = 10,
+        checks: Checks | None = None,
+        min_thresholds: dict[str, float] | None = None,
         tracer: Tracer | None = None,
     ) -> None:
         self.tracer = tracer or trace.get_tracer("edgeloop.registry")
@@ -191,15 +147,18 @@ class Registry:
         self.repository_prefix = repository_prefix.strip("/")
         self.max_model_bytes = max_model_bytes
         self.max_data_bytes = max_data_bytes
-        self.profile_bins = profile_bins
+        self.checks: Checks = checks or WorkerChecks(Limits())
+        self.min_thresholds = dict(min_thresholds or {})
 
     def repository(self, name: str) -> str:
         """The OCI repository holding ``name``'s artifacts."""
         return f"{self.repository_prefix}/{name}"
 
-    def inspect(self, reg: Registration) -> tuple[list[ArtifactFile], dict[str, Any]]:
-        """Every check of an upload; returns the files to store and the derived metadata."""
-        check_name(reg.name)
+    async def inspect(self, reg: Registration) -> tuple[list[ArtifactFile], dict[str, Any]]:
+        """Every check of an upload; returns the files to store and the derived metadata.
+        Names and sizes are checked here; whatever runs the upload's bytes (ONNX load,
+        ``.npz`` decompression, the reference profile) runs in :attr:`checks`."""
+        check_model(reg.name)
         if reg.version is not None:
             check_version(reg.version)
         if len(reg.model) > self.max_model_bytes:
@@ -211,40 +170,23 @@ class Registry:
                 raise TooLarge(
                     f"{what} file is {len(blob)} bytes; the limit is {self.max_data_bytes}"
                 )
-        try:
-            model = OnnxModel(reg.model)
-        except ModelLoadError as exc:
-            raise InvalidInput(f"model file: {exc}") from exc
+        self._held_to_minimums(reg, kind=None)
+        checked = await self.checks(reg.model, reg.suite, reg.reference)
+        reg.params = self._held_to_minimums(reg, kind=checked.signature.get("kind"))
         files = [ArtifactFile("model.onnx", MEDIA_ONNX, reg.model)]
-        meta: dict[str, Any] = {"signature": model.signature(), "profile": None}
+        meta: dict[str, Any] = {"signature": checked.signature, "profile": checked.profile}
         if reg.suite is not None:
-            suite = load_npz(reg.suite, "suite", ("X", "y"))
-            try:
-                x = model.check_features(suite["X"], "suite X")
-            except ValueError as exc:
-                raise InvalidInput(str(exc)) from exc
-            if len(suite["y"]) != len(x):
-                raise InvalidInput(
-                    f"suite has {len(x)} rows in X but {len(suite['y'])} labels in y"
-                )
-            if len(x) == 0:
-                raise InvalidInput("suite X has no rows")
             files.append(ArtifactFile("suite.npz", MEDIA_NPZ, reg.suite))
-            meta["suite_rows"] = len(x)
-        if reg.reference is not None:
-            ref = load_npz(reg.reference, "reference", ("X",))
-            names = [str(n) for n in ref["feature_names"]] if "feature_names" in ref else None
-            try:
-                profile = compute_profile(model, ref["X"], names, bins=self.profile_bins)
-            except ValueError as exc:
-                raise InvalidInput(str(exc)) from exc
+            meta["suite_rows"] = checked.suite_rows
+        if checked.profile is not None and reg.reference is not None:
             files.append(ArtifactFile("reference.npz", MEDIA_NPZ, reg.reference))
             files.append(
                 ArtifactFile(
-                    "profile.json", MEDIA_PROFILE, json.dumps(profile, sort_keys=True).encode()
+                    "profile.json",
+                    MEDIA_PROFILE,
+                    json.dumps(checked.profile, sort_keys=True).encode(),
                 )
             )
-            meta["profile"] = profile
         files.append(
             ArtifactFile(
                 "signature.json",
@@ -254,13 +196,25 @@ class Registry:
         )
         return files, meta
 
+    def _held_to_minimums(self, reg: Registration, kind: str | None) -> dict[str, str]:
+        """The params with the platform's minimum thresholds (403 for a looser one by
+        someone who may not; 422 for one that is not a number)."""
+        try:
+            return apply_minimums(
+                reg.params, self.min_thresholds, kind, may_loosen=reg.may_loosen_thresholds
+            )
+        except BelowMinimum as exc:
+            raise Forbidden(str(exc)) from None
+        except ThresholdError as exc:
+            raise InvalidInput(str(exc)) from None
+
     async def register(self, reg: Registration) -> Registered:
         """Check, store the bytes, record the version and queue ``model.committed``.
 
         Idempotent: the same bytes under the same version return the existing version;
         different bytes under an existing version are a conflict.
         """
-        files, meta = self.inspect(reg)
+        files, meta = await self.inspect(reg)
         parent: ModelRef | None = None
         if reg.parent:
             pname, pversion = parse_ref(reg.parent)
@@ -363,7 +317,7 @@ class Registry:
 
     async def get(self, name: str, version: str) -> dict[str, Any]:
         """One version, or NotFound."""
-        record = await self.store.get_version(check_name(name), check_version(version))
+        record = await self.store.get_version(check_model(name), check_version(version))
         if record is None:
             raise NotFound(f"{name}@{version} is not registered")
         return record

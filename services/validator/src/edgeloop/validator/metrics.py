@@ -8,11 +8,10 @@ import numpy as np
 import numpy.typing as npt
 from sklearn import metrics as skm
 
+from edgeloop.contracts.thresholds import HEADLINE, HIGHER_IS_BETTER
 from edgeloop.edge.runtime import Prediction
 
-#: Metrics where higher is better; the others (errors) are better lower.
-HIGHER_IS_BETTER = frozenset({"accuracy", "f1_macro", "roc_auc"})
-HEADLINE = {"classifier": ("accuracy", "f1_macro", "roc_auc"), "regressor": ("mae", "rmse")}
+__all__ = ["HEADLINE", "HIGHER_IS_BETTER", "classification", "regression"]
 
 
 def classification(pred: Prediction, y: npt.NDArray[Any]) -> dict[str, float]:
