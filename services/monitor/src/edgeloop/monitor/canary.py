@@ -42,7 +42,7 @@ from edgeloop.kit.outbox import add_event
 from edgeloop.kit.service import Service
 from edgeloop.monitor import drift
 from edgeloop.monitor.aggregate import Window, quantile
-from edgeloop.monitor.robust import record_rejection, scaled
+from edgeloop.monitor.robust import record_rejection
 from edgeloop.monitor.rules import DEFAULT_RULES
 
 if TYPE_CHECKING:
@@ -109,22 +109,22 @@ def compare_robust(
     metrics |= sizes
     if verdict is not Verdict.FAIL:
         return verdict, reasons, metrics, {}
+    # a device is left out of both sides at once (it may claim to run both versions)
     trimmed: dict[str, str] = {}
-    for side, window, n in (("canary", canary, nc), ("baseline", baseline, nb)):
-        loo = scaled(r, n - 1, n)
-        for device in sorted(window.by_device):
-            c = canary.without({device}) if side == "canary" else canary
-            b = baseline.without({device}) if side == "baseline" else baseline
-            if compare(c, b, loo)[0] is not Verdict.FAIL:
-                trimmed[device] = f"the canary fails only with this {side} device"
+    for device in sorted(set(canary.by_device) | set(baseline.by_device)):
+        without = {device}
+        if compare(canary.without(without), baseline.without(without), r)[0] is not Verdict.FAIL:
+            trimmed[device] = "the canary fails only with this device"
     if not trimmed:
         return verdict, reasons, metrics, {}
     c, b = canary.without(set(trimmed)), baseline.without(set(trimmed))
-    left = min(len(c.devices) / nc, len(b.devices) / nb)
     if len(c.devices) < k or len(b.devices) < k:
-        verdict, reasons = Verdict.INCONCLUSIVE, [f"too few devices left after trimming {k:g}"]
+        verdict, reasons = (
+            Verdict.INCONCLUSIVE,
+            [f"fewer than {k:g} devices on a side once outliers are trimmed"],
+        )
     else:
-        verdict, reasons, metrics = compare(c, b, {**r, "min_count": r["min_count"] * left})
+        verdict, reasons, metrics = compare(c, b, r)
         metrics |= sizes
     metrics["trimmed_devices"] = float(len(trimmed))
     named = [f"device {d} trimmed: {why}" for d, why in sorted(trimmed.items())]
@@ -164,14 +164,16 @@ async def judge_cohorts(
         await record_rejection(
             conn, device, "implausible", f"{model}@{version} canary {start.isoformat()}: {why}"
         )
+    # published again when the verdict or the devices it trimmed change
+    state = " ".join([verdict.value, *sorted(trimmed)])
     for cohort in cohorts:
-        if cohort["last_verdict"] == verdict.value:
+        if cohort["last_verdict"] == state:
             continue
         await conn.execute(
             "UPDATE cohorts SET last_verdict = $3 WHERE rollout_id = $1 AND wave = $2",
             cohort["rollout_id"],
             cohort["wave"],
-            verdict.value,
+            state,
         )
         await add_event(
             conn,

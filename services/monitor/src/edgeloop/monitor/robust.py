@@ -5,8 +5,8 @@ A window keeps each device's part (``Window.by_device``). A rule firing on a win
 canary failing against its baseline, must
 
 1. rest on at least ``min_devices`` devices (on each side of a canary comparison), and
-2. still hold without any single device (leave-one-out, judged with ``min_count`` scaled
-   to the devices left).
+2. still hold without any single device (leave-one-out: the others' evidence alone must
+   reach ``min_count`` and fire too).
 
 A device without which it would not hold is an outlier: it is **trimmed** (the judgement
 is made without it), named (in the window's scores, in the ``CanaryVerdict``) and counted
@@ -23,11 +23,6 @@ from typing import Any
 from edgeloop.kit.db import Conn
 from edgeloop.monitor.aggregate import Reference, Window
 from edgeloop.monitor.rules import DEFAULT_RULES, Judgement, judge, score
-
-
-def scaled(rules: dict[str, Any], left: int, of: int) -> dict[str, Any]:
-    """The rules for a window that lost devices: ``min_count`` in proportion."""
-    return {**rules, "min_count": rules["min_count"] * left / max(of, 1)}
 
 
 def judge_window(
@@ -48,12 +43,11 @@ def judge_window(
     if n < r["min_devices"]:
         held = dict.fromkeys(fired, f"evidence from {n} device(s), {r['min_devices']:g} needed")
     else:
-        loo = scaled(r, n - 1, n)
         for device in sorted(window.by_device):
             if not fired - held.keys():
                 break
             without = score(window.without({device}), ref)
-            still = {j.rule for j in judge(without, loo) if j.fired}
+            still = {j.rule for j in judge(without, r) if j.fired}
             alone = sorted(fired - held.keys() - still)
             if alone:
                 trimmed[device] = f"alone makes {', '.join(alone)} fire"
