@@ -46,9 +46,14 @@ class Trusting:
 async def stack(
     nats_private: NatsServer, private_dsn: str, registry_url: str, tmp_path: Path, unique: str
 ) -> AsyncIterator[Trusting]:
-    """Registry, gateway (a per-device budget of 5 batches/s), deployer process, monitor
-    (2 s windows) and agents on private NATS and database."""
-    gateway = {"device_batches_per_second": 5}
+    """Registry, gateway (a per-device budget of 5 batches and 1000 inferences a second,
+    at most 20,000 a batch), deployer process, monitor (2 s windows) and agents on private
+    NATS and database."""
+    gateway = {
+        "device_batches_per_second": 5,
+        "device_records_per_second": 1000,  # an honest device here makes 160
+        "max_batch_count": 20_000,
+    }
     async with deploy_stack(
         nats_private.url, private_dsn, registry_url, tmp_path, unique, gateway_settings=gateway
     ) as deploy:
