@@ -355,7 +355,7 @@ async def enroll_direct(root: Path, dsn: str, ids: list[str]) -> dict[str, dict[
 
         async def one(d: str) -> None:
             async with sem:
-                await store.enroll(d, {"bench": "connections"}, issued[d])
+                await store.enroll(d, {"bench": "connections"}, issued[d], actor="bench")
 
         await asyncio.gather(*(one(d) for d in ids))
     finally:

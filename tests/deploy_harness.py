@@ -349,17 +349,19 @@ async def deploy_stack(
     registry_url: str,
     root: Path,
     unique: str,
+    gateway_settings: dict[str, Any] | None = None,
     **registry_settings: Any,
 ) -> AsyncIterator[DeployStack]:
     """Everything on the given (private) NATS and database (``registry_settings``:
-    ``RegistrySettings`` fields to override)."""
+    ``RegistrySettings`` fields to override; ``gateway_settings``: ``GatewaySettings``
+    ones)."""
     deployer_port = free_port()
     async with (
         registry_service(nats_url, pg_dsn, registry_url, unique, **registry_settings) as (
             _,
             reg_api,
         ),
-        edge_stack(nats_url, pg_dsn, registry_url, root) as edge,
+        edge_stack(nats_url, pg_dsn, registry_url, root, **(gateway_settings or {})) as edge,
     ):
         deployer = deployer_process(
             root,

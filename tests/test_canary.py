@@ -48,7 +48,7 @@ async def test_a_canary_predicting_differently_is_rolled_back_by_its_verdict(
     sel = {"fleet": stack.unique}
     model = f"iris{stack.unique}"
     good = classifier("iris")
-    devices = await stack.devices(3, sel, telemetry_seconds=0.5, infer_seconds=0.05)
+    devices = await stack.devices(4, sel, telemetry_seconds=0.5, infer_seconds=0.05)
     v1 = await stack.validated(model, "1", good.onnx, good.reference)
     code, body = await stack.start(model, "1", sel, waves=[{"percent": 100}], bake_seconds=0)
     assert code == 201, body
@@ -58,8 +58,9 @@ async def test_a_canary_predicting_differently_is_rolled_back_by_its_verdict(
     # passes validation, but has learned almost nothing: one class for every input
     bad = classifier("iris", c=1e-5)
     await stack.validated(model, "2", bad.onnx, good.reference)
+    # a verdict rests on at least two devices on each side (min_devices)
     code, body = await stack.start(
-        model, "2", sel, waves=[{"count": 1}, {"percent": 100}], bake_seconds=120
+        model, "2", sel, waves=[{"count": 2}, {"percent": 100}], bake_seconds=120
     )
     assert code == 201, body
     rid = body["rollout_id"]
@@ -77,7 +78,7 @@ async def test_a_canary_predicting_differently_is_rolled_back_by_its_verdict(
     # a retrained version that behaves like v1 passes its canary and is promoted
     v3 = await stack.validated(model, "3", classifier("iris", seed=1).onnx, good.reference)
     code, body = await stack.start(
-        model, "3", sel, waves=[{"count": 1}, {"percent": 100}], bake_seconds=6
+        model, "3", sel, waves=[{"count": 2}, {"percent": 100}], bake_seconds=6
     )
     assert code == 201, body
     done = await stack.wait_rollout(body["rollout_id"], "completed", "rolled_back", within=90)

@@ -73,13 +73,15 @@ async def test_a_large_backlog_drains_once_while_the_session_stays_live(
     config.buffer_batches = 2 * BACKLOG
     ids = _fill(config, model, BACKLOG)
     image = await edge.publish_image(model, "1", classifier("iris").onnx)
+    # the gateway takes telemetry only for a version the device is desired or reported
+    # to run: the backlog's version is the desired one
+    await edge.set_desired(device, image.desired())
 
     started = time.monotonic()
     agent = await _start(edge, config)
     await eventually(lambda: _sending(agent), what="the drain under way")
-    # the session is live during the drain: a desired state arrives, the model is
-    # activated and its report reaches the platform, while the backlog is still there
-    await edge.set_desired(device, image.desired())
+    # the session is live during the drain: the desired model is fetched and activated
+    # and its report reaches the platform, while the backlog is still there
     await wait_state(agent, pb.DEVICE_STATE_RUNNING, version="1", within=60)
     await eventually(lambda: _reported_running(edge, device), what="running reported")
     assert len(agent.buffer) > 0, "the backlog drained before the session was tested"
@@ -105,6 +107,8 @@ async def test_the_drain_survives_an_agent_restart_midway(edge: EdgeStack, uniqu
     config = await edge.enroll(device)
     config.buffer_batches = 2 * BACKLOG
     ids = _fill(config, model, BACKLOG)
+    image = await edge.publish_image(model, "1", classifier("iris").onnx)
+    await edge.set_desired(device, image.desired())  # the backlog's version
 
     agent = await _start(edge, config)
     await eventually(lambda: _acked_at_least(agent, BACKLOG // 4), within=120, what="a quarter")
@@ -137,8 +141,8 @@ async def test_unreadable_buffer_files_are_set_aside_counted_and_reported(
     image = await edge.publish_image(model, "1", classifier("iris").onnx)
 
     caplog.set_level(logging.WARNING, logger="edgeloop")
+    await edge.set_desired(device, image.desired())  # the backlog's version
     agent = await _start(edge, config)
-    await edge.set_desired(device, image.desired())
     await wait_state(agent, pb.DEVICE_STATE_RUNNING, version="1")
     await eventually(lambda: _drained(agent), what="the readable batches delivered")
     good = set(ids) - {_batch_id(truncated)}

@@ -506,7 +506,12 @@ async def test_drift_raises_its_alarm_before_the_window_closes(mon: Monitored) -
         feature_names=[f["name"] for f in profile["features"]],
         feature_histograms=[Histogram(edges=e, counts=[0] * len(e) + [500]) for e in edges],
     )
-    await publish_event(mon.edge.js, drifted, subject=drifted.bus_subject())
+    # an alarm needs evidence from two devices (min_devices)
+    other = TelemetryBatch(
+        **{**drifted.model_dump(), "event_id": uuid.uuid4(), "device_id": "early-2"}
+    )
+    for batch in (drifted, other):
+        await publish_event(mon.edge.js, batch, subject=batch.bus_subject())
 
     async def raised() -> list[dict[str, Any]] | None:
         return await mon.alarms() or None
@@ -516,7 +521,7 @@ async def test_drift_raises_its_alarm_before_the_window_closes(mon: Monitored) -
     assert alarms[0]["state"] == "raised"
     again = TelemetryBatch(**{**drifted.model_dump(), "event_id": uuid.uuid4()})
     await publish_event(mon.edge.js, again, subject=again.bus_subject())
-    await eventually(lambda: _counted(mon, more_than=500), within=30, what="the window grew")
+    await eventually(lambda: _counted(mon, more_than=1000), within=30, what="the window grew")
     await asyncio.sleep(1)  # looked at again: still one alarm per rule
     rules = [a["rule"] for a in await mon.alarms()]
     assert len(rules) == len(set(rules))

@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 
-from edgeloop.cli.api import GATEWAY, pairs, when
+from edgeloop.cli.api import GATEWAY, MONITOR, pairs, when
 
 app = typer.Typer(help="Enrol edge devices and look at them.", no_args_is_help=True)
 
@@ -100,14 +101,17 @@ def show(
     device_id: Annotated[str, typer.Argument()],
     as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
 ) -> None:
-    """One device: identity, labels, session, what it runs and last reported."""
+    """One device: identity, labels, session, what it runs and last reported, and the
+    telemetry refused (at the gateway) or found implausible (by the monitor)."""
     d = GATEWAY.request("GET", f"/v1/devices/{device_id}")
+    d["monitor_rejections"] = _monitor_rejections(device_id)
     if as_json:
         typer.echo(json.dumps(d, indent=1))
         return
     rows = [
         ("device", d["device_id"]),
-        ("labels", ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items())) or "-"),
+        ("labels", _pairs(d["labels"])),
+        ("reported labels", _pairs(d.get("reported_labels") or {}) + " (not used for targeting)"),
         ("online", f"{'yes' if d['online'] else 'no'} (gateway {d.get('gateway_id') or '-'})"),
         ("model", f"{d['model']}@{d['version']}" if d.get("model") else "-"),
         ("image digest", d.get("digest") or "-"),
@@ -121,8 +125,40 @@ def show(
             + (" REVOKED" if d["revoked"] else ""),
         ),
     ]
+    refused = d.get("refusals") or {}
+    rows.append(("refused batches", _pairs(refused)))
+    if refused:
+        rows.append(("last refused", f"{when(d.get('last_refusal_at'))}: {d['last_refusal']}"))
+    monitor = d["monitor_rejections"]
+    rows.append(
+        (
+            "monitor",
+            "not reachable"
+            if monitor is None
+            else _pairs({r["code"]: r["count"] for r in monitor}),
+        )
+    )
+    for r in monitor or []:
+        rows.append((f"  {r['code']}", r["last_reason"]))
     for key, value in rows:
         typer.echo(f"{key:16} {value}")
+
+
+def _pairs(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "-"
+
+
+def _monitor_rejections(device_id: str) -> list[dict[str, Any]] | None:
+    """The monitor's count of the device's refused batches and implausible windows (None
+    when the monitor cannot be asked)."""
+    try:
+        with MONITOR.client() as client:
+            resp = client.get("/v1/rejections", params={"device_id": device_id})
+    except httpx.TransportError:
+        return None
+    if resp.status_code != 200:
+        return None
+    return list(resp.json()["rejections"])
 
 
 @app.command()

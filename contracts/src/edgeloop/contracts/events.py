@@ -299,6 +299,10 @@ class CanaryVerdict(_RolloutEvent):
     verdict: Verdict
     reasons: list[str] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict)
+    trimmed_devices: dict[str, str] = Field(
+        default_factory=dict,
+        description="devices left out as outliers (the verdict would rest on them alone)",
+    )
 
 
 # --- devices ---------------------------------------------------------------------
@@ -336,6 +340,14 @@ class DeviceStatusReported(Event):
     def bus_subject(self) -> str:
         """``device.status.<device>``."""
         return s.device_status_subject(self.device_id)
+
+
+CONFIDENCE_EDGES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+"""The bins of every agent's confidence histogram (windows merge them by addition)."""
+LATENCY_MS_EDGES: tuple[float, ...] = (
+    0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000,
+)  # fmt: skip
+"""The bins of every agent's latency histogram, in milliseconds."""
 
 
 class Histogram(BaseModel):
@@ -380,6 +392,32 @@ class TelemetryBatch(Event, ModelRef):
     def bus_subject(self) -> str:
         """``device.telemetry.<model>.<device>``."""
         return s.telemetry_subject(self.model, self.device_id)
+
+    def inconsistency(self) -> str | None:
+        """Why the batch's counts cannot all be true (None when they agree).
+
+        A window's counts bound each other: errors, low-confidence inferences,
+        predictions and the confidence and latency histograms count at most ``count``;
+        a feature histogram counts every inference that did not fail (``count - errors``
+        to ``count``). The gateway refuses such a batch at entry; the monitor checks
+        again what reaches it from the bus.
+        """
+        count = self.count
+        if self.errors > count or self.low_confidence > count:
+            return "more errors or low-confidence inferences than inferences"
+        predicted = sum(self.prediction_counts.values())
+        if predicted > count:
+            return f"{predicted} predictions for {count} inferences"
+        extra = (("confidence", self.confidence_histogram), ("latency", self.latency_ms_histogram))
+        for what, h in extra:
+            if h is not None and sum(h.counts) > count:
+                return f"the {what} histogram counts {sum(h.counts)} of {count} inferences"
+        for i, h in enumerate(self.feature_histograms):
+            n = sum(h.counts)
+            if not count - self.errors <= n <= count:
+                name = self.feature_names[i] if i < len(self.feature_names) else f"#{i}"
+                return f"feature {name} counts {n} of {count} inferences ({self.errors} failed)"
+        return None
 
 
 # --- monitor -----------------------------------------------------------------------

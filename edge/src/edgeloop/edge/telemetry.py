@@ -20,25 +20,7 @@ import numpy.typing as npt
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgeloop.contracts.edge.v1 import edge_pb2 as pb
-
-CONFIDENCE_EDGES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
-LATENCY_MS_EDGES: tuple[float, ...] = (
-    0.05,
-    0.1,
-    0.2,
-    0.5,
-    1,
-    2,
-    5,
-    10,
-    20,
-    50,
-    100,
-    200,
-    500,
-    1000,
-    2000,
-)
+from edgeloop.contracts.events import CONFIDENCE_EDGES, LATENCY_MS_EDGES
 
 
 def edges_from_profile(
@@ -139,8 +121,6 @@ class TelemetryAggregator:
         labels: Sequence[Any] | npt.NDArray[Any],
         confidence: npt.NDArray[Any] | None,
         latency_ms: float | npt.NDArray[Any],
-        *,
-        ground_truth: Sequence[str] | None = None,
     ) -> None:
         """Add one inference batch (rows of ``X`` with their predictions)."""
         x = np.asarray(X, dtype=np.float64)
@@ -197,7 +177,6 @@ class TelemetryAggregator:
                 prediction=str(label_arr[i]) if i < len(label_arr) else "",
                 confidence=float(conf[i]),
                 at=_ts(now),
-                label=str(ground_truth[i]) if ground_truth is not None else "",
                 kind="low-confidence" if is_low[i] else "random",
             )
 

@@ -54,7 +54,7 @@ def create_api(
         check_device_id(device_id)  # InvalidName: 422 naming the rule
         labels = check_labels(body.labels)
         issued = ca.issue_device(device_id)
-        record = await store.enroll(device_id, labels, issued)
+        record = await store.enroll(device_id, labels, issued, actor=who)
         return {
             "device_id": device_id,
             "labels": record.labels,
@@ -91,9 +91,10 @@ def create_api(
         return record.as_dict()
 
     @api.post("/v1/devices/{device_id}/revoke")
-    async def revoke(device_id: str, _: DeviceWriter) -> dict[str, Any]:
-        """Refuse the device's certificate from its next session on."""
-        if not await store.revoke(device_id):
+    async def revoke(device_id: str, who: DeviceWriter) -> dict[str, Any]:
+        """Refuse the device's certificate: its live sessions end within a second, its
+        artifact fetches and next sessions are refused."""
+        if not await store.revoke(device_id, actor=who):
             raise HTTPException(404, f"device {device_id} is not enrolled")
         return {"device_id": device_id, "revoked": True}
 

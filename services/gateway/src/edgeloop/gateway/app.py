@@ -67,6 +67,9 @@ def build(settings: GatewaySettings) -> tuple[Service, asyncio.Event]:
             chunk_bytes=settings.chunk_bytes,
             max_sessions=settings.max_sessions,
             group_label=settings.group_label,
+            max_hello_bytes=settings.max_hello_bytes,
+            telemetry_policy=settings.telemetry_policy(),
+            budget=settings.budget(),
             tracer=tracer(service.tracer_provider, "edgeloop.gateway"),
         )
         await gateway.start()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from edgeloop.contracts.stackfile import state_dir
+from edgeloop.gateway.trust import BudgetLimits, TelemetryPolicy
 from edgeloop.kit.settings import ApiServiceSettings
 
 
@@ -48,6 +50,38 @@ class GatewaySettings(ApiServiceSettings):
     group_label: str = "group"
     """The device label whose value names its group in telemetry (the monitor aggregates
     per model version and group)."""
+
+    max_hello_bytes: int = 16 * 1024
+    """Largest Hello accepted (a larger one refuses the session)."""
+    max_batch_count: int = 100_000
+    """Most inferences one telemetry batch may carry."""
+    max_clock_skew_seconds: float = 300.0
+    """How far past the gateway's clock a batch's window may end."""
+    max_batch_age_hours: float = 168.0
+    """How long ago a batch's window may have ended (the agent's offline buffer)."""
+    device_batches_per_second: float = 1000.0
+    """Telemetry budget of one device: batches per second (bursts of 2 s); a batch over
+    it is held back (the agent sends it again) and counted for the device."""
+    device_records_per_second: float = 50_000.0
+    """Telemetry budget of one device: inferences per second."""
+    device_bytes_per_second: float = 4 << 20
+    """Telemetry budget of one device: bytes per second."""
+
+    def telemetry_policy(self) -> TelemetryPolicy:
+        """The bounds a telemetry batch must keep."""
+        return TelemetryPolicy(
+            max_count=self.max_batch_count,
+            max_clock_skew=timedelta(seconds=self.max_clock_skew_seconds),
+            max_age=timedelta(hours=self.max_batch_age_hours),
+        )
+
+    def budget(self) -> BudgetLimits:
+        """One device's telemetry budget."""
+        return BudgetLimits(
+            batches_per_second=self.device_batches_per_second,
+            records_per_second=self.device_records_per_second,
+            bytes_per_second=self.device_bytes_per_second,
+        )
 
     def hostnames(self) -> list[str]:
         """Names and addresses for the server certificate."""

@@ -8,6 +8,12 @@ Welcome, pushes the device's current desired state, and every change of it the
 a malformed or oversized message costs that device an ``Error`` and nobody else
 anything. Each session has a bounded outbound queue: a device that does not read its
 acknowledgements stops being read (gRPC flow control pushes back on it alone).
+
+A device is authenticated, not trusted (DESIGN §6a): its Hello is size-checked and its
+labels are kept as reported attributes (only enrolment labels target rollouts and name
+groups); its telemetry is checked at entry (``edgeloop.gateway.trust``) and refusals are
+counted per device; a revoked or re-enrolled certificate ends its live sessions within a
+second and its artifact fetches at once.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -41,6 +47,7 @@ from edgeloop.contracts.twin import DesiredModel, image_repository
 from edgeloop.gateway.artifacts import ArtifactCache, NotAllowed
 from edgeloop.gateway.devices import DeviceStore
 from edgeloop.gateway.pki import check_device_id, fingerprint
+from edgeloop.gateway.trust import Budget, BudgetLimits, Refused, TelemetryPolicy, check_batch
 from edgeloop.kit.kv import KvMirror
 from edgeloop.kit.tracing import parent_context
 
@@ -65,6 +72,13 @@ BUS_UNAVAILABLE = (
 )
 REJECTED = Counter("edgeloop_gateway_rejected_messages", "Agent messages refused", ["code"])
 REFUSED = Counter("edgeloop_gateway_refused_sessions", "Sessions refused", ["reason"])
+TELEMETRY_REFUSED = Counter(
+    "edgeloop_gateway_refused_batches_total",
+    "Telemetry batches refused or held back at entry (per device in the device registry)",
+    ["code"],
+)
+#: How far back the look for revoked or re-enrolled devices reaches (commit delays).
+IDENTITY_MARGIN = timedelta(seconds=5)
 
 
 @dataclass
@@ -74,7 +88,14 @@ class Session:
     device_id: str
     session_id: str
     labels: dict[str, str]
+    """Enrolment labels (what the device said in Hello is only stored, as reported)."""
     outbound: asyncio.Queue[pb.GatewayMessage]
+    fingerprint: str = ""
+    """Of the certificate the session was opened with (a re-enrolment ends it)."""
+    runs: set[tuple[str, str]] = field(default_factory=set)
+    """(model, version) the device was desired or reported to run during the session:
+    telemetry for anything else is refused."""
+    budget: Budget | None = None
     last_seen: float = field(default_factory=time.monotonic)
     desired: tuple[int, DesiredModel | None] | None = None
     """The latest desired state not yet sent (only the newest matters)."""
@@ -87,6 +108,8 @@ class Session:
 
     def push_desired(self, revision: int, doc: DesiredModel | None) -> None:
         """Replace any unsent desired state with this one."""
+        if doc is not None and doc.model and doc.version:
+            self.runs.add((doc.model, doc.version))
         if self.desired is None or self.desired[0] < revision:
             self.desired = (revision, doc)
             self.wake.set()
@@ -97,7 +120,7 @@ class Session:
         self.wake.set()
 
 
-class Refused(Exception):
+class SessionRefused(Exception):
     """A session is not accepted; the message says why (sent to the device)."""
 
     def __init__(self, code: str, message: str, status: grpc.StatusCode) -> None:
@@ -124,6 +147,9 @@ class EdgeGateway:
         chunk_bytes: int = 256 * 1024,
         max_sessions: int = 50_000,
         group_label: str = "group",
+        max_hello_bytes: int = 16 * 1024,
+        telemetry_policy: TelemetryPolicy | None = None,
+        budget: BudgetLimits | None = None,
         tracer: Tracer | None = None,
     ) -> None:
         self.tracer = tracer or trace.get_tracer("edgeloop.gateway")
@@ -139,6 +165,11 @@ class EdgeGateway:
         self.chunk_bytes = chunk_bytes
         self.max_sessions = max_sessions
         self.group_label = group_label
+        self.max_hello_bytes = max_hello_bytes
+        self.policy = telemetry_policy or TelemetryPolicy()
+        self.budget_limits = budget or BudgetLimits()
+        self._refusals: dict[str, tuple[dict[str, int], str, datetime]] = {}
+        self._identity_since: datetime | None = None
         self.sessions: dict[str, Session] = {}
         self.desired: dict[str, tuple[int, DesiredModel | None]] = {}
         self._desired_mirror = KvMirror(desired_kv, self._desired_changed, name=s.KV_DESIRED)
@@ -238,7 +269,7 @@ class EdgeGateway:
             async with asyncio.timeout(30):
                 first = await anext(requests)
             session = await self._open(first, context)
-        except Refused as exc:
+        except SessionRefused as exc:
             REFUSED.labels(exc.code).inc()
             log.info("session refused (%s): %s", exc.code, exc)
             yield pb.GatewayMessage(error=pb.Error(code=exc.code, message=str(exc), fatal=True))
@@ -282,16 +313,22 @@ class EdgeGateway:
             session.close(f"internal error: {type(exc).__name__}")
 
     async def _open(self, first: bytes, context: grpc.aio.ServicerContext) -> Session:
+        if len(first) > self.max_hello_bytes:
+            raise SessionRefused(
+                "too_large",
+                f"Hello of {len(first)} bytes is over the limit of {self.max_hello_bytes}",
+                grpc.StatusCode.INVALID_ARGUMENT,
+            )
         try:
             msg = pb.AgentMessage.FromString(first)
         except DecodeError as exc:
-            raise Refused(
+            raise SessionRefused(
                 "invalid_message",
                 f"the first message is not an AgentMessage: {exc}",
                 grpc.StatusCode.INVALID_ARGUMENT,
             ) from None
         if msg.WhichOneof("kind") != "hello":
-            raise Refused(
+            raise SessionRefused(
                 "invalid_message",
                 "a session must start with Hello",
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -299,13 +336,13 @@ class EdgeGateway:
         hello = msg.hello
         identity, pem = _peer_identity(context)
         if identity is None or pem is None:
-            raise Refused(
+            raise SessionRefused(
                 "unauthenticated",
                 "no client certificate (enrol the device first)",
                 grpc.StatusCode.UNAUTHENTICATED,
             )
         if hello.device_id != identity:
-            raise Refused(
+            raise SessionRefused(
                 "permission_denied",
                 f"the certificate is for device {identity!r}, not {hello.device_id!r}",
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -313,14 +350,15 @@ class EdgeGateway:
         try:
             check_device_id(identity)
         except ValueError as exc:
-            raise Refused(
+            raise SessionRefused(
                 "permission_denied", str(exc), grpc.StatusCode.PERMISSION_DENIED
             ) from None
-        reason = await self.store.check_certificate(identity, fingerprint(pem))
+        cert_fingerprint = fingerprint(pem)
+        reason = await self.store.check_certificate(identity, cert_fingerprint)
         if reason is not None:
-            raise Refused("permission_denied", reason, grpc.StatusCode.PERMISSION_DENIED)
+            raise SessionRefused("permission_denied", reason, grpc.StatusCode.PERMISSION_DENIED)
         if len(self.sessions) >= self.max_sessions:
-            raise Refused(
+            raise SessionRefused(
                 "unavailable",
                 "this gateway is full; retry later",
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -332,9 +370,17 @@ class EdgeGateway:
         session = Session(
             device_id=identity,
             session_id=uuid.uuid4().hex,
-            labels=dict(hello.labels),
+            labels={},
             outbound=asyncio.Queue(self.outbound_queue),
+            fingerprint=cert_fingerprint,
+            budget=Budget(
+                self.budget_limits,
+                max_count=self.policy.max_count,
+                max_bytes=self.max_message_bytes,
+            ),
         )
+        if hello.model and hello.version:
+            session.runs.add((hello.model, hello.version))
         self.sessions[key] = session
         SESSIONS.set(len(self.sessions))
         now = datetime.now(UTC)
@@ -342,7 +388,7 @@ class EdgeGateway:
             identity,
             session_id=session.session_id,
             gateway_id=self.gateway_id,
-            labels=session.labels,
+            labels=dict(hello.labels),
             model=hello.model or None,
             version=hello.version or None,
             digest=hello.digest or None,
@@ -395,7 +441,7 @@ class EdgeGateway:
             kind = msg.WhichOneof("kind")
             try:
                 if kind == "telemetry":
-                    await self._telemetry(session, msg.telemetry)
+                    await self._telemetry(session, msg.telemetry, len(raw))
                 elif kind == "status":
                     await self._status(session, msg.status)
                 elif kind in ("heartbeat", "command_result"):
@@ -404,6 +450,9 @@ class EdgeGateway:
                     await self._reject(session, "invalid_message", "Hello was already received")
                 else:
                     await self._reject(session, "invalid_message", "empty AgentMessage")
+            except Refused as exc:
+                self._count_refusal(session, exc.code, str(exc))
+                await self._reject(session, exc.code, str(exc), batch_id=msg.telemetry.batch_id)
             except (ValueError, ValidationError) as exc:
                 batch = msg.telemetry.batch_id if kind == "telemetry" else ""
                 await self._reject(session, "invalid_message", _short(exc), batch_id=batch)
@@ -418,7 +467,14 @@ class EdgeGateway:
             pb.GatewayMessage(error=pb.Error(code=code, message=message, batch_id=batch_id)),
         )
 
-    async def _telemetry(self, session: Session, batch: pb.TelemetryBatch) -> None:
+    def _count_refusal(self, session: Session, code: str, reason: str) -> None:
+        """Counted per device in the registry (written once a second) and in metrics."""
+        TELEMETRY_REFUSED.labels(code).inc()
+        counts = self._refusals.get(session.device_id, ({}, "", datetime.now(UTC)))[0]
+        counts[code] = counts.get(code, 0) + 1
+        self._refusals[session.device_id] = (counts, f"{code}: {reason}", datetime.now(UTC))
+
+    async def _telemetry(self, session: Session, batch: pb.TelemetryBatch, size: int) -> None:
         if batch.device_id and batch.device_id != session.device_id:
             raise ValueError(
                 f"telemetry batch names device {batch.device_id!r}; this session is "
@@ -434,6 +490,29 @@ class EdgeGateway:
             if len(h.counts) != len(h.edges) + 1:
                 raise ValueError("a histogram with n edges must have n+1 counts")
         event = telemetry_from_proto(batch, session.labels.get(self.group_label))
+        runs = set(session.runs)
+        current = self.desired.get(s.kv_key(session.device_id))
+        doc = current[1] if current is not None else None
+        if doc is not None and doc.model and doc.version:
+            runs.add((doc.model, doc.version))
+        check_batch(event, runs=runs, now=datetime.now(UTC), policy=self.policy)
+        assert session.budget is not None
+        over = session.budget.take(event.count, size)
+        if over is not None:
+            # held back, not dropped: the agent sends it again (after a second)
+            self._count_refusal(session, "over_budget", f"over the device's budget of {over}")
+            await self._send(
+                session,
+                pb.GatewayMessage(
+                    error=pb.Error(
+                        code="unavailable",
+                        message=f"over this device's telemetry budget of {over}; "
+                        "send it again later",
+                        batch_id=batch.batch_id,
+                    )
+                ),
+            )
+            return
         try:
             await self.js.publish(
                 event.bus_subject(),
@@ -462,6 +541,8 @@ class EdgeGateway:
 
     async def _status(self, session: Session, report: pb.StatusReport) -> None:
         event = status_from_proto(report, session.device_id, session.labels)
+        if event.model and event.version:
+            session.runs.add((event.model, event.version))
         self._activation_span(session, report)
         await self._report(event)
         await self.store.reported(
@@ -528,12 +609,17 @@ class EdgeGateway:
         self, request: pb.FetchArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ArtifactChunk]:
         """Chunks of an artifact of the device's desired image, from ``offset``."""
-        identity, _ = _peer_identity(context)
+        identity, pem = _peer_identity(context)
         session = self.sessions.get(s.kv_key(identity)) if identity else None
-        if session is None:
+        if session is None or identity is None or pem is None:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, "open a session (Connect) before fetching"
             )
+            return
+        # asked of the registry on every fetch: a revocation refuses the next one at once
+        reason = await self.store.check_certificate(identity, fingerprint(pem))
+        if reason is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
             return
         current = self.desired.get(s.kv_key(session.device_id))
         doc = current[1] if current else None
@@ -577,6 +663,12 @@ class EdgeGateway:
         )
         try:
             async for data in chunks:
+                if session.closed is not None:  # revoked, replaced or ended mid-download
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"the device's session ended ({session.closed})",
+                    )
+                    return
                 end = offset + len(data)
                 yield pb.ArtifactChunk(
                     digest=request.digest,
@@ -603,13 +695,18 @@ class EdgeGateway:
     # --- housekeeping -------------------------------------------------------------------
 
     async def _housekeeping(self) -> None:
-        """Every second: last-seen times to the registry; silent sessions ended."""
+        """Every second: last-seen times and refused telemetry to the registry; sessions
+        of revoked or re-enrolled devices and silent sessions ended."""
         while True:
             await asyncio.sleep(1)
             try:
                 await self._flush_seen()
             except Exception:
                 log.exception("could not record last-seen times")
+            try:
+                await self._end_revoked()
+            except Exception:
+                log.exception("could not look for revoked devices")
             limit = time.monotonic() - 3 * self.heartbeat_seconds
             for session in list(self.sessions.values()):
                 if session.last_seen < limit:
@@ -619,6 +716,29 @@ class EdgeGateway:
         if self._seen:
             seen, self._seen = self._seen, {}
             await self.store.touch(seen)
+        if self._refusals:
+            refusals, self._refusals = self._refusals, {}
+            await self.store.refused(refusals)
+
+    async def _end_revoked(self) -> None:
+        """End the sessions whose certificate was revoked or replaced by a re-enrolment
+        since the last look (the registry is shared by every gateway)."""
+        since = self._identity_since - IDENTITY_MARGIN if self._identity_since else None
+        self._identity_since, changed = await self.store.identity_changes(since)
+        for device_id, current, revoked in changed:
+            session = self.sessions.get(s.kv_key(device_id))
+            if session is None or (not revoked and session.fingerprint == current):
+                continue
+            why = "revoked" if revoked else "replaced by a newer enrolment"
+            message = f"the certificate of device {device_id} was {why}"
+            with contextlib.suppress(asyncio.QueueFull):
+                session.outbound.put_nowait(
+                    pb.GatewayMessage(
+                        error=pb.Error(code="permission_denied", message=message, fatal=True)
+                    )
+                )
+            session.close(message)
+            log.warning("session of %s ended: %s", device_id, message)
 
 
 def _peer_identity(context: grpc.aio.ServicerContext) -> tuple[str | None, bytes | None]:

@@ -17,7 +17,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edgeloop.contracts.events import Histogram, TelemetryBatch
+from edgeloop.contracts.events import (
+    CONFIDENCE_EDGES,
+    LATENCY_MS_EDGES,
+    Histogram,
+    TelemetryBatch,
+)
 
 IntArray = npt.NDArray[np.int64]
 
@@ -91,15 +96,18 @@ def _check_hist(h: Histogram, what: str) -> None:
 
 
 def check(batch: TelemetryBatch, ref: Reference, *, max_count: int) -> None:
-    """Refuse a batch that would poison the aggregates (``BadTelemetry`` says why)."""
+    """Refuse a batch that would poison the aggregates (``BadTelemetry`` says why).
+
+    What needs the reference profile is checked here; the batch's own consistency
+    (``TelemetryBatch.inconsistency``) is checked at the gateway and again here, for
+    what reaches the bus by another way.
+    """
     if batch.count > max_count:
         raise BadTelemetry(
             "too_large", f"{batch.count} inferences in one batch (at most {max_count})"
         )
-    if batch.errors > batch.count or batch.low_confidence > batch.count:
-        raise BadTelemetry(
-            "inconsistent", "more errors or low-confidence inferences than inferences"
-        )
+    if (why := batch.inconsistency()) is not None:
+        raise BadTelemetry("inconsistent", why)
     if len(batch.feature_histograms) != len(ref.names):
         raise BadTelemetry(
             "feature_count",
@@ -119,21 +127,21 @@ def check(batch: TelemetryBatch, ref: Reference, *, max_count: int) -> None:
                 )
         elif len(h.counts) != len(h.edges) + 1:
             _check_hist(h, f"feature {name}")
-        if sum(h.counts) != batch.count:
-            raise BadTelemetry(
-                "inconsistent", f"feature {name} counts {sum(h.counts)} rows of {batch.count}"
-            )
-    for what, extra in (
-        ("confidence", batch.confidence_histogram),
-        ("latency", batch.latency_ms_histogram),
+    for what, extra, edges in (
+        ("confidence", batch.confidence_histogram, CONFIDENCE_EDGES),
+        ("latency", batch.latency_ms_histogram, LATENCY_MS_EDGES),
     ):
         if extra is not None:
             _check_hist(extra, what)
+            # the first batch of a window sets its bins: other bins would drop everyone's
+            if tuple(extra.edges) != edges:
+                raise BadTelemetry("bins", f"the {what} histogram is not on the agents' bins")
 
 
 @dataclass
 class Window:
-    """One (model, version, window) aggregate."""
+    """One (model, version, group, window) aggregate, and each device's part of it
+    (``by_device``: what trimming a device from the window takes away)."""
 
     count: int = 0
     errors: int = 0
@@ -146,9 +154,14 @@ class Window:
     latency_edges: list[float] | None = None
     latency: IntArray | None = None
     devices: set[str] = field(default_factory=set)
+    by_device: dict[str, Window] = field(default_factory=dict)
 
     def add(self, batch: TelemetryBatch, ref: Reference) -> None:
         """Merge one checked batch."""
+        self._add(batch, ref)
+        self.by_device.setdefault(batch.device_id, Window())._add(batch, ref)
+
+    def _add(self, batch: TelemetryBatch, ref: Reference) -> None:
         rows = np.zeros((len(ref.names), ref.width), dtype=np.int64)
         for i, h in enumerate(batch.feature_histograms):
             rows[i, : len(h.counts)] = h.counts
@@ -169,6 +182,40 @@ class Window:
 
     def merge(self, other: Window) -> None:
         """Add another aggregate of the same window."""
+        self._merge(other)
+        for device, part in other.by_device.items():
+            self.by_device.setdefault(device, Window())._merge(part)
+
+    def without(self, devices: set[str]) -> Window:
+        """The aggregate without ``devices``' parts (no per-device parts kept)."""
+        out = Window()
+        out._merge(self)
+        for device in devices & set(self.by_device):
+            out._subtract(self.by_device[device])
+        return out
+
+    def _subtract(self, part: Window) -> None:
+        if part.features is not None and self.features is not None:
+            self.features = self.features - part.features
+        self.count -= part.count
+        self.errors -= part.errors
+        self.low_confidence -= part.low_confidence
+        self.batches -= part.batches
+        for label, n in part.predictions.items():
+            left = self.predictions.get(label, 0) - n
+            if left > 0:
+                self.predictions[label] = left
+            else:
+                self.predictions.pop(label, None)
+        for name in ("confidence", "latency"):
+            counts = getattr(part, name)
+            mine = getattr(self, name)
+            same = getattr(part, f"{name}_edges") == getattr(self, f"{name}_edges")
+            if counts is not None and mine is not None and same:
+                setattr(self, name, mine - counts)
+        self.devices -= part.devices
+
+    def _merge(self, other: Window) -> None:
         if other.features is not None:
             self.features = (
                 other.features if self.features is None else self.features + other.features
@@ -205,6 +252,7 @@ class Window:
             "latency_edges": self.latency_edges,
             "latency": self.latency.tolist() if self.latency is not None else None,
             "devices": sorted(self.devices),
+            "by_device": {d: w.to_json() for d, w in sorted(self.by_device.items())},
         }
 
     @classmethod
@@ -224,6 +272,7 @@ class Window:
             latency_edges=d["latency_edges"],
             latency=arr(d["latency"]),
             devices=set(d["devices"]),
+            by_device={k: cls.from_json(v) for k, v in (d.get("by_device") or {}).items()},
         )
 
 

@@ -264,9 +264,14 @@ def create_api(
         return HTMLResponse(render(ref, judged, alarms, threshold=threshold))
 
     @api.get("/v1/rejections")
-    async def rejections(_: Actor) -> dict[str, Any]:
-        """Telemetry refused, per device and kind of fault."""
-        rows = await pool().fetch("SELECT * FROM rejections ORDER BY device_id, code")
+    async def rejections(_: Actor, device_id: str | None = None) -> dict[str, Any]:
+        """Telemetry refused and windows found implausible (``implausible``: a verdict or
+        an alarm would have rested on the device alone), per device and kind."""
+        rows = await pool().fetch(
+            "SELECT * FROM rejections WHERE $1::text IS NULL OR device_id = $1 "
+            "ORDER BY device_id, code",
+            device_id,
+        )
         return {"rejections": [_row(r) for r in rows]}
 
     return api

@@ -11,8 +11,12 @@ version is compared with the other versions' windows of the same period, and a
   baseline's (and more than ``canary_latency_margin_ms`` slower), or its prediction
   distribution differs from the baseline's on the same inputs (PSI over
   ``canary_prediction_psi``);
-- **inconclusive** while either side has fewer than ``min_count`` inferences;
+- **inconclusive** while either side has fewer than ``min_count`` inferences or
+  ``min_devices`` devices;
 - **pass** otherwise.
+
+A fail must hold without any single device of either side (``compare_robust``): a device
+it rests on alone is trimmed, named in the verdict and counted as ``implausible``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from edgeloop.kit.outbox import add_event
 from edgeloop.kit.service import Service
 from edgeloop.monitor import drift
 from edgeloop.monitor.aggregate import Window, quantile
+from edgeloop.monitor.robust import record_rejection
 from edgeloop.monitor.rules import DEFAULT_RULES
 
 if TYPE_CHECKING:
@@ -88,6 +93,44 @@ def compare(
     return (Verdict.FAIL if reasons else Verdict.PASS), reasons, metrics
 
 
+def compare_robust(
+    canary: Window, baseline: Window, rules: dict[str, Any]
+) -> tuple[Verdict, list[str], dict[str, float], dict[str, str]]:
+    """The verdict of a canary against its baseline, robust to one bad device: reasons,
+    metrics and the trimmed devices (device → why)."""
+    r = {**DEFAULT_RULES, **rules}
+    k = r["min_devices"]
+    nc, nb = len(canary.devices), len(baseline.devices)
+    sizes = {"canary_devices": float(nc), "baseline_devices": float(nb)}
+    if nc < k or nb < k:
+        why = f"evidence from {nc} canary and {nb} baseline devices; {k:g} needed on each side"
+        return Verdict.INCONCLUSIVE, [why], sizes, {}
+    verdict, reasons, metrics = compare(canary, baseline, r)
+    metrics |= sizes
+    if verdict is not Verdict.FAIL:
+        return verdict, reasons, metrics, {}
+    # a device is left out of both sides at once (it may claim to run both versions)
+    trimmed: dict[str, str] = {}
+    for device in sorted(set(canary.by_device) | set(baseline.by_device)):
+        without = {device}
+        if compare(canary.without(without), baseline.without(without), r)[0] is not Verdict.FAIL:
+            trimmed[device] = "the canary fails only with this device"
+    if not trimmed:
+        return verdict, reasons, metrics, {}
+    c, b = canary.without(set(trimmed)), baseline.without(set(trimmed))
+    if len(c.devices) < k or len(b.devices) < k:
+        verdict, reasons = (
+            Verdict.INCONCLUSIVE,
+            [f"fewer than {k:g} devices on a side once outliers are trimmed"],
+        )
+    else:
+        verdict, reasons, metrics = compare(c, b, r)
+        metrics |= sizes
+    metrics["trimmed_devices"] = float(len(trimmed))
+    named = [f"device {d} trimmed: {why}" for d, why in sorted(trimmed.items())]
+    return verdict, [*reasons, *named], metrics, trimmed
+
+
 async def judge_cohorts(
     conn: Conn, schema: str, at: Slot, window: Window, rules: dict[str, Any]
 ) -> None:
@@ -116,15 +159,21 @@ async def judge_cohorts(
     baseline = Window()
     for row in rows:
         baseline.merge(Window.from_json(json.loads(row["aggregate"])))
-    verdict, reasons, metrics = compare(window, baseline, rules)
+    verdict, reasons, metrics, trimmed = compare_robust(window, baseline, rules)
+    for device, why in trimmed.items():
+        await record_rejection(
+            conn, device, "implausible", f"{model}@{version} canary {start.isoformat()}: {why}"
+        )
+    # published again when the verdict or the devices it trimmed change
+    state = " ".join([verdict.value, *sorted(trimmed)])
     for cohort in cohorts:
-        if cohort["last_verdict"] == verdict.value:
+        if cohort["last_verdict"] == state:
             continue
         await conn.execute(
             "UPDATE cohorts SET last_verdict = $3 WHERE rollout_id = $1 AND wave = $2",
             cohort["rollout_id"],
             cohort["wave"],
-            verdict.value,
+            state,
         )
         await add_event(
             conn,
@@ -137,6 +186,7 @@ async def judge_cohorts(
                 verdict=verdict,
                 reasons=reasons,
                 metrics=metrics,
+                trimmed_devices=trimmed,
             ),
         )
         log.info(

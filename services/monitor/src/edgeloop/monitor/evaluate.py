@@ -31,7 +31,8 @@ from edgeloop.kit.outbox import add_event
 from edgeloop.monitor.aggregate import Window
 from edgeloop.monitor.canary import judge_cohorts
 from edgeloop.monitor.references import References, UnknownVersion
-from edgeloop.monitor.rules import DEFAULT_RULES, Judgement, judge, load_rules, score
+from edgeloop.monitor.robust import judge_window, record_rejection
+from edgeloop.monitor.rules import DEFAULT_RULES, Judgement, load_rules
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class Evaluator:
             window = Window.from_json(json.loads(row["aggregate"]))
             at = Slot(model, version, group, start, row["window_end"])
             raised = 0
-            for j in judge(score(window, ref), rules):
+            for j in judge_window(window, ref, rules)[1]:
                 if j.fired and not await self._open_alarm(conn, at, j.rule):
                     await self._raise(conn, at, j)
                     raised += 1
@@ -218,8 +219,14 @@ class Evaluator:
             judgements: list[Judgement] = []
         else:
             window = Window.from_json(json.loads(aggregate))
-            scores = score(window, ref)
-            judgements = judge(scores, rules)
+            scores, judgements, trimmed = judge_window(window, ref, rules)
+            for device, why in trimmed.items():
+                await record_rejection(
+                    conn,
+                    device,
+                    "implausible",
+                    f"{at.model}@{at.version} window {at.start.isoformat()}: {why}",
+                )
         await _mark_judged(conn, at, scores)
         for j in judgements:
             await self._apply(conn, at, j, int(rules["clear_windows"]))

@@ -20,6 +20,7 @@ from edgeloop.kit.partitions import Partitioned
 from edgeloop.kit.service import Service
 from edgeloop.monitor.aggregate import BadTelemetry, Window, check
 from edgeloop.monitor.references import References, UnknownVersion
+from edgeloop.monitor.robust import record_rejection
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ def register_handlers(
                         json.dumps(sample.get("features", [])),
                         str(sample.get("prediction", "")),
                         float(sample.get("confidence", 0.0)),
-                        sample.get("label"),
+                        # a device's word is not ground truth: labels come from
+                        # `edgeloop data label` (the gateway refuses labelled samples)
+                        None,
                         _at(sample.get("at"), batch.window_end),
                         "random" if sample.get("kind") == "random" else "low-confidence",
                     )
@@ -164,15 +167,7 @@ async def _malformed(conn: Conn, msg: Msg, reason: str) -> None:
 async def _reject(conn: Conn, device_id: str, code: str, reason: str) -> None:
     REJECTED.labels(code).inc()
     log.info("telemetry of %s refused (%s): %s", device_id, code, reason)
-    await conn.execute(
-        """INSERT INTO rejections (device_id, code, count, last_reason) VALUES ($1, $2, 1, $3)
-           ON CONFLICT (device_id, code) DO UPDATE
-           SET count = rejections.count + 1, last_reason = EXCLUDED.last_reason,
-               last_at = now()""",
-        device_id,
-        code,
-        reason[:1000],
-    )
+    await record_rejection(conn, device_id, code, reason)
 
 
 def _at(value: object, default: datetime) -> datetime:

@@ -22,6 +22,7 @@ from edgeloop.monitor.aggregate import Reference, Window, quantile
 
 DEFAULT_RULES: dict[str, float] = {
     "min_count": 200,
+    "min_devices": 2,
     "drift_psi": 0.25,
     "prediction_psi": 0.25,
     "error_rate": 0.05,
@@ -34,7 +35,10 @@ DEFAULT_RULES: dict[str, float] = {
     "canary_latency_margin_ms": 5.0,
     "canary_prediction_psi": 0.25,
 }
-"""Thresholds; ``min_count``: windows with fewer inferences are not judged."""
+"""Thresholds; ``min_count``: windows with fewer inferences are not judged;
+``min_devices``: an alarm or a canary verdict needs evidence from at least this many
+devices (on each side of a canary comparison), and must still hold without any single
+one of them (``edgeloop.monitor.robust``)."""
 
 KPI_RULES = ("error_rate", "low_confidence_rate", "latency_p95_ms")
 
