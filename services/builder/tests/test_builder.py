@@ -116,10 +116,10 @@ async def test_committed_version_becomes_a_signed_image(
 async def test_builds_are_reproducible(oci: OciClient, unique: str) -> None:
     event = await _commit(oci, unique, classifier().onnx)
     builder = Builder(oci, load_private_key(PRIVATE), image_prefix=f"t{unique}/images")
-    first = await builder.build(event)
-    second = await builder.build(event.model_copy(update={"event_id": event.event_id}))
+    first = await builder.build(event, release=1)
+    second = await builder.build(event.model_copy(update={"event_id": event.event_id}), release=1)
     assert first.event.digest == second.event.digest
-    changed = await builder.build(event.model_copy(update={"source_commit": "other"}))
+    changed = await builder.build(event.model_copy(update={"source_commit": "other"}), release=2)
     assert changed.event.digest != first.event.digest
 
 
