@@ -250,6 +250,7 @@ async def rollout(
     nats_url: str, dsn: str, registry_url: str, root: Path, *, devices: int
 ) -> dict[str, Any]:
     """Desired state → every device running the model: p50/p99 over ``devices``."""
+    from edgeloop.contracts.signing import release_annotations
     from edgeloop.contracts.twin import DesiredModel
     from edgeloop.kit.oci import OciClient
     from edgeloop.kit.oci.client import sha256
@@ -297,7 +298,13 @@ async def rollout(
         )
         async with OciClient(registry_url) as oci:
             digest = await push_image(oci, "bench/images/iris", built, tag="1")
-            await attach_signature(oci, "bench/images/iris", digest, load_private_key(PRIVATE))
+            await attach_signature(
+                oci,
+                "bench/images/iris",
+                digest,
+                load_private_key(PRIVATE),
+                annotations=release_annotations("iris", "1", 1),
+            )
         doc = DesiredModel(
             model="iris",
             version="1",

@@ -8,6 +8,7 @@ Used by the gateway/agent tests and, later, by the deployer's.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -22,21 +23,31 @@ from nats.aio.client import Client as Nats
 from nats.js import JetStreamContext
 
 from edgeloop.contracts import subjects as s
+from edgeloop.contracts.signing import release_annotations
 from edgeloop.contracts.twin import DesiredModel
 from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import api_up, eventually
 from edgeloop.edge.agent import Agent, AgentConfig, Faults, ModelCache
 from edgeloop.edge.buffer import MemoryBuffer
+from edgeloop.edge.bundle import write_bundle
 from edgeloop.gateway.app import build as build_gateway
 from edgeloop.gateway.config import GatewaySettings
 from edgeloop.kit.oci import OciClient
 from edgeloop.kit.oci.client import sha256
 from edgeloop.kit.oci.image import build_model_image, push_image
-from edgeloop.kit.oci.signing import attach_signature, generate_keypair, load_private_key
+from edgeloop.kit.oci.signing import (
+    attach_signature,
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    sign_rotation,
+)
 from edgeloop.kit.service import Service
 
 TOKEN = "edge-test-token-7f3a"
 PRIVATE, PUBLIC = generate_keypair()
+_RELEASES: dict[str, int] = {}
+"""The last release counter signed per repository (the builder keeps it per model)."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +84,11 @@ async def push_model_image(
     sign: bool = True,
     key: bytes = PRIVATE,
     filler: int = 0,
+    release: int | None = None,
 ) -> Image:
-    """Build, push to ``repo`` and (optionally) sign a model image as the builder does."""
+    """Build, push to ``repo`` and (optionally) sign a model image as the builder does:
+    the signature claims model, version and the next release counter of ``repo`` (or
+    ``release``)."""
     files: dict[str, bytes | Path] = {
         "model/model.onnx": onnx,
         "model/model.json": json.dumps({"name": model, "version": version}).encode(),
@@ -92,7 +106,16 @@ async def push_model_image(
     async with OciClient(registry_url) as oci:
         digest = await push_image(oci, repo, built, tag=version)
         if sign:
-            await attach_signature(oci, repo, digest, load_private_key(key))
+            if release is None:
+                release = _RELEASES.get(repo, 0) + 1
+            _RELEASES[repo] = max(release, _RELEASES.get(repo, 0))
+            await attach_signature(
+                oci,
+                repo,
+                digest,
+                load_private_key(key),
+                annotations=release_annotations(model, version, release),
+            )
     host = registry_url.split("://", 1)[1]
     return Image(
         model, version, f"{host}/{repo}", digest, sha256(onnx), built.layer_descriptor.size
@@ -128,6 +151,7 @@ class EdgeStack:
         sign: bool = True,
         key: bytes = PRIVATE,
         filler: int = 0,
+        release: int | None = None,
     ) -> Image:
         """Build, push and (optionally) sign an image as the builder does."""
         return await push_model_image(
@@ -140,7 +164,23 @@ class EdgeStack:
             sign=sign,
             key=key,
             filler=filler,
+            release=release,
         )
+
+    def publish_rotation(
+        self, old_key: bytes, new_public: bytes, version: int, *, signer: bytes | None = None
+    ) -> Path:
+        """A key rotation (``old_key`` → ``new_public``) for the gateway to send, as
+        ``edgeloop signing rotate`` writes it; ``signer``: sign it with another key."""
+        sig = sign_rotation(load_private_key(old_key), load_public_key(new_public), version)
+        signature = sig.signature_b64
+        if signer is not None:
+            signature = base64.b64encode(load_private_key(signer).sign(sig.payload)).decode()
+        assert self.settings.signing_key_rotations is not None
+        path = self.settings.signing_key_rotations / f"rotation-{uuid.uuid4().hex[:8]}.json"
+        body = {"payload": base64.b64encode(sig.payload).decode(), "signature": signature}
+        path.write_text(json.dumps(body))
+        return path
 
     async def set_desired(self, device_id: str, doc: DesiredModel | None) -> int:
         """Write a device's desired state (as the deployer will); the KV revision."""
@@ -162,25 +202,12 @@ class EdgeStack:
         """Enrol through the API and write the bundle as ``edgeloop devices enroll`` does."""
         resp = await self.api.post(f"/v1/devices/{device_id}/enroll", json={"labels": labels or {}})
         assert resp.status_code == 201, resp.text
-        body = resp.json()
         bundle = self.root / "devices" / device_id
-        bundle.mkdir(parents=True, exist_ok=True)
-        (bundle / "device.crt").write_text(body["certificate"])
-        (bundle / "device.key").write_text(body["private_key"])
-        (bundle / "ca.crt").write_text(body["ca_certificate"])
-        (bundle / "signing.pub").write_bytes(PUBLIC)
-        return AgentConfig(
-            device_id=device_id,
-            gateway=self.address,
-            ca_cert=bundle / "ca.crt",
-            cert=bundle / "device.crt",
-            key=bundle / "device.key",
-            trusted_keys=[bundle / "signing.pub"],
-            state_dir=bundle / "state",
-            labels=labels or {},
-            telemetry_seconds=3600,
-            infer_seconds=3600,
-        )
+        config = AgentConfig.load(write_bundle(bundle, resp.json()))
+        config.gateway = self.address
+        config.telemetry_seconds = 3600
+        config.infer_seconds = 3600
+        return config
 
     async def start_agent(
         self, config: AgentConfig, *, faults: Faults | None = None, **kw: Any
@@ -227,6 +254,7 @@ async def edge_stack(
     """The gateway service on free ports, with its PKI and cache under ``root``."""
     await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
     await asyncio.to_thread((root / "signing.pub").write_bytes, PUBLIC)
+    await asyncio.to_thread((root / "rotations").mkdir, exist_ok=True)
     config = GatewaySettings(
         nats_url=nats_url,
         database_url=pg_dsn,
@@ -237,6 +265,7 @@ async def edge_stack(
         pki_dir=root / "pki",
         cache_dir=root / "cache",
         signing_public_key=root / "signing.pub",
+        signing_key_rotations=root / "rotations",
         gateway_id=f"gw-{uuid.uuid4().hex[:6]}",
         **settings,
     )

@@ -4,6 +4,8 @@ the OCI registry, onnxruntime — from desired state to a running model and tele
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
 import json
 from pathlib import Path
 
@@ -13,13 +15,14 @@ import pytest
 
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+from edgeloop.contracts.signing import fingerprint, load_public_key, rotation_payload
 from edgeloop.devstack.servers import NatsServer
 from edgeloop.devstack.testing import eventually, stream_messages
 from edgeloop.edge.agent import Faults
 from edgeloop.gateway.pki import CertificateAuthority
 from edgeloop.kit.bus import declare_topology
 from edgeloop.kit.oci.signing import generate_keypair
-from tests.edge_harness import EdgeStack, edge_stack, wait_state
+from tests.edge_harness import PRIVATE, PUBLIC, EdgeStack, edge_stack, wait_state
 from tests.modelzoo import classifier, failing_model
 
 pytestmark = pytest.mark.timeout(180)
@@ -135,24 +138,121 @@ async def test_unsigned_or_foreign_signed_image_is_refused(edge: EdgeStack, uniq
     assert agent.bytes_downloaded == 0, "nothing is downloaded before the signature verifies"
 
 
-async def test_older_version_is_refused_unless_marked_a_rollback(
+async def test_signed_claims_decide_not_the_version_the_desired_state_names(
     edge: EdgeStack, unique: str
 ) -> None:
     device = f"dev-{unique}"
     agent = await edge.start_agent(await edge.enroll(device))
-    v1 = await edge.publish_image(f"r{unique}", "1.9.0", classifier("iris").onnx)
-    v2 = await edge.publish_image(f"r{unique}", "1.10.0", classifier("iris", c=0.5).onnx)
-    await edge.set_desired(device, v2.desired())
-    await wait_state(agent, RUNNING, version="1.10.0")
-
-    await edge.set_desired(device, v1.desired())
+    v3 = await edge.publish_image(f"c{unique}", "3", classifier("iris").onnx)
+    # the image's signature claims c…@3; the desired state (the gateway's word) says 9
+    await edge.set_desired(device, dataclasses.replace(v3, version="9").desired())
     await wait_state(agent, FAILED)
-    assert "anti-rollback" in agent.error
-    assert agent.running is not None
-    assert agent.running.installed.version == "1.10.0"
+    assert f"the image's signed claims say c{unique}@3 (release 1)" in agent.error
+    assert f"the desired state names c{unique}@9" in agent.error
+    assert agent.running is None
+    assert agent.bytes_downloaded == 0, "refused before anything is downloaded"
 
-    await edge.set_desired(device, v1.desired(explicit_rollback=True))
-    await wait_state(agent, RUNNING, version="1.9.0")
+    await edge.set_desired(device, v3.desired())
+    await wait_state(agent, RUNNING, version="3")
+    assert agent.running is not None
+    assert agent.running.installed.release == 1
+
+
+async def test_older_signed_release_is_refused_unless_an_explicit_rollback_to_one_run_here(
+    edge: EdgeStack, unique: str
+) -> None:
+    # versions named by source commit: their names do not order, the signed release does
+    model = f"r{unique}"
+    first = await edge.publish_image(model, "c0ffee", classifier("iris").onnx)  # release 1
+    second = await edge.publish_image(model, "abc123", classifier("iris", c=0.5).onnx)  # 2
+    device = f"dev-{unique}"
+    agent = await edge.start_agent(await edge.enroll(device))
+    await edge.set_desired(device, second.desired())
+    await wait_state(agent, RUNNING, version="abc123")
+
+    # a genuine, signed, older release without an explicit rollback
+    await edge.set_desired(device, first.desired())
+    await wait_state(agent, FAILED)
+    assert "(release 1): older than release 2 already run here (anti-rollback)" in agent.error
+    assert agent.running is not None
+    assert agent.running.installed.version == "abc123"
+
+    # an explicit rollback, but to a release this device never ran
+    await edge.set_desired(device, first.desired(explicit_rollback=True))
+    await eventually(lambda: _error_has(agent, "this device never ran that release"))
+    assert agent.running.installed.version == "abc123"
+
+    # the platform's rollback: back to a release the device ran, and forward again
+    other = f"dev2-{unique}"
+    agent2 = await edge.start_agent(await edge.enroll(other))
+    await edge.set_desired(other, first.desired())
+    await wait_state(agent2, RUNNING, version="c0ffee")
+    await edge.set_desired(other, second.desired())
+    await wait_state(agent2, RUNNING, version="abc123")
+    await edge.set_desired(other, first.desired(explicit_rollback=True))
+    await wait_state(agent2, RUNNING, version="c0ffee")
+    await edge.set_desired(other, second.desired())
+    await wait_state(agent2, RUNNING, version="abc123")
+    assert agent2.store.release_floor(model) == 2
+
+
+async def test_key_rotation_signed_by_the_pinned_key_is_accepted_foreign_or_unsigned_refused(
+    edge: EdgeStack, unique: str
+) -> None:
+    device = f"dev-{unique}"
+    config = await edge.enroll(device)
+    agent = await edge.start_agent(config)
+    model = f"k{unique}"
+    v1 = await edge.publish_image(model, "1", classifier("iris").onnx)
+    await edge.set_desired(device, v1.desired())
+    await wait_state(agent, RUNNING, version="1")
+    pinned = fingerprint(load_public_key(PUBLIC))
+    assert agent.trust.fingerprints == [pinned]
+
+    new_private, new_public = generate_keypair()
+    new = fingerprint(load_public_key(new_public))
+    other_private, _ = generate_keypair()
+    v2 = await edge.publish_image(model, "2", classifier("iris", c=0.5).onnx, key=new_private)
+    # a rotation to the new key signed by a foreign key, and one not signed at all
+    edge.publish_rotation(PRIVATE, new_public, 1, signer=other_private)
+    unsigned = rotation_payload(pinned, load_public_key(new_public), 2)
+    assert edge.settings.signing_key_rotations is not None
+    (edge.settings.signing_key_rotations / "unsigned.json").write_text(
+        json.dumps({"payload": base64.b64encode(unsigned).decode(), "signature": ""})
+    )
+    await edge.set_desired(device, v2.desired())
+    await wait_state(agent, FAILED)
+    assert f"key rotation refused: it is not signed by the pinned key {pinned}" in agent.error
+    assert "key rotation refused: it is not signed" in agent.error
+    assert agent.trust.fingerprints == [pinned]
+    assert agent.running is not None
+    assert agent.running.installed.version == "1"
+
+    # a key offered later through the bundle is ignored: the device pinned its key
+    await edge.stop_agent(agent)
+    config.trusted_keys[0].write_bytes(new_public)
+    config.trusted_key_fingerprints = [new]
+    agent = await edge.start_agent(config)
+    assert agent.trust.fingerprints == [pinned]
+    await edge.set_desired(device, v2.desired())
+    await wait_state(agent, FAILED)
+    assert "signature check failed" in agent.error
+
+    # the rotation signed by the pinned key is accepted, and persisted
+    edge.publish_rotation(PRIVATE, new_public, 3)
+    await edge.set_desired(device, v2.desired())
+    await wait_state(agent, RUNNING, version="2")
+    assert agent.trust.fingerprints == [new]
+    assert agent.trust.version == 3
+    pinned_file = json.loads((config.state_dir / "trust.json").read_text())
+    assert [k["fingerprint"] for k in pinned_file["keys"]] == [new]
+
+    # the replaced key signs nothing any more
+    v3 = await edge.publish_image(model, "3", classifier("iris").onnx, key=PRIVATE)
+    await edge.set_desired(device, v3.desired())
+    await wait_state(agent, FAILED)
+    assert "signature check failed" in agent.error
+    assert agent.running.installed.version == "2"
 
 
 async def test_model_failing_warmup_is_rolled_back_locally_and_reported(

@@ -15,9 +15,12 @@ from typer.testing import CliRunner
 
 from edgeloop.cli.main import app
 from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+from edgeloop.contracts.signing import SignatureError, fingerprint, load_public_key
 from edgeloop.devstack.testing import eventually
+from edgeloop.edge.agent import Agent, AgentConfig
 from edgeloop.edge.fleet import Fleet, FleetOptions
 from edgeloop.gateway.pki import common_name
+from edgeloop.kit.oci.signing import generate_keypair
 from tests.edge_harness import PUBLIC, TOKEN, EdgeStack
 from tests.modelzoo import classifier
 
@@ -50,6 +53,9 @@ async def test_enrol_run_the_agent_process_and_list_devices(
     assert common_name((bundle / "device.crt").read_bytes()) == device
     assert (bundle / "device.key").stat().st_mode & 0o077 == 0
     assert (bundle / "signing.pub").read_bytes() == PUBLIC
+    signing = fingerprint(load_public_key(PUBLIC))
+    assert f"image-signing key fingerprint: {signing}" in out
+    assert config["trusted_key_fingerprints"] == [signing]
 
     # the agent as a user starts it: its own process, from the bundle
     proc = await asyncio.create_subprocess_exec(
@@ -88,6 +94,52 @@ async def test_enrol_run_the_agent_process_and_list_devices(
     )
     assert none.exit_code == 1
     assert "not enrolled" in none.output
+
+
+async def test_enrolment_prints_the_signing_key_fingerprint_and_checks_the_expected_one(
+    edge: EdgeStack, unique: str, tmp_path: Path
+) -> None:
+    signing = fingerprint(load_public_key(PUBLIC))
+    good = tmp_path / "good"
+    out = await _cli(
+        edge,
+        "devices",
+        "enroll",
+        f"fp-{unique}",
+        "-o",
+        str(good),
+        "--signing-key-fingerprint",
+        signing.upper().replace("SHA256:", ""),
+    )
+    assert f"image-signing key fingerprint: {signing} (matches" in out
+    assert signing in await _cli(edge, "signing", "fingerprint", str(good / "signing.pub"))
+
+    # the gateway offers a key other than the one known out of band: no bundle
+    _, other = generate_keypair()
+    bad = tmp_path / "bad"
+    refused = await asyncio.to_thread(
+        CliRunner().invoke,
+        app,
+        [
+            "devices",
+            "enroll",
+            f"fp2-{unique}",
+            "-o",
+            str(bad),
+            "--signing-key-fingerprint",
+            fingerprint(load_public_key(other)),
+        ],
+        env=_env(edge),
+    )
+    assert refused.exit_code == 1
+    assert f"the signing key offered at enrolment is {signing}, not the expected" in refused.output
+    assert not (bad / "agent.json").exists()
+
+    # a bundle whose key was swapped before the agent first started: refused, not pinned
+    (good / "signing.pub").write_bytes(other)
+    with pytest.raises(SignatureError, match="the bundle was altered"):
+        Agent(AgentConfig.load(good / "agent.json"))
+    assert not (good / "state" / "trust.json").exists()
 
 
 async def test_fleet_simulator_runs_devices_sharing_one_session(

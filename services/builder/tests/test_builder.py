@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,6 +16,7 @@ from edgeloop.builder.config import BuilderSettings
 from edgeloop.builder.service import Builder
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ArtifactRef, ImageBuildFailed, ImageBuilt, ModelCommitted
+from edgeloop.contracts.signing import SignedRelease
 from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import eventually, stream_messages
 from edgeloop.kit.oci import OciClient
@@ -64,6 +66,11 @@ def _settings(nats_url: str, pg_dsn: str, registry_url: str, unique: str) -> Bui
     )
 
 
+async def _two_built(js: JetStreamContext, model: str) -> list[ImageBuilt] | None:
+    got = await _events(js, s.IMAGE_BUILT, model, ImageBuilt)
+    return sorted(got, key=lambda e: e.version) if len(got) == 2 else None
+
+
 async def _events(js: object, subject: str, model: str, cls: type) -> list:  # type: ignore[type-arg]
     msgs = await stream_messages(js, s.STREAM_LIFECYCLE, subject)  # type: ignore[arg-type]
     return [e for e in (cls.from_json(m.data) for m in msgs) if e.model == model]
@@ -86,12 +93,24 @@ async def test_committed_version_becomes_a_signed_image(
         built = await eventually(
             lambda: _events(admin_js, s.IMAGE_BUILT, event.model, ImageBuilt), what="image.built"
         )
+        second = event.model_copy(update={"version": "2", "event_id": uuid.uuid4()})
+        await admin_js.publish(
+            s.MODEL_COMMITTED, second.to_json(), headers={MSG_ID_HEADER: str(second.event_id)}
+        )
+        both = await eventually(
+            lambda: _two_built(admin_js, event.model),
+            what="the second image.built",
+        )
     assert len(built) == 1
     img = built[0]
     repo = img.image.split("/", 1)[1]
     assert img.model_digest == event.model_artifact.digest
     claims = await verify_image(oci, repo, img.digest, load_public_key(PUBLIC))
     assert claims["critical"]["identity"]["docker-reference"] == repo
+    # the signature carries the release claims agents enforce anti-rollback on
+    assert SignedRelease.from_claims(claims) == SignedRelease(event.model, "1", 1)
+    later = await verify_image(oci, repo, both[1].digest, load_public_key(PUBLIC))
+    assert SignedRelease.from_claims(later) == SignedRelease(event.model, "2", 2)
     manifest = json.loads(await read_layer_file(oci, repo, img.digest, "model/model.json"))
     assert manifest["kind"] == "classifier"
     assert manifest["thresholds"] == {"accuracy": 0.9}
@@ -116,10 +135,10 @@ async def test_committed_version_becomes_a_signed_image(
 async def test_builds_are_reproducible(oci: OciClient, unique: str) -> None:
     event = await _commit(oci, unique, classifier().onnx)
     builder = Builder(oci, load_private_key(PRIVATE), image_prefix=f"t{unique}/images")
-    first = await builder.build(event)
-    second = await builder.build(event.model_copy(update={"event_id": event.event_id}))
+    first = await builder.build(event, release=1)
+    second = await builder.build(event.model_copy(update={"event_id": event.event_id}), release=1)
     assert first.event.digest == second.event.digest
-    changed = await builder.build(event.model_copy(update={"source_commit": "other"}))
+    changed = await builder.build(event.model_copy(update={"source_commit": "other"}), release=2)
     assert changed.event.digest != first.event.digest
 
 

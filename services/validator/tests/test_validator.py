@@ -274,7 +274,7 @@ async def test_unreachable_registry_api_ends_in_failed_after_retries(
         )
         built = (
             await Builder(oci, load_private_key(PRIVATE), image_prefix=f"u{unique}/images").build(
-                committed
+                committed, release=1
             )
         ).event
     svc = build_validator(

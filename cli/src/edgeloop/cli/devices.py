@@ -4,7 +4,6 @@ API)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,6 +11,8 @@ import httpx
 import typer
 
 from edgeloop.cli.api import GATEWAY, MONITOR, pairs, when
+from edgeloop.contracts.signing import SignatureError
+from edgeloop.edge.bundle import write_bundle
 
 app = typer.Typer(help="Enrol edge devices and look at them.", no_args_is_help=True)
 
@@ -25,43 +26,43 @@ def enroll(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="bundle directory (default ./DEVICE_ID)")
     ] = None,
+    signing_key_fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            help="the image-signing key's fingerprint as known out of band (sha256:…); "
+            "the bundle is not written when the gateway offers another key"
+        ),
+    ] = None,
 ) -> None:
-    """Issue the device's client certificate and write its agent bundle."""
+    """Issue the device's client certificate and write its agent bundle.
+
+    The bundle's image-signing key is what the device will trust (it pins it on its
+    first start): compare the printed fingerprint with the platform's, out of band.
+    """
     body = GATEWAY.request(
         "POST", f"/v1/devices/{device_id}/enroll", json={"labels": pairs(label, "--label")}
     )
     bundle = out or Path(device_id)
-    bundle.mkdir(parents=True, exist_ok=True)
-    (bundle / "device.crt").write_text(body["certificate"])
-    key = bundle / "device.key"
-    fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(body["private_key"])
-    (bundle / "ca.crt").write_text(body["ca_certificate"])
-    trusted = []
-    if body.get("signing_public_key"):
-        (bundle / "signing.pub").write_text(body["signing_public_key"])
-        trusted.append("signing.pub")
-    (bundle / "agent.json").write_text(
-        json.dumps(
-            {
-                "device_id": device_id,
-                "gateway": body["gateway_address"],
-                "labels": body["labels"],
-                "ca_cert": "ca.crt",
-                "cert": "device.crt",
-                "key": "device.key",
-                "trusted_keys": trusted,
-                "state_dir": "state",
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+    try:
+        config = write_bundle(bundle, body, expected_fingerprint=signing_key_fingerprint)
+    except SignatureError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     typer.echo(
         f"enrolled {device_id} (certificate {body['fingerprint'][:16]}…, "
         f"valid until {body['expires_at'][:10]})"
     )
+    pinned = json.loads(config.read_text())["trusted_key_fingerprints"]
+    if pinned:
+        checked = " (matches --signing-key-fingerprint)" if signing_key_fingerprint else ""
+        typer.echo(f"image-signing key fingerprint: {pinned[0]}{checked}")
+        if not signing_key_fingerprint:
+            typer.echo(
+                "  compare it with the platform's (edgeloop signing fingerprint KEY) "
+                "before starting the agent: the device pins this key"
+            )
+    else:
+        typer.echo("warning: the gateway offers no image-signing key: the device refuses images")
     typer.echo(f"bundle: {bundle}/   start it: edgeloop-agent --config {bundle}/agent.json")
 
 

@@ -19,6 +19,7 @@ from edgeloop.cli import (
     models,
     monitor,
     rollout,
+    signing,
     status,
     tokens,
     trace,
@@ -35,6 +36,7 @@ app.command("trace")(trace.trace)
 app.add_typer(models.app, name="models")
 app.add_typer(models.validations_app, name="validations")
 app.add_typer(devices.app, name="devices")
+app.add_typer(signing.app, name="signing")
 app.add_typer(fleet.app, name="fleet")
 app.add_typer(rollout.app, name="rollout")
 app.add_typer(rollout.list_app, name="rollouts")

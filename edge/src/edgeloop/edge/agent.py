@@ -5,11 +5,13 @@ inference with batched telemetry.
   with full jitter between attempts; every session starts with Hello and resends what
   the gateway has not acknowledged.
 - **Activation** of a desired model: verify the signature over the manifest digest with
-  a trusted key, refuse an older version unless the platform marks an explicit
-  rollback, download the manifest and the model layer (resuming from the bytes already
-  held), verify every digest, load an onnxruntime session, run a warm-up inference,
-  then swap atomically. Any failure leaves the last known good model running and is
-  reported ``FAILED`` with the reason.
+  a key pinned at enrolment (``trust.py``; rotated only by a rotation the pinned key
+  signed), take model, version and release counter from the signed claims only (a
+  desired state that names others is refused), refuse a lower signed release unless it
+  is an explicit rollback to a release this device ran before, download the manifest
+  and the model layer (resuming from the bytes already held), verify every digest, load
+  an onnxruntime session, run a warm-up inference, then swap atomically. Any failure
+  leaves the last known good model running and is reported ``FAILED`` with the reason.
 - **Telemetry**: inferences are aggregated per window into one ``TelemetryBatch``
   (histograms, counts, a bounded sample of low-confidence rows); batches wait in a
   bounded buffer (on disk for a real device) until the gateway acknowledges them. A
@@ -43,16 +45,18 @@ from edgeloop.contracts.edge.v1 import edge_pb2 as pb
 from edgeloop.contracts.edge.v1 import edge_pb2_grpc as pb_grpc
 from edgeloop.contracts.signing import (
     SignatureError,
-    key_id,
+    SignedRelease,
     load_public_key,
     verify_manifest_signature,
 )
 from edgeloop.contracts.twin import image_repository
 from edgeloop.edge.buffer import BatchBuffer, DiskBuffer, Drain, MemoryBuffer
+from edgeloop.edge.bundle import normalise_fingerprint
 from edgeloop.edge.runtime import ModelLoadError, OnnxModel
 from edgeloop.edge.sources import Drift, InputSource, open_source
 from edgeloop.edge.store import ActivationError, Installed, ModelStore, version_key
 from edgeloop.edge.telemetry import TelemetryAggregator, edges_from_profile
+from edgeloop.edge.trust import TrustAnchor
 
 log = logging.getLogger("edgeloop.agent")
 
@@ -81,6 +85,9 @@ class AgentConfig:
     key: Path
     trusted_keys: list[Path]
     state_dir: Path
+    trusted_key_fingerprints: list[str] = field(default_factory=list)
+    """The enrolment's fingerprints of ``trusted_keys``: a key file that does not match
+    one is refused (the bundle was altered)."""
     labels: dict[str, str] = field(default_factory=dict)
     source: str = "sim"
     server_name: str | None = None
@@ -194,7 +201,11 @@ class Agent:
         self.faults = faults or Faults()
         self.rng = random.Random(seed)
         self.channel_options = channel_options or []
-        self.trusted = {key_id(k): k for k in (load_public_key(p) for p in config.trusted_keys)}
+        self.trust = TrustAnchor.open(
+            config.state_dir,
+            [load_public_key(path) for path in config.trusted_keys],
+            [normalise_fingerprint(f) for f in config.trusted_key_fingerprints],
+        )
         self.running: Running | None = None
         self.state = pb.DEVICE_STATE_IDLE
         self.error = ""
@@ -577,15 +588,8 @@ class Agent:
 
     async def _prepare(self, desired: pb.DesiredState) -> Installed:
         """Verify and download; the installed (not yet running) model."""
-        self._verify_signature(desired)
-        highest = self.store.highest(desired.model)
-        older = highest is not None and version_key(desired.version) < version_key(highest)
-        if older and not desired.explicit_rollback:
-            raise ActivationError(
-                f"refused {desired.model}@{desired.version}: older than version "
-                f"{highest} already run here (anti-rollback); the platform must mark "
-                "it an explicit rollback"
-            )
+        signed = self._verify_signature(desired)
+        self._check_release(desired, signed)
         self.state = pb.DEVICE_STATE_DOWNLOADING
         self._report()
         manifest_path = await self._download(
@@ -608,42 +612,96 @@ class Agent:
             self.store.install,
             desired.manifest_digest,
             layer_path,
-            model=desired.model,
-            version=desired.version,
+            model=signed.model,
+            version=signed.version,
             model_digest=annotated or desired.model_digest,
+            release=signed.release,
         )
 
-    def _verify_signature(self, desired: pb.DesiredState) -> None:
+    def _rotate_keys(self, desired: pb.DesiredState) -> list[str]:
+        """Apply the key rotations the desired state carries; the reasons of refused ones."""
+        if not desired.key_rotations:
+            return []
+        _, refused = self.trust.rotate([(r.payload, r.signature) for r in desired.key_rotations])
+        return refused
+
+    def _verify_signature(self, desired: pb.DesiredState) -> SignedRelease:
+        """The release the image's signature vouches for, verified with a pinned key."""
         if not desired.signature or not desired.signature_payload:
             raise ActivationError(
                 f"refused {desired.model}@{desired.version}: the image is not signed"
             )
         if desired.signature_algorithm not in ("", "ed25519"):
             raise ActivationError(f"unsupported signature algorithm {desired.signature_algorithm}")
-        keys = (
-            [self.trusted[desired.signature_key_id]]
-            if desired.signature_key_id in self.trusted
-            else list(self.trusted.values())
-        )
+        refused = self._rotate_keys(desired)
+        pinned = self.trust.keys
+        # the key id is the gateway's hint: it orders the tries, it never adds a key
+        keys = sorted(pinned.items(), key=lambda kv: kv[0] != desired.signature_key_id)
         if not keys:
-            raise ActivationError("no trusted signing key is configured on this device")
+            raise ActivationError("no trusted signing key is pinned on this device")
         reasons = []
-        for key in keys:
+        for _, key in keys:
             try:
-                verify_manifest_signature(
+                claims = verify_manifest_signature(
                     key,
                     desired.signature_payload,
                     desired.signature,
                     desired.manifest_digest,
                     repo=image_repository(desired.image),
                 )
-                return
+                return SignedRelease.from_claims(claims)
             except SignatureError as exc:
                 reasons.append(str(exc))
         raise ActivationError(
             f"refused {desired.model}@{desired.version}: signature check failed: "
-            + "; ".join(reasons)
+            + "; ".join(reasons + refused)
         )
+
+    def _check_release(self, desired: pb.DesiredState, signed: SignedRelease) -> None:
+        """Anti-rollback on the signed claims only.
+
+        The desired state must name the release the signature vouches for. A lower signed
+        release than the highest activated here runs only as an explicit rollback to a
+        release this device itself ran before (same image digest): the platform may move
+        a device back to what it ran, never to a release it never accepted. The floor
+        itself never goes down.
+        """
+        named = f"{desired.model}@{desired.version}"
+        if (signed.model, signed.version) != (desired.model, desired.version):
+            raise ActivationError(
+                f"refused {named}: the image's signed claims say {signed}, "
+                f"the desired state names {named}"
+            )
+        floor = self.store.release_floor(signed.model)
+        if floor is None:
+            legacy = self.store.highest(signed.model)  # a floor from before signed releases
+            older = legacy is not None and version_key(signed.version) < version_key(legacy)
+            if older and not desired.explicit_rollback:
+                raise ActivationError(
+                    f"refused {signed}: older than version {legacy} already run here "
+                    "(anti-rollback)"
+                )
+            return
+        if signed.release > floor:
+            return
+        ran = self.store.ran(signed.model, signed.release)
+        if ran is not None and ran != desired.manifest_digest:
+            raise ActivationError(
+                f"refused {signed}: release {signed.release} of {signed.model} ran here as "
+                f"image {ran}, not {desired.manifest_digest}"
+            )
+        if signed.release == floor and ran is not None:
+            return  # the newest release run here, again (e.g. after a local rollback)
+        if not desired.explicit_rollback:
+            raise ActivationError(
+                f"refused {signed}: older than release {floor} already run here "
+                "(anti-rollback); only an explicit rollback may go back"
+            )
+        if ran is None:
+            raise ActivationError(
+                f"refused the explicit rollback to {signed}: this device never ran that "
+                f"release (anti-rollback: a rollback returns only to a release run here)"
+            )
 
     async def _download(self, digest: str, image: str, trace_parent: str = "") -> Path:
         """A verified artifact, fetched from where an interrupted download stopped."""

@@ -8,9 +8,11 @@ and of the directory — so a power cut cannot roll it back)::
       downloads/<hex>.partial   bytes received so far (a download resumes from its size)
       blobs/<hex>               verified artifacts (manifest, model layer)
       models/<manifest hex>/    model.onnx, model.json, profile.json of one image
-      state.json                current and previous (last known good) model, the
-                                highest version activated per model (anti-rollback), and
-                                the desired-state revision last applied
+      state.json                current and previous (last known good) model, per model
+                                the highest signed release activated and the releases
+                                run (anti-rollback), the desired-state revision last
+                                applied
+      trust.json                the pinned signing keys (``edgeloop.edge.trust``)
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ MODEL_FILE = "model/model.onnx"
 META_FILE = "model/model.json"
 PROFILE_FILE = "model/profile.json"
 MAX_MODEL_FILE = 1 << 30
+RELEASE_HISTORY = 32
+"""Signed releases per model a device remembers having run (explicit rollback targets)."""
 
 
 class ActivationError(Exception):
@@ -53,6 +57,8 @@ class Installed:
     manifest_digest: str
     model_digest: str
     directory: str
+    release: int = 0
+    """The release counter its signature claims (0: installed before releases were signed)."""
 
     @property
     def onnx(self) -> Path:
@@ -131,9 +137,21 @@ class ModelStore:
         return int(self._state.get("desired_revision", 0))
 
     def highest(self, model: str) -> str | None:
-        """The highest version of ``model`` ever activated here (anti-rollback)."""
+        """The highest version of ``model`` activated here before releases were signed
+        (the floor a device upgraded from then keeps until its first signed release)."""
         value = self._state.get("highest", {}).get(model)
         return str(value) if value is not None else None
+
+    def release_floor(self, model: str) -> int | None:
+        """The highest signed release of ``model`` ever activated here (anti-rollback)."""
+        value = self._state.get("releases", {}).get(model, {}).get("floor")
+        return int(value) if value is not None else None
+
+    def ran(self, model: str, release: int) -> str | None:
+        """The manifest digest of ``model``'s signed ``release`` if it ran here (the
+        last :data:`RELEASE_HISTORY` releases are remembered)."""
+        value = self._state.get("releases", {}).get(model, {}).get("ran", {}).get(str(release))
+        return str(value) if value else None
 
     def activated(self, installed: Installed | None, revision: int) -> None:
         """Record that ``installed`` now runs (``None``: nothing runs)."""
@@ -141,10 +159,13 @@ class ModelStore:
         if current is not None and (installed is None or current != installed):
             self._state["previous"] = asdict(current)
         self._state["current"] = asdict(installed) if installed else None
-        if installed is not None:
-            best = self.highest(installed.model)
-            if best is None or version_key(installed.version) > version_key(best):
-                self._state.setdefault("highest", {})[installed.model] = installed.version
+        if installed is not None and installed.release:
+            entry = self._state.setdefault("releases", {}).setdefault(installed.model, {})
+            entry["floor"] = max(int(entry.get("floor", 0)), installed.release)
+            ran = entry.setdefault("ran", {})
+            ran[str(installed.release)] = installed.manifest_digest
+            for old in sorted(ran, key=int)[:-RELEASE_HISTORY]:
+                del ran[old]
         self._state["desired_revision"] = revision
         self._save()
 
@@ -215,7 +236,14 @@ class ModelStore:
     # --- installation -------------------------------------------------------------------
 
     def install(
-        self, manifest_digest: str, layer: Path, *, model: str, version: str, model_digest: str
+        self,
+        manifest_digest: str,
+        layer: Path,
+        *,
+        model: str,
+        version: str,
+        model_digest: str,
+        release: int = 0,
     ) -> Installed:
         """Extract the model layer of a verified image into ``models/<manifest hex>``.
 
@@ -241,7 +269,7 @@ class ModelStore:
             raise ActivationError(
                 f"the model in the image hashes to {digest}, not to {model_digest}"
             )
-        return Installed(model, version, manifest_digest, digest, str(target))
+        return Installed(model, version, manifest_digest, digest, str(target), release)
 
 
 def _extract(layer: Path, into: Path) -> set[str]:

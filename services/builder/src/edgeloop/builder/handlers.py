@@ -6,6 +6,7 @@ import logging
 
 from edgeloop.builder.docker_backend import DockerBuildError
 from edgeloop.builder.service import Builder, BuildError
+from edgeloop.builder.store import next_release
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import ImageBuildFailed, ModelCommitted
 from edgeloop.kit import audit
@@ -43,7 +44,8 @@ def register_handlers(
         if done is not None:
             return  # built (or given up) before: a re-sent event has no second effect
         try:
-            result = await builder.build(event)
+            release = await next_release(tx.conn, event.model)
+            result = await builder.build(event, release=release)
         except (BuildError, DockerBuildError, OciError, OSError) as exc:
             permanent = isinstance(exc, BuildError)
             if not permanent and tx.deliveries < max_attempts:
@@ -76,8 +78,9 @@ def register_handlers(
             return
         built = result.event
         await tx.conn.execute(
-            """INSERT INTO builds (model, version, state, image, digest, size, signature, attempts)
-               VALUES ($1, $2, 'built', $3, $4, $5, $6, $7)""",
+            """INSERT INTO builds
+                   (model, version, state, image, digest, size, signature, attempts, release)
+               VALUES ($1, $2, 'built', $3, $4, $5, $6, $7, $8)""",
             event.model,
             event.version,
             built.image,
@@ -85,6 +88,7 @@ def register_handlers(
             built.size,
             result.signature_digest,
             tx.deliveries,
+            release,
         )
         await tx.publish(built)
         await audit.record(
@@ -99,5 +103,6 @@ def register_handlers(
                 "image": built.image,
                 "digest": built.digest,
                 "signature": result.signature_digest,
+                "release": release,
             },
         )

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeloop.builder.docker_backend import DockerBackend
 from edgeloop.contracts.events import ImageBuilt, ModelCommitted
+from edgeloop.contracts.signing import release_annotations
 from edgeloop.contracts.thresholds import thresholds
 from edgeloop.edge.runtime import ModelLoadError, OnnxModel
 from edgeloop.kit.oci import OciClient
@@ -82,8 +83,14 @@ class Builder:
         """Where ``model``'s images go."""
         return f"{self.image_prefix}/{model}"
 
-    async def build(self, event: ModelCommitted) -> BuildResult:
-        """Fetch the model, build the image on the base, push, sign; the ImageBuilt event."""
+    async def build(self, event: ModelCommitted, *, release: int) -> BuildResult:
+        """Fetch the model, build the image on the base, push, sign; the ImageBuilt event.
+
+        The signature's payload carries the release claims (model, version and
+        ``release``, the model's release counter, :func:`edgeloop.builder.store.next_release`):
+        what agents enforce anti-rollback on. The image itself does not depend on
+        ``release`` (it stays reproducible).
+        """
         onnx = await self.oci.get_blob(event.repository, event.model_artifact.digest)
         try:
             model = await asyncio.to_thread(OnnxModel, onnx)
@@ -130,7 +137,13 @@ class Builder:
             )
             digest = await push_image(self.oci, repo, image, tag=event.version)
             size = image.size
-        signature = await attach_signature(self.oci, repo, digest, self.key)
+        signature = await attach_signature(
+            self.oci,
+            repo,
+            digest,
+            self.key,
+            annotations=release_annotations(event.model, event.version, release),
+        )
         return BuildResult(
             ImageBuilt(
                 model=event.model,

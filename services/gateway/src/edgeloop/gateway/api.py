@@ -9,6 +9,7 @@ from fastapi import FastAPI, HTTPException, Query
 from pydantic import BaseModel, Field
 
 from edgeloop.contracts.names import check_device_id, check_labels
+from edgeloop.contracts.signing import fingerprint, load_public_key
 from edgeloop.gateway.devices import DeviceStore
 from edgeloop.gateway.pki import CertificateAuthority
 from edgeloop.kit.api import Actor, DeviceWriter
@@ -63,6 +64,10 @@ def create_api(
             "ca_certificate": ca.cert_pem.decode(),
             "gateway_address": gateway_address,
             "signing_public_key": signing_public_key.decode() if signing_public_key else None,
+            # the device pins this key: its fingerprint, for checking it out of band
+            "signing_key_fingerprint": (
+                fingerprint(load_public_key(signing_public_key)) if signing_public_key else None
+            ),
             "fingerprint": issued.fingerprint,
             "expires_at": issued.not_after.isoformat(),
             "enrolled_by": who,

@@ -59,7 +59,12 @@ def build(settings: GatewaySettings) -> tuple[Service, asyncio.Event]:
             desired_kv=await service.js.key_value(s.KV_DESIRED),
             reported_kv=await service.js.key_value(s.KV_REPORTED),
             store=store,
-            artifacts=ArtifactCache(oci, settings.cache_dir, trusted_key_id=trusted),
+            artifacts=ArtifactCache(
+                oci,
+                settings.cache_dir,
+                trusted_key_id=trusted,
+                rotations_dir=settings.signing_key_rotations,
+            ),
             gateway_id=settings.gateway_id,
             heartbeat_seconds=settings.heartbeat_seconds,
             max_message_bytes=settings.max_message_bytes,

@@ -2,12 +2,16 @@
 cached on the gateway's disk so a thousand devices fetching one model cost one download.
 
 Devices may fetch only what belongs to their desired image: its manifest, and the
-config and layers that manifest names.
+config and layers that manifest names. Signed rotations of the image-signing key
+(``edgeloop signing rotate``) are read from a directory and sent with every desired
+state; devices verify them against the key they pinned.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -60,10 +64,22 @@ class ImageInfo:
 class ArtifactCache:
     """Manifests and blobs of desired images, from the registry, cached locally."""
 
-    def __init__(self, oci: OciClient, directory: Path, *, trusted_key_id: str | None = None):
+    def __init__(
+        self,
+        oci: OciClient,
+        directory: Path,
+        *,
+        trusted_key_id: str | None = None,
+        rotations_dir: Path | None = None,
+    ):
         self.oci = oci
         self.directory = directory
         self.trusted_key_id = trusted_key_id
+        self.rotations_dir = rotations_dir
+        self._rotations: tuple[tuple[tuple[str, int, int], ...], list[tuple[bytes, bytes]]] = (
+            (),
+            [],
+        )
         directory.mkdir(parents=True, exist_ok=True)
         self._images: dict[str, ImageInfo] = {}
         self._loading: dict[str, asyncio.Future[ImageInfo]] = {}
@@ -71,6 +87,34 @@ class ArtifactCache:
         for stray in directory.glob("*.partial"):
             with contextlib.suppress(OSError):
                 stray.unlink()
+
+    def key_rotations(self) -> list[tuple[bytes, bytes]]:
+        """(payload, signature) of each rotation file (``*.json``: base64 ``payload`` and
+        ``signature``) in ``rotations_dir``, re-read when a file changes. Not verified
+        here: each device checks them against the key it pinned."""
+        if self.rotations_dir is None:
+            return []
+        try:
+            paths = sorted(self.rotations_dir.glob("*.json"))
+            seen = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
+        except OSError as exc:
+            log.warning("key rotations in %s are unreadable: %s", self.rotations_dir, exc)
+            return self._rotations[1]
+        if seen != self._rotations[0]:
+            found = []
+            for path in paths:
+                try:
+                    body = json.loads(path.read_text())
+                    found.append(
+                        (
+                            base64.b64decode(body["payload"], validate=True),
+                            base64.b64decode(body["signature"], validate=True),
+                        )
+                    )
+                except (OSError, ValueError, KeyError, TypeError, binascii.Error) as exc:
+                    log.warning("key rotation %s is unreadable: %s (not sent)", path, exc)
+            self._rotations = (seen, found)
+        return self._rotations[1]
 
     async def image(self, repository: str, digest: str) -> ImageInfo:
         """The manifest (verified against ``digest``), its members and its signature."""

@@ -37,6 +37,8 @@ class GatewaySettings(ApiServiceSettings):
     """Local cache of artifact blobs served to devices."""
     signing_public_key: Path | None = None
     """PEM of the key images are signed with, handed to devices at enrolment."""
+    signing_key_rotations: Path | None = None
+    """Directory of signed key rotations (``edgeloop signing rotate``) sent to devices."""
     heartbeat_seconds: int = 10
     """Heartbeat interval agents are asked to keep; 3 missed heartbeats end a session."""
     max_message_bytes: int = 1 << 20

@@ -245,6 +245,8 @@ class EdgeGateway:
             revision=revision,
             trace_parent=doc.trace_parent or "",
         )
+        for payload, signature in self.artifacts.key_rotations():
+            msg.key_rotations.add(payload=payload, signature=signature)
         try:
             info = await self.artifacts.image(image_repository(doc.image), doc.manifest_digest)
         except Exception as exc:  # the agent will fail to fetch it and report why

@@ -14,6 +14,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgeloop.contracts.events import ImageBuilt
+from edgeloop.contracts.signing import SignedRelease
 from edgeloop.edge.runtime import ModelLoadError, OnnxModel, OutputShapeError
 from edgeloop.kit.oci import OciClient
 from edgeloop.kit.oci.image import read_layer_file
@@ -78,9 +79,16 @@ class Validator:
         report = Report(details={"image": event.image, "digest": event.digest})
         repo = _repo(event.image)
         try:
-            await verify_image(self.oci, repo, event.digest, self.public_key)
+            claims = await verify_image(self.oci, repo, event.digest, self.public_key)
+            signed = SignedRelease.from_claims(claims)
         except SignatureError as exc:
             return report.fail(f"signature: {exc}")
+        if (signed.model, signed.version) != (event.model, event.version):
+            return report.fail(
+                f"signature: the signed claims say {signed}, the image was built as "
+                f"{event.model}@{event.version}"
+            )
+        report.details["release"] = signed.release
         onnx = await read_layer_file(self.oci, repo, event.digest, "model/model.onnx")
         manifest = json.loads(
             await read_layer_file(self.oci, repo, event.digest, "model/model.json")

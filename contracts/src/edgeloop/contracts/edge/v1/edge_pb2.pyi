@@ -589,8 +589,9 @@ class DesiredState(_message.Message):
     one; an empty manifest_digest means "run nothing". The agent verifies the signature
     over signature_payload with its trusted key, checks the payload names
     manifest_digest, fetches the manifest and the model blob with FetchArtifact, checks
-    their digests, and refuses a version older than the current one unless
-    explicit_rollback is set (anti-rollback, as TUF/Uptane define it).
+    their digests, and enforces anti-rollback on the payload's signed claims (model,
+    version, release counter; model and version must match the fields below): a lower
+    release only when explicit_rollback is set and the device ran that release before.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -609,6 +610,7 @@ class DesiredState(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     TRACE_PARENT_FIELD_NUMBER: _builtins.int
     SIGNATURE_KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_ROTATIONS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     image: _builtins.str
@@ -631,7 +633,13 @@ class DesiredState(_message.Message):
     trace_parent: _builtins.str
     """W3C traceparent of the rollout"""
     signature_key_id: _builtins.str
-    """which trusted key signed it (key rotation)"""
+    """which trusted key signed it (a hint only)"""
+    @_builtins.property
+    def key_rotations(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeyRotation]:
+        """Rotations of the image-signing key, each signed by the key it replaces; the agent
+        applies those that continue the chain of the key it pinned at enrolment.
+        """
+
     def __init__(
         self,
         *,
@@ -649,14 +657,43 @@ class DesiredState(_message.Message):
         revision: _builtins.int = ...,
         trace_parent: _builtins.str = ...,
         signature_key_id: _builtins.str = ...,
+        key_rotations: _abc.Iterable[Global___KeyRotation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["explicit_rollback", b"explicit_rollback", "image", b"image", "manifest_digest", b"manifest_digest", "model", b"model", "model_digest", b"model_digest", "model_size", b"model_size", "revision", b"revision", "rollout_id", b"rollout_id", "signature", b"signature", "signature_algorithm", b"signature_algorithm", "signature_key_id", b"signature_key_id", "signature_payload", b"signature_payload", "trace_parent", b"trace_parent", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explicit_rollback", b"explicit_rollback", "image", b"image", "key_rotations", b"key_rotations", "manifest_digest", b"manifest_digest", "model", b"model", "model_digest", b"model_digest", "model_size", b"model_size", "revision", b"revision", "rollout_id", b"rollout_id", "signature", b"signature", "signature_algorithm", b"signature_algorithm", "signature_key_id", b"signature_key_id", "signature_payload", b"signature_payload", "trace_parent", b"trace_parent", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DesiredState: _TypeAlias = DesiredState  # noqa: Y015
+
+@_typing.final
+class KeyRotation(_message.Message):
+    """"This new key replaces the key I am": signed by the old key, with a version that only
+    goes up (edgeloop.contracts.signing.rotation_payload).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAYLOAD_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    payload: _builtins.bytes
+    """JSON: type, version, previous, key (PEM), fingerprint"""
+    signature: _builtins.bytes
+    """Ed25519 by the previous key, over payload"""
+    def __init__(
+        self,
+        *,
+        payload: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KeyRotation: _TypeAlias = KeyRotation  # noqa: Y015
 
 @_typing.final
 class Command(_message.Message):

@@ -27,9 +27,11 @@ from edgeloop.contracts.signing import (
     SIGNATURE_TYPE,
     SignatureError,
     SignaturePayload,
+    fingerprint,
     key_id,
     load_public_key,
     pem_bytes,
+    rotation_payload,
     signature_bytes,
     verify_manifest_signature,
 )
@@ -56,6 +58,7 @@ __all__ = [
     "load_public_key",
     "public_pem",
     "sign_manifest",
+    "sign_rotation",
     "signature_tag",
     "store_signature",
     "verify_image",
@@ -143,6 +146,18 @@ def sign_manifest(
         separators=(",", ":"),
     ).encode()
     return SignaturePayload(payload, private_key.sign(payload))
+
+
+def sign_rotation(
+    old_key: Ed25519PrivateKey, new_key: Ed25519PublicKey, version: int
+) -> SignaturePayload:
+    """A key rotation: ``old_key`` vouches that ``new_key`` replaces it.
+
+    Devices that pinned ``old_key`` accept it when ``version`` is higher than the
+    version of the trust they hold (``edgeloop.contracts.signing.verify_rotation``).
+    """
+    payload = rotation_payload(fingerprint(old_key), new_key, version)
+    return SignaturePayload(payload, old_key.sign(payload))
 
 
 # --- storage next to the image ---------------------------------------------------------
