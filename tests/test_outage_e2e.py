@@ -17,6 +17,7 @@ from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import Histogram, TelemetryBatch
 from edgeloop.devstack.servers import NatsServer, Postgres
 from edgeloop.devstack.testing import eventually, publish_event, stream_messages
+from edgeloop.kit.dbroles import DbRole
 from tests.deploy_harness import DeployStack, register_version
 from tests.modelzoo import classifier
 from tests.test_monitor import Monitored, _counted, mon  # noqa: F401 (mon is a fixture)
@@ -27,8 +28,8 @@ OUTAGE_SECONDS = 60
 
 
 @pytest.fixture
-def restartable_pg(tmp_path: Path) -> Iterator[Postgres]:
-    server = Postgres(tmp_path / "pg").start()
+def restartable_pg(tmp_path: Path, pg_roles: tuple[DbRole, ...]) -> Iterator[Postgres]:
+    server = Postgres(tmp_path / "pg", roles=pg_roles).start()
     yield server
     server.stop()
 
