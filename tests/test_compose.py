@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import bcrypt
 import pytest
@@ -60,7 +61,7 @@ def config() -> dict[str, Any]:
 
 def test_compose_config_passes_and_has_every_part(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == {*PLATFORM, *INFRA, "fleet"}
+    assert set(services) == {*PLATFORM, *INFRA, "fleet", "db-init"}
     assert services["nats"]["command"] == ["-c", "/run/secrets/nats.conf"]
     assert services["nats"]["secrets"][0]["target"] == "nats.conf"
 
@@ -86,6 +87,28 @@ def test_every_service_connects_to_nats_as_its_own_user(
         assert bcrypt.checkpw(password.encode(), digest.encode()), name
         assert password not in server
         assert entry.index('"permissions"') < entry.index("}\n  }")
+
+
+def test_every_service_connects_to_postgresql_as_its_own_role(config: dict[str, Any]) -> None:
+    """db-init (the bootstrap, as the admin) creates each service's role; the services wait
+    for it, connect as their role and get the audit key; only db-init has the admin DSN."""
+    services = config["services"]
+    init = services["db-init"]
+    assert init["command"] == ["python", "-m", "edgeloop.kit.dbroles"]
+    init_targets = {s["target"] for s in init["secrets"]}
+    assert "EDGELOOP_DATABASE_URL" in init_targets
+    for name in PLATFORM:
+        svc = services[name]
+        assert svc["depends_on"]["db-init"]["condition"] == "service_completed_successfully"
+        assert svc["environment"][f"EDGELOOP_{name.upper()}_DATABASE_USER"] == f"edgeloop_{name}"
+        password = f"EDGELOOP_{name.upper()}_DATABASE_PASSWORD"
+        (own,) = [s for s in svc["secrets"] if s.get("target") == password]
+        (same,) = [s for s in init["secrets"] if s.get("target") == password]
+        assert own["source"] == same["source"], name
+        targets = {s.get("target") or s["source"] for s in svc["secrets"]}
+        assert "EDGELOOP_AUDIT_KEY" in targets, name
+        assert "EDGELOOP_DATABASE_URL" not in targets, name  # not the admin's DSN
+        assert not {t for t in targets if t.endswith("_DATABASE_PASSWORD")} - {password}
 
 
 def test_every_service_is_built_from_its_dockerfile_in_the_workspace(
@@ -121,6 +144,8 @@ def test_secrets_are_files_never_environment_values(config: dict[str, Any]) -> N
         for key, value in (svc.get("environment") or {}).items():
             if str(value).startswith("/run/secrets/"):
                 continue  # the path of a secret's file, not the secret
+            if key.endswith("DATABASE_URL") and urlsplit(str(value)).password is None:
+                continue  # where the database is; each service's role has its password
             assert not SECRET_NAMES.search(key), f"{name} gets {key} from the environment"
     for secret in config["secrets"].values():
         assert Path(secret["file"]).parent == ROOT / ".edgeloop" / "compose"

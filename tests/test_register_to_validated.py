@@ -503,7 +503,72 @@ def test_the_audit_trail_records_each_action_and_shows_tampering(
     assert broken.exit_code == 1
     assert f"BROKEN at record {seq}" in broken.output
     alter(None)  # put back as it was: the chain checks out again
-    assert runner.invoke(app, ["audit", "verify"], env=stack).exit_code == 0
+    intact = runner.invoke(app, ["audit", "verify"], env=stack)
+    assert intact.exit_code == 0
+    assert "every hash and MAC checks out" in intact.output
+
+    # the database's owner rewrites the record and recomputes every hash after it: the
+    # unkeyed chain would check out, the MACs (their key outside the database) do not
+    asyncio.run(_rewrite_history(dsn, seq, "nothing to see here"))
+    rewritten = runner.invoke(app, ["audit", "verify"], env=stack)
+    assert rewritten.exit_code == 1
+    assert f"BROKEN at record {seq}: its MAC does not match" in rewritten.output
+
+
+async def _rewrite_history(dsn: str, seq: int, reason: str) -> None:
+    """As the superuser: set record ``seq``'s reason and re-hash the chain from it on."""
+    from edgeloop.kit.audit import record_hash
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            rows = await conn.fetch(
+                "SELECT seq, at, service, actor, action, subject, model, version, before, "
+                "after, reason, trace_id, prev_hash FROM audit.records WHERE seq >= $1 "
+                "ORDER BY seq",
+                seq,
+            )
+            prev = rows[0]["prev_hash"]
+            for r in rows:
+                row = dict(r) | {"prev_hash": prev}
+                for key in ("before", "after"):
+                    row[key] = None if row[key] is None else json.loads(row[key])
+                if row["seq"] == seq:
+                    row["reason"] = reason
+                prev = record_hash(row)
+                await conn.execute(
+                    "UPDATE audit.records SET reason = $2, prev_hash = $3, hash = $4 "
+                    "WHERE seq = $1",
+                    row["seq"],
+                    row["reason"],
+                    row["prev_hash"],
+                    prev,
+                )
+    finally:
+        await conn.close()
+
+
+def test_each_service_connects_to_postgresql_as_its_own_role(stack: dict[str, str]) -> None:
+    """`make up` bootstrapped a role per service: every service's connections (named by
+    their schema) are its role's, none is a superuser's."""
+    dsn = json.loads((Path(stack["EDGELOOP_STATE_DIR"]) / "stack.json").read_text())["database_url"]
+
+    async def sessions() -> dict[str, set[str]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(
+                "SELECT application_name, usename FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = ANY($1::text[])",
+                list(ACCESS),
+            )
+        finally:
+            await conn.close()
+        out: dict[str, set[str]] = {}
+        for r in rows:
+            out.setdefault(r["application_name"], set()).add(r["usename"])
+        return out
+
+    assert asyncio.run(sessions()) == {name: {f"edgeloop_{name}"} for name in ACCESS}
 
 
 def test_no_service_was_refused_by_nats(stack: dict[str, str]) -> None:
@@ -525,9 +590,11 @@ def test_no_secret_in_an_event_a_log_line_or_an_image(stack: dict[str, str]) -> 
         for line in (state / "signing-key.pem").read_text().splitlines()
         if line and not line.startswith("-----")
     ]
-    nats_passwords = [p.read_text().strip() for p in (state / "nats-users").iterdir()]
+    passwords = [
+        p.read_text().strip() for d in ("nats-users", "pg-users") for p in (state / d).iterdir()
+    ]
     secrets = [token.encode(), *(line.encode() for line in key_lines)]
-    secrets += [p.encode() for p in nats_passwords]
+    secrets += [p.encode() for p in [*passwords, (state / "audit-key").read_text().strip()]]
     assert all(len(s) >= 16 for s in secrets)
 
     def leaks(data: bytes) -> list[bytes]:

@@ -36,7 +36,8 @@ async def test_replicas_migrating_at_once_apply_each_migration_once(
     try:
         migrations = [("0001_t.sql", "CREATE TABLE {schema}.t (x int)")]
         results = await asyncio.gather(*(migrate(p, schema, migrations) for p in pools))
-        kit = len(list(resources.files("edgeloop.kit").joinpath("sql").iterdir()))
+        sql = resources.files("edgeloop.kit").joinpath("sql").iterdir()
+        kit = len([f for f in sql if f.name.endswith(".sql")])
         assert sorted(len(r) for r in results) == [0, 0, kit + 1]
     finally:
         for p in pools:

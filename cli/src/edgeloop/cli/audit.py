@@ -10,7 +10,10 @@ import typer
 from edgeloop.cli.api import REGISTRY
 from edgeloop.cli.data import instant
 
-app = typer.Typer(help="Who changed what, when and why (hash-chained).", no_args_is_help=True)
+app = typer.Typer(
+    help="Who changed what, when and why (hash-chained, MACs keyed outside the database).",
+    no_args_is_help=True,
+)
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -51,10 +54,15 @@ def log(
 
 @app.command("verify")
 def verify() -> None:
-    """Check the hash chain; exit 1 with the first broken link."""
+    """Check the hash chain and the MACs; exit 1 with the first broken link."""
     v = REGISTRY.request("GET", "/api/v1/audit/verify")
     if v["ok"]:
-        typer.echo(f"audit trail intact: {v['records']} records, every hash checks out")
+        checked = (
+            "every hash and MAC checks out"
+            if v.get("keyed")
+            else "every hash checks out (the registry has no audit key: MACs not checked)"
+        )
+        typer.echo(f"audit trail intact: {v['records']} records, {checked}")
         return
     typer.secho(
         f"audit trail BROKEN at record {v['broken_at']}: {v['problem']} "

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 _NATS_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
 
@@ -30,6 +30,16 @@ def load_stack_json(path: Path | None = None) -> dict[str, Any]:
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def with_credentials(url: str, user: str, password: str | None = None) -> str:
+    """``url`` with ``user`` (and ``password``) in place of any credentials it had."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    login = quote(user, safe="")
+    if password is not None:
+        login += ":" + quote(password, safe="")
+    return urlunsplit(parts._replace(netloc=f"{login}@{host}"))
 
 
 def redact(url: str) -> str:

@@ -1,7 +1,8 @@
 """Secrets a local installation needs, generated once into the state directory
 (``.edgeloop/``, mode 600): the API token, the Ed25519 image-signing key, a NATS
-password per service, and for ``docker compose`` the database password and URL, the NATS
-server's configuration, and the copies Compose mounts.
+password and a PostgreSQL role password per service, the audit chain's key, and for
+``docker compose`` the database's admin password and URL, the NATS server's
+configuration, and the copies Compose mounts.
 
     python -m edgeloop.devstack.keys      # (make keys) before the first `docker compose up`
 
@@ -10,6 +11,7 @@ server's configuration, and the copies Compose mounts.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from edgeloop.contracts.access import SERVICES
 from edgeloop.contracts.stackfile import state_dir
 from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import nats_config
+from edgeloop.kit.dbroles import DbRole, bootstrap, platform_roles
 
 
 def generated_secret(path: Path) -> str:
@@ -61,6 +64,39 @@ def nats_users(root: Path) -> NatsAuth:
     return NatsAuth.platform(lambda name: generated_secret(users / name))
 
 
+def pg_roles(root: Path) -> tuple[DbRole, ...]:
+    """The PostgreSQL role of every service, their passwords generated once under
+    ``root/pg-users`` (a file per service, mode 600)."""
+    users = root / "pg-users"
+    users.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return platform_roles(lambda name: generated_secret(users / name))
+
+
+def audit_key(root: Path) -> str:
+    """The audit chain's HMAC key (``root/audit-key``, mode 600): every service that
+    writes audit records and the verifier hold it; the database never does."""
+    return generated_secret(root / "audit-key")
+
+
+def database_env(root: Path, admin_dsn: str) -> dict[str, dict[str, str]]:
+    """Per service, the settings that make it connect as its own PostgreSQL role (created
+    now in the database of ``admin_dsn``: the bootstrap) and sign its audit records.
+
+    A DSN whose user may not create roles (an external server's ordinary user) gets no
+    roles: the services then use it as it is, with a warning.
+    """
+    import asyncpg
+
+    roles = pg_roles(root)
+    try:
+        asyncio.run(bootstrap(admin_dsn, roles))
+    except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+        print(f"  ! no PostgreSQL role per service ({exc}); services share the DSN's user")
+        roles = ()
+    key = {"EDGELOOP_AUDIT_KEY": audit_key(root)}
+    return {role.service: role.env() | key for role in roles} or dict.fromkeys(SERVICES, key)
+
+
 def compose_secrets(root: Path) -> list[Path]:
     """The files docker-compose.yml mounts as secrets, in ``root/compose`` (generated
     where missing). Compose bind-mounts them as they are, and the services run as an
@@ -71,6 +107,7 @@ def compose_secrets(root: Path) -> list[Path]:
     private, public = signing_keys(root)
     password = generated_secret(root / "db-password")
     auth = nats_users(root)
+    roles = pg_roles(root)
     out = root / "compose"
     out.mkdir(mode=0o700, exist_ok=True)
     out.chmod(0o700)
@@ -84,6 +121,9 @@ def compose_secrets(root: Path) -> list[Path]:
         "nats.conf": nats_config("0.0.0.0:4222", "0.0.0.0:8222", "/data", auth),
     }
     files |= {f"nats-{name}-password": auth.user(name).password + "\n" for name in SERVICES}
+    # each service's PostgreSQL role (created by the db-init container) and the audit key
+    files |= {f"pg-{role.service}-password": role.password + "\n" for role in roles}
+    files["audit-key"] = audit_key(root) + "\n"
     paths = []
     for name, text in files.items():
         path = out / name

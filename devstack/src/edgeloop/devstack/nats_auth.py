@@ -13,11 +13,11 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import bcrypt
 
 from edgeloop.contracts.access import SERVICES, nats_permissions
+from edgeloop.contracts.stackfile import with_credentials
 
 ADMIN = "admin"
 #: bcrypt cost: the server checks a password once per connection
@@ -94,9 +94,7 @@ class NatsAuth:
     def url(self, url: str, name: str = ADMIN) -> str:
         """``url`` with ``name``'s credentials in it (for tools that take one URL)."""
         user = self.user(name)
-        parts = urlsplit(url)
-        netloc = f"{quote(user.name, safe='')}:{quote(user.password, safe='')}@{parts.netloc}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        return with_credentials(url, user.name, user.password)
 
     def config(self) -> str:
         """The server configuration's ``authorization`` block (and ``no_auth_user``)."""

@@ -6,12 +6,15 @@ platform's users (``nats_auth``): every service a test builds connects as itself
 only its own rights, while the tests' own clients connect without credentials as the
 admin. PostgreSQL is the server in
 ``DATABASE_URL`` when that is set and reachable (a fresh database per session, dropped at
-the end), else an embedded one. The fixtures are synchronous (they start processes), so
+the end), else an embedded one; every database the session creates on it is bootstrapped
+with the services' roles (``pg_roles``), and each service connects as its own role, while
+``pg_dsn`` stays the admin's. The fixtures are synchronous (they start processes), so
 they work under pytest-asyncio with any loop scope.
 """
 
 from __future__ import annotations
 
+import secrets
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +27,7 @@ from nats.js import JetStreamContext
 
 from edgeloop.devstack.nats_auth import ADMIN, NatsAuth
 from edgeloop.devstack.servers import NatsCluster, NatsServer, OciRegistry, Postgres
+from edgeloop.kit.dbroles import DbRole, platform_roles, roles_env
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +47,22 @@ def nats_auth() -> Iterator[NatsAuth]:
         for name, value in auth.every_service_env().items():
             patch.setenv(name, value)
         yield auth
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pg_roles() -> Iterator[tuple[DbRole, ...]]:
+    """The services' PostgreSQL roles for this session (names with a prefix of the
+    session's own: roles belong to the whole server); each service's user and password
+    are in the environment (``EDGELOOP_<SERVICE>_DATABASE_USER``/``_PASSWORD``) while it
+    runs, and the audit key (``EDGELOOP_AUDIT_KEY``). Give them to a test's own
+    ``Postgres(..., roles=pg_roles)``."""
+    prefix = f"el{uuid.uuid4().hex[:8]}_"
+    roles = platform_roles(lambda _name: secrets.token_urlsafe(24), prefix)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in roles_env(roles).items():
+            patch.setenv(name, value)
+        patch.setenv("EDGELOOP_AUDIT_KEY", secrets.token_urlsafe(32))
+        yield roles
 
 
 @pytest.fixture(scope="session")
@@ -75,10 +95,10 @@ def nats_private(tmp_path: Path, nats_auth: NatsAuth) -> Iterator[NatsServer]:
 
 
 @pytest.fixture
-def postgres_private(tmp_path: Path) -> Iterator[Postgres]:
+def postgres_private(tmp_path: Path, pg_roles: tuple[DbRole, ...]) -> Iterator[Postgres]:
     """An embedded PostgreSQL of the test's own, for tests that kill or restart it (the
-    session's server is not disturbed)."""
-    server = Postgres(tmp_path / "pg").start()
+    session's server is not disturbed); its databases have the services' roles."""
+    server = Postgres(tmp_path / "pg", roles=pg_roles).start()
     yield server
     server.stop()
 
@@ -101,9 +121,10 @@ def nats_url(nats_server: NatsServer) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres(stack_dir: Path) -> Iterator[Postgres]:
-    """PostgreSQL: external from ``DATABASE_URL`` when reachable, else embedded."""
-    server = Postgres.from_env(stack_dir / "pg").start()
+def postgres(stack_dir: Path, pg_roles: tuple[DbRole, ...]) -> Iterator[Postgres]:
+    """PostgreSQL: external from ``DATABASE_URL`` when reachable, else embedded; the
+    databases it creates are bootstrapped for ``pg_roles``."""
+    server = Postgres.from_env(stack_dir / "pg", roles=pg_roles).start()
     yield server
     server.stop()
 

@@ -24,15 +24,18 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 
 from edgeloop.devstack.nats_auth import NatsAuth
+
+if TYPE_CHECKING:
+    from edgeloop.kit.dbroles import DbRole
 
 T = TypeVar("T")
 
@@ -651,16 +654,25 @@ class Postgres(ManagedProcess):
         data_dir: where ``pgdata`` and the log go.
         port: TCP port (default: a free one).
         external: the DSN of an existing server to use instead.
+        roles: the services' PostgreSQL roles: every database :meth:`create_database`
+            returns is bootstrapped for them (``edgeloop.kit.dbroles``), so services
+            connecting as their role find their schema and the shared tables.
     """
 
     name = "postgres"
     stop_signal = signal.SIGINT  # PostgreSQL's "fast" shutdown
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, *, external: str | None = None
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        external: str | None = None,
+        roles: Sequence[DbRole] = (),
     ) -> None:
         super().__init__(data_dir)
         self.external = external
+        self.roles = tuple(roles)
         if external:
             self.port = urlsplit(external).port or 5432
         else:
@@ -672,18 +684,18 @@ class Postgres(ManagedProcess):
         return cls(data_dir or Path(tempfile.gettempdir()), external=dsn)
 
     @classmethod
-    def from_env(cls, data_dir: Path) -> Postgres:
+    def from_env(cls, data_dir: Path, roles: Sequence[DbRole] = ()) -> Postgres:
         """The server in ``DATABASE_URL`` when that is set and answers, else embedded."""
         url = os.environ.get("DATABASE_URL")
         if url:
             if _pg_reachable(url):
-                return cls(data_dir, external=url)
+                return cls(data_dir, external=url, roles=roles)
             warnings.warn(
                 "DATABASE_URL is set but does not answer; using an embedded PostgreSQL",
                 RuntimeWarning,
                 stacklevel=2,
             )
-        return cls(data_dir)
+        return cls(data_dir, roles=roles)
 
     @property
     def can_restart(self) -> bool:
@@ -801,8 +813,11 @@ class Postgres(ManagedProcess):
         super().restart(hard=hard, timeout=timeout)
 
     async def create_database_async(self, name: str) -> str:
-        """Create database ``name`` unless it exists; its DSN."""
+        """Create database ``name`` unless it exists (bootstrapped for :attr:`roles`);
+        its DSN."""
         import asyncpg
+
+        from edgeloop.kit.dbroles import bootstrap
 
         conn = await asyncpg.connect(self.dsn("postgres"))
         try:
@@ -811,6 +826,8 @@ class Postgres(ManagedProcess):
                 await conn.execute(f"CREATE DATABASE {_quote_ident(name)}")
         finally:
             await conn.close()
+        if self.roles:
+            await bootstrap(self.dsn(name), self.roles)
         return self.dsn(name)
 
     def create_database(self, name: str) -> str:

@@ -159,6 +159,7 @@ def up_environment(state_dir: Path) -> dict[str, str]:
     from edgeloop.devstack.nats_auth import SERVICE_ENV_NAMES
     from edgeloop.devstack.servers import free_port, free_port_range
     from edgeloop.devstack.up import SERVICES
+    from edgeloop.kit.dbroles import ENV_NAMES as DATABASE_ENV_NAMES
 
     env = {
         **os.environ,
@@ -182,8 +183,11 @@ def up_environment(state_dir: Path) -> dict[str, str]:
         "EDGELOOP_OCI_REGISTRY_URL",
         "EDGELOOP_OTLP_ENDPOINT",
         "EDGELOOP_TRACES_API",
-        # the session's own NATS users: `make up` gives each service one of its own
+        # the session's own NATS users, PostgreSQL roles and audit key: `make up` gives
+        # each service its own
         *SERVICE_ENV_NAMES,
+        *DATABASE_ENV_NAMES,
+        "EDGELOOP_AUDIT_KEY",
     ):
         env.pop(key, None)
     return env

@@ -40,7 +40,7 @@ import psutil
 
 from edgeloop.contracts.access import SERVICES as SERVICE_ACCESS
 from edgeloop.contracts.stackfile import redact, state_dir
-from edgeloop.devstack.keys import generated_secret, nats_users, signing_keys
+from edgeloop.devstack.keys import database_env, generated_secret, nats_users, signing_keys
 from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import (
     ManagedProcess,
@@ -411,6 +411,8 @@ def main() -> None:
             pg = Postgres(root / "pg", _port("EDGELOOP_PG_PORT", PG_PORT))
             servers.append(pg.start())
             database_url = pg.create_database(DATABASE)
+        # each service connects as its own role, given only its schema (the bootstrap)
+        own_database = database_env(root, database_url)
         if signals.stopping:
             return
         registry_url = os.environ.get("EDGELOOP_OCI_REGISTRY_URL")
@@ -517,6 +519,7 @@ def main() -> None:
             env = {**common, **own.get(name, {}), f"EDGELOOP_{name.upper()}_HTTP_PORT": str(port)}
             if auth is not None and name in SERVICE_ACCESS:
                 env |= auth.service_env(name)
+            env |= own_database.get(name, {})
             services.append(ServiceProcess(name, module, port, env, logs / f"{name}.log"))
             port += 1
             if name in SERVICE_ACCESS:  # platform services (not the fleet, the collector)

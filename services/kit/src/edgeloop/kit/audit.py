@@ -9,11 +9,20 @@ hash covers every field, so changing, inserting or deleting a record breaks the 
 that point (:func:`verify` finds the first broken link). Appending takes a transaction
 lock on the chain's head: audited actions of the whole platform serialise at their
 commit, which control-plane actions (not telemetry) afford.
+
+The hash alone has no key: whoever may write the table could change a record and
+recompute every hash after it. So the chain is anchored outside the database: with an
+audit key configured (:func:`configure`, from ``EDGELOOP_AUDIT_KEY``; the database never
+holds it) each record also carries ``mac`` = HMAC-SHA256(key, hash), and :func:`verify`
+with the key refuses a record whose MAC is missing or wrong. Services' database roles
+may only insert and read the table (``edgeloop.kit.dbroles``), so rewriting history
+needs the database's owner *and* the key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +49,21 @@ _FIELDS = (
     "trace_id",
     "prev_hash",
 )
+
+
+_key: bytes | None = None
+
+
+def configure(key: str | None) -> None:
+    """Set the process's audit key (every service of an installation has the same one):
+    records written from now on carry its MAC, and :func:`verify` checks them."""
+    global _key
+    _key = key.encode() if key else None
+
+
+def record_mac(digest: str, key: bytes) -> str:
+    """The HMAC-SHA256 (hex) of a record's hash under the audit key."""
+    return hmac.new(key, digest.encode(), hashlib.sha256).hexdigest()
 
 
 def _canonical(value: Any) -> Any:
@@ -96,8 +120,9 @@ async def record(
     digest = record_hash(fields)
     await conn.execute(
         """INSERT INTO audit.records (seq, at, service, actor, action, subject, model, version,
-               before, after, reason, trace_id, prev_hash, hash)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, $12, $13, $14)""",
+               before, after, reason, trace_id, prev_hash, hash, mac)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10::jsonb, $11, $12, $13, $14,
+                   $15)""",
         fields["seq"],
         fields["at"],
         service,
@@ -112,6 +137,7 @@ async def record(
         fields["trace_id"],
         fields["prev_hash"],
         digest,
+        record_mac(digest, _key) if _key else None,
     )
     return int(fields["seq"])
 
@@ -123,6 +149,8 @@ class Verdict:
     records: int
     broken_at: int | None = None
     problem: str | None = None
+    keyed: bool = False
+    """Whether the MACs were checked too (the verifier had the audit key)."""
 
     @property
     def ok(self) -> bool:
@@ -130,12 +158,15 @@ class Verdict:
 
 
 async def verify(conn: Conn) -> Verdict:
-    """Walk the chain from the first record; the first broken link, if any."""
+    """Walk the chain from the first record; the first broken link, if any. With the audit
+    key (:func:`configure`) every record's MAC must check out too."""
+    secret, keyed = _key, _key is not None
     prev, expected_seq, n = GENESIS, 1, 0
     async with conn.transaction():
         cursor = conn.cursor(
             "SELECT seq, at, service, actor, action, subject, model, version, before::text, "
-            "after::text, reason, trace_id, prev_hash, hash FROM audit.records ORDER BY seq"
+            "after::text, reason, trace_id, prev_hash, hash, mac FROM audit.records "
+            "ORDER BY seq"
         )
         async for row in cursor:
             n += 1
@@ -143,16 +174,24 @@ async def verify(conn: Conn) -> Verdict:
             for key in ("before", "after"):  # jsonb reads back as its text
                 if fields[key] is not None:
                     fields[key] = json.loads(fields[key])
+            mac = fields.pop("mac")
+            problem = None
             if fields["seq"] != expected_seq:
-                return Verdict(n, fields["seq"], f"record {expected_seq} is missing")
-            if fields["prev_hash"] != prev:
-                return Verdict(
-                    n, fields["seq"], "its prev_hash is not the hash of the record before"
-                )
-            if record_hash(fields) != fields["hash"]:
-                return Verdict(n, fields["seq"], "its content does not match its hash")
+                problem = f"record {expected_seq} is missing"
+            elif fields["prev_hash"] != prev:
+                problem = "its prev_hash is not the hash of the record before"
+            elif record_hash(fields) != fields["hash"]:
+                problem = "its content does not match its hash"
+            elif secret is not None and mac is None:
+                problem = "it has no MAC (written without the audit key, or the MAC was removed)"
+            elif secret is not None and not hmac.compare_digest(
+                mac, record_mac(fields["hash"], secret)
+            ):
+                problem = "its MAC does not match: changed by someone without the audit key"
+            if problem:
+                return Verdict(n, fields["seq"], problem, keyed)
             prev, expected_seq = fields["hash"], expected_seq + 1
-    return Verdict(n)
+    return Verdict(n, keyed=keyed)
 
 
 async def log(

@@ -25,7 +25,7 @@ from faststream.nats.message import NatsBatchMessage as _NatsBatchMessage
 from nats.js import JetStreamContext
 
 from edgeloop.contracts.events import Event
-from edgeloop.kit import compat, failpoints
+from edgeloop.kit import audit, compat, failpoints
 from edgeloop.kit.bus import ConsumerSpec, declare_consumer, declare_topology, make_broker
 from edgeloop.kit.consumer import DeadLetters, EventProcessor, Handler, Malformed
 from edgeloop.kit.db import create_pool, migrate, read_migrations
@@ -226,8 +226,10 @@ class Service:
         """Connect, migrate, declare, then start consuming, relaying and serving health."""
         s = self.settings
         failpoints.load()
+        if s.audit_key is not None:  # one key per installation: process-wide
+            audit.configure(s.audit_key.get_secret_value())
         self._pool = await create_pool(
-            s.database_url, self.schema, min_size=s.db_pool_min, max_size=s.db_pool_max
+            s.database_dsn(), self.schema, min_size=s.db_pool_min, max_size=s.db_pool_max
         )
         await migrate(self._pool, self.schema, read_migrations(self.migrations))
         await self.broker.connect()

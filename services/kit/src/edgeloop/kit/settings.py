@@ -18,6 +18,8 @@ from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from edgeloop.contracts.stackfile import with_credentials
+
 PLACEHOLDER_SECRETS = frozenset({"changeme", "changethis", "secret", "password", "placeholder"})
 
 #: Fields every service shares, readable from the common ``EDGELOOP_`` prefix too.
@@ -25,6 +27,7 @@ SHARED_FIELDS = (
     "nats_url",
     "nats_replicas",
     "database_url",
+    "audit_key",
     "oci_registry_url",
     "otlp_endpoint",
     "trace_sql",
@@ -62,6 +65,16 @@ class ServiceSettings(BaseSettings):
     """That user's password."""
     database_url: str = "postgresql://postgres@127.0.0.1:15432/edgeloop"
     """PostgreSQL DSN; the service keeps its tables in its own schema."""
+    database_user: str | None = None
+    """The PostgreSQL role this service connects as, in place of the DSN's user: its own,
+    given only its schema by the bootstrap (``edgeloop.kit.dbroles``). Unset: the DSN's
+    user (a superuser works as before roles existed)."""
+    database_password: SecretStr | None = None
+    """That role's password."""
+    audit_key: SecretStr | None = None
+    """The key of the audit chain's HMAC (``EDGELOOP_AUDIT_KEY``, the same for every
+    service, held outside the database): each audit record this service writes carries
+    one, and the registry's ``audit verify`` checks them. Unset: no MAC (hashes only)."""
     oci_registry_url: str = "http://127.0.0.1:15000"
     """Base URL of the OCI (Distribution) registry that holds every byte."""
     otlp_endpoint: str | None = None
@@ -115,6 +128,19 @@ class ServiceSettings(BaseSettings):
         if changed:
             cls.model_config["populate_by_name"] = True
             cls.model_rebuild(force=True)
+
+    def database_dsn(self) -> str:
+        """The DSN the service connects with: ``database_url`` as ``database_user``."""
+        if not self.database_user:
+            return self.database_url
+        password = self.database_password.get_secret_value() if self.database_password else None
+        return with_credentials(self.database_url, self.database_user, password)
+
+    @model_validator(mode="after")
+    def _audit_key_long_enough(self) -> ServiceSettings:
+        if self.audit_key is not None and len(self.audit_key.get_secret_value()) < 32:
+            raise ValueError("audit_key is shorter than 32 characters; generate a longer one")
+        return self
 
     @model_validator(mode="after")
     def _retention_long_enough(self) -> ServiceSettings:

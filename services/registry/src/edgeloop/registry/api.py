@@ -250,7 +250,8 @@ def create_api(
 
     @api.get("/api/v1/audit/verify")
     async def audit_verify(_: Actor) -> dict[str, Any]:
-        """Walk the hash chain: how many records, and the first broken link if any."""
+        """Walk the hash chain (and, with the audit key, every record's MAC): how many
+        records, and the first broken link if any."""
         async with store.pool.acquire() as conn:
             verdict = await audit.verify(conn)
         return {
@@ -258,6 +259,7 @@ def create_api(
             "records": verdict.records,
             "broken_at": verdict.broken_at,
             "problem": verdict.problem,
+            "keyed": verdict.keyed,
         }
 
     @api.get("/api/v1/models")

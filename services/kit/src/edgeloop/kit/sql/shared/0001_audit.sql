@@ -1,7 +1,7 @@
 -- The audit trail, shared by every service: one append-only, hash-chained table in the
--- schema `audit` (created by whichever service migrates first; the lock keeps two from
--- creating it at once). {schema} is unused here: the trail is one for the platform.
-SELECT pg_advisory_xact_lock(hashtext('edgeloop:audit-schema'));
+-- schema `audit`. A shared migration: applied once per database, by the bootstrap
+-- (edgeloop.kit.dbroles, admin DSN) or by the first service that connects as a
+-- superuser (kit.db.migrate_shared).
 CREATE SCHEMA IF NOT EXISTS audit;
 CREATE TABLE IF NOT EXISTS audit.records (
     seq         bigint      PRIMARY KEY,

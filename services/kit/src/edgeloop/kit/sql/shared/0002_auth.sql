@@ -1,6 +1,6 @@
 -- API tokens with roles, shared by every service's API (schema `auth`). Only a token's
--- SHA-256 is stored; the token itself is shown once, when it is issued.
-SELECT pg_advisory_xact_lock(hashtext('edgeloop:auth-schema'));
+-- SHA-256 is stored; the token itself is shown once, when it is issued. A shared
+-- migration (see 0001_audit.sql).
 CREATE SCHEMA IF NOT EXISTS auth;
 CREATE TABLE IF NOT EXISTS auth.tokens (
     name        text        PRIMARY KEY,
