@@ -85,7 +85,8 @@ def test_up_writes_stack_json_keeps_data_and_stops_cleanly(tmp_path: Path) -> No
         admin = (state / "nats-users" / "admin").read_text().strip()
         port = env["EDGELOOP_NATS_PORT"]
         assert stack["nats_url"] == f"nats://admin:{admin}@127.0.0.1:{port}"
-        assert len(list((state / "nats-users").iterdir())) == len(ACCESS) + 1
+        # a user per service, the bootstrap (it declares the topology) and the admin
+        assert len(list((state / "nats-users").iterdir())) == len(ACCESS) + 2
         assert admin not in (state / "nats" / "nats.conf").read_text()
         assert stack["registry_url"] == f"http://127.0.0.1:{env['EDGELOOP_OCI_REGISTRY_PORT']}"
         dsn = str(stack["database_url"])

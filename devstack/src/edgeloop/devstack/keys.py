@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from edgeloop.contracts.access import SERVICES
+from edgeloop.contracts.access import BOOTSTRAP, SERVICES
 from edgeloop.contracts.stackfile import state_dir
 from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import nats_config
@@ -83,7 +83,9 @@ def compose_secrets(root: Path) -> list[Path]:
         # the NATS server's users (bcrypt hashes) and each service's own password
         "nats.conf": nats_config("0.0.0.0:4222", "0.0.0.0:8222", "/data", auth),
     }
-    files |= {f"nats-{name}-password": auth.user(name).password + "\n" for name in SERVICES}
+    files |= {
+        f"nats-{name}-password": auth.user(name).password + "\n" for name in (*SERVICES, BOOTSTRAP)
+    }
     paths = []
     for name, text in files.items():
         path = out / name
