@@ -156,7 +156,17 @@ def test_up_writes_stack_json_keeps_data_and_stops_cleanly(tmp_path: Path) -> No
         )
         assert "not running" in down.stdout
     finally:
-        if proc.poll() is None:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop ``make up`` so that it stops what it started: SIGTERM first (a SIGKILL would
+    leave its services and servers running, orphaned, after a failed test)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 
@@ -254,9 +264,7 @@ def test_up_restarts_its_infrastructure_when_it_dies(tmp_path: Path) -> None:
         assert proc.wait(60) == 0
         assert _leftovers(state) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 @pytest.mark.timeout(300)
@@ -300,6 +308,4 @@ def test_up_runs_a_nats_cluster_and_two_replicas_of_every_service(tmp_path: Path
         assert proc.wait(60) == 0
         assert _leftovers(state) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
