@@ -61,9 +61,30 @@ def config() -> dict[str, Any]:
 
 def test_compose_config_passes_and_has_every_part(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == {*PLATFORM, *INFRA, "fleet", "db-init"}
+    assert set(services) == {*PLATFORM, *INFRA, "fleet", "db-init", "bus-init"}
     assert services["nats"]["command"] == ["-c", "/run/secrets/nats.conf"]
     assert services["nats"]["secrets"][0]["target"] == "nats.conf"
+
+
+def test_the_topology_is_declared_once_by_the_bootstrap_user(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    """Services' own NATS users may only look at the streams (issue 16): a one-shot
+    ``bus-init`` declares them as the bootstrap user, and every service waits for it."""
+    init = config["services"]["bus-init"]
+    assert init["command"] == ["python", "-m", "edgeloop.kit.bootstrap"]
+    assert init["environment"]["EDGELOOP_BOOTSTRAP_NATS_USER"] == "bootstrap"
+    (secret,) = init["secrets"]
+    assert secret["target"] == "EDGELOOP_BOOTSTRAP_NATS_PASSWORD"
+    compose_secrets(tmp_path)
+    password = (tmp_path / "compose" / "nats-bootstrap-password").read_text().strip()
+    server = (tmp_path / "compose" / "nats.conf").read_text()
+    entry = server[server.index('"user": "bootstrap"') :]
+    digest = entry.split('"password": "', 1)[1].split('"', 1)[0]
+    assert bcrypt.checkpw(password.encode(), digest.encode())
+    for name in PLATFORM:
+        wait = config["services"][name]["depends_on"]["bus-init"]
+        assert wait["condition"] == "service_completed_successfully", name
 
 
 def test_every_service_connects_to_nats_as_its_own_user(

@@ -25,6 +25,7 @@ from typer.testing import CliRunner, Result
 from edgeloop.cli.main import app
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import DatasetSelection, RetrainRequested
+from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import NatsServer
 from edgeloop.devstack.testing import eventually, publish_event
 from edgeloop.kit.service import Service
@@ -235,8 +236,11 @@ async def test_dead_letters_dropped_by_the_byte_limit_are_counted_and_logged(
     registry_url: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    nats_auth: NatsAuth,
 ) -> None:
     monkeypatch.setenv("EDGELOOP_DLQ_MAX_BYTES", "6000")  # about three dead letters
+    # the limits are the bootstrap's to set, as make up and Compose run it
+    await asyncio.to_thread(nats_auth.bootstrap, nats_private.url)
     caplog.set_level(logging.WARNING, logger="edgeloop.registry.deadletters")
     dropped_before = METRICS.get_sample_value("edgeloop_dlq_dropped_total") or 0.0
     async with running_registry(nats_private, private_dsn, unique, registry_url) as stack:

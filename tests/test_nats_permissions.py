@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 import nats
@@ -19,11 +20,10 @@ from nats.js.api import ConsumerConfig
 from edgeloop.builder.app import build as build_builder
 from edgeloop.builder.config import BuilderSettings
 from edgeloop.contracts import subjects as s
-from edgeloop.contracts.access import SERVICES, stream_of
+from edgeloop.contracts.access import BOOTSTRAP, SERVICES, inbox_prefix, stream_of
 from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import NatsServer
 from edgeloop.devstack.testing import stream_messages
-from edgeloop.kit.bus import declare_topology
 from edgeloop.kit.oci.signing import generate_keypair
 
 ALL_EVENTS = (
@@ -88,7 +88,12 @@ async def _as(server: NatsServer, auth: NatsAuth, name: str) -> AsyncIterator[Se
 
     user = auth.user(name)
     nc = await nats.connect(
-        server.url, user=user.name, password=user.password, error_cb=on_error, name=name
+        server.url,
+        user=user.name,
+        password=user.password,
+        error_cb=on_error,
+        name=name,
+        inbox_prefix=inbox_prefix(name) if name != "admin" else "_INBOX",
     )
     try:
         yield Session(nc, errors)
@@ -97,9 +102,8 @@ async def _as(server: NatsServer, auth: NatsAuth, name: str) -> AsyncIterator[Se
 
 
 @pytest.fixture
-async def bus(nats_private: NatsServer, nats_auth: NatsAuth) -> NatsServer:
-    async with _as(nats_private, nats_auth, "admin") as admin:
-        await declare_topology(admin.js)
+async def bus(nats_private: NatsServer) -> NatsServer:
+    """A server whose topology the bootstrap user declared (the fixture did)."""
     return nats_private
 
 
@@ -108,7 +112,6 @@ async def test_a_service_publishes_its_own_events_and_no_others(
     bus: NatsServer, nats_auth: NatsAuth, service: str
 ) -> None:
     async with _as(bus, nats_auth, service) as me:
-        await declare_topology(me.js)  # every service declares the topology at start
         # all at once: each refusal costs a wait for an ack that never comes
         stored = await asyncio.gather(*(me.publish(subject) for subject in ALL_EVENTS))
         await asyncio.sleep(0.05)
@@ -178,4 +181,69 @@ async def test_a_running_service_is_refused_a_subject_it_does_not_own(
     # the server's log names who was refused what
     assert '"$G/user:builder" - Publish Violation - Subject "model.committed"' in (
         bus.log_path.read_text()
+    )
+
+
+async def _refused(call: Awaitable[object]) -> bool:
+    """Whether the server refused ``call`` (a refused request is never answered)."""
+    try:
+        await call
+    except nats.errors.TimeoutError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+async def test_a_service_cannot_change_the_topology_or_another_services_consumers(
+    bus: NatsServer, nats_auth: NatsAuth, service: str
+) -> None:
+    """Least privilege on the bus (issue 16): no topology changes, only its own durables,
+    replies only on its own inbox prefix."""
+    others = [d for name, a in SERVICES.items() if name != service for d in a.durables]
+    theirs = next(d for d in others if stream_of_durable(d) == s.STREAM_LIFECYCLE)
+    async with _as(bus, nats_auth, "admin") as admin:  # another service's durable exists
+        await admin.js.add_consumer(s.STREAM_LIFECYCLE, ConsumerConfig(durable_name=theirs))
+    async with _as(bus, nats_auth, service) as me:
+        info = await me.js.stream_info(s.STREAM_LIFECYCLE)  # it may look
+        limits = dataclasses.replace(info.config, max_age=1.0)
+        assert await _refused(me.js.update_stream(config=limits))
+        assert await _refused(me.js.delete_consumer(s.STREAM_LIFECYCLE, theirs))
+        assert await _refused(me.js.consumer_info(s.STREAM_LIFECYCLE, theirs, timeout=1))
+        redefined = ConsumerConfig(durable_name=theirs, filter_subject=s.MODEL_COMMITTED)
+        assert await _refused(me.js.add_consumer(s.STREAM_LIFECYCLE, redefined, timeout=1))
+        await me.nc.subscribe("_INBOX.>")  # everyone's replies
+        await me.nc.subscribe(f"{inbox_prefix('admin')}.>")
+        await asyncio.sleep(0.2)
+        refused = [str(e) for e in me.errors if "subscription" in str(e).lower()]
+        assert len(refused) >= 2, me.errors
+        # its own durables it may declare and look up
+        access = SERVICES[service]
+        for durable in access.durables[:1]:
+            stream = stream_of(access.consumes[0])
+            subject = access.consumes[0] if stream != s.STREAM_TELEMETRY else None
+            config = ConsumerConfig(durable_name=durable, filter_subject=subject)
+            await me.js.add_consumer(stream, config, timeout=5)
+            assert (await me.js.consumer_info(stream, durable, timeout=5)).name == durable
+    async with _as(bus, nats_auth, "admin") as admin:
+        info = await admin.js.stream_info(s.STREAM_LIFECYCLE)
+        assert info.config.max_age != 1.0
+        assert theirs in {c.name for c in await admin.js.consumers_info(s.STREAM_LIFECYCLE)}
+
+
+async def test_only_the_bootstrap_declares_the_topology(
+    nats_private: NatsServer, nats_auth: NatsAuth
+) -> None:
+    async with _as(nats_private, nats_auth, BOOTSTRAP) as boot:
+        info = await boot.js.stream_info(s.STREAM_DLQ)
+        await boot.js.update_stream(config=info.config)  # may bring it up to date
+        assert await _refused(boot.js.delete_stream(s.STREAM_DLQ))
+        assert await _refused(boot.js.publish(s.MODEL_COMMITTED, b"{}", timeout=1))
+
+
+def stream_of_durable(durable: str) -> str:
+    """The stream a platform durable consumes (telemetry partitions: TELEMETRY)."""
+    return (
+        s.STREAM_TELEMETRY
+        if durable.startswith(s.CONSUMER_MONITOR_TELEMETRY)
+        else (s.STREAM_LIFECYCLE)
     )

@@ -85,7 +85,8 @@ def test_up_writes_stack_json_keeps_data_and_stops_cleanly(tmp_path: Path) -> No
         admin = (state / "nats-users" / "admin").read_text().strip()
         port = env["EDGELOOP_NATS_PORT"]
         assert stack["nats_url"] == f"nats://admin:{admin}@127.0.0.1:{port}"
-        assert len(list((state / "nats-users").iterdir())) == len(ACCESS) + 1
+        # a user per service, the bootstrap (it declares the topology) and the admin
+        assert len(list((state / "nats-users").iterdir())) == len(ACCESS) + 2
         assert admin not in (state / "nats" / "nats.conf").read_text()
         assert stack["registry_url"] == f"http://127.0.0.1:{env['EDGELOOP_OCI_REGISTRY_PORT']}"
         dsn = str(stack["database_url"])
@@ -155,7 +156,17 @@ def test_up_writes_stack_json_keeps_data_and_stops_cleanly(tmp_path: Path) -> No
         )
         assert "not running" in down.stdout
     finally:
-        if proc.poll() is None:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop ``make up`` so that it stops what it started: SIGTERM first (a SIGKILL would
+    leave its services and servers running, orphaned, after a failed test)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 
@@ -253,9 +264,7 @@ def test_up_restarts_its_infrastructure_when_it_dies(tmp_path: Path) -> None:
         assert proc.wait(60) == 0
         assert _leftovers(state) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 @pytest.mark.timeout(300)
@@ -299,6 +308,4 @@ def test_up_runs_a_nats_cluster_and_two_replicas_of_every_service(tmp_path: Path
         assert proc.wait(60) == 0
         assert _leftovers(state) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)

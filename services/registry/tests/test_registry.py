@@ -21,8 +21,11 @@ from tests.modelzoo import classifier, npz, regressor
 
 
 class Api:
-    def __init__(self, client: httpx.AsyncClient, svc: Any, schema: str) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, svc: Any, schema: str, admin: JetStreamContext
+    ) -> None:
         self.client = client
+        self.admin = admin  # reads the streams (the registry's own user may not)
         self.svc = svc
         self.schema = schema
 
@@ -35,11 +38,13 @@ class Api:
 
 
 @pytest.fixture
-async def api(nats_url: str, pg_dsn: str, registry_url: str, unique: str) -> AsyncIterator[Api]:
+async def api(
+    nats_url: str, pg_dsn: str, registry_url: str, unique: str, admin_js: JetStreamContext
+) -> AsyncIterator[Api]:
     async with registry_service(
         nats_url, pg_dsn, registry_url, unique, max_model_bytes=2_000_000
     ) as (svc, client):
-        yield Api(client, svc, svc.schema)
+        yield Api(client, svc, svc.schema, admin_js)
 
 
 def _m(name: str) -> dict[str, bytes]:
@@ -48,7 +53,7 @@ def _m(name: str) -> dict[str, bytes]:
 
 
 async def _committed(api: Api, name: str) -> list[ModelCommitted]:
-    msgs = await stream_messages(api.svc.js, s.STREAM_LIFECYCLE, s.MODEL_COMMITTED)
+    msgs = await stream_messages(api.admin, s.STREAM_LIFECYCLE, s.MODEL_COMMITTED)
     events = [ModelCommitted.from_json(m.data) for m in msgs]
     return [e for e in events if e.model == name]
 

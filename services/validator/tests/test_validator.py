@@ -40,6 +40,7 @@ def nats_private(
     tmp_path_factory: pytest.TempPathFactory, nats_auth: NatsAuth
 ) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path_factory.mktemp("nats-validator"), auth=nats_auth).start()
+    nats_auth.bootstrap(server.url)
     yield server
     server.stop()
 

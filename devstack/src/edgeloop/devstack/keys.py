@@ -15,7 +15,7 @@ import asyncio
 import secrets
 from pathlib import Path
 
-from edgeloop.contracts.access import SERVICES
+from edgeloop.contracts.access import BOOTSTRAP, SERVICES
 from edgeloop.contracts.stackfile import state_dir
 from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import nats_config
@@ -120,7 +120,9 @@ def compose_secrets(root: Path) -> list[Path]:
         # the NATS server's users (bcrypt hashes) and each service's own password
         "nats.conf": nats_config("0.0.0.0:4222", "0.0.0.0:8222", "/data", auth),
     }
-    files |= {f"nats-{name}-password": auth.user(name).password + "\n" for name in SERVICES}
+    files |= {
+        f"nats-{name}-password": auth.user(name).password + "\n" for name in (*SERVICES, BOOTSTRAP)
+    }
     # each service's PostgreSQL role (created by the db-init container) and the audit key
     files |= {f"pg-{role.service}-password": role.password + "\n" for role in roles}
     files["audit-key"] = audit_key(root) + "\n"

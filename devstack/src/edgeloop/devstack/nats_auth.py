@@ -16,7 +16,12 @@ from typing import Any
 
 import bcrypt
 
-from edgeloop.contracts.access import SERVICES, nats_permissions
+from edgeloop.contracts.access import (
+    BOOTSTRAP,
+    SERVICES,
+    bootstrap_permissions,
+    nats_permissions,
+)
 from edgeloop.contracts.stackfile import with_credentials
 
 ADMIN = "admin"
@@ -58,8 +63,9 @@ class NatsAuth:
     def platform(
         cls, password: Callable[[str], str] | None = None, *, anonymous: str | None = None
     ) -> NatsAuth:
-        """A user per platform service and the admin; ``password(name)`` gives each one's
-        password (default: a fresh random one)."""
+        """A user per platform service, the bootstrap (it declares the topology) and the
+        admin; ``password(name)`` gives each one's password (default: a fresh random
+        one)."""
         pick = password or (lambda _name: secrets.token_urlsafe(24))
 
         def user(name: str, permissions: Mapping[str, Any] | None = None) -> NatsUser:
@@ -68,8 +74,8 @@ class NatsAuth:
             stored = secret if name == anonymous else _bcrypt_hash(secret)
             return NatsUser(name, secret, stored, permissions)
 
-        users = [user(name, nats_permissions(access)) for name, access in SERVICES.items()]
-        return cls((*users, user(ADMIN)), anonymous)
+        users = [user(name, nats_permissions(access, name)) for name, access in SERVICES.items()]
+        return cls((*users, user(BOOTSTRAP, bootstrap_permissions()), user(ADMIN)), anonymous)
 
     def user(self, name: str) -> NatsUser:
         """The user called ``name``."""
@@ -77,6 +83,15 @@ class NatsAuth:
             if user.name == name:
                 return user
         raise KeyError(f"no NATS user {name!r}")
+
+    def bootstrap(self, servers: str, *, replicas: int = 1) -> None:
+        """Declare the platform's streams and buckets on ``servers`` (comma-separated)
+        as the bootstrap user, the one user allowed to; services wait for them."""
+        from edgeloop.devstack.servers import run_sync
+        from edgeloop.kit.bootstrap import bootstrap
+
+        user = self.user(BOOTSTRAP)
+        run_sync(bootstrap(servers, user.name, user.password, replicas=replicas))
 
     def service_env(self, name: str) -> dict[str, str]:
         """The settings that make service ``name`` connect as its user."""

@@ -70,6 +70,7 @@ def nats_server(stack_dir: Path, nats_auth: NatsAuth) -> Iterator[NatsServer]:
     """nats-server with JetStream (the pinned wheel), ``sync_interval: always``, and the
     platform's users."""
     server = NatsServer(stack_dir / "nats", auth=nats_auth).start()
+    nats_auth.bootstrap(server.url)
     yield server
     server.stop()
 
@@ -87,9 +88,10 @@ async def admin_js(nats_url: str) -> AsyncIterator[JetStreamContext]:
 
 @pytest.fixture
 def nats_private(tmp_path: Path, nats_auth: NatsAuth) -> Iterator[NatsServer]:
-    """A nats-server of the test's own (streams, KV buckets and consumers start empty),
-    with the platform's users; for tests that restart or kill it."""
+    """A nats-server of the test's own (the platform's streams and buckets, empty; no
+    consumers), with the platform's users; for tests that restart or kill it."""
     server = NatsServer(tmp_path / "nats", auth=nats_auth).start()
+    nats_auth.bootstrap(server.url)
     yield server
     server.stop()
 
@@ -110,6 +112,7 @@ def nats_cluster(tmp_path: Path, nats_auth: NatsAuth) -> Iterator[NatsCluster]:
     its nodes can be killed and restarted (``cluster.nodes[i].kill()`` / ``.start()``).
     Clients connect with ``cluster.urls`` (nats-py) or ``cluster.url`` (the settings)."""
     cluster = NatsCluster(tmp_path / "nats-cluster", auth=nats_auth).start()
+    nats_auth.bootstrap(cluster.url, replicas=3)
     yield cluster
     cluster.stop()
 

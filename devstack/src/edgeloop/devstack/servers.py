@@ -145,7 +145,7 @@ def reap_group(proc: subprocess.Popen[bytes]) -> int | None:
     return proc.wait()
 
 
-def _run_sync(coro: Coroutine[Any, Any, T]) -> T:
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion in a fresh thread and event loop.
 
     A thread, so this works whether or not an event loop runs in the caller's thread
@@ -606,7 +606,7 @@ async def _pg_ping(dsn: str) -> None:
 
 def _pg_reachable(dsn: str) -> bool:
     try:
-        _run_sync(_pg_ping(dsn))
+        run_sync(_pg_ping(dsn))
     except Exception:  # any failure means "not (yet) reachable"
         return False
     return True
@@ -832,7 +832,7 @@ class Postgres(ManagedProcess):
 
     def create_database(self, name: str) -> str:
         """Create database ``name`` unless it exists; its DSN (callable inside a loop)."""
-        return _run_sync(self.create_database_async(name))
+        return run_sync(self.create_database_async(name))
 
     async def drop_database_async(self, name: str) -> None:
         """Drop database ``name`` if it exists, disconnecting its sessions."""
@@ -846,7 +846,7 @@ class Postgres(ManagedProcess):
 
     def drop_database(self, name: str) -> None:
         """Drop database ``name`` if it exists (callable inside a loop)."""
-        _run_sync(self.drop_database_async(name))
+        run_sync(self.drop_database_async(name))
 
 
 @dataclass

@@ -404,6 +404,8 @@ def main() -> None:
             endpoints["nats_monitor_url"] = nodes[0].monitor_url
             if len(nodes) > 1:
                 replicas["EDGELOOP_NATS_REPLICAS"] = str(min(len(nodes), 3))
+            # the topology is declared once, by the one user allowed to
+            auth.bootstrap(nats_url, replicas=min(len(nodes), 3))
         if signals.stopping:
             return
         database_url = os.environ.get("EDGELOOP_DATABASE_URL")

@@ -21,6 +21,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry.sdk.trace import TracerProvider
 
 from edgeloop.contracts import subjects as s
+from edgeloop.contracts.access import DECLARED_STREAMS, inbox_prefix
 from edgeloop.kit.settings import TopologySettings
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,39 @@ def configured_replicas() -> int:
     from edgeloop.kit.settings import ServiceSettings
 
     return ServiceSettings().nats_replicas
+
+
+async def await_topology(js: JetStreamContext, within: float = 120.0) -> None:
+    """Wait until every platform stream and bucket exists (the bootstrap declares them:
+    a service's own NATS user may only look at the topology, not change it).
+
+    Raises:
+        RuntimeError: still missing after ``within`` seconds, naming what and the fix.
+    """
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + within
+    logged = False
+    while True:
+        missing = []
+        for stream in DECLARED_STREAMS:
+            try:
+                await js.stream_info(stream)
+            except NotFoundError:
+                missing.append(stream)
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"the NATS topology is not declared (missing {', '.join(missing)}): run the "
+                "bootstrap first (`python -m edgeloop.kit.bootstrap` as the bootstrap user; "
+                "make up and Compose do)"
+            )
+        if not logged:
+            log.warning("waiting for the bootstrap to declare %s", ", ".join(missing))
+            logged = True
+        await asyncio.sleep(1.0)
 
 
 async def declare_topology(
@@ -227,7 +261,8 @@ def make_broker(
 
     FastStream's telemetry middleware puts ``traceparent`` in every message's headers and
     continues the trace on the consumer side; the Prometheus middleware counts messages.
-    ``user``/``password``: the service's own NATS user (see ``edgeloop.contracts.access``).
+    ``user``/``password``: the service's own NATS user (see ``edgeloop.contracts.access``),
+    whose replies come back on its own inbox prefix.
     """
     from faststream.nats.opentelemetry import NatsTelemetryMiddleware
     from faststream.nats.prometheus import NatsPrometheusMiddleware
@@ -238,7 +273,10 @@ def make_broker(
         NatsTelemetryMiddleware(tracer_provider=tracer_provider),
         NatsPrometheusMiddleware(registry=REGISTRY, app_name=name),
     ]
+    # a user gets its replies on an inbox prefix of its own (the only one it may read)
+    inbox = {"inbox_prefix": inbox_prefix(user)} if user else {}
     return NatsBroker(
+        **inbox,  # type: ignore[arg-type]
         servers=[u.strip() for u in servers.split(",") if u.strip()],
         name=name,
         max_reconnect_attempts=-1,

@@ -24,9 +24,17 @@ from faststream.nats import JStream, PullSub
 from faststream.nats.message import NatsBatchMessage as _NatsBatchMessage
 from nats.js import JetStreamContext
 
+from edgeloop.contracts.access import SERVICES as SERVICE_ACCESS
+from edgeloop.contracts.access import inbox_prefix
 from edgeloop.contracts.events import Event
 from edgeloop.kit import audit, compat, failpoints
-from edgeloop.kit.bus import ConsumerSpec, declare_consumer, declare_topology, make_broker
+from edgeloop.kit.bus import (
+    ConsumerSpec,
+    await_topology,
+    declare_consumer,
+    declare_topology,
+    make_broker,
+)
 from edgeloop.kit.consumer import DeadLetters, EventProcessor, Handler, Malformed
 from edgeloop.kit.db import create_pool, migrate, read_migrations
 from edgeloop.kit.http import HealthServer
@@ -85,6 +93,9 @@ class Service:
             user=settings.nats_user,
             password=settings.nats_password.get_secret_value() if settings.nats_password else None,
         )
+        # a user's pull subscriptions take their replies on its own inbox prefix too
+        user = settings.nats_user
+        self._inbox_prefix = f"{inbox_prefix(user)}.".encode() if user else b"_INBOX."
         self.app = FastStream(self.broker)
         """The FastStream app (AsyncAPI docs); lifecycle is :meth:`start`/:meth:`stop`."""
         self._pool: asyncpg.Pool | None = None
@@ -139,6 +150,7 @@ class Service:
                 pull_sub=PullSub(batch_size=spec.batch_size, timeout=spec.max_wait, batch=True),
                 ack_policy=AckPolicy.MANUAL,
                 title=f"{spec.durable}:{event_type.__name__}",
+                inbox_prefix=self._inbox_prefix,
             )
 
             async def on_message(message: NatsBatchMessage) -> None:
@@ -234,7 +246,11 @@ class Service:
         await migrate(self._pool, self.schema, read_migrations(self.migrations))
         await self.broker.connect()
         self._js = self.broker.config.connection_state.stream
-        await declare_topology(self._js, replicas=s.nats_replicas)
+        self._check_durables()
+        if s.nats_user:  # a service's own user looks at the topology, the bootstrap makes it
+            await await_topology(self._js)
+        else:  # a connection with every right (development, tests): declare it here
+            await declare_topology(self._js, replicas=s.nats_replicas)
         for spec in self._specs:
             await declare_consumer(self._js, spec)
         self._relay = OutboxRelay(
@@ -253,6 +269,20 @@ class Service:
             self.loops.spawn("retention", self._prune_forever)
         self.ready.set()
         log.info("%s ready; health on http://%s:%d", self.name, s.http_host, self.health.port)
+
+    def _check_durables(self) -> None:
+        """A service's NATS user may bind only to the durables ``contracts.access`` lists
+        for it: say so at start rather than let the server refuse them one by one."""
+        access = SERVICE_ACCESS.get(self.settings.nats_user or "")
+        if access is None:
+            return
+        unknown = sorted({spec.durable for spec in self._specs} - set(access.durables))
+        if unknown:
+            raise RuntimeError(
+                f"{self.name}: durable consumers {', '.join(unknown)} are not among the "
+                f"durables edgeloop.contracts.access grants user {self.settings.nats_user!r}; "
+                "add them there (the server refuses any other)"
+            )
 
     async def stop(self) -> None:
         """Stop fetching, let in-flight handlers finish, flush the relay, close the pool."""
