@@ -304,7 +304,7 @@ async def _attack(
     assert named, verdicts
     assert any(forged.config.device_id in r for v in named for r in v["reasons"])
     alarms = (await stack.monitor.get("/v1/alarms", params={"model": model})).json()["alarms"]
-    assert alarms == []
+    assert alarms == [], alarms
     assert [r for r in await deploy.events("retrain.requested") if r["model"] == model] == []
     rejections = (
         await stack.monitor.get("/v1/rejections", params={"device_id": forged.config.device_id})
