@@ -273,7 +273,9 @@ class Sample(_message.Message):
     prediction: _builtins.str
     confidence: _builtins.float
     label: _builtins.str
-    """ground truth where the device knows it, else "" """
+    """reserved: a device's word is not ground truth (labels come from `edgeloop data
+    label`); the gateway refuses a batch whose samples carry one
+    """
     kind: _builtins.str
     """why it was kept: "low-confidence" (below the agent's confidence threshold) or
     "random" (a small random share of every input, so retraining data follows drift
