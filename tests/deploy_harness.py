@@ -390,3 +390,27 @@ async def deploy_stack(
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(deployer.proc.wait, 20)  # type: ignore[union-attr]
             deployer.kill()
+
+
+def monitor_beside(
+    deploy: DeployStack, nats_url: str, dsn: str, registry_url: str, port: int
+) -> Service:
+    """A monitor service for ``deploy``'s platform (2 s windows, judged quickly), its API
+    on ``port``; run it with ``async with service.running()``."""
+    from edgeloop.monitor.app import build as build_monitor
+    from edgeloop.monitor.config import MonitorSettings
+
+    return build_monitor(
+        MonitorSettings(
+            nats_url=nats_url,
+            database_url=dsn,
+            oci_registry_url=registry_url,
+            api_tokens=TOKEN,
+            api_port=port,
+            registry_api=str(deploy.registry.base_url),
+            registry_token=TOKEN,
+            window_seconds=2,
+            grace_seconds=0.5,
+            evaluate_seconds=0.2,
+        )
+    )

@@ -10,10 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from edgeloop.devstack.servers import NatsServer, free_port
-from edgeloop.monitor.app import build as build_monitor
-from edgeloop.monitor.config import MonitorSettings
-from tests.deploy_harness import DeployStack, lifecycle_events
-from tests.edge_harness import TOKEN
+from tests.deploy_harness import DeployStack, lifecycle_events, monitor_beside
 from tests.modelzoo import classifier
 
 pytestmark = pytest.mark.slow
@@ -24,20 +21,7 @@ async def stack(
     deploy: DeployStack, nats_private: NatsServer, private_dsn: str, registry_url: str
 ) -> AsyncIterator[DeployStack]:
     """The deployment stack with a monitor service (2 s windows) beside it."""
-    monitor = build_monitor(
-        MonitorSettings(
-            nats_url=nats_private.url,
-            database_url=private_dsn,
-            oci_registry_url=registry_url,
-            api_tokens=TOKEN,
-            api_port=free_port(),
-            registry_api=str(deploy.registry.base_url),
-            registry_token=TOKEN,
-            window_seconds=2,
-            grace_seconds=0.5,
-            evaluate_seconds=0.2,
-        )
-    )
+    monitor = monitor_beside(deploy, nats_private.url, private_dsn, registry_url, free_port())
     async with monitor.running():
         yield deploy
 

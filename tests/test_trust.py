@@ -24,9 +24,7 @@ from edgeloop.contracts.events import CONFIDENCE_EDGES, LATENCY_MS_EDGES
 from edgeloop.devstack.servers import NatsServer, free_port
 from edgeloop.devstack.testing import api_up, eventually
 from edgeloop.edge.agent import AgentConfig, Faults
-from edgeloop.monitor.app import build as build_monitor
-from edgeloop.monitor.config import MonitorSettings
-from tests.deploy_harness import DeployStack, deploy_stack
+from tests.deploy_harness import DeployStack, deploy_stack, monitor_beside
 from tests.edge_harness import TOKEN, EdgeStack, wait_state
 from tests.modelzoo import classifier
 
@@ -58,20 +56,7 @@ async def stack(
         nats_private.url, private_dsn, registry_url, tmp_path, unique, gateway_settings=gateway
     ) as deploy:
         port = free_port()
-        monitor = build_monitor(
-            MonitorSettings(
-                nats_url=nats_private.url,
-                database_url=private_dsn,
-                oci_registry_url=registry_url,
-                api_tokens=TOKEN,
-                api_port=port,
-                registry_api=str(deploy.registry.base_url),
-                registry_token=TOKEN,
-                window_seconds=2,
-                grace_seconds=0.5,
-                evaluate_seconds=0.2,
-            )
-        )
+        monitor = monitor_beside(deploy, nats_private.url, private_dsn, registry_url, port)
         async with (
             monitor.running(),
             httpx.AsyncClient(
