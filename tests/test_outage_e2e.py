@@ -9,6 +9,7 @@ import asyncio
 import time
 
 import pytest
+from nats.js.errors import NoKeysError
 
 from edgeloop.contracts import subjects as s
 from edgeloop.devstack.servers import NatsServer, Postgres
@@ -110,8 +111,44 @@ async def test_nats_down_20s_mid_rollout_the_rollout_completes_with_one_write_pe
     dead = await stream_messages(deploy.edge.js, s.STREAM_DLQ, "dlq.>")
     assert dead == [], [m.headers for m in dead]
     # one desired-state write of this version per device: none lost, none doubled
+    for device, writes in (await _desired_writes(deploy, devices, v1.digest)).items():
+        assert writes == 1, f"{device}: {writes} writes of the new version"
+
+
+async def test_failed_desired_state_writes_are_retried_until_each_device_has_one(
+    deploy: DeployStack,
+) -> None:
+    """The deployer's KV writes fail (fail point ``kv.write``, a dropped connection) the
+    first five times: the rollout still completes, each device written exactly once."""
+    deploy.deployer.env["EDGELOOP_FAILPOINTS"] = "kv.write=raise:5"
+    await deploy.restart_deployer(kill=False)
+    sel = {"fleet": deploy.unique}
+    devices = await deploy.devices(3, sel)
+    model = f"iris{deploy.unique}"
+    v1 = await deploy.validated(model, "1", classifier("iris").onnx)
+    code, body = await deploy.start(model, "1", sel, waves=[{"percent": 100}], bake_seconds=0)
+    assert code == 201, body
+    done = await deploy.wait_rollout(body["rollout_id"], "completed", "rolled_back", within=120)
+    assert done["state"] == "completed", done["reason"]
+    await deploy.running(devices, v1)
+    assert "fail point kv.write" in deploy.deployer.log_path.read_text()
+    for device, writes in (await _desired_writes(deploy, devices, v1.digest)).items():
+        assert writes == 1, f"{device}: {writes} writes of the version"
+
+
+async def _desired_writes(deploy: DeployStack, devices: list[str], digest: str) -> dict[str, int]:
+    """How many times each device's desired state was written with ``digest`` (the KV
+    history; read again while a just-restarted server still answers with no keys)."""
     kv = await deploy.edge.js.key_value(s.KV_DESIRED)
+
+    async def writes(device: str) -> int | None:
+        try:
+            history = await kv.history(s.kv_key(device))
+        except NoKeysError:
+            return None
+        return len([e for e in history if e.value and digest.encode() in e.value])
+
+    out = {}
     for device in devices:
-        history = await kv.history(s.kv_key(device))
-        writes = [e for e in history if e.value and v1.digest.encode() in e.value]
-        assert len(writes) == 1, f"{device}: {len(writes)} writes of the new version"
+        out[device] = await eventually(lambda d=device: writes(d), what=f"{device}'s history")
+    return out

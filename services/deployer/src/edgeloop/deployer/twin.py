@@ -86,15 +86,25 @@ class Twin:
         return await self._many(devices, one)
 
     async def put_desired(self, docs: Mapping[str, DesiredModel | None]) -> None:
-        """Write each device's document (None deletes it: the device runs nothing)."""
+        """Write each device's document (None deletes it: the device runs nothing); a
+        device whose document is already the same is not written again, so a step retried
+        after a partial failure doubles no write."""
 
         async def one(device: str) -> None:
             doc = docs[device]
+            key = s.kv_key(device)
+            try:  # a step retried after some writes failed: what is there already stays
+                current = (await self.desired.get(key)).value or None
+            except KeyNotFoundError:
+                current = None
+            wanted = doc.to_bytes() if doc is not None else None
+            if _same_document(current, wanted):
+                return
             failpoints.hit("kv.write")
-            if doc is None:
-                await self.desired.delete(s.kv_key(device))
+            if wanted is None:
+                await self.desired.delete(key)
             else:
-                await self.desired.put(s.kv_key(device), doc.to_bytes())
+                await self.desired.put(key, wanted)
 
         await self._many(docs, one)
 
@@ -108,3 +118,17 @@ class Twin:
         keys = list(keys)
         results = await asyncio.gather(*(bounded(k) for k in keys))
         return dict(zip(keys, results, strict=True))
+
+
+def _same_document(current: bytes | None, wanted: bytes | None) -> bool:
+    """Whether two desired documents say the same (``set_at``, when it was written,
+    aside)."""
+    if current is None or wanted is None:
+        return current == wanted
+    try:
+        a, b = json.loads(current), json.loads(wanted)
+    except ValueError:
+        return False
+    a.pop("set_at", None)
+    b.pop("set_at", None)
+    return bool(a == b)
