@@ -420,6 +420,12 @@ class EdgeGateway:
             if session.outbound.empty() and session.desired is None and session.closed is None:
                 await session.wake.wait()
 
+    async def _send_later(self, session: Session, batch_id: str, why: str) -> None:
+        """Tell the device to keep batch ``batch_id`` and send it again later."""
+        message = f"{why}; send it again later"
+        error = pb.Error(code="unavailable", message=message, batch_id=batch_id)
+        await self._send(session, pb.GatewayMessage(error=error))
+
     async def _send(self, session: Session, message: pb.GatewayMessage) -> None:
         await session.outbound.put(message)
         session.wake.set()
@@ -503,16 +509,8 @@ class EdgeGateway:
         if over is not None:
             # held back, not dropped: the agent sends it again (after a second)
             self._count_refusal(session, "over_budget", f"over the device's budget of {over}")
-            await self._send(
-                session,
-                pb.GatewayMessage(
-                    error=pb.Error(
-                        code="unavailable",
-                        message=f"over this device's telemetry budget of {over}; "
-                        "send it again later",
-                        batch_id=batch.batch_id,
-                    )
-                ),
+            await self._send_later(
+                session, batch.batch_id, f"over this device's telemetry budget of {over}"
             )
             return
         try:
@@ -525,16 +523,8 @@ class EdgeGateway:
             # the bus did not take it (slow, restarting, no stream): the device keeps the
             # batch and sends it again; its session goes on
             BUS_REFUSED.inc()
-            await self._send(
-                session,
-                pb.GatewayMessage(
-                    error=pb.Error(
-                        code="unavailable",
-                        message=f"the bus did not take the batch ({type(exc).__name__}); "
-                        "send it again later",
-                        batch_id=batch.batch_id,
-                    )
-                ),
+            await self._send_later(
+                session, batch.batch_id, f"the bus did not take the batch ({type(exc).__name__})"
             )
             return
         BATCHES.inc()
