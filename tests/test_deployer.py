@@ -13,7 +13,9 @@ from typer.testing import CliRunner, Result
 
 from edgeloop.cli.main import app
 from edgeloop.contracts.events import CanaryVerdict, RolloutRequested, Verdict, WavePlan
+from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import eventually
+from edgeloop.devstack.up import ServiceProcess
 from tests.deploy_harness import APPROVER_TOKEN, DeployStack
 from tests.edge_harness import TOKEN
 from tests.modelzoo import classifier, failing_model
@@ -206,6 +208,48 @@ async def test_deployer_killed_mid_wave_resumes_without_repeating_a_wave(
     assert sorted(e["wave"] for e in started) == [0, 1, 2]  # each wave started once
     assert sorted(e["wave"] for e in succeeded) == [0, 1, 2]
     assert len({e["event_id"] for e in started}) == 3
+
+
+async def test_two_replicas_under_one_name_still_start_each_wave_once(
+    deploy: DeployStack,
+) -> None:
+    """A second deployer process with the same instance id (two replicas on one host
+    that both name themselves by the host, as `make up` did) drives the same rollouts:
+    each transition checks the wave is still in the state it was read in, so no wave
+    starts or succeeds twice."""
+    port = free_port()
+    env = deploy.deployer.env | {
+        "EDGELOOP_DEPLOYER_API_PORT": "0",
+        "EDGELOOP_DEPLOYER_HTTP_PORT": str(port),
+    }
+    log = deploy.deployer.log_path.with_name("deployer-2.log")
+    twin = ServiceProcess("deployer-2", "edgeloop.deployer", port, env, log)
+    twin.start()
+    try:
+        sel = {"fleet": deploy.unique}
+        devices = await deploy.devices(4, sel)
+        v1 = await deploy.validated(_model(deploy), "1", classifier("iris").onnx)
+        rids = []
+        for _ in range(2):
+            code, body = await deploy.start(
+                _model(deploy),
+                "1",
+                sel,
+                waves=[{"count": 1}, {"count": 2}, {"count": 3}, {"percent": 100}],
+                bake_seconds=0,
+            )
+            assert code == 201, body
+            done = await deploy.wait_rollout(body["rollout_id"], "completed", "rolled_back")
+            assert done["state"] == "completed", done["reason"]
+            rids.append(body["rollout_id"])
+        await deploy.running(devices, v1)
+    finally:
+        twin.terminate()
+        await asyncio.to_thread(twin.proc.wait, 20)  # type: ignore[union-attr]
+    for subject in ("rollout.wave.started", "rollout.wave.succeeded"):
+        for rid in rids:
+            waves = [e["wave"] for e in await deploy.events(subject) if e["rollout_id"] == rid]
+            assert sorted(waves) == [0, 1, 2, 3], (subject, rid, waves)
 
 
 async def test_refusals_say_why(deploy: DeployStack) -> None:

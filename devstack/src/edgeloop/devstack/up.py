@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -119,13 +120,19 @@ def _count(env: str) -> int:
     return int(value)
 
 
-def _replica_env(name: str, own: dict[str, str], gateway_address: str) -> dict[str, str]:
-    """What a further replica of service ``name`` changes in its environment: its HTTP
-    APIs on free ports (clients use the first replica's), a gateway its gRPC port too,
-    while telling devices the first one's address."""
+def _replica_env(name: str, k: int, own: dict[str, str], gateway_address: str) -> dict[str, str]:
+    """What replica ``k`` (2, 3 …) of service ``name`` changes in its environment: its
+    HTTP APIs on free ports (clients use the first replica's), a gateway its gRPC port
+    too, while telling devices the first one's address; and a name of its own where the
+    service names itself by the host (the deployer owning rollouts, the gateway owning
+    sessions): two replicas on one host under one name would both drive one rollout."""
     env = {key: "0" for key in own if key.endswith(("_API_PORT", "_GRPC_PORT"))}
+    host = socket.gethostname()
     if name == "gateway":
         env["EDGELOOP_GATEWAY_PUBLIC_ADDRESS"] = gateway_address
+        env["EDGELOOP_GATEWAY_GATEWAY_ID"] = f"{host}-{k}"
+    if name == "deployer":
+        env["EDGELOOP_DEPLOYER_INSTANCE_ID"] = f"{host}-deployer-{k}"
     return env
 
 
@@ -527,7 +534,7 @@ def main() -> None:
             if name in SERVICE_ACCESS:  # platform services (not the fleet, the collector)
                 first = services[-1]
                 for k in range(2, _count("EDGELOOP_SERVICE_REPLICAS") + 1):
-                    extra = {**env, **_replica_env(name, own.get(name, {}), gateway_address)}
+                    extra = {**env, **_replica_env(name, k, own.get(name, {}), gateway_address)}
                     extra[f"EDGELOOP_{name.upper()}_HTTP_PORT"] = str(port)
                     log = logs / f"{name}-{k}.log"
                     replicas_of.append(

@@ -212,6 +212,7 @@ def create_api(
                     conn,
                     rollout_id,
                     r.current_wave,
+                    expect=wave_state,
                     state=close_wave,
                     reason=update.get("reason"),
                 )

@@ -213,7 +213,7 @@ class Engine:
         previous = await self.twin.get_desired(devices)
         await self._transition(
             r,
-            wave=(wave.wave, {"state": "writing", "started_at": _now(), "phase_since": _now()}),
+            wave=(wave, {"state": "writing", "started_at": _now(), "phase_since": _now()}),
             previous=previous,
             events=[
                 RolloutWaveStarted(
@@ -262,7 +262,7 @@ class Engine:
         devices = await self._devices_of(r, wave.wave)
         doc = self._doc(r)
         await self.twin.put_desired(dict.fromkeys(devices, doc))
-        await self._transition(r, wave=(wave.wave, {"state": "converging", "phase_since": _now()}))
+        await self._transition(r, wave=(wave, {"state": "converging", "phase_since": _now()}))
         return 0.0
 
     async def _converging(self, r: Rollout, wave: Wave) -> float:
@@ -291,7 +291,7 @@ class Engine:
         await self._transition(
             r,
             wave=(
-                wave.wave,
+                wave,
                 {
                     "state": "baking",
                     "phase_since": _now(),
@@ -349,7 +349,7 @@ class Engine:
             if last
             else {"current_wave": r.current_wave + 1},
             wave=(
-                wave.wave,
+                wave,
                 {
                     "state": "succeeded",
                     "finished_at": _now(),
@@ -387,7 +387,7 @@ class Engine:
             r,
             rollout={"state": "rolling_back", "reason": f"wave {wave.wave}: {reason}"},
             wave=(
-                wave.wave,
+                wave,
                 {
                     "state": "failed",
                     "finished_at": _now(),
@@ -461,15 +461,16 @@ class Engine:
         *,
         expect: tuple[str, ...] = ("running",),
         rollout: dict[str, object] | None = None,
-        wave: tuple[int, dict[str, object]] | None = None,
+        wave: tuple[Wave, dict[str, object]] | None = None,
         previous: dict[str, bytes | None] | None = None,
         outcomes: dict[str, tuple[str, str | None]] | None = None,
         events: Sequence[Event] = (),
     ) -> None:
-        """One transaction: check ownership and state, update, queue the events; in a
-        span of the rollout's trace (so are the events it queues)."""
+        """One transaction: check ownership and state (the rollout's, and the wave's
+        still the one ``wave`` was read in), update, queue the events; in a span of the
+        rollout's trace (so are the events it queues)."""
         if wave is not None:
-            what = f"wave {wave[0]} {wave[1].get('state', 'step')}"
+            what = f"wave {wave[0].wave} {wave[1].get('state', 'step')}"
         else:
             what = f"rollout {(rollout or {}).get('state', 'step')}"
         with self.tracer.start_as_current_span(
@@ -484,8 +485,10 @@ class Engine:
                     conn, r.rollout_id, expect=expect, **(rollout or {})
                 ):
                     raise LostOwnership(r.rollout_id)  # paused, aborted … meanwhile
-                if wave is not None:
-                    await self.store.set_wave(conn, r.rollout_id, wave[0], **wave[1])
+                if wave is not None and not await self.store.set_wave(
+                    conn, r.rollout_id, wave[0].wave, expect=wave[0].state, **wave[1]
+                ):
+                    raise LostOwnership(r.rollout_id)  # the wave moved on meanwhile
                 if previous is not None:
                     await self.store.capture_previous(conn, r.rollout_id, previous)
                 if outcomes:

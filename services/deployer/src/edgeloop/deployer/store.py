@@ -242,19 +242,23 @@ class Store:
         )
         return status != "UPDATE 0"
 
-    async def set_wave(self, conn: Conn, rollout_id: uuid.UUID, wave: int, **values: Any) -> None:
-        """Update one wave."""
+    async def set_wave(
+        self, conn: Conn, rollout_id: uuid.UUID, wave: int, *, expect: str, **values: Any
+    ) -> bool:
+        """Update one wave if its state is still ``expect``; whether it was."""
         cols = list(values)
         sets = ", ".join(
-            f"{c} = ${i + 3}" + ("::jsonb" if c == "verdict_reasons" else "")
+            f"{c} = ${i + 4}" + ("::jsonb" if c == "verdict_reasons" else "")
             for i, c in enumerate(cols)
         )
-        await conn.execute(
-            f"UPDATE waves SET {sets} WHERE rollout_id = $1 AND wave = $2",
+        status = await conn.execute(
+            f"UPDATE waves SET {sets} WHERE rollout_id = $1 AND wave = $2 AND state = $3",
             rollout_id,
             wave,
+            expect,
             *[json.dumps(values[c]) if c == "verdict_reasons" else values[c] for c in cols],
         )
+        return status != "UPDATE 0"
 
     async def capture_previous(
         self, conn: Conn, rollout_id: uuid.UUID, previous: dict[str, bytes | None]
