@@ -483,3 +483,28 @@ async def test_a_bus_that_cannot_take_telemetry_costs_no_session_and_no_batch(
         await eventually(lambda: _acked(agent), what="batch acknowledged")
         assert len(agent.buffer) == 0
         assert agent.sessions == sessions
+
+
+async def test_a_bus_that_cannot_take_a_status_report_costs_no_session_and_no_activation(
+    nats_private: NatsServer, pg_dsn: str, registry_url: str, tmp_path: Path, unique: str
+) -> None:
+    """JetStream refuses the device's status reports for a few seconds (here: the DEVICE
+    stream is gone; in a cluster, its leader died): the gateway publishes the report
+    again until the bus takes it; the session goes on, the download is not refused and
+    the activation not failed."""
+    async with edge_stack(nats_private.url, pg_dsn, registry_url, tmp_path / "edge") as edge:
+        device = f"dev-{unique}"
+        agent = await edge.start_agent(await edge.enroll(device))
+        await eventually(lambda: _online(edge, device), what="device online")
+        sessions = agent.sessions
+        await edge.js.delete_stream(s.STREAM_DEVICE)
+        image = await edge.publish_image(
+            f"iris{unique}", "1", classifier("iris").onnx, profile=_profile()
+        )
+        await edge.set_desired(device, image.desired())
+        await asyncio.sleep(4)  # it downloads and reports while the bus refuses
+        await declare_topology(edge.js)  # the bus is back
+        await wait_state(agent, RUNNING, version="1")
+        assert agent.sessions == sessions, agent.last_error  # the same session throughout
+        assert agent.activations == 1
+        await eventually(lambda: _reported_running(edge, device, image.digest), what="reported")

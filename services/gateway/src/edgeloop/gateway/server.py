@@ -70,6 +70,8 @@ BUS_UNAVAILABLE = (
     nats.js.errors.ServiceUnavailableError,
     nats.js.errors.NoStreamResponseError,
 )
+#: How long a device's status report waits for the bus to answer again.
+REPORT_PATIENCE = 30.0
 REJECTED = Counter("edgeloop_gateway_rejected_messages", "Agent messages refused", ["code"])
 REFUSED = Counter("edgeloop_gateway_refused_sessions", "Sessions refused", ["reason"])
 TELEMETRY_REFUSED = Counter(
@@ -102,6 +104,9 @@ class Session:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     closed: str | None = None
     """Why the gateway ends the session (set → the writer stops)."""
+    final: bool = False
+    """The device may not come back (revoked, replaced): its fetches are refused, not
+    told to try again."""
     delivered: dict[str, tuple[int, str]] = field(default_factory=dict)
     """Manifest digest → (when it was sent, its trace parent): the start of the device's
     activation span."""
@@ -114,9 +119,11 @@ class Session:
             self.desired = (revision, doc)
             self.wake.set()
 
-    def close(self, reason: str) -> None:
-        """End the session (the stream finishes after what is queued)."""
+    def close(self, reason: str, *, final: bool = False) -> None:
+        """End the session (the stream finishes after what is queued); ``final`` when
+        the device's identity no longer holds."""
         self.closed = reason
+        self.final = self.final or final
         self.wake.set()
 
 
@@ -536,7 +543,7 @@ class EdgeGateway:
         if event.model and event.version:
             session.runs.add((event.model, event.version))
         self._activation_span(session, report)
-        await self._report(event)
+        await self._report_retried(session, event)
         await self.store.reported(
             session.device_id,
             state=event.state.value,
@@ -573,6 +580,26 @@ class EdgeGateway:
             span.set_status(Status(StatusCode.ERROR, report.error[:500]))
         span.end()
 
+    async def _report_retried(self, session: Session, event: DeviceStatusReported) -> None:
+        """Publish a device's status, again while the bus answers "not now" (a stream
+        leader being elected, a node restarting: seconds), for up to ``REPORT_PATIENCE``
+        seconds; then end the session as the bus's fault, so the device reconnects and
+        reports again (the same event id: the stream drops a repeat)."""
+        delay = 0.2
+        deadline = time.monotonic() + REPORT_PATIENCE
+        while True:
+            try:
+                await self._report(event)
+                return
+            except BUS_UNAVAILABLE as exc:
+                if time.monotonic() + delay > deadline:
+                    session.close(f"the bus did not take the device's status ({exc!r})")
+                    return
+                log.info("status of %s: bus unavailable (%r); again in %.1f s",
+                         session.device_id, exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def _report(self, event: DeviceStatusReported) -> None:
         data = event.model_dump_json().encode()
         await self.js.publish(
@@ -603,15 +630,18 @@ class EdgeGateway:
         """Chunks of an artifact of the device's desired image, from ``offset``."""
         identity, pem = _peer_identity(context)
         session = self.sessions.get(s.kv_key(identity)) if identity else None
-        if session is None or identity is None or pem is None:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, "open a session (Connect) before fetching"
-            )
+        if identity is None or pem is None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no client certificate")
             return
         # asked of the registry on every fetch: a revocation refuses the next one at once
         reason = await self.store.check_certificate(identity, fingerprint(pem))
         if reason is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+            return
+        if session is None:  # (re)connecting: not refused, try again once the session is up
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "open a session (Connect) before fetching"
+            )
             return
         current = self.desired.get(s.kv_key(session.device_id))
         doc = current[1] if current else None
@@ -657,7 +687,9 @@ class EdgeGateway:
             async for data in chunks:
                 if session.closed is not None:  # revoked, replaced or ended mid-download
                     await context.abort(
-                        grpc.StatusCode.PERMISSION_DENIED,
+                        grpc.StatusCode.PERMISSION_DENIED
+                        if session.final
+                        else grpc.StatusCode.UNAVAILABLE,  # resumed once reconnected
                         f"the device's session ended ({session.closed})",
                     )
                     return
@@ -729,7 +761,7 @@ class EdgeGateway:
                         error=pb.Error(code="permission_denied", message=message, fatal=True)
                     )
                 )
-            session.close(message)
+            session.close(message, final=True)
             log.warning("session of %s ended: %s", device_id, message)
 
 
