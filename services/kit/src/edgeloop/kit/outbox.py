@@ -229,13 +229,21 @@ class OutboxRelay:
                 await asyncio.wait_for(asyncio.shield(self._task), 10)
             except TimeoutError:
                 self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                # cancelled mid-statement, asyncpg may answer with an error of its own
+                with contextlib.suppress(
+                    asyncio.CancelledError, asyncpg.InterfaceError, asyncpg.InternalClientError
+                ):
                     await self._task
         await self._drop_listener()
 
     async def _ensure_listener(self) -> None:
-        if self._listen_conn is not None and not self._listen_conn.is_closed():
-            return
+        if self._listen_conn is not None:
+            try:
+                if not self._listen_conn.is_closed():
+                    return
+            except asyncpg.InterfaceError:
+                pass  # the pool took the connection back when the server closed it
+            await self._drop_listener()
         conn = await self._pool.acquire()
         try:
             await conn.add_listener(f"edgeloop_outbox_{self._schema}", self._on_notify)
