@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nats
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -42,6 +41,7 @@ from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import RetrainRequested
 from edgeloop.contracts.stackfile import load_stack_json, state_dir
 from edgeloop.edge.fleet import Fleet, FleetOptions
+from examples.platform import client
 from examples.retrain import handle
 from examples.sklearn_models import classifier
 
@@ -149,23 +149,15 @@ class Platform:
     """The running stack's HTTP APIs (from ``stack.json``)."""
 
     def __init__(self, stack: dict[str, Any], token: str) -> None:
-        def client(url: str) -> httpx.AsyncClient:
-            # a service restarting (make up restarts a crashed one) refuses connections
-            # for a few seconds: try again, as any client of the platform should
-            return httpx.AsyncClient(
-                base_url=url,
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=120,
-                transport=httpx.AsyncHTTPTransport(retries=8),
-            )
-
-        self.registry = client(stack["registry_api"])
-        self.deployer = client(stack["deployer_api"])
-        self.monitor = client(stack["monitor_api"])
+        # each rides out a service restarting or its database down (503, Retry-After),
+        # as any client of the platform should
+        self.registry = client(stack["registry_api"], token)
+        self.deployer = client(stack["deployer_api"], token)
+        self.monitor = client(stack["monitor_api"], token)
 
     async def close(self) -> None:
-        for client in (self.registry, self.deployer, self.monitor):
-            await client.aclose()
+        for api in (self.registry, self.deployer, self.monitor):
+            await api.aclose()
 
 
 async def _follow(nc: NATS, story: Story) -> None:

@@ -28,6 +28,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import RetrainRequested
 from edgeloop.contracts.stackfile import load_stack_json, state_dir
+from examples.platform import client
 from examples.sklearn_models import logistic, logistic_onnx, npz, split
 
 log = logging.getLogger("examples.retrain")
@@ -143,7 +144,6 @@ async def run(args: argparse.Namespace) -> None:
     """Consume ``retrain.requested`` until interrupted."""
     stack = load_stack_json()
     token = os.environ.get("EDGELOOP_API_TOKEN") or (state_dir() / "api-token").read_text().strip()
-    headers = {"Authorization": f"Bearer {token}"}
     nc = await nats.connect(args.nats or stack.get("nats_url", "nats://127.0.0.1:14222"))
     js = nc.jetstream()
     sub = await js.pull_subscribe(
@@ -155,16 +155,8 @@ async def run(args: argparse.Namespace) -> None:
         ),
     )
     async with (
-        httpx.AsyncClient(
-            base_url=stack.get("registry_api", "http://127.0.0.1:18100"),
-            headers=headers,
-            timeout=120,
-        ) as registry,
-        httpx.AsyncClient(
-            base_url=stack.get("monitor_api", "http://127.0.0.1:18400"),
-            headers=headers,
-            timeout=120,
-        ) as monitor,
+        client(stack.get("registry_api", "http://127.0.0.1:18100"), token) as registry,
+        client(stack.get("monitor_api", "http://127.0.0.1:18400"), token) as monitor,
     ):
         log.info("waiting for retrain.requested (model %s)", args.model or "any")
         while True:

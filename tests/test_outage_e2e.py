@@ -1,22 +1,33 @@
 """PostgreSQL down for a minute under the whole telemetry path (agents' batches on NATS,
-the monitor's partitioned consumers, the registry): nothing is dead-lettered, every batch
-is counted once when it is back, and a registration refused meanwhile (503, retry)
-succeeds after. The test has a PostgreSQL of its own to kill."""
+the monitor's partitioned consumers, the registry) while a version is being built and
+validated: nothing is dead-lettered, every batch is counted once when it is back, the
+version in flight is validated after, once, and a registration refused meanwhile (503,
+retry) succeeds after. NATS down for 20 s mid-rollout: the rollout completes with one
+desired-state write per device. The tests have servers of their own to kill."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from typing import Any
 
+import asyncpg
+import httpx
 import pytest
 from nats.js.errors import NoKeysError
 
+from edgeloop.builder.app import build as build_builder
+from edgeloop.builder.config import BuilderSettings
 from edgeloop.contracts import subjects as s
 from edgeloop.devstack.servers import NatsServer, Postgres
 from edgeloop.devstack.testing import eventually, publish_event, stream_messages
+from edgeloop.kit.oci.signing import generate_keypair
+from edgeloop.validator.app import build as build_validator
+from edgeloop.validator.config import ValidatorSettings
 from tests.deploy_harness import DeployStack
 from tests.modelzoo import classifier
-from tests.test_monitor import Monitored, _counted, mon, registered_batches  # noqa: F401 (mon is a fixture)
+from tests.test_monitor import TOKEN, Monitored, _counted, mon, registered_batches  # noqa: F401 (mon is a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +40,50 @@ def private_dsn(postgres_private: Postgres, unique: str) -> str:
     return postgres_private.create_database(f"t_{unique}")
 
 
+@pytest.fixture
+async def building(mon: Monitored, registry_url: str, unique: str) -> AsyncIterator[None]:  # noqa: F811
+    """The builder and validator beside the monitor fixture's registry (same servers)."""
+    private, public = generate_keypair()
+    common = {
+        "nats_url": mon.settings.nats_url,
+        "database_url": mon.settings.database_url,
+        "oci_registry_url": registry_url,
+    }
+    builder = build_builder(
+        BuilderSettings(**common, signing_key=private.decode(), image_prefix=f"o{unique}/images")
+    )
+    validator = build_validator(
+        ValidatorSettings(
+            **common,
+            public_key=public.decode(),
+            registry_api=str(mon.registry.base_url).rstrip("/"),
+            registry_token=TOKEN,
+            profile_threads="1",
+            profile_runs=20,
+        )
+    )
+    async with builder.running(), validator.running():
+        yield
+
+
+async def _register(
+    registry: httpx.AsyncClient, model: str, version: str, files: Any
+) -> httpx.Response:
+    return await registry.post(
+        f"/api/v1/models/{model}/versions",
+        files={
+            "model": ("model.onnx", files.onnx),
+            "suite": ("suite.npz", files.suite),
+            "reference": ("reference.npz", files.reference),
+        },
+        data={"version": version, "params": '{"threshold.accuracy": "0.85"}'},
+    )
+
+
+@pytest.mark.timeout(360)
 async def test_postgres_down_a_minute_loses_and_dead_letters_no_telemetry(
     mon: Monitored,  # noqa: F811
+    building: None,
     postgres_private: Postgres,
 ) -> None:
     batch = await registered_batches(mon)
@@ -42,22 +95,21 @@ async def test_postgres_down_a_minute_loses_and_dead_letters_no_telemetry(
 
     await publish(0, 100)
     await eventually(lambda: _counted(mon, 100 * 50 - 1), within=60, what="the first batches")
+    # v2 is committed; its build and validation are under way when PostgreSQL goes
+    registered = await _register(mon.registry, mon.model, "2", m)
+    assert registered.status_code in (200, 201), registered.text
 
     await asyncio.to_thread(postgres_private.kill)
     t0 = time.monotonic()
-    refused = await mon.registry.post(
-        f"/api/v1/models/{mon.model}/versions",
-        files={"model": ("model.onnx", m.onnx)},
-        data={"version": "2"},
-    )
+    refused = await _register(mon.registry, mon.model, "3", m)
     assert refused.status_code == 503, refused.text
     for k in range(6):  # a fleet streaming through the outage
         await publish(100 + 50 * k, 150 + 50 * k)
         await asyncio.sleep(OUTAGE_SECONDS / 6)
     ready, checks = await mon.service.health.readiness()
     assert not ready, checks
-    dead = await stream_messages(mon.edge.js, s.STREAM_DLQ, "dlq.device.telemetry.>")
-    assert dead == [], f"{len(dead)} batches dead-lettered during the outage"
+    dead = await stream_messages(mon.edge.js, s.STREAM_DLQ, "dlq.>")
+    assert dead == [], f"{len(dead)} messages dead-lettered during the outage"
     await asyncio.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - t0)))
     await asyncio.to_thread(postgres_private.start)
 
@@ -66,17 +118,35 @@ async def test_postgres_down_a_minute_loses_and_dead_letters_no_telemetry(
     )
     await asyncio.sleep(2)  # nothing arrives twice later
     assert await _counted(mon) == 400 * 50
-    assert await stream_messages(mon.edge.js, s.STREAM_DLQ, "dlq.device.telemetry.>") == []
 
-    async def registered() -> bool:
-        resp = await mon.registry.post(
-            f"/api/v1/models/{mon.model}/versions",
-            files={"model": ("model.onnx", m.onnx)},
-            data={"version": "2"},
-        )
+    async def retried() -> bool:
+        resp = await _register(mon.registry, mon.model, "3", m)
         return resp.status_code in (200, 201)
 
-    await eventually(registered, within=30, what="the registration retried after the outage")
+    await eventually(retried, within=30, what="the registration retried after the outage")
+
+    for version in ("2", "3"):
+        body: dict[str, Any] = {}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            resp = await mon.registry.get(f"/api/v1/models/{mon.model}/versions/{version}")
+            body = dict(resp.json())
+            if body["validation_state"] != "pending":
+                break
+            await asyncio.sleep(0.5)
+        assert body["validation_state"] == "passed", (version, body)
+    assert await stream_messages(mon.edge.js, s.STREAM_DLQ, "dlq.>") == []
+    conn = await asyncpg.connect(mon.settings.database_url)
+    try:  # each version built and validated once
+        for table in ("builder.builds", "validator.reports"):
+            rows = await conn.fetch(
+                f"SELECT version, count(*) AS n FROM {table} WHERE model = $1 GROUP BY version",
+                mon.model,
+            )
+            counts = {r["version"]: r["n"] for r in rows if r["version"] != "1"}
+            assert counts == {"2": 1, "3": 1}, (table, counts)
+    finally:
+        await conn.close()
     ready, checks = await mon.service.health.readiness()
     assert ready, checks
 
