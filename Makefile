@@ -65,9 +65,11 @@ test-fast: setup
 	$(BIN)/pytest -x -q
 
 # The full NATS chaos run: 30,000 numbered events while a node of a 3-node cluster dies
-# every 1-3 s (`make test` runs the 3,000-event version). EDGELOOP_CHAOS_SEED repeats one.
+# every 1-3 s (`make test` runs the 3,000-event version; EDGELOOP_CHAOS_SEED repeats
+# one), then the whole demo loop on the cluster with 2 replicas of every service, a node
+# and PostgreSQL killed on the way.
 chaos: setup
-	$(BIN)/pytest -m chaos -s services/kit/tests/test_nats_chaos.py
+	$(BIN)/pytest -m chaos -s services/kit/tests/test_nats_chaos.py tests/test_cluster_loop.py
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)
