@@ -405,6 +405,7 @@ async def deploy_stack(
             tick_seconds="0.2",
             retry_backoff="0.5,1",
             max_attempts="3",
+            offline_grace_seconds="3",
         )
         deployer.start()
         try:

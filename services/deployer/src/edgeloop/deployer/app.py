@@ -62,6 +62,7 @@ def build(settings: DeployerSettings) -> Service:
                 lease_seconds=settings.lease_seconds,
                 tick=settings.tick_seconds,
                 max_silence=settings.presence_max_silence_seconds,
+                offline_grace=settings.offline_grace_seconds,
                 tracer=tracer(service.tracer_provider, "edgeloop.deployer"),
             )
         )

@@ -53,10 +53,12 @@ from edgeloop.contracts.events import (
 )
 from edgeloop.contracts.twin import DesiredModel
 from edgeloop.deployer.plan import (
+    Absence,
     Draw,
     absence,
     draw_wave,
     failure_budget,
+    named_absent,
     no_canary,
     progress,
     wave_target,
@@ -76,6 +78,9 @@ DRIVEN = Gauge("edgeloop_deployer_rollouts_driven", "Active rollouts this replic
 
 #: How many failing devices a wave event or a reason names (the rest are counted).
 NAMED = 10
+
+#: Seconds between two questions to the gateway from a wave that cannot start yet.
+ASK_EVERY = 2.0
 
 #: What a starting wave stores: its draw, the devices of its share it leaves for the next
 #: wave, and why each device passed over was (the words shown, offline since when).
@@ -100,6 +105,7 @@ class Engine:
         lease_seconds: float = 15.0,
         tick: float = 0.5,
         max_silence: float = 60.0,
+        offline_grace: float = 60.0,
         tracer: Tracer | None = None,
     ) -> None:
         self.tracer = tracer or trace.get_tracer("edgeloop.deployer")
@@ -108,6 +114,7 @@ class Engine:
         self.twin = twin
         self.devices = devices
         self.max_silence = max_silence
+        self.offline_grace = offline_grace
         self.store = Store()
         self.owner = owner
         self.lease_seconds = lease_seconds
@@ -116,6 +123,8 @@ class Engine:
         self._wake: dict[uuid.UUID, asyncio.Event] = {}
         self._claim_now = asyncio.Event()
         self._devices: dict[tuple[uuid.UUID, int], tuple[list[str], list[str]]] = {}
+        self._ask_after: dict[tuple[uuid.UUID, int], float] = {}
+        """When a starting wave may ask the gateway again (monotonic time)."""
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -193,6 +202,8 @@ class Engine:
                 self._wake.pop(rid, None)
                 for key in [k for k in self._devices if k[0] == rid]:
                     del self._devices[key]
+                for key in [k for k in self._ask_after if k[0] == rid]:
+                    del self._ask_after[key]
 
     # --- one step ---------------------------------------------------------------------
 
@@ -241,6 +252,10 @@ class Engine:
             return await self._hold_for_approval(r, wave)
         waves = await self._wave_list(r)
         last = wave.wave == len(waves) - 1
+        key = (r.rollout_id, wave.wave)
+        if time.monotonic() < self._ask_after.get(key, 0.0):
+            return self.tick
+        self._ask_after[key] = time.monotonic() + ASK_EVERY
         async with self.pool.acquire() as conn:
             undrawn = await self.store.undrawn(conn, r.rollout_id, wave.wave)
         try:
@@ -266,12 +281,20 @@ class Engine:
         taken = set(draw.members) | set(draw.stragglers)
         deferred = [d for d, planned in undrawn.items() if planned == wave.wave and d not in taken]
         why = {d: (a.text, a.since) for d, a in absent.items()}
-        if not draw.members and wave.wave == 0:
-            # no device to run the canary on: a budget that can never be met, said now
-            reason = no_canary(absent, "devices")
-            return await self._fail(r, wave, [], {}, [], reason, devices=[], draw=(draw, [], why))
-        if not draw.members and not last:
-            return await self._skip(r, wave, deferred, why)
+        if not draw.members:
+            # Nobody to draw. A gateway that restarted shows its devices offline until they
+            # reconnect (seconds): wait a little, asking again, before concluding.
+            since = wave.phase_since
+            if since is None or (now - since).total_seconds() < self.offline_grace:
+                return await self._await_devices(r, wave, absent)
+            if wave.wave == 0:
+                # no device to run the canary on: a budget that can never be met
+                reason = no_canary(absent, "devices")
+                return await self._fail(
+                    r, wave, [], {}, [], reason, devices=[], draw=(draw, [], why)
+                )
+            if not last:
+                return await self._skip(r, wave, deferred, why)
         self._devices.pop((r.rollout_id, wave.wave), None)
         previous = await self.twin.get_desired([*draw.members, *draw.stragglers])
         await self._transition(
@@ -282,6 +305,7 @@ class Engine:
                     "state": "writing",
                     "started_at": _now(),
                     "phase_since": _now(),
+                    "reason": None,
                     "members": len(draw.members),
                     "deferred": len(deferred) + len(draw.stragglers),
                 },
@@ -314,6 +338,19 @@ class Engine:
                 ", ".join(draw.stragglers[:NAMED]),
             )
         return 0.0
+
+    async def _await_devices(self, r: Rollout, wave: Wave, absent: dict[str, Absence]) -> float:
+        """No device left is online and healthy: the wave waits ``offline_grace`` for one,
+        with the reason shown, from the first time it found none (stored, so a restart
+        does not start the wait again)."""
+        if wave.phase_since is None:
+            reason = (
+                f"waits up to {self.offline_grace:g} s for a device to come online: none of "
+                f"the {len(absent)} left is online and healthy ({named_absent(absent)})"
+            )
+            await self._transition(r, wave=(wave, {"phase_since": _now(), "reason": reason}))
+            log.warning("rollout %s: wave %d %s", r.rollout_id, wave.wave, reason)
+        return ASK_EVERY
 
     async def _skip(
         self,

@@ -193,15 +193,20 @@ NAMED_ABSENT = 5
 def no_canary(absent: Mapping[str, Absence], whose: str) -> str:
     """The reason a rollout cannot start a canary: every one of ``whose`` devices (the
     ``absent`` ones) is offline or unhealthy."""
+    return (
+        f"none of the {len(absent)} {whose} is online and healthy, so the release has no "
+        f"device to run its canary on ({named_absent(absent)}); start them or wait until "
+        "they connect, then start the rollout again"
+    )
+
+
+def named_absent(absent: Mapping[str, Absence]) -> str:
+    """The first few absent devices with why (``d1: offline since …; …; and 3 more``)."""
     items = [f"{d}: {a.text}" for d, a in list(absent.items())[:NAMED_ABSENT]]
     more = len(absent) - NAMED_ABSENT
     if more > 0:
         items.append(f"and {more} more")
-    return (
-        f"none of the {len(absent)} {whose} is online and healthy, so the release has no "
-        f"device to run its canary on ({'; '.join(items)}); start them or wait until they "
-        "connect, then start the rollout again"
-    )
+    return "; ".join(items)
 
 
 def _at(when: datetime) -> str:
