@@ -143,14 +143,18 @@ def render(r: dict[str, Any]) -> str:
         f"{r.get('device_deadline_seconds', 3600):g} s, requested {when(r['created_at'])} "
         f"by {r.get('requested_by') or '-'}",
     ]
-    for w in r.get("wave_status", []):
+    waves = r.get("wave_status", [])
+    for w in waves:
         live = w.get("live")
         converged = live["converged"] if live else w["converged"]
         failed = (live["failed"] if live else w["failed"]) or 0
         size = w["size"] if w.get("members") is None else w["members"]
         verdict = f"  verdict {w['verdict']}" if w.get("verdict") else ""
         deferred = w.get("deferred") or 0
-        passed = f", {deferred} offline/unhealthy passed over" if deferred else ""
+        last = w is waves[-1]
+        passed = ""
+        if deferred:  # the last wave gives them the release; earlier ones leave them
+            passed = f", {deferred} {'stragglers' if last else 'offline/unhealthy passed over'}"
         lines.append(
             f"  wave {w['wave']}  {_bar(converged, failed, size)} "
             f"{converged:>5}/{size:<5} converged {failed:>4} failed (budget {w['budget']}"
