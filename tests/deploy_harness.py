@@ -132,7 +132,7 @@ async def make_validated(
 
 
 #: A second operator's token (approvals need someone other than the requester).
-APPROVER_TOKEN = "deploy-approver-token-2"
+APPROVER_TOKEN = "deploy-approver-token-2-5be07a"
 
 
 def deployer_process(
