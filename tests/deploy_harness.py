@@ -191,7 +191,7 @@ class DeployStack:
     api: httpx.AsyncClient
     deployer: ServiceProcess
     unique: str
-    service_tokens: dict[str, str]
+    service_tokens: dict[str, str] = field(repr=False)
     """Each calling service's own token (``service_tokens``), by service."""
     agents: dict[str, Agent] = field(default_factory=dict)
 
