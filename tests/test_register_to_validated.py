@@ -24,6 +24,7 @@ from edgeloop.cli.main import app
 from edgeloop.contracts.access import SERVICES as ACCESS
 from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import stream_messages, up_environment
+from edgeloop.kit.tokens import SERVICE_ROLES
 from tests.modelzoo import ModelFiles, classifier
 
 pytestmark = pytest.mark.slow
@@ -319,6 +320,24 @@ def test_each_secret_reaches_only_its_service(stack: dict[str, str]) -> None:
             assert users == {f"EDGELOOP_{name.upper()}_NATS_PASSWORD"}, name
         else:
             assert users == set(), name
+    # the admin token only where an API accepts it; each service calls with its own
+    state = Path(stack["EDGELOOP_STATE_DIR"])
+    admin = (state / "api-token").read_text().strip()
+    own = {n: (state / "service-tokens" / n).read_text().strip() for n in SERVICE_ROLES}
+    assert admin not in own.values()
+    for name, variables in env.items():
+        held = {k for k, v in variables.items() if v == admin}
+        accepts = {f"EDGELOOP_{name.upper()}_API_TOKENS"} & set(variables)
+        assert held == accepts, name
+        assert accepts or name not in ("registry", "deployer", "monitor", "gateway"), name
+        for caller, token in own.items():
+            holds = {k for k, v in variables.items() if v == token}
+            assert bool(holds) == (caller == name), (name, caller, holds)
+    listed = runner.invoke(app, ["tokens", "list"], env=stack)
+    assert listed.exit_code == 0, listed.output
+    for caller, role in SERVICE_ROLES.items():
+        line = next(x for x in listed.output.splitlines() if x.startswith(f"service:{caller} "))
+        assert line.split()[1] == role, line
 
 
 def test_the_demo_closes_the_loop(stack: dict[str, str], tmp_path: Path) -> None:
@@ -581,8 +600,9 @@ def test_no_service_was_refused_by_nats(stack: dict[str, str]) -> None:
 
 def test_no_secret_in_an_event_a_log_line_or_an_image(stack: dict[str, str]) -> None:
     """Last in this module, after the stack built, validated and rolled out versions and
-    ran the demo: the API token and the signing key appear in no event (LIFECYCLE,
-    DEVICE, DLQ: payloads and headers), no service's log and no stored image layer."""
+    ran the demo: the API tokens (the admin's, each service's), the signing key and the
+    passwords appear in no event (LIFECYCLE, DEVICE, DLQ: payloads and headers), no
+    service's log and no stored image layer."""
     state = Path(stack["EDGELOOP_STATE_DIR"])
     token = (state / "api-token").read_text().strip()
     key_lines = [
@@ -591,7 +611,9 @@ def test_no_secret_in_an_event_a_log_line_or_an_image(stack: dict[str, str]) -> 
         if line and not line.startswith("-----")
     ]
     passwords = [
-        p.read_text().strip() for d in ("nats-users", "pg-users") for p in (state / d).iterdir()
+        p.read_text().strip()
+        for d in ("nats-users", "pg-users", "service-tokens")
+        for p in (state / d).iterdir()
     ]
     secrets = [token.encode(), *(line.encode() for line in key_lines)]
     secrets += [p.encode() for p in [*passwords, (state / "audit-key").read_text().strip()]]

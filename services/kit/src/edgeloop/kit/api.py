@@ -2,9 +2,11 @@
 body is read, a body limit per route enforced while the body streams in, and a uvicorn
 server that leaves signal handling to the kit's ``Service``.
 
-An app stores its configured tokens in ``app.state.tokens`` (role admin) and, to accept
-issued tokens with roles, a pool getter in ``app.state.pool``; a route takes ``who:
-Actor`` (any role) or the role it needs (``who: Operator`` …: 403 naming the role).
+An app stores its configured tokens in ``app.state.tokens`` (role admin: the
+installation's operator, a person) and, to accept tokens with roles — issued to people,
+and each platform service's own (``service:<name>``, :mod:`edgeloop.kit.tokens`) — a pool
+getter in ``app.state.pool``; a route takes ``who: Actor`` (any role) or the role it needs
+(``who: Operator`` …: 403 naming the role).
 """
 
 from __future__ import annotations
@@ -31,10 +33,15 @@ from edgeloop.kit.faults import CONNECTION_LOST, NATS_OUTAGE_ERRORS, looks_like_
 
 log = logging.getLogger(__name__)
 
-#: Roles, and what each may change (every valid token may read).
-ROLES = ("viewer", "data-scientist", "operator", "admin")
+#: Roles, and what each may change (every valid token may read). ``service`` is the role
+#: of a platform service whose calls change something without a person (the deployer's:
+#: deprecate and retire versions); services that only read hold ``viewer``
+#: (``edgeloop.kit.tokens.SERVICE_ROLES``).
+ROLES = ("viewer", "data-scientist", "operator", "service", "admin")
 CAPABILITIES: dict[str, tuple[str, ...]] = {
     "models.write": ("data-scientist", "admin"),  # register versions, move aliases
+    # deprecate a version (a person, or the deployer while it retires one)
+    "models.deprecate": ("data-scientist", "service", "admin"),
     "data.write": ("data-scientist", "operator", "admin"),  # label samples
     "rollouts.write": ("operator", "admin"),  # start, pause … approve; release policies
     "monitor.write": ("operator", "admin"),  # rules, acknowledge alarms
@@ -43,7 +50,7 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
     "dlq.replay": ("operator", "admin"),  # replay dead letters to their consumers
     # set a version retired directly, without the deployer's check that no device runs
     # it (the deployer's own token; people retire through the deployer: rollouts.write)
-    "models.retire": ("admin",),
+    "models.retire": ("service", "admin"),
     # register a version with a threshold looser than the platform's minimum
     "thresholds.loosen": ("admin",),
 }
@@ -69,9 +76,10 @@ class Unauthorized(Exception):
 
 async def authenticate(app: Any, authorization: str | None) -> Caller:
     """The caller of ``app``, from an ``Authorization: Bearer <token>`` header: a token
-    from the service's settings (``app.state.tokens``: the installation's own, role
-    admin) or one issued with a role (``auth.tokens`` through ``app.state.pool``, not
-    revoked, not expired); :class:`Unauthorized` otherwise."""
+    from the service's settings (``app.state.tokens``: the installation's operator, role
+    admin) or one with a role in ``auth.tokens`` (through ``app.state.pool``; issued, or a
+    service's own installed by the bootstrap; not revoked, not expired);
+    :class:`Unauthorized` otherwise."""
     tokens: frozenset[str] = app.state.tokens
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
@@ -151,6 +159,7 @@ Operator = Annotated[str, requires("rollouts.write")]
 MonitorWriter = Annotated[str, requires("monitor.write")]
 DeviceWriter = Annotated[str, requires("devices.write")]
 Admin = Annotated[str, requires("tokens.admin")]
+Deprecator = Annotated[str, requires("models.deprecate")]
 Retirer = Annotated[str, requires("models.retire")]
 DlqReplayer = Annotated[str, requires("dlq.replay")]
 
