@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgeloop.contracts.names import check_alias, check_model, check_version
 from edgeloop.contracts.parsing import parse_duration
 from edgeloop.kit import audit
-from edgeloop.kit.api import Actor, Admin, DlqReplayer, ModelWriter, Retirer, Who, may
+from edgeloop.kit.api import Actor, Admin, DlqReplayer, ModelWriter, Retirer, Who, may, new_api
 from edgeloop.kit.tokens import TokenError, issue_token, list_tokens, revoke_token
 from edgeloop.registry.errors import InvalidInput, NotFound, RegistryError, TooLarge
 from edgeloop.registry.service import Registration, Registry
@@ -134,7 +134,7 @@ def create_api(
         due = retired + timedelta(seconds=retention_seconds) if retired else None
         return {"archive_at": record.get("archived_at") or due}
 
-    api = FastAPI(
+    api = new_api(
         title="edgeloop registry",
         version="1",
         description="Model versions, lineage, aliases and artifacts.",
