@@ -143,8 +143,19 @@ def test_register_to_validated_from_the_cli(stack: dict[str, str], tmp_path: Pat
     human = runner.invoke(app, ["validations", "show", f"breast-cancer@{version}"], env=stack)
     assert "accuracy" in human.output
     assert "recommended:" in human.output
+    # for people: sections, the pullable image, no raw JSON
+    human = runner.invoke(app, ["models", "show", f"breast-cancer@{version}"], env=stack)
+    assert human.exit_code == 0, human.output
+    for section in ("artifacts", "signature", "build", "validation", "latency profile"):
+        assert f"\n{section}" in human.output, human.output
+    assert '{"' not in human.output, human.output
     shown = runner.invoke(app, ["models", "show", f"breast-cancer@{version}", "--json"], env=stack)
     body = json.loads(shown.output)
+    pullable = f"{body['build_detail']['image']}@{body['build_detail']['digest']}"
+    assert pullable.split("@")[1].startswith("sha256:")
+    assert pullable in human.output, human.output
+    assert "threshold.accuracy=0.9" in human.output
+    assert "accuracy" in human.output
     assert body["source_commit"] == "0123abc"
     assert body["aliases"] == ["candidate"]
     image = body["build_detail"]["image"]
