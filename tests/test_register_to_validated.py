@@ -377,6 +377,15 @@ def test_the_demo_closes_the_loop(stack: dict[str, str], tmp_path: Path) -> None
     text = log.read_text()
     assert "done in" in text
     assert "edgeloop rollout status" in text  # it says where to look
+    # each event told once; an alarm per rule that fired, each retrain request naming its
+    # rule and alarm (two alike lines were two rules' alarms, not one alarm twice)
+    told = [line.partition("] ")[2] for line in text.splitlines() if line.startswith("[")]
+    alarms = [line for line in told if line.startswith("alarm.raised")]
+    assert alarms, text
+    assert len(set(told)) == len(told), text
+    for line in (line for line in told if line.startswith("retrain.requested")):
+        assert " for " in line, line
+        assert "(alarm " in line, line
     # the lineage of v2: its parent, the alarm and retraining request behind it, its image,
     # validation, rollout and the devices running it
     model = story["model"]
