@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from kit_helpers import SampleProcess, connect
@@ -10,6 +11,7 @@ from test_guarantees import SQL, Ctx, committed
 from edgeloop.devstack.testing import eventually
 from edgeloop.kit.bus import declare_topology
 from edgeloop.kit.db import create_pool, migrate, read_migrations
+from edgeloop.kit.service import QUIET_AT_INFO, configure_logging
 
 
 async def test_no_task_callback_chatter_at_info(
@@ -34,3 +36,19 @@ async def test_no_task_callback_chatter_at_info(
     assert " INFO " in log, log  # the service does log at INFO …
     # … but not FastStream's supervisor noting each subscriber task's end
     assert "is being executed" not in log, log
+
+
+def test_httpx_requests_are_not_logged_at_info() -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO")
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+        assert logging.getLogger("httpx").isEnabledFor(logging.WARNING)
+        assert logging.getLogger("edgeloop.kit").isEnabledFor(logging.INFO)
+        configure_logging("DEBUG")  # asked for everything: everything
+        assert logging.getLogger("httpx").isEnabledFor(logging.DEBUG)
+    finally:
+        root.handlers[:], root.level = handlers, level
+        for name in QUIET_AT_INFO:
+            logging.getLogger(name).setLevel(logging.NOTSET)
