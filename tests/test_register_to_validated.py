@@ -144,8 +144,19 @@ def test_register_to_validated_from_the_cli(stack: dict[str, str], tmp_path: Pat
     human = runner.invoke(app, ["validations", "show", f"breast-cancer@{version}"], env=stack)
     assert "accuracy" in human.output
     assert "recommended:" in human.output
+    # for people: sections, the pullable image, no raw JSON
+    human = runner.invoke(app, ["models", "show", f"breast-cancer@{version}"], env=stack)
+    assert human.exit_code == 0, human.output
+    for section in ("artifacts", "signature", "build", "validation", "latency profile"):
+        assert f"\n{section}" in human.output, human.output
+    assert '{"' not in human.output, human.output
     shown = runner.invoke(app, ["models", "show", f"breast-cancer@{version}", "--json"], env=stack)
     body = json.loads(shown.output)
+    pullable = f"{body['build_detail']['image']}@{body['build_detail']['digest']}"
+    assert pullable.split("@")[1].startswith("sha256:")
+    assert pullable in human.output, human.output
+    assert "threshold.accuracy=0.9" in human.output
+    assert "accuracy" in human.output
     assert body["source_commit"] == "0123abc"
     assert body["aliases"] == ["candidate"]
     image = body["build_detail"]["image"]
@@ -385,6 +396,15 @@ def test_the_demo_closes_the_loop(stack: dict[str, str], tmp_path: Path) -> None
     text = log.read_text()
     assert "done in" in text
     assert "edgeloop rollout status" in text  # it says where to look
+    # each event told once; an alarm per rule that fired, each retrain request naming its
+    # rule and alarm (two alike lines were two rules' alarms, not one alarm twice)
+    told = [line.partition("] ")[2] for line in text.splitlines() if line.startswith("[")]
+    alarms = [line for line in told if line.startswith("alarm.raised")]
+    assert alarms, text
+    assert len(set(told)) == len(told), text
+    for line in (line for line in told if line.startswith("retrain.requested")):
+        assert " for " in line, line
+        assert "(alarm " in line, line
     # the lineage of v2: its parent, the alarm and retraining request behind it, its image,
     # validation, rollout and the devices running it
     model = story["model"]

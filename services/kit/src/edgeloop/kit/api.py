@@ -1,6 +1,7 @@
-"""What every service's HTTP API shares: bearer-token authentication checked before a
-body is read, a body limit per route enforced while the body streams in, and a uvicorn
-server that leaves signal handling to the kit's ``Service``.
+"""What every service's HTTP API shares: the app itself (:func:`new_api`: its ``/docs``
+served with no CDN), bearer-token authentication checked before a body is read, a body
+limit per route enforced while the body streams in, and a uvicorn server that leaves
+signal handling to the kit's ``Service``.
 
 An app stores its configured tokens in ``app.state.tokens`` (role admin: the
 installation's operator, a person) and, to accept tokens with roles — issued to people,
@@ -23,6 +24,7 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -164,6 +166,26 @@ Retirer = Annotated[str, requires("models.retire")]
 DlqReplayer = Annotated[str, requires("dlq.replay")]
 
 
+#: Where an API serves the scripts, styles and icon of its ``/docs`` (Swagger UI) and
+#: ``/redoc`` pages: the copies the ``fastapi-offline`` distribution installs.
+DOCS_ASSETS = "/docs/assets"
+
+
+def new_api(*, title: str, version: str, description: str) -> FastAPI:
+    """A service's FastAPI app, whose ``/docs`` and ``/redoc`` pages load their scripts
+    and styles from the app itself (:data:`DOCS_ASSETS`), not from a CDN: they render on
+    a machine with no route to the internet (an edge site, an air-gapped plant). The
+    pages and their assets need no token; the OpenAPI document is at ``/openapi.json``
+    as FastAPI serves it."""
+    app = FastAPIOffline(
+        title=title, version=version, description=description, static_url=DOCS_ASSETS
+    )
+    # FastAPIOffline adds its own pages after FastAPI's are turned off (docs_url None):
+    # the app says again where they are, for what reads it (Guard keeps them public)
+    app.docs_url, app.redoc_url = "/docs", "/redoc"
+    return app
+
+
 class QuietServer(uvicorn.Server):
     """uvicorn without its own signal handlers (the kit's Service owns SIGTERM)."""
 
@@ -231,7 +253,7 @@ class Guard:
     body is held to its route's limit (the route's ``max_body_size``, else
     :data:`DEFAULT_BODY_LIMIT`): a ``Content-Length`` over it is refused before a byte of
     the body is read, a chunked body as soon as it passes it (413 naming the limit). A
-    refusal closes the connection. OpenAPI's pages stay public."""
+    refusal closes the connection. OpenAPI's pages (and their assets) stay public."""
 
     def __init__(self, app: ASGIApp, *, api: FastAPI, default_limit: int) -> None:
         self.app = app
@@ -246,7 +268,8 @@ class Guard:
             await self.app(scope, receive, send)
             return
         send = _lingering(send, receive)
-        if scope["path"] not in self.public:
+        path = scope["path"]
+        if path not in self.public and not path.startswith(DOCS_ASSETS + "/"):
             try:
                 authorization = Headers(scope=scope).get("authorization")
                 scope[CALLER_SCOPE_KEY] = await authenticate(self.api, authorization)

@@ -22,6 +22,7 @@ from edgeloop.kit.api import (
     Retirer,
     Who,
     may,
+    new_api,
 )
 from edgeloop.kit.tokens import TokenError, issue_token, list_tokens, revoke_token
 from edgeloop.registry.errors import InvalidInput, NotFound, RegistryError, TooLarge
@@ -143,7 +144,7 @@ def create_api(
         due = retired + timedelta(seconds=retention_seconds) if retired else None
         return {"archive_at": record.get("archived_at") or due}
 
-    api = FastAPI(
+    api = new_api(
         title="edgeloop registry",
         version="1",
         description="Model versions, lineage, aliases and artifacts.",
