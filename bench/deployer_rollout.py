@@ -103,6 +103,7 @@ async def run(
         gateway_api=gw.api,
         api_port=deployer_port,
         instance="bench-deployer",
+        token=TOKEN,
         log_level="WARNING",
     )
     deployer.env["EDGELOOP_LOG_LEVEL"] = "WARNING"

@@ -36,7 +36,7 @@ from edgeloop.edge.fleet import Fleet, FleetOptions
 from edgeloop.kit.bus import declare_topology
 from tests.edge_harness import PUBLIC
 
-TOKEN = "bench-edge-token-1"
+TOKEN = "bench-edge-token-1-3f8e6a2c"
 PROJECT = Path(__file__).resolve().parents[1]
 
 

@@ -72,6 +72,8 @@ class Story:
         print(f"\n== {title}", flush=True)
 
     def add(self, subject: str, event: dict[str, Any]) -> None:
+        if any(e.get("event_id") == event.get("event_id") for _, e in self.seen):
+            return  # the same event delivered again (a consumer's reconnect): told once
         self.seen.append((subject, event))
         self.changed.set()
         self.say(_describe(subject, event), look=_where(subject, event, self.model))
@@ -107,19 +109,30 @@ def _describe(subject: str, e: dict[str, Any]) -> str:
         metrics = ", ".join(f"{k} {v:.3g}" for k, v in sorted(e.get("metrics", {}).items())[:4])
         return f"validation.passed      {ref} ({metrics})"
     if subject == s.ROLLOUT_REQUESTED:
-        return f"rollout.requested      {ref} by {e.get('requested_by')} to {e['selector']}"
+        to = ",".join(f"{k}={v}" for k, v in sorted(e["selector"].items()))
+        return f"rollout.requested      {ref} by {e.get('requested_by')} to {to}"
     if subject in (s.ROLLOUT_WAVE_STARTED, s.ROLLOUT_WAVE_SUCCEEDED):
         what = subject.rsplit(".", 1)[1]
         return f"rollout.wave.{what:<9} {ref} wave {e['wave']}: {len(e['devices'])} devices"
     if subject == s.ROLLOUT_CANARY_VERDICT:
         why = "; ".join(e.get("reasons", [])[:2])
-        return f"canary verdict         {ref} wave {e['wave']}: {e['verdict']} {why}"
+        return f"canary verdict         {ref} wave {e['wave']}: {e['verdict']} {why}".rstrip()
+    # one alarm per rule that fires (feature drift and prediction drift are two rules,
+    # often firing on the same window), each with its own retrain request: say which
     if subject == s.ALARM_RAISED:
-        return f"alarm.raised           {ref}: {e['message']}"
+        return f"alarm.raised           {ref} {e['rule']} (alarm {_short(e)}): {e['message']}"
     if subject == s.RETRAIN_REQUESTED:
         d = e["dataset"]
-        return f"retrain.requested      {ref}: {d.get('sample_count')} samples selected"
+        rule = (e.get("evidence") or {}).get("rule", "?")
+        return (
+            f"retrain.requested      {ref} for {rule} (alarm {_short(e)}): "
+            f"{d.get('sample_count')} samples selected"
+        )
     return f"{subject:<22} {ref} {e.get('reason') or ''}".rstrip()
+
+
+def _short(e: dict[str, Any]) -> str:
+    return str(e.get("alarm_id") or "-")[:8]
 
 
 def _where(subject: str, e: dict[str, Any], model: str) -> str | None:
@@ -257,7 +270,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             RetrainRequested.model_validate(request), "iris", platform.registry, platform.monitor
         )
         story.say(
-            f"registered {model}@{body['version']} (parent {model}@1)",
+            f"registered {model}@{body['version']} (parent {model}@1), answering the retrain "
+            f"request of alarm {_short(request)} ({request['evidence'].get('rule')})",
             look=f"edgeloop models show {model}@{body['version']}",
         )
 

@@ -3,7 +3,10 @@ validation events), the gateway with enrolled agents, and the deployer as its ow
 (so a test can SIGKILL it), each on private NATS and a private database.
 
 The test plays the builder and the validator: it pushes a signed image and publishes
-their ``image.built`` / ``validation.passed`` events, as they would.
+their ``image.built`` / ``validation.passed`` events, as they would. The test's own
+clients hold the admin token (``TOKEN``, the installation operator's); the services call
+each other with their own tokens (``DeployStack.service_tokens``: ``service:deployer``
+…, installed into the database as the bootstrap does), as in ``make up`` and Compose.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +30,9 @@ from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import api_up, eventually, publish_event
 from edgeloop.devstack.up import ServiceProcess
 from edgeloop.edge.agent import Agent, AgentConfig, Faults
+from edgeloop.kit.dbroles import install_tokens
 from edgeloop.kit.service import Service
+from edgeloop.kit.tokens import SERVICE_ROLES, ServiceToken
 from edgeloop.registry.app import build as build_registry
 from edgeloop.registry.config import RegistrySettings
 from tests.edge_harness import TOKEN, EdgeStack, Image, edge_stack, push_model_image
@@ -132,7 +138,15 @@ async def make_validated(
 
 
 #: A second operator's token (approvals need someone other than the requester).
-APPROVER_TOKEN = "deploy-approver-token-2"
+APPROVER_TOKEN = "deploy-approver-token-2-5be07a"
+
+
+async def service_tokens(admin_dsn: str) -> dict[str, str]:
+    """A token of its own for every service that calls an API, installed (hashed, with
+    its role) into the database of ``admin_dsn`` as the bootstrap does."""
+    tokens = {name: secrets.token_urlsafe(24) for name in SERVICE_ROLES}
+    await install_tokens(admin_dsn, [ServiceToken.of(n, t) for n, t in tokens.items()])
+    return tokens
 
 
 def deployer_process(
@@ -145,9 +159,11 @@ def deployer_process(
     gateway_api: str,
     api_port: int,
     instance: str,
+    token: str,
     **extra: str,
 ) -> ServiceProcess:
-    """``python -m edgeloop.deployer`` configured for a stack (not started)."""
+    """``python -m edgeloop.deployer`` configured for a stack (not started); ``token``:
+    the one it calls the registry and the gateway with (its own)."""
     http_port = free_port()
     env = {
         "EDGELOOP_NATS_URL": nats_url,
@@ -157,9 +173,9 @@ def deployer_process(
         "EDGELOOP_DEPLOYER_API_PORT": str(api_port),
         "EDGELOOP_DEPLOYER_HTTP_PORT": str(http_port),
         "EDGELOOP_DEPLOYER_REGISTRY_API": registry_api,
-        "EDGELOOP_DEPLOYER_REGISTRY_TOKEN": TOKEN,
+        "EDGELOOP_DEPLOYER_REGISTRY_TOKEN": token,
         "EDGELOOP_DEPLOYER_GATEWAY_API": gateway_api,
-        "EDGELOOP_DEPLOYER_GATEWAY_TOKEN": TOKEN,
+        "EDGELOOP_DEPLOYER_GATEWAY_TOKEN": token,
         "EDGELOOP_DEPLOYER_INSTANCE_ID": instance,
         **{f"EDGELOOP_DEPLOYER_{k.upper()}": v for k, v in extra.items()},
     }
@@ -175,6 +191,8 @@ class DeployStack:
     api: httpx.AsyncClient
     deployer: ServiceProcess
     unique: str
+    service_tokens: dict[str, str] = field(repr=False)
+    """Each calling service's own token (``service_tokens``), by service."""
     agents: dict[str, Agent] = field(default_factory=dict)
     configs: dict[str, AgentConfig] = field(default_factory=dict)
 
@@ -386,6 +404,7 @@ async def deploy_stack(
     ``RegistrySettings`` fields to override; ``gateway_settings``: ``GatewaySettings``
     ones)."""
     deployer_port = free_port()
+    tokens = await service_tokens(pg_dsn)
     async with (
         registry_service(nats_url, pg_dsn, registry_url, unique, **registry_settings) as (
             _,
@@ -402,6 +421,7 @@ async def deploy_stack(
             gateway_api=f"http://127.0.0.1:{edge.settings.api_port}",
             api_port=deployer_port,
             instance=f"deployer-{unique}",
+            token=tokens["deployer"],
             tick_seconds="0.2",
             retry_backoff="0.5,1",
             max_attempts="3",
@@ -415,7 +435,7 @@ async def deploy_stack(
                 timeout=30,
             ) as api:
                 await eventually(lambda: api_up(api), within=60, what="deployer API")
-                yield DeployStack(edge, reg_api, api, deployer, unique)
+                yield DeployStack(edge, reg_api, api, deployer, unique, tokens)
         finally:
             deployer.terminate()
             with contextlib.suppress(Exception):
@@ -426,8 +446,9 @@ async def deploy_stack(
 def monitor_beside(
     deploy: DeployStack, nats_url: str, dsn: str, registry_url: str, port: int
 ) -> Service:
-    """A monitor service for ``deploy``'s platform (2 s windows, judged quickly), its API
-    on ``port``; run it with ``async with service.running()``."""
+    """A monitor service for ``deploy``'s platform (2 s windows, judged quickly; its own
+    token to the registry), its API on ``port``; run it with ``async with
+    service.running()``."""
     from edgeloop.monitor.app import build as build_monitor
     from edgeloop.monitor.config import MonitorSettings
 
@@ -439,7 +460,7 @@ def monitor_beside(
             api_tokens=TOKEN,
             api_port=port,
             registry_api=str(deploy.registry.base_url),
-            registry_token=TOKEN,
+            registry_token=deploy.service_tokens["monitor"],
             window_seconds=2,
             grace_seconds=0.5,
             evaluate_seconds=0.2,

@@ -44,7 +44,7 @@ from edgeloop.kit.oci.signing import (
 )
 from edgeloop.kit.service import Service
 
-TOKEN = "edge-test-token-7f3a"
+TOKEN = "edge-test-token-7f3a-91c2d84e"
 PRIVATE, PUBLIC = generate_keypair()
 _RELEASES: dict[str, int] = {}
 """The last release counter signed per repository (the builder keeps it per model)."""

@@ -17,6 +17,9 @@ import pytest
 import yaml
 
 from edgeloop.devstack.keys import compose_secrets
+from edgeloop.kit.api import token_hash
+from edgeloop.kit.settings import MIN_SECRET_LENGTH
+from edgeloop.kit.tokens import SERVICE_ROLES, parse_service_token_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
 PLATFORM = {
@@ -28,6 +31,8 @@ PLATFORM = {
     "gateway": "edgeloop.gateway",
 }
 INFRA = ("nats", "postgres", "oci-registry", "jaeger", "prometheus")
+#: The services with an HTTP API (they accept the admin token).
+API_SERVICES = ("registry", "deployer", "monitor", "gateway")
 SECRET_NAMES = re.compile(r"TOKEN|KEY$|SECRET|PASSWORD|DATABASE_URL")
 
 
@@ -198,3 +203,64 @@ def test_prometheus_scrapes_every_service(config: dict[str, Any]) -> None:
         env = config["services"][name]["environment"]
         port = next(v for k, v in env.items() if k.endswith("_HTTP_PORT"))
         assert f"{name}:{port}" in targets, f"{name} is not scraped"
+
+
+#: The APIs (the services that accept the admin token) and where they take it.
+ADMIN_TOKEN_AT = {name: f"EDGELOOP_{name.upper()}_API_TOKENS" for name in API_SERVICES}
+#: Each calling service's own token and the settings it fills.
+OWN_TOKEN_AT = {
+    "validator": {"EDGELOOP_VALIDATOR_REGISTRY_TOKEN"},
+    "deployer": {"EDGELOOP_DEPLOYER_REGISTRY_TOKEN", "EDGELOOP_DEPLOYER_GATEWAY_TOKEN"},
+    "monitor": {"EDGELOOP_MONITOR_REGISTRY_TOKEN"},
+    "fleet": {"api-token"},  # where the fleet looks for its token
+}
+
+
+def _mounts(svc: dict[str, Any]) -> dict[str, set[str]]:
+    """Per secret a service mounts, the targets it mounts it as."""
+    out: dict[str, set[str]] = {}
+    for secret in svc.get("secrets") or []:
+        out.setdefault(secret["source"], set()).add(secret.get("target") or secret["source"])
+    return out
+
+
+def test_each_service_calls_with_its_own_token_and_only_apis_hold_the_admin_one(
+    config: dict[str, Any], tmp_path: Path
+) -> None:
+    """Issue 16: no service calls an API with the admin token. Each calling service mounts
+    a token of its own (and no other's), the admin token is mounted only where an API
+    accepts it, and db-init gets the services' token hashes, never a token."""
+    compose_secrets(tmp_path)
+    files = tmp_path / "compose"
+    source = {name: Path(s["file"]).name for name, s in config["secrets"].items()}
+    token_secrets = {n for n, f in source.items() if f == "api-token" or "token" in f}
+    admin = next(n for n, f in source.items() if f == "api-token")
+    tokens = {n: (files / source[n]).read_text().strip() for n in token_secrets}
+    holders: dict[str, set[str]] = {}
+    for name, svc in config["services"].items():
+        for secret, targets in _mounts(svc).items():
+            if secret in token_secrets:
+                holders.setdefault(secret, set()).add(name)
+                if secret == admin:
+                    assert targets == {ADMIN_TOKEN_AT[name]}, name
+                elif name != "db-init":
+                    assert targets == OWN_TOKEN_AT[name], name
+                    assert secret == f"service_token_{name}", (name, secret)
+    assert holders.pop(admin) == set(API_SERVICES)
+    assert holders.pop("service_token_hashes") == {"db-init"}
+    assert holders == {f"service_token_{name}": {name} for name in SERVICE_ROLES}
+    # every token a service calls with is its own
+    for name, svc in config["services"].items():
+        for secret, targets in _mounts(svc).items():
+            if any(t.endswith("_TOKEN") or t == "api-token" for t in targets):
+                assert secret == f"service_token_{name}", (name, secret)
+
+    # distinct, long enough; db-init's file holds their SHA-256 and no token
+    own = {n: tokens[f"service_token_{n}"] for n in SERVICE_ROLES}
+    assert len({*own.values(), tokens[admin]}) == len(own) + 1
+    assert min(len(t) for t in tokens.values() if t) >= MIN_SECRET_LENGTH
+    hashes = tokens["service_token_hashes"]
+    assert {(t.service, t.hash) for t in parse_service_token_hashes(hashes)} == {
+        (n, token_hash(t)) for n, t in own.items()
+    }
+    assert not [t for t in [*own.values(), tokens[admin]] if t in hashes]

@@ -180,6 +180,51 @@ async def test_fleet_simulator_runs_devices_sharing_one_session(
     assert all(a.state == pb.DEVICE_STATE_RUNNING for a in fleet.agents)
 
 
+async def test_fleet_simulate_refuses_ids_another_fleet_enrolled(
+    edge: EdgeStack, unique: str, tmp_path: Path
+) -> None:
+    site = f"s{unique}"
+
+    def simulate(state: str, *args: str) -> list[str]:
+        return [
+            "fleet", "simulate", "-n", "2", "--duration", "1s", "--telemetry", "1s",
+            "--state-dir", str(tmp_path / state), *args,
+        ]  # fmt: skip
+
+    # a fleet named by its labels: sim-site-<site>-0000x
+    first = json.loads(await _cli(edge, *simulate("a", "--label", f"site={site}", "--json")))
+    assert first["prefix"] == f"sim-site-{site}"
+    assert (first["devices"], first["reused"]) == (2, 0)
+    shown = await _cli(edge, "devices", "show", f"sim-site-{site}-00001", "--json")
+    assert json.loads(shown)["labels"] == {"site": site}
+
+    # a second fleet whose ids overlap the first's is refused, saying why and what to do
+    for args in (("--label", f"site={site}"), ("--prefix", f"sim-site-{site}", "-n", "5")):
+        refused = await asyncio.to_thread(
+            CliRunner().invoke, app, simulate("b", *args), env=_env(edge)
+        )
+        assert refused.exit_code == 1, refused.output
+        assert "already enrolled" in refused.output, refused.output
+        assert f"sim-site-{site}-00000" in refused.output
+        assert "--reuse" in refused.output
+        assert "--prefix" in refused.output
+    assert not (tmp_path / "b").exists(), "nothing enrolled for a refused fleet"
+
+    # told to, it runs them again (their bundles kept)
+    again = json.loads(
+        await _cli(edge, *simulate("a", "--label", f"site={site}", "--reuse", "--json"))
+    )
+    assert (again["prefix"], again["reused"]) == (f"sim-site-{site}", 2)
+
+    # without labels, each run is a fleet of its own
+    prefixes = {
+        json.loads(await _cli(edge, *simulate(f"c{i}", "-n", "1", "--json")))["prefix"]
+        for i in range(2)
+    }
+    assert len(prefixes) == 2, prefixes
+    assert all(p.startswith("sim-") for p in prefixes), prefixes
+
+
 async def _listed(edge: EdgeStack, *args: str) -> str | None:
     out = await _cli(edge, "devices", "list", *args)
     return out if "no devices" not in out else None

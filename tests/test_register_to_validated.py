@@ -24,6 +24,7 @@ from edgeloop.cli.main import app
 from edgeloop.contracts.access import SERVICES as ACCESS
 from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import stream_messages, up_environment
+from edgeloop.kit.tokens import SERVICE_ROLES
 from tests.modelzoo import ModelFiles, classifier
 
 pytestmark = pytest.mark.slow
@@ -143,8 +144,19 @@ def test_register_to_validated_from_the_cli(stack: dict[str, str], tmp_path: Pat
     human = runner.invoke(app, ["validations", "show", f"breast-cancer@{version}"], env=stack)
     assert "accuracy" in human.output
     assert "recommended:" in human.output
+    # for people: sections, the pullable image, no raw JSON
+    human = runner.invoke(app, ["models", "show", f"breast-cancer@{version}"], env=stack)
+    assert human.exit_code == 0, human.output
+    for section in ("artifacts", "signature", "build", "validation", "latency profile"):
+        assert f"\n{section}" in human.output, human.output
+    assert '{"' not in human.output, human.output
     shown = runner.invoke(app, ["models", "show", f"breast-cancer@{version}", "--json"], env=stack)
     body = json.loads(shown.output)
+    pullable = f"{body['build_detail']['image']}@{body['build_detail']['digest']}"
+    assert pullable.split("@")[1].startswith("sha256:")
+    assert pullable in human.output, human.output
+    assert "threshold.accuracy=0.9" in human.output
+    assert "accuracy" in human.output
     assert body["source_commit"] == "0123abc"
     assert body["aliases"] == ["candidate"]
     image = body["build_detail"]["image"]
@@ -319,6 +331,24 @@ def test_each_secret_reaches_only_its_service(stack: dict[str, str]) -> None:
             assert users == {f"EDGELOOP_{name.upper()}_NATS_PASSWORD"}, name
         else:
             assert users == set(), name
+    # the admin token only where an API accepts it; each service calls with its own
+    state = Path(stack["EDGELOOP_STATE_DIR"])
+    admin = (state / "api-token").read_text().strip()
+    own = {n: (state / "service-tokens" / n).read_text().strip() for n in SERVICE_ROLES}
+    assert admin not in own.values()
+    for name, variables in env.items():
+        held = {k for k, v in variables.items() if v == admin}
+        accepts = {f"EDGELOOP_{name.upper()}_API_TOKENS"} & set(variables)
+        assert held == accepts, name
+        assert accepts or name not in ("registry", "deployer", "monitor", "gateway"), name
+        for caller, token in own.items():
+            holds = {k for k, v in variables.items() if v == token}
+            assert bool(holds) == (caller == name), (name, caller, holds)
+    listed = runner.invoke(app, ["tokens", "list"], env=stack)
+    assert listed.exit_code == 0, listed.output
+    for caller, role in SERVICE_ROLES.items():
+        line = next(x for x in listed.output.splitlines() if x.startswith(f"service:{caller} "))
+        assert line.split()[1] == role, line
 
 
 def test_the_demo_closes_the_loop(stack: dict[str, str], tmp_path: Path) -> None:
@@ -366,6 +396,15 @@ def test_the_demo_closes_the_loop(stack: dict[str, str], tmp_path: Path) -> None
     text = log.read_text()
     assert "done in" in text
     assert "edgeloop rollout status" in text  # it says where to look
+    # each event told once; an alarm per rule that fired, each retrain request naming its
+    # rule and alarm (two alike lines were two rules' alarms, not one alarm twice)
+    told = [line.partition("] ")[2] for line in text.splitlines() if line.startswith("[")]
+    alarms = [line for line in told if line.startswith("alarm.raised")]
+    assert alarms, text
+    assert len(set(told)) == len(told), text
+    for line in (line for line in told if line.startswith("retrain.requested")):
+        assert " for " in line, line
+        assert "(alarm " in line, line
     # the lineage of v2: its parent, the alarm and retraining request behind it, its image,
     # validation, rollout and the devices running it
     model = story["model"]
@@ -581,8 +620,9 @@ def test_no_service_was_refused_by_nats(stack: dict[str, str]) -> None:
 
 def test_no_secret_in_an_event_a_log_line_or_an_image(stack: dict[str, str]) -> None:
     """Last in this module, after the stack built, validated and rolled out versions and
-    ran the demo: the API token and the signing key appear in no event (LIFECYCLE,
-    DEVICE, DLQ: payloads and headers), no service's log and no stored image layer."""
+    ran the demo: the API tokens (the admin's, each service's), the signing key and the
+    passwords appear in no event (LIFECYCLE, DEVICE, DLQ: payloads and headers), no
+    service's log and no stored image layer."""
     state = Path(stack["EDGELOOP_STATE_DIR"])
     token = (state / "api-token").read_text().strip()
     key_lines = [
@@ -591,7 +631,9 @@ def test_no_secret_in_an_event_a_log_line_or_an_image(stack: dict[str, str]) -> 
         if line and not line.startswith("-----")
     ]
     passwords = [
-        p.read_text().strip() for d in ("nats-users", "pg-users") for p in (state / d).iterdir()
+        p.read_text().strip()
+        for d in ("nats-users", "pg-users", "service-tokens")
+        for p in (state / d).iterdir()
     ]
     secrets = [token.encode(), *(line.encode() for line in key_lines)]
     secrets += [p.encode() for p in [*passwords, (state / "audit-key").read_text().strip()]]

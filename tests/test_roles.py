@@ -10,7 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
+from edgeloop.devstack.testing import eventually
 from tests.deploy_harness import DeployStack
+from tests.edge_harness import TOKEN
 from tests.modelzoo import classifier
 
 pytestmark = pytest.mark.slow
@@ -121,3 +123,109 @@ async def test_a_token_that_does_not_exist_is_refused(deploy: DeployStack) -> No
         assert resp.status_code == 401
         resp = await client.get("/v1/rollouts")
         assert resp.status_code == 401
+
+
+async def test_each_service_calls_with_a_token_of_its_own_and_only_its_role(
+    deploy: DeployStack,
+) -> None:
+    """No service holds the admin token: each calls the APIs with its own
+    (``service:<name>``, the least role its calls need). The loop still runs on them —
+    the deployer reads the registry and the gateway to roll a validated version out, and
+    deprecates and retires a version at the registry, audited under its own name — while
+    none of them may issue a token, approve a rollout or do what its role does not give."""
+    u, model = deploy.unique, f"svc{deploy.unique}"
+    tokens = deploy.service_tokens
+    reg, gw, dep = deploy.registry, deploy.edge.api, deploy.api
+
+    listed = {t["name"]: t for t in (await reg.get("/api/v1/tokens")).json()["tokens"]}
+    roles = {n: t["role"] for n, t in listed.items() if n.startswith("service:")}
+    assert roles == {
+        "service:validator": "viewer",
+        "service:deployer": "service",
+        "service:monitor": "viewer",
+        "service:fleet": "operator",
+    }
+    assert {listed[n]["created_by"] for n in roles} == {"bootstrap"}
+    assert TOKEN not in tokens.values()
+
+    # the loop on the services' own tokens: register → validated → rollout → running
+    onnx = classifier("iris").onnx
+    devices = await deploy.devices(2, {"fleet": u})
+    v1 = await deploy.validated(model, "1", onnx)
+    code, started = await deploy.start(
+        model, "1", {"fleet": u}, waves=[{"percent": 100}], bake_seconds=0
+    )
+    assert code == 201, started
+    done = await deploy.wait_rollout(started["rollout_id"], "completed", "rolled_back")
+    assert done["state"] == "completed", done
+    await deploy.running(devices, v1)
+    rollout_id = started["rollout_id"]
+
+    # the deployer retires v1 through a replacement rollout: it deprecates and retires
+    # the version with its own token, and the audit names it
+    v2 = await deploy.validated(model, "2", onnx)
+    resp = await dep.post(
+        "/v1/retirements",
+        json={"model": model, "version": "1", "replace_with": f"{model}@2",
+              "waves": [{"percent": 100}], "bake_seconds": 0},
+    )  # fmt: skip
+    assert resp.status_code == 201, resp.text
+    retirement = resp.json()["retirement_id"]
+
+    async def retired() -> dict[str, Any] | None:
+        body: dict[str, Any] = (await dep.get(f"/v1/retirements/{retirement}")).json()
+        return body if body["state"] in ("retired", "failed") else None
+
+    assert (await eventually(retired, within=120, what="retirement"))["state"] == "retired"
+    await deploy.running(devices, v2)
+    trail = await reg.get("/api/v1/audit", params={"model": model, "version": "1"})
+    actors = {r["action"]: r["actor"] for r in trail.json()["records"]}
+    assert actors["model.deprecate"] == "service:deployer"
+    assert actors["model.retire"] == "service:deployer"
+
+    # what each service's token may not do: 403 naming the role it would need
+    versions = f"/api/v1/models/{model}/versions"
+    for service in ("validator", "deployer", "monitor", "fleet"):
+        token = _as(tokens[service])
+        assert (await reg.get(f"{versions}/2", headers=token)).status_code == 200, service
+        issued = await reg.post(
+            "/api/v1/tokens", json={"name": f"x-{service}-{u}", "role": "admin"}, headers=token
+        )
+        assert issued.status_code == 403, service
+        assert "this needs the role admin (tokens.admin)" in issued.json()["detail"]
+        assert f"service:{service} has the role" in issued.json()["detail"]
+        registered = await reg.post(
+            versions, files={"model": ("model.onnx", onnx)}, data={"version": "9"}, headers=token
+        )
+        assert registered.status_code == 403, service
+    for service in ("validator", "deployer", "monitor"):
+        token = _as(tokens[service])
+        approved = await dep.post(f"/v1/rollouts/{rollout_id}/approve", headers=token)
+        assert approved.status_code == 403, service
+        assert "operator or admin" in approved.json()["detail"]
+        refused = await dep.post(
+            "/v1/rollouts", json={"model": model, "version": "2", "selector": {"fleet": u}},
+            headers=token,
+        )  # fmt: skip
+        assert refused.status_code == 403, service
+        enrolled = await gw.post(f"/v1/devices/x-{service}-{u}/enroll", json={}, headers=token)
+        assert enrolled.status_code == 403, service
+    for service in ("validator", "monitor", "fleet"):
+        token = _as(tokens[service])
+        for verb, body in (("deprecate", {}), ("retire", {"reason": "no"})):
+            resp = await reg.post(f"{versions}/2/{verb}", json=body, headers=token)
+            assert resp.status_code == 403, (service, verb)
+    assert (await _version_stage(deploy, model, "2")) == "active"
+
+    # an admin revokes a service's token like any other
+    resp = await reg.post("/api/v1/tokens/service:validator/revoke")
+    assert resp.status_code == 200, resp.text
+    resp = await reg.get(f"{versions}/2", headers=_as(tokens["validator"]))
+    assert resp.status_code == 401
+    assert "'service:validator' was revoked" in resp.json()["detail"]
+
+
+async def _version_stage(st: DeployStack, model: str, version: str) -> str:
+    resp = await st.registry.get(f"/api/v1/models/{model}/versions/{version}")
+    assert resp.status_code == 200, resp.text
+    return str(resp.json().get("stage", "active"))

@@ -1,13 +1,16 @@
 """PostgreSQL least privilege against a real server: each service's role owns its schema
 and nothing else, appends to the audit trail but cannot change it, and only the registry
-writes tokens; the audit chain's MACs catch a history rewritten by the database's owner."""
+writes tokens; the audit chain's MACs catch a history rewritten by the database's owner;
+the bootstrap installs each calling service's own API token from its hash."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import secrets
 import uuid
+from types import SimpleNamespace
 
 import asyncpg
 import pytest
@@ -17,9 +20,17 @@ from edgeloop.contracts.access import SERVICES
 from edgeloop.contracts.stackfile import with_credentials
 from edgeloop.devstack.servers import Postgres
 from edgeloop.kit import audit
+from edgeloop.kit.api import Unauthorized, authenticate, token_hash
 from edgeloop.kit.db import create_pool, migrate
-from edgeloop.kit.dbroles import TOKEN_ISSUERS, DbRole, bootstrap
+from edgeloop.kit.dbroles import TOKEN_ISSUERS, DbRole, bootstrap, tokens_from_env
 from edgeloop.kit.settings import ServiceSettings
+from edgeloop.kit.tokens import (
+    SERVICE_ROLES,
+    ServiceToken,
+    TokenError,
+    issue_token,
+    service_token_hashes,
+)
 
 
 @pytest.fixture
@@ -193,3 +204,77 @@ def test_services_a_test_builds_connect_as_their_role(pg_roles: tuple[DbRole, ..
         settings.database_url, role.user, role.password
     )
     assert settings.audit_key is not None
+
+
+async def test_the_bootstrap_installs_each_services_own_token_from_its_hash(
+    roles_db: str, pg_roles: tuple[DbRole, ...]
+) -> None:
+    """Each calling service gets ``service:<name>`` with its least role, from the hashes
+    file ``make keys`` writes (the bootstrap never sees a token); every API then knows the
+    caller by that name. A revoked one stays revoked at the next bootstrap (every start
+    runs one) until the service is given a new token."""
+    tokens = {name: secrets.token_urlsafe(24) for name in SERVICE_ROLES}
+    hashes = service_token_hashes(ServiceToken.of(n, t) for n, t in tokens.items())
+    assert not [t for t in tokens.values() if t in hashes]
+    installed = tokens_from_env({"EDGELOOP_SERVICE_TOKEN_HASHES": f"# make keys\n{hashes}"})
+    await bootstrap(roles_db, pg_roles, installed)
+    pool = await create_pool(roles_db, "public")
+    api = SimpleNamespace(state=SimpleNamespace(tokens=frozenset(), pool=lambda: pool))
+
+    async def caller(token: str) -> tuple[str, str]:
+        who = await authenticate(api, f"Bearer {token}")
+        return who.name, who.role
+
+    try:
+        rows = await pool.fetch(
+            "SELECT name, role, hash, created_by FROM auth.tokens WHERE name LIKE 'service:%'"
+        )
+        assert {r["name"]: r["role"] for r in rows} == {
+            "service:validator": "viewer",
+            "service:deployer": "service",
+            "service:monitor": "viewer",
+            "service:fleet": "operator",
+        }
+        assert {r["hash"] for r in rows} == {token_hash(t) for t in tokens.values()}
+        assert {r["created_by"] for r in rows} == {"bootstrap"}
+        assert await caller(tokens["deployer"]) == ("service:deployer", "service")
+        assert await caller(tokens["validator"]) == ("service:validator", "viewer")
+
+        await pool.execute(
+            "UPDATE auth.tokens SET revoked_at = now() WHERE name = 'service:validator'"
+        )
+        await bootstrap(roles_db, pg_roles, installed)
+        with pytest.raises(Unauthorized, match="'service:validator' was revoked"):
+            await caller(tokens["validator"])
+        fresh = secrets.token_urlsafe(24)
+        await bootstrap(roles_db, pg_roles, [ServiceToken.of("validator", fresh)])
+        assert await caller(fresh) == ("service:validator", "viewer")
+        with pytest.raises(Unauthorized, match="invalid API token"):
+            await caller(tokens["validator"])
+
+        # a person's token cannot take a service's name
+        async with pool.acquire() as conn, conn.transaction():
+            with pytest.raises(TokenError, match="'service:'"):
+                await issue_token(
+                    conn,
+                    name="service:deployer",
+                    role="admin",
+                    actor="token:test",
+                    expires_in=None,
+                    service="registry",
+                )
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("deployer", "line 1 .* not '<service> <sha256>'"),
+        ("builder " + "0" * 64, "line 1 .* no service 'builder' calls the APIs"),
+        ("\nmonitor abc", "line 2 .* not a hex SHA-256"),
+    ],
+)
+def test_a_bad_line_of_token_hashes_is_refused(text: str, why: str) -> None:
+    with pytest.raises(TokenError, match=why):
+        tokens_from_env({"EDGELOOP_SERVICE_TOKEN_HASHES": text})

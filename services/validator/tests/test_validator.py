@@ -31,7 +31,7 @@ from edgeloop.validator.app import build as build_validator
 from edgeloop.validator.config import ValidatorSettings
 from tests.modelzoo import classifier, npz
 
-TOKEN = "validator-test-token-42"
+TOKEN = "validator-test-token-42-a9e3c1"
 PRIVATE, PUBLIC = generate_keypair()
 
 

@@ -7,10 +7,11 @@ recorded in ``stack.json``, else the default port; the bearer token is
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import typer
@@ -79,6 +80,16 @@ def check(resp: httpx.Response) -> Any:
         typer.secho(f"error ({resp.status_code}): {detail}", err=True, fg="red")
         raise typer.Exit(1)
     return resp.json()
+
+
+#: The ``--json`` option every command that prints has: the document (as the API gave it,
+#: or what the command did) as JSON for scripts, instead of the text for people.
+JsonOption = Annotated[bool, typer.Option("--json", help="print the JSON document instead of text")]
+
+
+def echo_json(doc: Any) -> None:
+    """``doc`` as indented JSON on stdout (what ``--json`` prints)."""
+    typer.echo(json.dumps(doc, indent=1, default=str))
 
 
 def valid(check: Callable[[str], str], value: str) -> str:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgeloop.cli.api import REGISTRY
+from edgeloop.cli.api import REGISTRY, JsonOption, echo_json
 from edgeloop.cli.data import instant
 
 app = typer.Typer(
@@ -32,7 +32,7 @@ def log(
     model: Annotated[str | None, typer.Option(help="NAME or NAME@VERSION")] = None,
     since: Annotated[str | None, typer.Option(help="1h (ago) or an ISO time")] = None,
     limit: Annotated[int, typer.Option(help="the newest N")] = 200,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Audit records, oldest first."""
     params: dict[str, Any] = {"limit": limit}
@@ -53,9 +53,14 @@ def log(
 
 
 @app.command("verify")
-def verify() -> None:
+def verify(as_json: JsonOption = False) -> None:
     """Check the hash chain and the MACs; exit 1 with the first broken link."""
     v = REGISTRY.request("GET", "/api/v1/audit/verify")
+    if as_json:
+        echo_json(v)
+        if not v["ok"]:
+            raise typer.Exit(1)
+        return
     if v["ok"]:
         checked = (
             "every hash and MAC checks out"

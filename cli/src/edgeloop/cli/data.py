@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgeloop.cli.api import MONITOR
+from edgeloop.cli.api import MONITOR, JsonOption, echo_json
 from edgeloop.contracts.parsing import parse_duration
 
 app = typer.Typer(help="Samples the fleet sent: label them, export them.", no_args_is_help=True)
@@ -36,9 +36,13 @@ def instant(text: str | None) -> str | None:
 def label(
     sample_id: Annotated[int, typer.Argument(help="a sample id (from data export)")],
     value: Annotated[str, typer.Argument(metavar="LABEL", help="the true label")],
+    as_json: JsonOption = False,
 ) -> None:
     """Give a stored sample its true label."""
     r = MONITOR.request("POST", f"/v1/samples/{sample_id}/label", json={"label": value})
+    if as_json:
+        echo_json(r)
+        return
     typer.echo(f"sample {r['sample_id']} labelled {r['label']!r} by {r['labelled_by']}")
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from edgeloop.cli.api import DEPLOYER, GATEWAY, MONITOR, pairs, when
+from edgeloop.cli.api import DEPLOYER, GATEWAY, MONITOR, JsonOption, echo_json, pairs, when
 from edgeloop.contracts.signing import SignatureError
 from edgeloop.edge.bundle import write_bundle
 
@@ -33,6 +33,7 @@ def enroll(
             "the bundle is not written when the gateway offers another key"
         ),
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Issue the device's client certificate and write its agent bundle.
 
@@ -48,6 +49,10 @@ def enroll(
     except SignatureError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
+    if as_json:  # what was issued, less the private key (it is in the bundle only)
+        public = {k: v for k, v in body.items() if k != "private_key"}
+        echo_json({**public, "bundle": str(bundle), "config": str(config)})
+        return
     typer.echo(
         f"enrolled {device_id} (certificate {body['fingerprint'][:16]}…, "
         f"valid until {body['expires_at'][:10]})"
@@ -72,7 +77,7 @@ def list_devices(
     online: Annotated[
         bool | None, typer.Option("--online/--offline", help="only online/offline devices")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Devices of the registry, by id."""
     params: dict[str, Any] = {}
@@ -100,7 +105,7 @@ def list_devices(
 @app.command()
 def show(
     device_id: Annotated[str, typer.Argument()],
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """One device: identity, labels, session, what it runs and last reported, where it is
     in its latest rollout (e.g. a straggler ``pending (offline since …)`` or ``stale``), and
@@ -191,7 +196,10 @@ def _monitor_rejections(device_id: str) -> list[dict[str, Any]] | None:
 
 
 @app.command()
-def revoke(device_id: Annotated[str, typer.Argument()]) -> None:
+def revoke(device_id: Annotated[str, typer.Argument()], as_json: JsonOption = False) -> None:
     """Refuse the device's certificate from its next session on."""
-    GATEWAY.request("POST", f"/v1/devices/{device_id}/revoke")
+    body = GATEWAY.request("POST", f"/v1/devices/{device_id}/revoke")
+    if as_json:
+        echo_json(body)
+        return
     typer.echo(f"revoked {device_id}")

@@ -19,7 +19,7 @@ import typer
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from edgeloop.cli.api import REGISTRY, when
+from edgeloop.cli.api import REGISTRY, JsonOption, when
 from edgeloop.cli.config import ENV_NATS_URL, load_endpoints
 from edgeloop.cli.data import instant
 from edgeloop.cli.health import describe, nats_connect
@@ -81,7 +81,7 @@ def list_(
     ] = ">",
     since: Annotated[str | None, typer.Option(help="1h (ago) or an ISO time")] = None,
     limit: Annotated[int, typer.Option(help="the newest N")] = 200,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Dead letters, oldest first: id, when, subject, consumer, deliveries, event, reason."""
     from edgeloop.kit import dlq
@@ -112,7 +112,7 @@ async def _get(js: JetStreamContext, dead_letter_id: int) -> dlq.DeadLetter:
 @app.command("show")
 def show(
     dead_letter_id: Annotated[int, typer.Argument(metavar="ID", help="from `dlq list`")],
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """One dead letter: why, where it came from, its headers and its payload."""
     letter = _on_nats(lambda js: _get(js, dead_letter_id))
@@ -192,7 +192,7 @@ def replay(
     timeout: Annotated[
         float, typer.Option(help="seconds to wait for the consumers' acknowledgements")
     ] = 30.0,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Republish dead letters to their subjects, with their event ids (the consumer's inbox
     keeps the effect exactly-once); each leaves the DLQ once its consumer acknowledged it.

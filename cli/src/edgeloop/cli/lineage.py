@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import typer
 
-from edgeloop.cli.api import DEPLOYER, GATEWAY, MONITOR, REGISTRY, version_ref, when
+from edgeloop.cli.api import DEPLOYER, GATEWAY, MONITOR, REGISTRY, JsonOption, version_ref, when
 
 
 def gather(name: str, version: str) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def render(doc: dict[str, Any]) -> str:
 
 def lineage(
     ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Where a version came from and where it went, from data to devices."""
     name, version = version_ref(ref)

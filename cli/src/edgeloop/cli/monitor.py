@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from edgeloop.cli.api import MONITOR, check, version_ref, when
+from edgeloop.cli.api import MONITOR, JsonOption, check, echo_json, version_ref, when
 
 alarms_app = typer.Typer(help="Drift and KPI alarms.", no_args_is_help=True)
 app = typer.Typer(help="Drift and KPI monitoring: rules and windows.", no_args_is_help=True)
@@ -22,7 +22,7 @@ app.add_typer(rules_app, name="rules")
 def list_alarms(
     open_only: Annotated[bool, typer.Option("--open", help="only alarms not resolved")] = False,
     model: Annotated[str | None, typer.Option(help="only this model's")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Alarms, newest first."""
     params: dict[str, Any] = {"open": str(open_only).lower()}
@@ -45,16 +45,24 @@ def list_alarms(
 
 
 @alarms_app.command()
-def ack(alarm_id: Annotated[str, typer.Argument()]) -> None:
+def ack(alarm_id: Annotated[str, typer.Argument()], as_json: JsonOption = False) -> None:
     """Acknowledge an alarm (it resolves when its condition clears)."""
     a = MONITOR.request("POST", f"/v1/alarms/{alarm_id}/ack")
+    if as_json:
+        echo_json(a)
+        return
     typer.echo(f"alarm {alarm_id}: {a['state']} by {a['acked_by']}")
 
 
 @rules_app.command("show")
-def show_rules(model: Annotated[str, typer.Argument(help="NAME")]) -> None:
+def show_rules(
+    model: Annotated[str, typer.Argument(help="NAME")], as_json: JsonOption = False
+) -> None:
     """The model's rules (its own over the defaults), as YAML."""
     r = MONITOR.request("GET", f"/v1/rules/{model}")
+    if as_json:
+        echo_json(r)
+        return
     typer.echo(f"# rules of {model}; its own: {', '.join(sorted(r['own'])) or 'none'}")
     typer.echo(yaml.safe_dump(r["rules"], sort_keys=True).rstrip())
 
@@ -63,6 +71,7 @@ def show_rules(model: Annotated[str, typer.Argument(help="NAME")]) -> None:
 def set_rules(
     model: Annotated[str, typer.Argument(help="NAME")],
     file: Annotated[Path, typer.Option("--file", "-f", help="rules.yaml (key: number)")],
+    as_json: JsonOption = False,
 ) -> None:
     """Replace the model's own rules with the file's."""
     try:
@@ -74,6 +83,9 @@ def set_rules(
         typer.secho(f"{file} must hold a mapping of rule: number", err=True, fg="red")
         raise typer.Exit(2)
     r = MONITOR.request("PUT", f"/v1/rules/{model}", json={"rules": rules})
+    if as_json:
+        echo_json(r)
+        return
     own = ", ".join(
         f"{k}={v:g}" if isinstance(v, int | float) else f"{k}={json.dumps(v)}"
         for k, v in sorted(r["own"].items())
@@ -85,7 +97,7 @@ def set_rules(
 def windows(
     ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION")],
     limit: Annotated[int, typer.Option(help="how many")] = 10,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Recent windows: inferences, worst feature drift, KPIs."""
     name, _, version = ref.partition("@")
@@ -115,6 +127,7 @@ def windows(
 def report(
     ref: Annotated[str, typer.Argument(help="NAME@VERSION")],
     out: Annotated[Path, typer.Option("--out", "-o", help="report.html")] = Path("report.html"),
+    as_json: JsonOption = False,
 ) -> None:
     """The drift report of a version: reference vs current per feature, PSI over time,
     alarms — one self-contained HTML file."""
@@ -124,4 +137,7 @@ def report(
     if resp.status_code >= 400:
         check(resp)
     out.write_text(resp.text)
+    if as_json:
+        echo_json({"model": name, "version": version, "report": str(out), "bytes": len(resp.text)})
+        return
     typer.echo(f"drift report of {ref} → {out}")

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgeloop.cli.api import DEPLOYER, version_ref
+from edgeloop.cli.api import DEPLOYER, JsonOption, echo_json, version_ref
 from edgeloop.cli.rollout import rollout_options
 
 #: Where a retirement ends.
@@ -50,6 +50,7 @@ def retire(
     waves: Annotated[str, typer.Option(help="waves of the replacement rollout")] = "1,10%,50%,100%",
     bake: Annotated[str, typer.Option(help="its watch time per wave")] = "30s",
     converge_timeout: Annotated[str, typer.Option(help="its convergence timeout")] = "2m",
+    json_out: JsonOption = False,
 ) -> None:
     """Retire a version: no new rollouts or aliases, archived after the retention."""
     name, version = version_ref(ref)
@@ -62,13 +63,16 @@ def retire(
         **rollout_options(waves, bake, None, converge_timeout),
     }
     t = DEPLOYER.request("POST", "/v1/retirements", json=body)
-    typer.echo(f"retirement {t['retirement_id']}: {describe(t)}")
+    if not json_out:
+        typer.echo(f"retirement {t['retirement_id']}: {describe(t)}")
     last = t["state"], t["rollout_state"]
     while wait and t["state"] not in ENDED:
         time.sleep(1)
         t = DEPLOYER.request("GET", f"/v1/retirements/{t['retirement_id']}")
-        if (t["state"], t["rollout_state"]) != last:
+        if (t["state"], t["rollout_state"]) != last and not json_out:
             typer.echo(describe(t))
-            last = t["state"], t["rollout_state"]
+        last = t["state"], t["rollout_state"]
+    if json_out:  # the retirement as it ended (with --wait) or as it started
+        echo_json(t)
     if t["state"] == "failed":
         raise typer.Exit(1)

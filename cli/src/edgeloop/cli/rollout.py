@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgeloop.cli.api import DEPLOYER, pairs, version_ref, when
+from edgeloop.cli.api import DEPLOYER, JsonOption, echo_json, pairs, version_ref, when
 from edgeloop.contracts.parsing import parse_duration, parse_waves
 
 app = typer.Typer(help="Roll validated versions out to device groups.", no_args_is_help=True)
@@ -53,8 +53,10 @@ def start(
         ),
     ] = "1h",
     watch: Annotated[bool, typer.Option("--watch", help="then follow it")] = False,
+    as_json: JsonOption = False,
 ) -> None:
-    """Start a rollout; prints its id and plan.
+    """Start a rollout; prints its id and plan (with --json and --watch: the rollout as it
+    ended).
 
     Each wave draws online, healthy devices; offline ones are left for later waves and
     get the release with the last one, as stragglers that converge when they return.
@@ -69,6 +71,9 @@ def start(
         ),
     }
     r = DEPLOYER.request("POST", "/v1/rollouts", json=body)
+    if as_json:
+        echo_json(_watch_quietly(r["rollout_id"]) if watch else r)
+        return
     typer.echo(r["rollout_id"])
     typer.echo(
         f"rollout of {name}@{version} to {r['devices']} devices in waves of "
@@ -203,63 +208,81 @@ def _watch(rollout_id: str) -> None:
         time.sleep(1)
 
 
+def _watch_quietly(rollout_id: str) -> dict[str, Any]:
+    """The rollout once it has ended (polled every second)."""
+    while True:
+        r: dict[str, Any] = DEPLOYER.request("GET", f"/v1/rollouts/{rollout_id}")
+        if r["state"] in FINISHED:
+            return r
+        time.sleep(1)
+
+
 @app.command()
 def status(
     rollout_id: Annotated[str, typer.Argument()],
     watch: Annotated[bool, typer.Option("--watch", "-w", help="follow it until it ends")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """A rollout's waves: devices targeted, converged, failed, verdict."""
+    if watch and as_json:
+        echo_json(_watch_quietly(rollout_id))
+        return
     if watch:
         _watch(rollout_id)
     r = DEPLOYER.request("GET", f"/v1/rollouts/{rollout_id}")
     typer.echo(json.dumps(r, indent=1) if as_json else render(r))
 
 
-def _action(verb: str, rollout_id: str, reason: str | None) -> None:
+def _action(verb: str, rollout_id: str, reason: str | None, as_json: bool) -> None:
     r = DEPLOYER.request(
         "POST", f"/v1/rollouts/{rollout_id}/{verb}", json={"reason": reason} if reason else None
     )
+    if as_json:
+        echo_json(r)
+        return
     typer.echo(f"rollout {rollout_id}: {r['state']}")
 
 
 @app.command()
-def pause(rollout_id: Annotated[str, typer.Argument()]) -> None:
+def pause(rollout_id: Annotated[str, typer.Argument()], as_json: JsonOption = False) -> None:
     """Hold the rollout where it is."""
-    _action("pause", rollout_id, None)
+    _action("pause", rollout_id, None, as_json)
 
 
 @app.command()
-def resume(rollout_id: Annotated[str, typer.Argument()]) -> None:
+def resume(rollout_id: Annotated[str, typer.Argument()], as_json: JsonOption = False) -> None:
     """Go on with a paused rollout."""
-    _action("resume", rollout_id, None)
+    _action("resume", rollout_id, None, as_json)
 
 
 @app.command()
 def abort(
     rollout_id: Annotated[str, typer.Argument()],
     reason: Annotated[str | None, typer.Option(help="why, for the record")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Stop the rollout; devices keep what they were given."""
-    _action("abort", rollout_id, reason)
+    _action("abort", rollout_id, reason, as_json)
 
 
 @app.command()
 def rollback(
     rollout_id: Annotated[str, typer.Argument()],
     reason: Annotated[str | None, typer.Option(help="why, for the record")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Give every device the rollout touched its previous version back."""
-    _action("rollback", rollout_id, reason)
+    _action("rollback", rollout_id, reason, as_json)
 
 
 @app.command()
 def approve(
     rollout_id: Annotated[str, typer.Argument()],
     reason: Annotated[str | None, typer.Option(help="why, for the record")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Let a rollout waiting at its model's approval gate go on (not by its requester)."""
-    _action("approve", rollout_id, reason)
+    _action("approve", rollout_id, reason, as_json)
 
 
 def _policy_text(p: dict[str, Any]) -> str:
@@ -286,7 +309,7 @@ def _policy_text(p: dict[str, Any]) -> str:
 @policy_app.command("show")
 def policy_show(
     model: Annotated[str, typer.Argument(help="model name")],
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """The model's release policy."""
     p = DEPLOYER.request("GET", f"/v1/policies/{model}")
@@ -318,6 +341,7 @@ def policy_set(
             "--approval-labels", help="k=v: any rollout to these labels waits for an approval"
         ),
     ] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Set (replace) the model's release policy."""
     gate = approval.replace("-", "_")
@@ -331,7 +355,7 @@ def policy_set(
         **rollout_options(waves, bake, max_failures, converge_timeout),
     }
     p = DEPLOYER.request("PUT", f"/v1/policies/{model}", json=body)
-    typer.echo(_policy_text(p))
+    typer.echo(json.dumps(p, indent=1) if as_json else _policy_text(p))
 
 
 @list_app.command("list")
@@ -339,7 +363,7 @@ def list_rollouts(
     active: Annotated[bool, typer.Option("--active", help="only rollouts in progress")] = False,
     model: Annotated[str | None, typer.Option(help="only this model's")] = None,
     limit: Annotated[int, typer.Option(help="how many")] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Rollouts, newest first."""
     params: dict[str, Any] = {"limit": limit}

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from edgeloop.cli.api import JsonOption, echo_json
 from edgeloop.contracts.signing import SignatureError, fingerprint, load_public_key
 from edgeloop.kit.oci.signing import load_private_key, sign_rotation
 
@@ -31,13 +32,15 @@ def _key(path: Path) -> str:
 @app.command("fingerprint")
 def show_fingerprint(
     key: Annotated[Path, typer.Argument(help="the signing key, public or private (PEM)")],
+    as_json: JsonOption = False,
 ) -> None:
     """Print a key's fingerprint (sha256 of its raw public bytes)."""
     try:
-        typer.echo(_key(key))
+        fp = _key(key)
     except SignatureError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
+    typer.echo(json.dumps({"key": str(key), "fingerprint": fp}) if as_json else fp)
 
 
 @app.command()
@@ -48,6 +51,7 @@ def rotate(
         int, typer.Option(min=1, help="the rotation's version: higher than any before")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="where to write the rotation")],
+    as_json: JsonOption = False,
 ) -> None:
     """Sign that NEW_KEY replaces OLD_KEY; devices that pinned OLD_KEY accept it."""
     try:
@@ -61,4 +65,7 @@ def rotate(
     }
     out.write_text(json.dumps(body, indent=1) + "\n")
     claims = json.loads(sig.payload)
+    if as_json:
+        echo_json({"rotation": str(out), **claims})
+        return
     typer.echo(f"rotation {version}: {claims['fingerprint']} replaces {claims['previous']} → {out}")

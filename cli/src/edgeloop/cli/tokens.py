@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from edgeloop.cli.api import REGISTRY, when
+from edgeloop.cli.api import REGISTRY, JsonOption, echo_json, when
 
 app = typer.Typer(
     help="API tokens with a role: viewer, data-scientist, operator, admin.", no_args_is_help=True
@@ -19,10 +19,14 @@ def issue(
     name: Annotated[str, typer.Option(help="who or what holds it, e.g. alice or ci")],
     role: Annotated[str, typer.Option(help="viewer | data-scientist | operator | admin")],
     expires: Annotated[str | None, typer.Option(help="e.g. 30d, 12h (default: never)")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Issue a token; it is printed once (keep it: only its hash is stored)."""
     body: dict[str, Any] = {"name": name, "role": role, "expires_in": expires}
     t = REGISTRY.request("POST", "/api/v1/tokens", json=body)
+    if as_json:  # the token is in it, shown this once
+        echo_json(t)
+        return
     typer.echo(t["token"])
     until = f", expires {when(t['expires_at'])}" if t.get("expires_at") else ""
     typer.echo(f"token {t['name']} with the role {t['role']}{until}; shown once", err=True)
@@ -30,7 +34,7 @@ def issue(
 
 @app.command("list")
 def list_tokens(
-    as_json: Annotated[bool, typer.Option("--json", help="JSON output")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Issued tokens (never their secrets)."""
     rows = REGISTRY.request("GET", "/api/v1/tokens")["tokens"]
@@ -48,7 +52,12 @@ def list_tokens(
 
 
 @app.command("revoke")
-def revoke(name: Annotated[str, typer.Argument(help="the token's name")]) -> None:
+def revoke(
+    name: Annotated[str, typer.Argument(help="the token's name")], as_json: JsonOption = False
+) -> None:
     """Revoke a token: every API refuses it from now on."""
-    REGISTRY.request("POST", f"/api/v1/tokens/{name}/revoke")
+    body = REGISTRY.request("POST", f"/api/v1/tokens/{name}/revoke")
+    if as_json:
+        echo_json(body)
+        return
     typer.echo(f"token {name} revoked")

@@ -41,7 +41,13 @@ import psutil
 
 from edgeloop.contracts.access import SERVICES as SERVICE_ACCESS
 from edgeloop.contracts.stackfile import redact, state_dir
-from edgeloop.devstack.keys import database_env, generated_secret, nats_users, signing_keys
+from edgeloop.devstack.keys import (
+    database_env,
+    generated_secret,
+    nats_users,
+    service_tokens,
+    signing_keys,
+)
 from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import (
     ManagedProcess,
@@ -434,7 +440,10 @@ def main() -> None:
         if signals.stopping:
             return
 
+        # the operator's token (admin): accepted by every API, held by no service; each
+        # service calls the APIs with its own (service:<name>, installed by the bootstrap)
         api_token = generated_secret(root / "api-token")
+        caller = service_tokens(root)
         private_pem, public_pem = signing_keys(root)
         registry_api = f"http://127.0.0.1:{_port('EDGELOOP_REGISTRY_API_PORT', REGISTRY_API_PORT)}"
         gateway_api = f"http://127.0.0.1:{_port('EDGELOOP_GATEWAY_API_PORT', GATEWAY_API_PORT)}"
@@ -474,21 +483,21 @@ def main() -> None:
             "validator": {
                 "EDGELOOP_VALIDATOR_PUBLIC_KEY": public_pem,
                 "EDGELOOP_VALIDATOR_REGISTRY_API": registry_api,
-                "EDGELOOP_VALIDATOR_REGISTRY_TOKEN": api_token,
+                "EDGELOOP_VALIDATOR_REGISTRY_TOKEN": caller["validator"],
             },
             "deployer": {
                 "EDGELOOP_DEPLOYER_API_TOKENS": api_token,
                 "EDGELOOP_DEPLOYER_API_PORT": deployer_api.rsplit(":", 1)[1],
                 "EDGELOOP_DEPLOYER_REGISTRY_API": registry_api,
-                "EDGELOOP_DEPLOYER_REGISTRY_TOKEN": api_token,
+                "EDGELOOP_DEPLOYER_REGISTRY_TOKEN": caller["deployer"],
                 "EDGELOOP_DEPLOYER_GATEWAY_API": gateway_api,
-                "EDGELOOP_DEPLOYER_GATEWAY_TOKEN": api_token,
+                "EDGELOOP_DEPLOYER_GATEWAY_TOKEN": caller["deployer"],
             },
             "monitor": {
                 "EDGELOOP_MONITOR_API_TOKENS": api_token,
                 "EDGELOOP_MONITOR_API_PORT": monitor_api.rsplit(":", 1)[1],
                 "EDGELOOP_MONITOR_REGISTRY_API": registry_api,
-                "EDGELOOP_MONITOR_REGISTRY_TOKEN": api_token,
+                "EDGELOOP_MONITOR_REGISTRY_TOKEN": caller["monitor"],
                 # a development stack: windows short enough to watch drift come and go
                 "EDGELOOP_MONITOR_WINDOW_SECONDS": os.environ.get(
                     "EDGELOOP_MONITOR_WINDOW_SECONDS", "10"
@@ -503,9 +512,10 @@ def main() -> None:
                 "EDGELOOP_GATEWAY_GRPC_PORT": gateway_address.rsplit(":", 1)[1],
                 "EDGELOOP_GATEWAY_SIGNING_PUBLIC_KEY": str(root / "signing-key.pub"),
             },
-            # a small simulated fleet, enrolled through the gateway's API
+            # a small simulated fleet, enrolled through the gateway's API (its own token:
+            # role operator)
             "fleet": {
-                "EDGELOOP_API_TOKEN": api_token,
+                "EDGELOOP_API_TOKEN": caller["fleet"],
                 "EDGELOOP_FLEET_GATEWAY_API": gateway_api,
                 "EDGELOOP_FLEET_DEVICES": os.environ.get(
                     "EDGELOOP_FLEET_DEVICES", str(FLEET_DEVICES)

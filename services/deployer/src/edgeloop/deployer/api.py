@@ -45,7 +45,7 @@ from edgeloop.deployer.sources import Refused
 from edgeloop.deployer.store import ACTIVE, Rollout, Store, Wave
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit import audit
-from edgeloop.kit.api import Actor, Operator
+from edgeloop.kit.api import Actor, Operator, new_api
 from edgeloop.kit.outbox import add_event
 
 
@@ -77,7 +77,7 @@ def create_api(
     retirements: Retirements,
 ) -> FastAPI:
     """The FastAPI app (OpenAPI at ``/docs``)."""
-    api = FastAPI(
+    api = new_api(
         title="edgeloop deployer",
         version="1",
         description="Canary rollouts of validated model images to device groups.",

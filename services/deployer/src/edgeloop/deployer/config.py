@@ -19,10 +19,15 @@ class DeployerSettings(ApiServiceSettings):
     """Port of the HTTP API (OpenAPI at /docs)."""
     registry_api: str = "http://127.0.0.1:18100"
     """The registry's HTTP API (is a version validated, and its image)."""
-    registry_token: SecretStr = secret_field("API token for the registry's HTTP API")
+    registry_token: SecretStr = secret_field(
+        "The deployer's own API token for the registry's HTTP API (service:deployer, role "
+        "service: reads, deprecates and retires versions; never the admin token)"
+    )
     gateway_api: str = "http://127.0.0.1:18200"
     """The gateway's HTTP API (the device registry: which devices a selector matches)."""
-    gateway_token: SecretStr = secret_field("API token for the gateway's HTTP API")
+    gateway_token: SecretStr = secret_field(
+        "The deployer's own API token for the gateway's HTTP API (the same as its registry_token)"
+    )
     instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-deployer")
     """Names this replica as the owner of the rollouts it drives. A restarted replica with
     the same id takes its rollouts back at once; another replica takes them over when

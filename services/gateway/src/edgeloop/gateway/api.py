@@ -12,7 +12,7 @@ from edgeloop.contracts.names import check_device_id, check_labels
 from edgeloop.contracts.signing import fingerprint, load_public_key
 from edgeloop.gateway.devices import DeviceStore
 from edgeloop.gateway.pki import CertificateAuthority
-from edgeloop.kit.api import Actor, DeviceWriter
+from edgeloop.kit.api import Actor, DeviceWriter, new_api
 
 
 class EnrollBody(BaseModel):
@@ -41,7 +41,7 @@ def create_api(
     signing_public_key: bytes | None,
 ) -> FastAPI:
     """The ASGI app."""
-    api = FastAPI(
+    api = new_api(
         title="edgeloop gateway",
         version="1",
         description="Device enrolment (mTLS certificates) and the device registry.",

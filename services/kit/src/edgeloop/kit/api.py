@@ -1,10 +1,13 @@
-"""What every service's HTTP API shares: bearer-token authentication checked before a
-body is read, a body limit per route enforced while the body streams in, and a uvicorn
-server that leaves signal handling to the kit's ``Service``.
+"""What every service's HTTP API shares: the app itself (:func:`new_api`: its ``/docs``
+served with no CDN), bearer-token authentication checked before a body is read, a body
+limit per route enforced while the body streams in, and a uvicorn server that leaves
+signal handling to the kit's ``Service``.
 
-An app stores its configured tokens in ``app.state.tokens`` (role admin) and, to accept
-issued tokens with roles, a pool getter in ``app.state.pool``; a route takes ``who:
-Actor`` (any role) or the role it needs (``who: Operator`` …: 403 naming the role).
+An app stores its configured tokens in ``app.state.tokens`` (role admin: the
+installation's operator, a person) and, to accept tokens with roles — issued to people,
+and each platform service's own (``service:<name>``, :mod:`edgeloop.kit.tokens`) — a pool
+getter in ``app.state.pool``; a route takes ``who: Actor`` (any role) or the role it needs
+(``who: Operator`` …: 403 naming the role).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import Headers
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,10 +35,15 @@ from edgeloop.kit.faults import CONNECTION_LOST, NATS_OUTAGE_ERRORS, looks_like_
 
 log = logging.getLogger(__name__)
 
-#: Roles, and what each may change (every valid token may read).
-ROLES = ("viewer", "data-scientist", "operator", "admin")
+#: Roles, and what each may change (every valid token may read). ``service`` is the role
+#: of a platform service whose calls change something without a person (the deployer's:
+#: deprecate and retire versions); services that only read hold ``viewer``
+#: (``edgeloop.kit.tokens.SERVICE_ROLES``).
+ROLES = ("viewer", "data-scientist", "operator", "service", "admin")
 CAPABILITIES: dict[str, tuple[str, ...]] = {
     "models.write": ("data-scientist", "admin"),  # register versions, move aliases
+    # deprecate a version (a person, or the deployer while it retires one)
+    "models.deprecate": ("data-scientist", "service", "admin"),
     "data.write": ("data-scientist", "operator", "admin"),  # label samples
     "rollouts.write": ("operator", "admin"),  # start, pause … approve; release policies
     "monitor.write": ("operator", "admin"),  # rules, acknowledge alarms
@@ -43,7 +52,7 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
     "dlq.replay": ("operator", "admin"),  # replay dead letters to their consumers
     # set a version retired directly, without the deployer's check that no device runs
     # it (the deployer's own token; people retire through the deployer: rollouts.write)
-    "models.retire": ("admin",),
+    "models.retire": ("service", "admin"),
     # register a version with a threshold looser than the platform's minimum
     "thresholds.loosen": ("admin",),
 }
@@ -69,9 +78,10 @@ class Unauthorized(Exception):
 
 async def authenticate(app: Any, authorization: str | None) -> Caller:
     """The caller of ``app``, from an ``Authorization: Bearer <token>`` header: a token
-    from the service's settings (``app.state.tokens``: the installation's own, role
-    admin) or one issued with a role (``auth.tokens`` through ``app.state.pool``, not
-    revoked, not expired); :class:`Unauthorized` otherwise."""
+    from the service's settings (``app.state.tokens``: the installation's operator, role
+    admin) or one with a role in ``auth.tokens`` (through ``app.state.pool``; issued, or a
+    service's own installed by the bootstrap; not revoked, not expired);
+    :class:`Unauthorized` otherwise."""
     tokens: frozenset[str] = app.state.tokens
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not token:
@@ -151,8 +161,29 @@ Operator = Annotated[str, requires("rollouts.write")]
 MonitorWriter = Annotated[str, requires("monitor.write")]
 DeviceWriter = Annotated[str, requires("devices.write")]
 Admin = Annotated[str, requires("tokens.admin")]
+Deprecator = Annotated[str, requires("models.deprecate")]
 Retirer = Annotated[str, requires("models.retire")]
 DlqReplayer = Annotated[str, requires("dlq.replay")]
+
+
+#: Where an API serves the scripts, styles and icon of its ``/docs`` (Swagger UI) and
+#: ``/redoc`` pages: the copies the ``fastapi-offline`` distribution installs.
+DOCS_ASSETS = "/docs/assets"
+
+
+def new_api(*, title: str, version: str, description: str) -> FastAPI:
+    """A service's FastAPI app, whose ``/docs`` and ``/redoc`` pages load their scripts
+    and styles from the app itself (:data:`DOCS_ASSETS`), not from a CDN: they render on
+    a machine with no route to the internet (an edge site, an air-gapped plant). The
+    pages and their assets need no token; the OpenAPI document is at ``/openapi.json``
+    as FastAPI serves it."""
+    app = FastAPIOffline(
+        title=title, version=version, description=description, static_url=DOCS_ASSETS
+    )
+    # FastAPIOffline adds its own pages after FastAPI's are turned off (docs_url None):
+    # the app says again where they are, for what reads it (Guard keeps them public)
+    app.docs_url, app.redoc_url = "/docs", "/redoc"
+    return app
 
 
 class QuietServer(uvicorn.Server):
@@ -222,7 +253,7 @@ class Guard:
     body is held to its route's limit (the route's ``max_body_size``, else
     :data:`DEFAULT_BODY_LIMIT`): a ``Content-Length`` over it is refused before a byte of
     the body is read, a chunked body as soon as it passes it (413 naming the limit). A
-    refusal closes the connection. OpenAPI's pages stay public."""
+    refusal closes the connection. OpenAPI's pages (and their assets) stay public."""
 
     def __init__(self, app: ASGIApp, *, api: FastAPI, default_limit: int) -> None:
         self.app = app
@@ -237,7 +268,8 @@ class Guard:
             await self.app(scope, receive, send)
             return
         send = _lingering(send, receive)
-        if scope["path"] not in self.public:
+        path = scope["path"]
+        if path not in self.public and not path.startswith(DOCS_ASSETS + "/"):
             try:
                 authorization = Headers(scope=scope).get("authorization")
                 scope[CALLER_SCOPE_KEY] = await authenticate(self.api, authorization)

@@ -248,6 +248,31 @@ async def declare_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
     await js.add_consumer(spec.stream, config=spec.config())
 
 
+#: The logger FastStream's NATS broker writes to (its own stdout handler, no propagation).
+FASTSTREAM_LOGGER = "faststream.access.nats"
+
+
+class _NoTaskChatter(logging.Filter):
+    """Drops FastStream's "callback for Task-N is being executed..." (its supervisor
+    noting, at INFO, that a subscriber's task ended: a dozen lines at every stop, none
+    of them news); the supervisor's real reports (a task that raised) pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.startswith("callback for ") and message.endswith(" is being executed...")
+        )
+
+
+def quiet_faststream() -> None:
+    """Keep FastStream's bookkeeping out of the logs at INFO (idempotent): every process
+    that makes a broker (services, benchmarks, tests) gets it through
+    :func:`make_broker`."""
+    logger = logging.getLogger(FASTSTREAM_LOGGER)
+    if not any(isinstance(f, _NoTaskChatter) for f in logger.filters):
+        logger.addFilter(_NoTaskChatter())
+
+
 def make_broker(
     servers: str,
     *,
@@ -269,6 +294,7 @@ def make_broker(
     from faststream.security import SASLPlaintext
     from prometheus_client import REGISTRY
 
+    quiet_faststream()
     middlewares = [
         NatsTelemetryMiddleware(tracer_provider=tracer_provider),
         NatsPrometheusMiddleware(registry=REGISTRY, app_name=name),

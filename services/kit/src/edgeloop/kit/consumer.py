@@ -66,7 +66,7 @@ MAX_CONFLICT_RETRIES = 10
 #: lost connections retried at once (the dependency answers again) before they count
 MAX_FREE_RECONNECTS = 3
 #: the longest pause between two looks at a dependency that is down
-MAX_OUTAGE_POLL = 5.0
+MAX_OUTAGE_POLL = 2.0
 
 WAITING = Gauge(
     "edgeloop_consumer_waiting", "1 while a consumer holds messages during an outage", ["consumer"]

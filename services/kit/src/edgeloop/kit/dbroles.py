@@ -17,7 +17,10 @@ harness call :func:`bootstrap`, Compose runs ``python -m edgeloop.kit.dbroles`` 
   the chain's head lock is an advisory lock, its sequence numbers are computed, so
   appending needs nothing more), ``SELECT`` on ``kit.schema_migrations``;
 - grants nothing on other schemas (each is its owner's only) and revokes ``CREATE`` on
-  ``public`` from ``PUBLIC``.
+  ``public`` from ``PUBLIC``;
+- installs the platform services' own API tokens (``service:<name>`` with the least role
+  each needs: :mod:`edgeloop.kit.tokens`) from their hashes: the bootstrap never needs a
+  token itself (``EDGELOOP_SERVICE_TOKEN_HASHES``, a ``<service> <sha256>`` line each).
 
 Services connect as their role with ``EDGELOOP_<SERVICE>_DATABASE_USER`` and
 ``…_DATABASE_PASSWORD`` (:class:`edgeloop.kit.settings.ServiceSettings`).
@@ -37,6 +40,7 @@ import asyncpg
 from edgeloop.contracts.access import SERVICES
 from edgeloop.contracts.stackfile import redact
 from edgeloop.kit.db import check_schema, migrate_shared
+from edgeloop.kit.tokens import ServiceToken, install_service_tokens, parse_service_token_hashes
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +97,12 @@ def roles_env(roles: Iterable[DbRole]) -> dict[str, str]:
     return env
 
 
-async def bootstrap(admin_dsn: str, roles: Iterable[DbRole]) -> None:
-    """Prepare the database of ``admin_dsn`` for services connecting as ``roles``
-    (idempotent; see the module's docstring)."""
+async def bootstrap(
+    admin_dsn: str, roles: Iterable[DbRole], tokens: Iterable[ServiceToken] = ()
+) -> None:
+    """Prepare the database of ``admin_dsn`` for services connecting as ``roles`` and
+    calling the APIs with ``tokens`` (idempotent; see the module's docstring)."""
+    roles, tokens = tuple(roles), tuple(tokens)
     conn = await asyncpg.connect(admin_dsn)
     try:
         await migrate_shared(conn)
@@ -117,9 +124,26 @@ async def bootstrap(admin_dsn: str, roles: Iterable[DbRole]) -> None:
                 )
                 if role.service in TOKEN_ISSUERS:
                     await conn.execute(f"GRANT INSERT, UPDATE ON auth.tokens TO {user}")
+            await install_service_tokens(conn, tokens)
     finally:
         await conn.close()
-    log.info("database %s: roles %s", redact(admin_dsn), ", ".join(r.user for r in roles))
+    log.info(
+        "database %s: roles %s; API tokens %s",
+        redact(admin_dsn),
+        ", ".join(r.user for r in roles) or "-",
+        ", ".join(t.name for t in tokens) or "-",
+    )
+
+
+async def install_tokens(admin_dsn: str, tokens: Iterable[ServiceToken]) -> None:
+    """Only the services' API tokens (no roles: a DSN whose user may not create them)."""
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await migrate_shared(conn)
+        async with conn.transaction():
+            await install_service_tokens(conn, tokens)
+    finally:
+        await conn.close()
 
 
 async def _role(conn: asyncpg.Connection, role: DbRole) -> None:
@@ -188,9 +212,24 @@ def roles_from_env(environ: Mapping[str, str] = os.environ) -> list[DbRole]:
     return roles
 
 
+#: The setting (or secret file) of the services' token hashes the bootstrap installs.
+TOKEN_HASHES = "EDGELOOP_SERVICE_TOKEN_HASHES"
+
+
+def tokens_from_env(environ: Mapping[str, str] = os.environ) -> list[ServiceToken]:
+    """The services' tokens in :data:`TOKEN_HASHES` (or the secret file of that name): a
+    ``<service> <sha256 of its token>`` line each."""
+    text = environ.get(TOKEN_HASHES)
+    if text is None:
+        path = SECRETS_DIR / TOKEN_HASHES
+        text = path.read_text() if path.is_file() else ""
+    return parse_service_token_hashes(text)
+
+
 def main() -> None:
     """``python -m edgeloop.kit.dbroles``: the bootstrap, with the admin DSN in
-    ``EDGELOOP_DATABASE_URL`` (or its secret file) and the roles of :func:`roles_from_env`."""
+    ``EDGELOOP_DATABASE_URL`` (or its secret file), the roles of :func:`roles_from_env`
+    and the tokens of :func:`tokens_from_env`."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dsn = _setting("EDGELOOP_DATABASE_URL", os.environ)
     if not dsn:
@@ -198,7 +237,7 @@ def main() -> None:
     roles = roles_from_env()
     if not roles:
         raise SystemExit("no EDGELOOP_<SERVICE>_DATABASE_PASSWORD set: no role to create")
-    asyncio.run(bootstrap(dsn, roles))
+    asyncio.run(bootstrap(dsn, roles, tokens_from_env()))
 
 
 if __name__ == "__main__":

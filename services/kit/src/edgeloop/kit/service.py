@@ -385,6 +385,11 @@ class Service:
 EXIT_LOOP_DEAD = 70
 
 
+#: Libraries whose INFO lines are bookkeeping, not news: shown from WARNING on (all of
+#: them when the service logs at DEBUG).
+QUIET_AT_INFO = ("httpx", "httpcore")
+
+
 def configure_logging(level: str) -> None:
     """Structured-enough logs: time, level, logger, trace id when there is one."""
     from edgeloop.kit.tracing import current_trace_id
@@ -402,3 +407,7 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx notes every request at INFO (a line per registry blob): kept for DEBUG
+    quiet = logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING
+    for chatty in QUIET_AT_INFO:
+        logging.getLogger(chatty).setLevel(quiet)

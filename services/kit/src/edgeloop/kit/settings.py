@@ -3,16 +3,19 @@
 Infrastructure URLs are shared by every service and read from ``EDGELOOP_NATS_URL``,
 ``EDGELOOP_DATABASE_URL`` …; a service may override one for itself with its own prefix
 (``EDGELOOP_BUILDER_NATS_URL``). Secrets have no default, and a placeholder secret is
-refused at start (the full-stack-fastapi-template rule). Any setting can also come from
-a file named like its variable in ``/run/secrets`` (Docker and Kubernetes secrets:
-``/run/secrets/EDGELOOP_BUILDER_SIGNING_KEY``), so secrets need not be in the
-environment; the environment wins where both are set.
+refused at start (the full-stack-fastapi-template rule), and so is one shorter than
+:data:`MIN_SECRET_LENGTH` — each entry of a comma-separated secret (``api_tokens``) on its
+own. A refusal names the setting and the rule, never the value (errors hide the input).
+Any setting can also come from a file named like its variable in ``/run/secrets``
+(Docker and Kubernetes secrets: ``/run/secrets/EDGELOOP_BUILDER_SIGNING_KEY``), so
+secrets need not be in the environment; the environment wins where both are set.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
 
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
@@ -21,6 +24,25 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from edgeloop.contracts.stackfile import with_credentials
 
 PLACEHOLDER_SECRETS = frozenset({"changeme", "changethis", "secret", "password", "placeholder"})
+
+#: The shortest secret a service accepts (an API token, a password, a key; each entry of
+#: a comma-separated list): 24 characters, 144 random bits as ``secrets.token_urlsafe(18)``
+#: makes them (``make up`` and ``make keys`` generate 32).
+MIN_SECRET_LENGTH = 24
+
+
+@dataclass(frozen=True)
+class SecretRule:
+    """How a secret setting is checked at start (``Annotated`` metadata of the field)."""
+
+    min_length: int = MIN_SECRET_LENGTH
+    """Its shortest accepted length (each entry's, for a list)."""
+    comma_list: bool = False
+    """A comma-separated list of secrets (API tokens): each entry is checked alone."""
+
+
+SecretList = Annotated[SecretStr, SecretRule(comma_list=True)]
+"""A secret setting holding comma-separated secrets, each checked on its own."""
 
 #: Fields every service shares, readable from the common ``EDGELOOP_`` prefix too.
 SHARED_FIELDS = (
@@ -48,6 +70,8 @@ class ServiceSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="EDGELOOP_",
         extra="ignore",
+        # a refusal must not print what was refused (a secret, a DSN with a password)
+        hide_input_in_errors=True,
         secrets_dir=SECRETS_DIR if os.path.isdir(SECRETS_DIR) else None,
     )
 
@@ -71,7 +95,7 @@ class ServiceSettings(BaseSettings):
     user (a superuser works as before roles existed)."""
     database_password: SecretStr | None = None
     """That role's password."""
-    audit_key: SecretStr | None = None
+    audit_key: Annotated[SecretStr | None, SecretRule(min_length=32)] = None
     """The key of the audit chain's HMAC (``EDGELOOP_AUDIT_KEY``, the same for every
     service, held outside the database): each audit record this service writes carries
     one, and the registry's ``audit verify`` checks them. Unset: no MAC (hashes only)."""
@@ -137,12 +161,6 @@ class ServiceSettings(BaseSettings):
         return with_credentials(self.database_url, self.database_user, password)
 
     @model_validator(mode="after")
-    def _audit_key_long_enough(self) -> ServiceSettings:
-        if self.audit_key is not None and len(self.audit_key.get_secret_value()) < 32:
-            raise ValueError("audit_key is shorter than 32 characters; generate a longer one")
-        return self
-
-    @model_validator(mode="after")
     def _retention_long_enough(self) -> ServiceSettings:
         from edgeloop.kit.retention import MIN_RETENTION_SECONDS
 
@@ -155,15 +173,18 @@ class ServiceSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
-    def _refuse_placeholder_secrets(self) -> ServiceSettings:
-        for name, value in self:
-            if isinstance(value, SecretStr) and (
-                value.get_secret_value().strip().lower() in PLACEHOLDER_SECRETS
-                or not value.get_secret_value().strip()
-            ):
-                raise ValueError(
-                    f"{name} is a placeholder or empty; set a real secret in the environment"
-                )
+    def _refuse_weak_secrets(self) -> ServiceSettings:
+        prefix = str(type(self).model_config.get("env_prefix", "EDGELOOP_"))
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if not isinstance(value, SecretStr):
+                continue
+            rule = next((m for m in info.metadata if isinstance(m, SecretRule)), SecretRule())
+            # a shared secret (the audit key) is usually set once for every service
+            setting = f"{'EDGELOOP_' if name in SHARED_FIELDS else prefix}{name}".upper()
+            problem = weak_secret(value.get_secret_value(), rule)
+            if problem:
+                raise ValueError(f"{setting} ({name}) {problem}")
         return self
 
 
@@ -183,6 +204,35 @@ class TopologySettings(BaseSettings):
     """How long the DLQ stream keeps a dead letter."""
 
 
+def weak_secret(value: str, rule: SecretRule | None = None) -> str | None:
+    """What is wrong with secret ``value`` under ``rule`` (default: one secret of at least
+    :data:`MIN_SECRET_LENGTH` characters): which entry, for a list, and the rule it
+    breaks, never quoting it; ``None`` when it passes."""
+    rule = rule or SecretRule()
+    what = "every entry of this comma-separated list" if rule.comma_list else "it"
+    needs = (
+        f"{what} must be a generated secret of at least {rule.min_length} characters, not a "
+        f"placeholder ({', '.join(sorted(PLACEHOLDER_SECRETS))}); e.g. "
+        "`python -c 'import secrets; print(secrets.token_urlsafe(24))'`"
+    )
+    entries = value.split(",") if rule.comma_list else [value]
+    if not value.strip():
+        return f"is empty: {needs}"
+    for i, entry in enumerate(entries, 1):
+        where = f"entry {i} of {len(entries)} " if rule.comma_list else ""
+        text = entry.strip()
+        if not text:
+            broken = "is empty"
+        elif text.lower() in PLACEHOLDER_SECRETS:
+            broken = "is a placeholder"
+        elif len(text) < rule.min_length:
+            broken = f"is shorter than {rule.min_length} characters"
+        else:
+            continue
+        return f"{where}{broken}: {needs}"
+    return None
+
+
 def secret_field(description: str) -> Any:
     """A required secret: no default, never logged (``SecretStr``)."""
     return Field(..., description=description)
@@ -194,8 +244,10 @@ class ApiServiceSettings(ServiceSettings):
     Subclasses set their own ``api_port`` default.
     """
 
-    api_tokens: SecretStr = secret_field(
-        "Comma-separated API tokens; a request must bear one (Authorization: Bearer …)"
+    api_tokens: SecretList = secret_field(
+        "Comma-separated admin API tokens (the installation's operator; services and people "
+        "otherwise hold issued tokens with a role); a request must bear one of these or an "
+        "issued token (Authorization: Bearer …)"
     )
     api_host: str = "127.0.0.1"
     """Address of the HTTP API."""

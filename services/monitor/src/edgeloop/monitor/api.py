@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from edgeloop.contracts.names import check_model
 from edgeloop.kit import audit
-from edgeloop.kit.api import Actor, DataWriter, MonitorWriter
+from edgeloop.kit.api import Actor, DataWriter, MonitorWriter, new_api
 from edgeloop.kit.db import Conn
 from edgeloop.monitor.aggregate import Window
 from edgeloop.monitor.references import References, UnknownVersion
@@ -64,7 +64,7 @@ def create_api(
     pool: Callable[[], asyncpg.Pool], tokens: frozenset[str], refs: References
 ) -> FastAPI:
     """The FastAPI app (OpenAPI at ``/docs``)."""
-    api = FastAPI(title="edgeloop monitor", version="1", description="Drift, KPIs and alarms.")
+    api = new_api(title="edgeloop monitor", version="1", description="Drift, KPIs and alarms.")
     api.state.tokens = tokens
     api.state.pool = pool
 

@@ -16,7 +16,10 @@ class MonitorSettings(ApiServiceSettings):
     api_port: int = 18400
     registry_api: str = "http://127.0.0.1:18100"
     """The registry's HTTP API (reference profiles)."""
-    registry_token: SecretStr = secret_field("API token for the registry's HTTP API")
+    registry_token: SecretStr = secret_field(
+        "The monitor's own API token for the registry's HTTP API (service:monitor, role "
+        "viewer: never the admin token)"
+    )
     window_seconds: float = 60.0
     """Length of an aggregation window (by the batches' window end)."""
     grace_seconds: float = 5.0

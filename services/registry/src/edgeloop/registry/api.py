@@ -13,7 +13,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from edgeloop.contracts.names import check_alias, check_model, check_version
 from edgeloop.contracts.parsing import parse_duration
 from edgeloop.kit import audit
-from edgeloop.kit.api import Actor, Admin, DlqReplayer, ModelWriter, Retirer, Who, may
+from edgeloop.kit.api import (
+    Actor,
+    Admin,
+    Deprecator,
+    DlqReplayer,
+    ModelWriter,
+    Retirer,
+    Who,
+    may,
+    new_api,
+)
 from edgeloop.kit.tokens import TokenError, issue_token, list_tokens, revoke_token
 from edgeloop.registry.errors import InvalidInput, NotFound, RegistryError, TooLarge
 from edgeloop.registry.service import Registration, Registry
@@ -134,7 +144,7 @@ def create_api(
         due = retired + timedelta(seconds=retention_seconds) if retired else None
         return {"archive_at": record.get("archived_at") or due}
 
-    api = FastAPI(
+    api = new_api(
         title="edgeloop registry",
         version="1",
         description="Model versions, lineage, aliases and artifacts.",
@@ -295,9 +305,10 @@ def create_api(
 
     @api.post("/api/v1/models/{name}/versions/{version}/deprecate")
     async def deprecate(
-        name: str, version: str, who: ModelWriter, body: StageBody | None = None
+        name: str, version: str, who: Deprecator, body: StageBody | None = None
     ) -> dict[str, Any]:
-        """Deprecate a version: new rollouts of it are refused, tools warn about it."""
+        """Deprecate a version: new rollouts of it are refused, tools warn about it (a data
+        scientist, or the deployer's own token while it retires the version)."""
         await registry.get(name, check_version(version))
         reason = body.reason if body else None
         return _public(await store.set_stage(name, version, "deprecated", reason, who))

@@ -17,7 +17,10 @@ class ValidatorSettings(ServiceSettings):
     """Ed25519 public key (PEM) that image signatures must verify with."""
     registry_api: str = "http://127.0.0.1:18100"
     """The registry's HTTP API (to look up the champion alias)."""
-    registry_token: SecretStr = secret_field("API token for the registry's HTTP API")
+    registry_token: SecretStr = secret_field(
+        "The validator's own API token for the registry's HTTP API (service:validator, role "
+        "viewer: never the admin token)"
+    )
     regression_tolerance: float = 0.01
     """How much worse than the champion a candidate may be on a headline metric."""
     min_accuracy: float = 0.0
