@@ -29,7 +29,7 @@ from edgeloop.contracts.events import Event, ImageBuilt, ValidationFailed, Valid
 from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import api_up, eventually, publish_event
 from edgeloop.devstack.up import ServiceProcess
-from edgeloop.edge.agent import Agent, Faults
+from edgeloop.edge.agent import Agent, AgentConfig, Faults
 from edgeloop.kit.dbroles import install_tokens
 from edgeloop.kit.service import Service
 from edgeloop.kit.tokens import SERVICE_ROLES, ServiceToken
@@ -194,6 +194,7 @@ class DeployStack:
     service_tokens: dict[str, str] = field(repr=False)
     """Each calling service's own token (``service_tokens``), by service."""
     agents: dict[str, Agent] = field(default_factory=dict)
+    configs: dict[str, AgentConfig] = field(default_factory=dict)
 
     # --- the pipeline's part ----------------------------------------------------------
 
@@ -235,17 +236,46 @@ class DeployStack:
         *,
         prefix: str = "d",
         faults: Faults | None = None,
+        start: bool = True,
         **config_overrides: Any,
     ) -> list[str]:
-        """``n`` enrolled agents with ``labels``, connected (``AgentConfig`` fields can be
-        overridden, e.g. ``telemetry_seconds``)."""
+        """``n`` enrolled agents with ``labels``, connected — the gateway's registry shows
+        them online — unless ``start`` is false (enrolled, never started: offline).
+        ``AgentConfig`` fields can be overridden, e.g. ``telemetry_seconds``."""
         ids = [f"{prefix}{i:02d}-{self.unique}" for i in range(n)]
         for device in ids:
             config = await self.edge.enroll(device, labels)
             for key, value in config_overrides.items():
                 setattr(config, key, value)
-            self.agents[device] = await self.edge.start_agent(config, faults=faults)
+            self.configs[device] = config
+            if start:
+                self.agents[device] = await self.edge.start_agent(config, faults=faults)
+        if start:
+            await self.online(ids, True)
         return ids
+
+    async def start_device(self, device: str) -> None:
+        """Start (again) the agent of an enrolled device; until it is online."""
+        self.agents[device] = await self.edge.start_agent(self.configs[device])
+        await self.online([device], True)
+
+    async def stop_device(self, device: str) -> None:
+        """Stop the device's agent; until the gateway's registry shows it offline."""
+        await self.edge.stop_agent(self.agents.pop(device))
+        await self.online([device], False)
+
+    async def online(self, devices: list[str], online: bool, *, within: float = 30) -> None:
+        """Until the gateway's device registry shows each of ``devices`` online (or not)."""
+
+        async def there() -> bool:
+            for device in devices:
+                resp = await self.edge.api.get(f"/v1/devices/{device}")
+                if resp.json()["online"] is not online:
+                    return False
+            return True
+
+        what = f"{len(devices)} devices {'online' if online else 'offline'}"
+        await eventually(there, within=within, what=what)
 
     async def running(self, devices: list[str], image: Image, *, within: float = 60) -> None:
         """Until every device reports running ``image``."""
@@ -395,6 +425,7 @@ async def deploy_stack(
             tick_seconds="0.2",
             retry_backoff="0.5,1",
             max_attempts="3",
+            offline_grace_seconds="3",
         )
         deployer.start()
         try:

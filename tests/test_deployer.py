@@ -16,6 +16,7 @@ from edgeloop.contracts.events import CanaryVerdict, RolloutRequested, Verdict, 
 from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import eventually
 from edgeloop.devstack.up import ServiceProcess
+from edgeloop.edge.agent import Faults
 from tests.deploy_harness import APPROVER_TOKEN, DeployStack
 from tests.edge_harness import TOKEN
 from tests.modelzoo import classifier, failing_model
@@ -327,29 +328,36 @@ async def _one_wave(
     return await deploy.wait_rollout(body["rollout_id"], "rolled_back", "completed")
 
 
-async def test_offline_devices_count_against_the_failure_budget(deploy: DeployStack) -> None:
+async def test_a_device_online_at_its_wave_start_that_does_not_converge_counts_against_the_budget(
+    deploy: DeployStack,
+) -> None:
+    """A device drawn into a wave (online and healthy when it started) that does not
+    converge within the timeout — here a link too slow for the download — counts against
+    the wave's budget; a device offline at the wave's start is a straggler and does not."""
     sel = {"fleet": deploy.unique}
     devices = await deploy.devices(3, sel)
+    slow = (await deploy.devices(1, sel, prefix="s", faults=Faults(slow_link_bytes_per_s=20)))[0]
     v1 = await deploy.validated(_model(deploy), "1", classifier("iris").onnx)
     offline = devices[0]
-    await deploy.edge.stop_agent(deploy.agents[offline])
+    await deploy.stop_device(offline)
     online = devices[1:]
     done = await _one_wave(deploy, "1", sel, max_failures=1)
-    assert done["state"] == "completed"
+    assert done["state"] == "completed", done["reason"]
+    assert done["wave_status"][0]["members"] == 3
     assert done["wave_status"][0]["failed"] == 1
     outcome = {d["device_id"]: d["outcome"] for d in done["device_plan"]}
-    assert outcome[offline] == "timeout"
+    assert outcome[slow] == "timeout"
+    assert outcome[offline] == "straggler"
+    assert [s["device_id"] for s in done["stragglers"]] == [offline]
     await deploy.running(online, v1)
-    # back online, it converges on its own: its desired state is waiting for it
-    agent = await deploy.edge.start_agent(await deploy.edge.enroll(offline, sel))
-    await deploy.running([offline], v1)
 
-    # with no budget, the same absence rolls the wave back
-    await deploy.edge.stop_agent(agent)
+    # with no budget, the same slow device rolls the wave back
     await deploy.validated(_model(deploy), "2", classifier("iris").onnx)
     done = await _one_wave(deploy, "2", sel, max_failures=0)
     assert done["state"] == "rolled_back"
     assert "did not converge within 3 s" in done["reason"]
+    assert slow in done["reason"]
+    assert offline not in done["reason"]
     await deploy.running(online, v1)
 
 

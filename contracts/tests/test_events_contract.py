@@ -41,7 +41,7 @@ EXAMPLES: dict[type[ev.Event], Callable[[], ev.Event]] = {
         waves=[ev.WavePlan(count=1), ev.WavePlan(percent=50.0)],
     ),
     ev.RolloutWaveStarted: lambda: ev.RolloutWaveStarted(
-        **REF, rollout_id=RID, wave=0, devices=["d1"]
+        **REF, rollout_id=RID, wave=2, devices=["d1"], stragglers=["d2"]
     ),
     ev.RolloutWaveSucceeded: lambda: ev.RolloutWaveSucceeded(
         **REF, rollout_id=RID, wave=0, converged=1
@@ -49,7 +49,7 @@ EXAMPLES: dict[type[ev.Event], Callable[[], ev.Event]] = {
     ev.RolloutWaveFailed: lambda: ev.RolloutWaveFailed(
         **REF, rollout_id=RID, wave=0, reason="budget"
     ),
-    ev.RolloutCompleted: lambda: ev.RolloutCompleted(**REF, rollout_id=RID),
+    ev.RolloutCompleted: lambda: ev.RolloutCompleted(**REF, rollout_id=RID, stragglers=["d2"]),
     ev.RolloutRolledBack: lambda: ev.RolloutRolledBack(**REF, rollout_id=RID, reason="x"),
     ev.RolloutPaused: lambda: ev.RolloutPaused(**REF, rollout_id=RID, actor="ops"),
     ev.RolloutResumed: lambda: ev.RolloutResumed(**REF, rollout_id=RID),

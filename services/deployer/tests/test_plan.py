@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
 from edgeloop.contracts.events import WavePlan
 from edgeloop.contracts.parsing import parse_waves
 from edgeloop.deployer.plan import (
+    Absence,
+    Presence,
     Reported,
+    absence,
     device_order,
+    draw_wave,
     failure_budget,
+    no_canary,
     plan_waves,
     progress,
+    straggler_status,
     wave_sizes,
+    wave_target,
 )
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def test_waves_are_cumulative_and_round_up() -> None:
@@ -68,3 +79,90 @@ def test_bad_wave_text_is_refused(text: str) -> None:
 def test_wave_plan_needs_a_size() -> None:
     with pytest.raises(ValueError, match="count or a percentage"):
         wave_sizes(10, [WavePlan()])
+
+
+def _drive(devices: list[str], waves: str, offline: set[str]) -> list[tuple[list[str], list[str]]]:
+    """Every wave's draw of a rollout whose ``offline`` devices stay offline throughout,
+    as the engine does it (the undrawn devices, the cumulative target)."""
+    planned = [len(w) for w in plan_waves(devices, parse_waves(waves))]
+    undrawn, drawn, out = set(devices), [], []
+    for i in range(len(planned)):
+        target = wave_target(planned, drawn, i)
+        draw = draw_wave(
+            undrawn, target, last=i == len(planned) - 1, ready=lambda d: d not in offline
+        )
+        undrawn -= {*draw.members, *draw.stragglers}
+        drawn.append(len(draw.members))
+        out.append((draw.members, draw.stragglers))
+    return out
+
+
+def test_waves_draw_online_devices_first_and_leave_the_offline_ones_to_the_last() -> None:
+    devices = [f"dev-{i}" for i in range(9)]
+    order = device_order(devices)
+    offline = {order[0], order[3], order[6]}  # the canary the plan would have taken, and two
+    waves = _drive(devices, "1,50%,100%", offline)
+    online = [d for d in order if d not in offline]
+    # the plan's sizes stay (1, 5, 9 cumulative); the online devices fill them in order
+    assert [m for m, _ in waves] == [online[:1], online[1:5], online[5:]]
+    assert [s for _, s in waves] == [[], [], [d for d in order if d in offline]]
+    # every device is reached exactly once; the same devices give the same draws
+    reached = [d for m, s in waves for d in m + s]
+    assert sorted(reached) == sorted(devices)
+    assert _drive(list(reversed(devices)), "1,50%,100%", offline) == waves
+
+
+def test_a_deferred_device_back_online_is_drawn_first_and_nobody_is_lost() -> None:
+    order = device_order(f"dev-{i}" for i in range(6))
+    first = draw_wave(order, 1, last=False, ready=lambda d: d != order[0])
+    assert first.members == [order[1]]  # its canary offline: the next online one instead
+    # at the next wave the deferred device is back: it comes first (early in the order)
+    second = draw_wave(order[2:] + order[:1], 2, last=False, ready=lambda d: True)
+    assert second.members == [order[0], order[2]]
+    assert draw_wave(order, 3, last=False, ready=lambda d: False).members == []
+    everyone = draw_wave(order, 1, last=True, ready=lambda d: d in order[:2])
+    assert (everyone.members, everyone.stragglers) == (order[:2], order[2:])
+
+
+def test_a_wave_short_of_online_devices_is_made_up_by_the_next() -> None:
+    assert wave_target([1, 4, 4], [1], 1) == 4
+    assert wave_target([1, 4, 4], [1, 2], 2) == 6  # wave 1 drew 2 of 4: wave 2 takes 6
+    waves = _drive([f"dev-{i}" for i in range(10)], "1,50%,80%,100%", offline=set())
+    assert [len(m) for m, _ in waves] == [1, 4, 3, 2]  # all online: the plan's sizes
+
+
+def test_online_and_healthy_is_what_the_gateway_says_recently() -> None:
+    seen = NOW - timedelta(seconds=5)
+    assert absence(Presence(online=True, last_seen=seen, state="running"), NOW, 60) is None
+    assert absence(Presence(online=True, last_seen=seen, state=None), NOW, 60) is None
+    off = absence(Presence(online=False, last_seen=seen), NOW, 60)
+    assert off == Absence("offline", seen, "offline since 2026-03-01 11:59:55 UTC")
+    assert absence(Presence(online=False), NOW, 60) == Absence("offline", None, "never connected")
+    ghost = absence(Presence(online=True, last_seen=NOW - timedelta(minutes=5)), NOW, 60)
+    # a session its gateway never closed (the gateway died): offline after all
+    assert ghost == Absence(
+        "offline", NOW - timedelta(minutes=5), "silent since 2026-03-01 11:55:00 UTC"
+    )
+    sick = absence(Presence(True, seen, "failed", "warm-up failed"), NOW, 60)
+    assert sick == Absence(
+        "unhealthy", None, "unhealthy: its last activation failed: warm-up failed"
+    )
+    assert absence(None, NOW, 60) == Absence("unknown", None, "not enrolled any more (revoked?)")
+    never = Absence("offline", None, "never connected")
+    said = no_canary({f"d{i}": never for i in range(7)}, "devices matching fleet=a")
+    assert said.startswith("none of the 7 devices matching fleet=a is online and healthy")
+    assert "d0: never connected" in said
+    assert said.count("never connected") == 5
+    assert "and 2 more" in said
+
+
+def test_a_straggler_is_pending_until_it_converges_or_its_deadline_passes() -> None:
+    digest, old = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    given = NOW - timedelta(seconds=30)
+    assert straggler_status(None, digest, given, 60, NOW) == "pending"
+    assert straggler_status(None, digest, given, 10, NOW) == "stale"
+    assert straggler_status(Reported("running", old, old), digest, given, 10, NOW) == "stale"
+    back = Reported("running", digest, digest)
+    assert straggler_status(back, digest, given, 10, NOW) == "converged"
+    broke = Reported("failed", old, digest, "signature")
+    assert straggler_status(broke, digest, given, 10, NOW) == "failed"

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 
-from edgeloop.cli.api import GATEWAY, MONITOR, JsonOption, echo_json, pairs, when
+from edgeloop.cli.api import DEPLOYER, GATEWAY, MONITOR, JsonOption, echo_json, pairs, when
 from edgeloop.contracts.signing import SignatureError
 from edgeloop.edge.bundle import write_bundle
 
@@ -107,10 +107,12 @@ def show(
     device_id: Annotated[str, typer.Argument()],
     as_json: JsonOption = False,
 ) -> None:
-    """One device: identity, labels, session, what it runs and last reported, and the
-    telemetry refused (at the gateway) or found implausible (by the monitor)."""
+    """One device: identity, labels, session, what it runs and last reported, where it is
+    in its latest rollout (e.g. a straggler ``pending (offline since …)`` or ``stale``), and
+    the telemetry refused (at the gateway) or found implausible (by the monitor)."""
     d = GATEWAY.request("GET", f"/v1/devices/{device_id}")
     d["monitor_rejections"] = _monitor_rejections(device_id)
+    d["rollouts"] = _rollouts(device_id)
     if as_json:
         typer.echo(json.dumps(d, indent=1))
         return
@@ -131,6 +133,19 @@ def show(
             + (" REVOKED" if d["revoked"] else ""),
         ),
     ]
+    if d["rollouts"] is None:
+        rows.append(("rollout", "the deployer is not reachable"))
+    elif not d["rollouts"]:
+        rows.append(("rollout", "-"))
+    else:
+        latest = d["rollouts"][0]
+        rows.append(
+            (
+                "rollout",
+                f"{latest['model']}@{latest['version']} ({latest['rollout_id']}, "
+                f"{latest['state']}): {latest['status_text']}",
+            )
+        )
     refused = d.get("refusals") or {}
     rows.append(("refused batches", _pairs(refused)))
     if refused:
@@ -152,6 +167,19 @@ def show(
 
 def _pairs(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "-"
+
+
+def _rollouts(device_id: str) -> list[dict[str, Any]] | None:
+    """The rollouts that reach the device, newest first, with its status in each (None
+    when the deployer cannot be asked)."""
+    try:
+        with DEPLOYER.client() as client:
+            resp = client.get(f"/v1/devices/{device_id}/rollouts")
+    except httpx.TransportError:
+        return None
+    if resp.status_code != 200:
+        return None
+    return list(resp.json()["rollouts"])
 
 
 def _monitor_rejections(device_id: str) -> list[dict[str, Any]] | None:

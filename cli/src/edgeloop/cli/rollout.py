@@ -45,17 +45,30 @@ def start(
     converge_timeout: Annotated[
         str, typer.Option(help="how long a wave's devices have to converge")
     ] = "2m",
+    device_deadline: Annotated[
+        str,
+        typer.Option(
+            help="how long a straggler (offline or unhealthy when its wave started: given "
+            "the release, not waited for) may take before it is shown stale"
+        ),
+    ] = "1h",
     watch: Annotated[bool, typer.Option("--watch", help="then follow it")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Start a rollout; prints its id and plan (with --json and --watch: the rollout as it
-    ended)."""
+    ended).
+
+    Each wave draws online, healthy devices; offline ones are left for later waves and
+    get the release with the last one, as stragglers that converge when they return.
+    """
     name, version = version_ref(ref)
     body = {
         "model": name,
         "version": version,
         "selector": _selector(selector),
-        **rollout_options(waves, bake, max_failures, converge_timeout),
+        **rollout_options(
+            waves, bake, max_failures, converge_timeout, device_deadline=device_deadline
+        ),
     }
     r = DEPLOYER.request("POST", "/v1/rollouts", json=body)
     if as_json:
@@ -80,11 +93,18 @@ def _selector(items: list[str]) -> dict[str, str]:
 
 
 def rollout_options(
-    waves: str | None, bake: str | None, max_failures: str | None, converge_timeout: str | None
+    waves: str | None,
+    bake: str | None,
+    max_failures: str | None,
+    converge_timeout: str | None,
+    *,
+    device_deadline: str | None = None,
 ) -> dict[str, Any]:
     """The wave options of a rollout (or a release policy) as the API takes them."""
     body: dict[str, Any] = {}
     try:
+        if device_deadline:
+            body["device_deadline_seconds"] = parse_duration(device_deadline)
         if waves:
             body["waves"] = [w.model_dump(exclude_none=True) for w in parse_waves(waves)]
         if bake:
@@ -109,28 +129,54 @@ def _bar(done: int, failed: int, size: int, width: int = 24) -> str:
     return "[" + "#" * ok + "x" * bad + "." * (width - ok - bad) + "]"
 
 
+#: Stragglers named in the status view (the rest are counted).
+SHOWN_STRAGGLERS = 10
+
+
 def render(r: dict[str, Any]) -> str:
     """The status view of one rollout."""
     selector = ",".join(f"{k}={v}" for k, v in sorted(r["selector"].items()))
+    stragglers = r.get("stragglers") or []
+    late = [s for s in stragglers if s["status"] != "converged"]
+    state = r["state"].upper()
+    if r["state"] == "completed" and late:
+        state += f" with {len(late)} straggler{'s' if len(late) > 1 else ''}"
     lines = [
-        f"rollout {r['rollout_id']}  {r['model']}@{r['version']} → {selector}  "
-        f"{r['state'].upper()}",
+        f"rollout {r['rollout_id']}  {r['model']}@{r['version']} → {selector}  {state}",
         f"  {r['devices']} devices, bake {r['bake_seconds']:g} s, converge timeout "
-        f"{r['converge_timeout_seconds']:g} s, requested {when(r['created_at'])} "
+        f"{r['converge_timeout_seconds']:g} s, device deadline "
+        f"{r.get('device_deadline_seconds', 3600):g} s, requested {when(r['created_at'])} "
         f"by {r.get('requested_by') or '-'}",
     ]
-    for w in r.get("wave_status", []):
+    waves = r.get("wave_status", [])
+    for w in waves:
         live = w.get("live")
         converged = live["converged"] if live else w["converged"]
         failed = (live["failed"] if live else w["failed"]) or 0
+        size = w["size"] if w.get("members") is None else w["members"]
         verdict = f"  verdict {w['verdict']}" if w.get("verdict") else ""
+        deferred = w.get("deferred") or 0
+        last = w is waves[-1]
+        passed = ""
+        if deferred:  # the last wave gives them the release; earlier ones leave them
+            passed = f", {deferred} {'stragglers' if last else 'offline/unhealthy passed over'}"
         lines.append(
-            f"  wave {w['wave']}  {_bar(converged, failed, w['size'])} "
-            f"{converged:>5}/{w['size']:<5} converged {failed:>4} failed (budget {w['budget']})"
-            f"  {w['state']}{verdict}"
+            f"  wave {w['wave']}  {_bar(converged, failed, size)} "
+            f"{converged:>5}/{size:<5} converged {failed:>4} failed (budget {w['budget']}"
+            f"{passed})  {w['state']}{verdict}"
         )
         if w.get("reason"):
             lines.append(f"          {w['reason']}")
+    if stragglers:
+        counts = ", ".join(f"{n} {k}" for k, n in sorted(r.get("straggler_counts", {}).items()))
+        lines.append(
+            f"  stragglers (given the release while offline or unhealthy; not waited for): {counts}"
+        )
+        for s in stragglers[:SHOWN_STRAGGLERS]:
+            deadline = f"; stale at {when(s['deadline_at'])}" if s["status"] == "pending" else ""
+            lines.append(f"    {s['device_id']:24} {s['text']}{deadline}")
+        if len(stragglers) > SHOWN_STRAGGLERS:
+            lines.append(f"    … and {len(stragglers) - SHOWN_STRAGGLERS} more (--json for all)")
     if r.get("approval_wave") is not None:
         if r.get("approved_by"):
             why = f": {r['approval_reason']}" if r.get("approval_reason") else ""

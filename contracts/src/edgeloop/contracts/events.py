@@ -178,6 +178,13 @@ class RolloutRequested(Event, ModelRef):
         description="exactly these devices (each must match the selector, which may be "
         "empty: any enrolled device), e.g. those a retirement moves off a version",
     )
+    device_deadline_seconds: float = Field(
+        default=3600.0,
+        gt=0,
+        description="how long a straggler (a device offline or unhealthy when its wave "
+        "started, given the release without being waited for) may stay silent before it "
+        "is shown as stale",
+    )
 
 
 class _RolloutEvent(Event, ModelRef):
@@ -198,9 +205,16 @@ class _WaveEvent(_RolloutEvent):
 
 
 class RolloutWaveStarted(_WaveEvent):
-    """Desired state was written for a wave's devices."""
+    """Desired state was written for a wave's devices (``devices``: the ones drawn into
+    the wave, online and healthy at its start, which it judges)."""
 
     subject: ClassVar[str] = s.ROLLOUT_WAVE_STARTED
+
+    stragglers: list[str] = Field(
+        default_factory=list,
+        description="also given the desired state by this (last) wave, but offline or "
+        "unhealthy at its start: not waited for, not judged; they converge when they return",
+    )
 
 
 class RolloutWaveSucceeded(_WaveEvent):
@@ -226,6 +240,12 @@ class RolloutCompleted(_RolloutEvent):
     """Every wave succeeded."""
 
     subject: ClassVar[str] = s.ROLLOUT_COMPLETED
+
+    stragglers: list[str] = Field(
+        default_factory=list,
+        description="devices given the release while offline or unhealthy that did not run "
+        "it yet when the rollout completed (they converge when they return)",
+    )
 
 
 class RolloutRolledBack(_RolloutEvent):

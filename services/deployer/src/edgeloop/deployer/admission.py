@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
 from edgeloop.contracts.events import Event, RolloutRefused, RolloutRequested
-from edgeloop.deployer.plan import plan_waves
+from edgeloop.deployer.plan import absence, no_canary, plan_waves
 from edgeloop.deployer.policy import load_policy
-from edgeloop.deployer.sources import Devices, Refused, Registry, ValidatedImage
+from edgeloop.deployer.sources import Devices, Refused, Registry, ValidatedImage, presence_of
 from edgeloop.deployer.store import Store
 from edgeloop.kit import audit
 from edgeloop.kit.db import Conn
@@ -29,12 +30,20 @@ class Admission:
     """Decides whether a rollout request may start, and records it."""
 
     def __init__(
-        self, registry: Registry, devices: Devices, store: Store, tracer: Tracer | None = None
+        self,
+        registry: Registry,
+        devices: Devices,
+        store: Store,
+        tracer: Tracer | None = None,
+        *,
+        max_silence: float = 60.0,
     ) -> None:
         self.registry = registry
         self.devices = devices
         self.store = store
         self.tracer = tracer or trace.get_tracer("edgeloop.deployer")
+        self.max_silence = max_silence
+        """Seconds since its last message after which an online device counts as offline."""
 
     async def check(
         self, req: RolloutRequested
@@ -50,7 +59,8 @@ class Admission:
         if not req.selector and req.devices is None:
             raise Refused(422, "a rollout needs a device selector, e.g. --selector site=lab")
         text = ",".join(f"{k}={v}" for k, v in sorted(req.selector.items()))
-        enrolled = {d["device_id"]: d["labels"] for d in await self.devices.enrolled(req.selector)}
+        records = {d["device_id"]: d for d in await self.devices.enrolled(req.selector)}
+        enrolled = {d: r["labels"] for d, r in records.items()}
         if req.devices is not None:
             unknown = sorted(set(req.devices) - set(enrolled))
             if unknown:
@@ -63,6 +73,16 @@ class Admission:
             enrolled = {d: enrolled[d] for d in req.devices}
         if not enrolled:
             raise Refused(422, f"no enrolled device matches the selector {text}")
+        # A canary nobody can run can never meet its budget: say so now, not at a timeout.
+        now = datetime.now(UTC)
+        absent = {
+            d: a
+            for d in sorted(enrolled)
+            if (a := absence(presence_of(records[d]), now, self.max_silence)) is not None
+        }
+        if len(absent) == len(enrolled):
+            whose = "devices named" if req.devices is not None else f"devices matching {text}"
+            raise Refused(409, no_canary(absent, whose))
         plan = plan_waves(enrolled, req.waves)
         # gated by the labels of the devices it reaches, not by what the selector says
         return image, plan, list(enrolled.values())

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -31,11 +32,17 @@ from edgeloop.contracts.events import (
 )
 from edgeloop.contracts.names import check_labels, check_model, check_version
 from edgeloop.deployer.admission import Admission
-from edgeloop.deployer.plan import RolloutKnobs, failure_budget, progress
+from edgeloop.deployer.plan import (
+    Reported,
+    RolloutKnobs,
+    failure_budget,
+    progress,
+    straggler_status,
+)
 from edgeloop.deployer.policy import ReleasePolicy, load_policy, save_policy
 from edgeloop.deployer.retire import Retirements, RetireRequest
 from edgeloop.deployer.sources import Refused
-from edgeloop.deployer.store import ACTIVE, Store
+from edgeloop.deployer.store import ACTIVE, Rollout, Store, Wave
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit import audit
 from edgeloop.kit.api import Actor, Operator, new_api
@@ -155,30 +162,83 @@ def create_api(
                 raise HTTPException(404, f"no rollout {rollout_id}")
             waves = await store.waves(conn, rollout_id)
             plan = await store.devices(conn, rollout_id)
+        now = datetime.now(UTC)
+        by_wave = {w.wave: w for w in waves}
         out = r.as_dict()
         out["waves_planned"] = [w.size for w in waves]
         out["wave_status"] = []
         for w in waves:
             item = w.as_dict()
             if w.state in ("writing", "converging", "baking") and r.digest:
-                members = [d["device_id"] for d in plan if d["wave"] == w.wave]
+                members = [
+                    d["device_id"] for d in plan if d["wave"] == w.wave and not d["straggler"]
+                ]
                 p = progress(members, r.digest, twin.reported)
                 item["live"] = {
                     "converged": len(p.converged),
                     "failed": len(p.failed),
                     "pending": len(p.pending),
                 }
-            item["budget"] = failure_budget(w.size, r.max_failures, r.max_failures_percent)
+            judged = w.size if w.members is None else w.members
+            item["budget"] = failure_budget(judged, r.max_failures, r.max_failures_percent)
             out["wave_status"].append(item)
         out["devices"] = len(plan)
+        for d in plan:
+            d["status"], d["status_text"] = device_status(
+                r, d, by_wave[d["wave"]], twin.reported.get(d["device_id"]), now
+            )
+        stragglers = [d for d in plan if d["straggler"]]
+        out["stragglers"] = [
+            {
+                "device_id": d["device_id"],
+                "wave": d["wave"],
+                "status": d["status"],
+                "text": d["status_text"],
+                "absent": d["absent"],
+                "offline_since": d["offline_since"],
+                "deadline_at": _deadline(r, by_wave[d["wave"]]),
+            }
+            for d in stragglers
+        ]
+        out["straggler_counts"] = dict(Counter(d["status"] for d in stragglers))
         if devices:
             out["device_plan"] = plan
         return out
 
     @api.get("/v1/rollouts/{rollout_id}")
     async def show(rollout_id: uuid.UUID, _: Actor, devices: bool = False) -> dict[str, Any]:
-        """One rollout, its waves with live progress, and (``devices=true``) its plan."""
+        """One rollout, its waves with live progress, its stragglers (given the release
+        while offline or unhealthy: pending, stale, converged or failed), and
+        (``devices=true``) its plan with each device's status."""
         return await _show(rollout_id, devices)
+
+    @api.get("/v1/devices/{device_id}/rollouts")
+    async def device_rollouts(
+        device_id: str, _: Actor, limit: int = Query(5, ge=1, le=100)
+    ) -> dict[str, Any]:
+        """The rollouts that reach a device, newest first, with where the device is in
+        each (its wave and status: ``pending (offline since …)``, ``stale``, …)."""
+        now = datetime.now(UTC)
+        out = []
+        async with pool().acquire() as conn:
+            for r, d in await store.device_rollouts(conn, device_id, limit):
+                wave = await store.wave(conn, r.rollout_id, d["wave"])
+                status, text = device_status(r, d, wave, twin.reported.get(device_id), now)
+                out.append(
+                    {
+                        "rollout_id": str(r.rollout_id),
+                        "model": r.model,
+                        "version": r.version,
+                        "state": r.state,
+                        "created_at": r.created_at.isoformat(),
+                        "wave": d["wave"],
+                        "straggler": d["straggler"],
+                        "status": status,
+                        "status_text": text,
+                        "deadline_at": _deadline(r, wave) if d["straggler"] else None,
+                    }
+                )
+        return {"device_id": device_id, "rollouts": out}
 
     async def act(
         rollout_id: uuid.UUID,
@@ -401,3 +461,37 @@ def create_api(
         return await show_policy(model, who)
 
     return api
+
+
+def _deadline(r: Rollout, wave: Wave) -> str | None:
+    """When a straggler of ``wave`` turns stale."""
+    if wave.started_at is None:
+        return None
+    return (wave.started_at + timedelta(seconds=r.device_deadline_seconds)).isoformat()
+
+
+def device_status(
+    r: Rollout, d: dict[str, Any], wave: Wave, reported: Reported | None, now: datetime
+) -> tuple[str, str]:
+    """Where one device of a rollout's plan is (``d``: its row of the plan): a short
+    status and the words shown for it."""
+    absent = d.get("absent")
+    if d["straggler"] and r.state in ("rolling_back", "rolled_back"):
+        return "rolled_back", f"rolled back (a straggler: {absent or 'offline'})"
+    if d["straggler"] and r.digest and wave.started_at is not None:
+        status = straggler_status(
+            reported, r.digest, wave.started_at, r.device_deadline_seconds, now
+        )
+        if status in ("pending", "stale"):
+            return status, f"{status} ({absent or 'offline'})"
+        return status, f"{status} (a straggler: {absent or 'offline'} when its wave started)"
+    if wave.state == "pending":
+        passed = f"; passed over: {absent}" if absent else ""
+        return "waiting", f"waits for wave {wave.wave}{passed}"
+    if wave.state in ("writing", "converging", "baking") and r.digest:
+        p = progress([d["device_id"]], r.digest, {d["device_id"]: reported} if reported else {})
+        status = "converged" if p.converged else "failed" if p.failed else "pending"
+        return status, f"{status} (wave {wave.wave}, {wave.state})"
+    outcome = d.get("outcome") or "not reached"
+    detail = f": {d['detail']}" if d.get("detail") else ""
+    return outcome, f"{outcome} (wave {wave.wave}, {wave.state}){detail}"

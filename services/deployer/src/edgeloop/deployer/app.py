@@ -31,11 +31,13 @@ MIGRATIONS = Path(__file__).resolve().parents[3] / "migrations"
 def build(settings: DeployerSettings) -> Service:
     """The deployer service, ready to ``run()``."""
     svc = Service("deployer", settings, migrations=MIGRATIONS)
+    devices = Devices(settings.gateway_api, settings.gateway_token.get_secret_value())
     admission = Admission(
         Registry(settings.registry_api, settings.registry_token.get_secret_value()),
-        Devices(settings.gateway_api, settings.gateway_token.get_secret_value()),
+        devices,
         Store(),
         tracer(svc.tracer_provider, "edgeloop.deployer"),
+        max_silence=settings.presence_max_silence_seconds,
     )
     engine: list[Engine] = []
 
@@ -55,9 +57,12 @@ def build(settings: DeployerSettings) -> Service:
                 service.pool,
                 service.schema,
                 twin,
+                devices,
                 owner=settings.instance_id,
                 lease_seconds=settings.lease_seconds,
                 tick=settings.tick_seconds,
+                max_silence=settings.presence_max_silence_seconds,
+                offline_grace=settings.offline_grace_seconds,
                 tracer=tracer(service.tracer_provider, "edgeloop.deployer"),
             )
         )

@@ -37,6 +37,15 @@ class DeployerSettings(ApiServiceSettings):
     tick_seconds: float = 0.5
     """Longest wait between two looks at a rollout (changes of reported state, verdicts
     and operator actions wake it at once)."""
+    presence_max_silence_seconds: float = 60.0
+    """A device the gateway's registry shows online but has not heard from for longer
+    counts as offline when a wave draws its devices (a gateway that died leaves its
+    sessions marked online; a live session sends a heartbeat every 10 s)."""
+    offline_grace_seconds: float = 60.0
+    """How long a wave that finds no device left online and healthy waits for one, asking
+    the gateway again, before it gives up (the first wave then fails, a later one is
+    skipped or, the last, gives them the release as stragglers): a restarted gateway
+    shows its devices offline until they reconnect."""
     kv_concurrency: int = 256
     """Desired-state writes in flight at once."""
     max_attempts: int = 6

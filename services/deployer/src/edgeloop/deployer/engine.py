@@ -6,11 +6,18 @@ was: a wave whose ``wave.started`` committed is not started again; a wave whose 
 state was partly written is written again (the same documents, so no device changes
 twice); a wave that succeeded is never repeated.
 
-Wave: ``pending`` → (capture each device's previous desired state) ``writing`` →
-(desired state written) ``converging`` → (all devices run the image, or the timeout with
-failures within budget) ``baking`` → (bake time without a failing verdict or new failures)
-``succeeded``; or ``failed``, which turns the rollout to ``rolling_back``: every device
-the rollout touched gets its previous desired document back.
+Wave: ``pending`` → (draw its devices, capture each one's previous desired state)
+``writing`` → (desired state written) ``converging`` → (all devices run the image, or the
+timeout with failures within budget) ``baking`` → (bake time without a failing verdict or
+new failures) ``succeeded``; or ``failed``, which turns the rollout to ``rolling_back``:
+every device the rollout touched gets its previous desired document back.
+
+A wave draws its devices when it starts, online and healthy ones first (``plan.draw_wave``,
+asking the gateway's device registry), and stores the draw in the transaction of its
+``wave.started``, so a restarted deployer drives the same devices. Offline devices are
+left for later waves; the last wave gives those still offline the release as stragglers,
+which it neither waits for nor judges. A first wave with no device online fails at once;
+a later one with nobody online left is ``skipped``.
 
 A wave the model's release policy gates holds the rollout in ``awaiting_approval``
 before it starts, until an operator other than the requester approves it.
@@ -30,6 +37,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import asyncpg
+import httpx
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 from prometheus_client import Counter, Gauge
@@ -44,7 +52,18 @@ from edgeloop.contracts.events import (
     RolloutWaveSucceeded,
 )
 from edgeloop.contracts.twin import DesiredModel
-from edgeloop.deployer.plan import failure_budget, progress
+from edgeloop.deployer.plan import (
+    Absence,
+    Draw,
+    absence,
+    draw_wave,
+    failure_budget,
+    named_absent,
+    no_canary,
+    progress,
+    wave_target,
+)
+from edgeloop.deployer.sources import Devices
 from edgeloop.deployer.store import Rollout, Store, Wave
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit.db import TRANSIENT_DB_ERRORS
@@ -60,6 +79,13 @@ DRIVEN = Gauge("edgeloop_deployer_rollouts_driven", "Active rollouts this replic
 #: How many failing devices a wave event or a reason names (the rest are counted).
 NAMED = 10
 
+#: Seconds between two questions to the gateway from a wave that cannot start yet.
+ASK_EVERY = 2.0
+
+#: What a starting wave stores: its draw, the devices of its share it leaves for the next
+#: wave, and why each device passed over was (the words shown, offline since when).
+Drawn = tuple[Draw, list[str], dict[str, tuple[str, datetime | None]]]
+
 
 class LostOwnership(Exception):
     """Another replica (or an operator) changed the rollout under us: re-read it."""
@@ -73,16 +99,22 @@ class Engine:
         pool: asyncpg.Pool,
         schema: str,
         twin: Twin,
+        devices: Devices,
         *,
         owner: str,
         lease_seconds: float = 15.0,
         tick: float = 0.5,
+        max_silence: float = 60.0,
+        offline_grace: float = 60.0,
         tracer: Tracer | None = None,
     ) -> None:
         self.tracer = tracer or trace.get_tracer("edgeloop.deployer")
         self.pool = pool
         self.schema = schema
         self.twin = twin
+        self.devices = devices
+        self.max_silence = max_silence
+        self.offline_grace = offline_grace
         self.store = Store()
         self.owner = owner
         self.lease_seconds = lease_seconds
@@ -90,7 +122,9 @@ class Engine:
         self.drivers: dict[uuid.UUID, asyncio.Task[None]] = {}
         self._wake: dict[uuid.UUID, asyncio.Event] = {}
         self._claim_now = asyncio.Event()
-        self._devices: dict[tuple[uuid.UUID, int], list[str]] = {}
+        self._devices: dict[tuple[uuid.UUID, int], tuple[list[str], list[str]]] = {}
+        self._ask_after: dict[tuple[uuid.UUID, int], float] = {}
+        """When a starting wave may ask the gateway again (monotonic time)."""
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -168,6 +202,8 @@ class Engine:
                 self._wake.pop(rid, None)
                 for key in [k for k in self._devices if k[0] == rid]:
                     del self._devices[key]
+                for key in [k for k in self._ask_after if k[0] == rid]:
+                    del self._ask_after[key]
 
     # --- one step ---------------------------------------------------------------------
 
@@ -200,6 +236,11 @@ class Engine:
         return await handler(r, wave)
 
     async def _devices_of(self, r: Rollout, wave: int) -> list[str]:
+        """The devices ``wave`` drew (the ones it judges)."""
+        return (await self._wave_devices(r, wave))[0]
+
+    async def _wave_devices(self, r: Rollout, wave: int) -> tuple[list[str], list[str]]:
+        """The devices ``wave`` drew, and its stragglers (read once its draw is stored)."""
         key = (r.rollout_id, wave)
         if key not in self._devices:
             async with self.pool.acquire() as conn:
@@ -209,11 +250,67 @@ class Engine:
     async def _start_wave(self, r: Rollout, wave: Wave) -> float:
         if r.approval_wave == wave.wave and r.approved_by is None:
             return await self._hold_for_approval(r, wave)
-        devices = await self._devices_of(r, wave.wave)
-        previous = await self.twin.get_desired(devices)
+        waves = await self._wave_list(r)
+        last = wave.wave == len(waves) - 1
+        key = (r.rollout_id, wave.wave)
+        if time.monotonic() < self._ask_after.get(key, 0.0):
+            return self.tick
+        self._ask_after[key] = time.monotonic() + ASK_EVERY
+        async with self.pool.acquire() as conn:
+            undrawn = await self.store.undrawn(conn, r.rollout_id, wave.wave)
+        try:
+            presence = await self.devices.presence(r.selector, undrawn)
+        except httpx.HTTPError as exc:  # the gateway's fault, not the wave's: ask again
+            log.warning(
+                "rollout %s: cannot ask the gateway which devices are online for wave %d "
+                "(retrying): %s",
+                r.rollout_id,
+                wave.wave,
+                exc,
+            )
+            return 2.0
+        now = _now()
+        absent = {
+            d: a
+            for d in sorted(undrawn)
+            if (a := absence(presence.get(d), now, self.max_silence)) is not None
+        }
+        drawn = [w.size if w.members is None else w.members for w in waves]
+        target = wave_target([w.size for w in waves], drawn, wave.wave)
+        draw = draw_wave(undrawn, target, last=last, ready=lambda d: d not in absent)
+        taken = set(draw.members) | set(draw.stragglers)
+        deferred = [d for d, planned in undrawn.items() if planned == wave.wave and d not in taken]
+        why = {d: (a.text, a.since) for d, a in absent.items()}
+        if not draw.members:
+            # Nobody to draw. A gateway that restarted shows its devices offline until they
+            # reconnect (seconds): wait a little, asking again, before concluding.
+            since = wave.phase_since
+            if since is None or (now - since).total_seconds() < self.offline_grace:
+                return await self._await_devices(r, wave, absent)
+            if wave.wave == 0:
+                # no device to run the canary on: a budget that can never be met
+                reason = no_canary(absent, "devices")
+                return await self._fail(
+                    r, wave, [], {}, [], reason, devices=[], draw=(draw, [], why)
+                )
+            if not last:
+                return await self._skip(r, wave, deferred, why)
+        self._devices.pop((r.rollout_id, wave.wave), None)
+        previous = await self.twin.get_desired([*draw.members, *draw.stragglers])
         await self._transition(
             r,
-            wave=(wave, {"state": "writing", "started_at": _now(), "phase_since": _now()}),
+            wave=(
+                wave,
+                {
+                    "state": "writing",
+                    "started_at": _now(),
+                    "phase_since": _now(),
+                    "reason": None,
+                    "members": len(draw.members),
+                    "deferred": len(deferred) + len(draw.stragglers),
+                },
+            ),
+            draw=(draw, deferred, why),
             previous=previous,
             events=[
                 RolloutWaveStarted(
@@ -221,11 +318,70 @@ class Engine:
                     model=r.model,
                     version=r.version,
                     wave=wave.wave,
-                    devices=devices,
+                    devices=draw.members,
+                    stragglers=draw.stragglers,
                 )
             ],
         )
-        log.info("rollout %s: wave %d started (%d devices)", r.rollout_id, wave.wave, len(devices))
+        log.info(
+            "rollout %s: wave %d started (%d devices%s)",
+            r.rollout_id,
+            wave.wave,
+            len(draw.members),
+            f"; {len(deferred)} offline or unhealthy left for the next wave" if deferred else "",
+        )
+        if draw.stragglers:
+            log.info(
+                "rollout %s: %d stragglers given the release without being waited for: %s",
+                r.rollout_id,
+                len(draw.stragglers),
+                ", ".join(draw.stragglers[:NAMED]),
+            )
+        return 0.0
+
+    async def _await_devices(self, r: Rollout, wave: Wave, absent: dict[str, Absence]) -> float:
+        """No device left is online and healthy: the wave waits ``offline_grace`` for one,
+        with the reason shown, from the first time it found none (stored, so a restart
+        does not start the wait again)."""
+        if wave.phase_since is None:
+            reason = (
+                f"waits up to {self.offline_grace:g} s for a device to come online: none of "
+                f"the {len(absent)} left is online and healthy ({named_absent(absent)})"
+            )
+            await self._transition(r, wave=(wave, {"phase_since": _now(), "reason": reason}))
+            log.warning("rollout %s: wave %d %s", r.rollout_id, wave.wave, reason)
+        return ASK_EVERY
+
+    async def _skip(
+        self,
+        r: Rollout,
+        wave: Wave,
+        deferred: list[str],
+        why: dict[str, tuple[str, datetime | None]],
+    ) -> float:
+        """A wave after the first with no device online left: nothing to draw, nothing to
+        judge; its share goes on to the next wave (the last gives them the release)."""
+        reason = (
+            f"no device left is online and healthy: {len(deferred)} of its share "
+            "left for the next wave (the last wave gives them the release as stragglers)"
+        )
+        await self._transition(
+            r,
+            rollout={"current_wave": r.current_wave + 1},
+            wave=(
+                wave,
+                {
+                    "state": "skipped",
+                    "started_at": _now(),
+                    "finished_at": _now(),
+                    "members": 0,
+                    "deferred": len(deferred),
+                    "reason": reason,
+                },
+            ),
+            draw=(Draw([]), deferred, why),
+        )
+        log.info("rollout %s: wave %d skipped: %s", r.rollout_id, wave.wave, reason)
         return 0.0
 
     async def _hold_for_approval(self, r: Rollout, wave: Wave) -> float:
@@ -259,9 +415,9 @@ class Engine:
         )
 
     async def _write_wave(self, r: Rollout, wave: Wave) -> float:
-        devices = await self._devices_of(r, wave.wave)
+        members, stragglers = await self._wave_devices(r, wave.wave)
         doc = self._doc(r)
-        await self.twin.put_desired(dict.fromkeys(devices, doc))
+        await self.twin.put_desired(dict.fromkeys([*members, *stragglers], doc))
         await self._transition(r, wave=(wave, {"state": "converging", "phase_since": _now()}))
         return 0.0
 
@@ -325,9 +481,15 @@ class Engine:
             )
             return await self._fail(r, wave, p.converged, p.failed, p.pending, reason)
         elapsed = _elapsed(wave)
-        if elapsed < r.bake_seconds:
+        if devices and elapsed < r.bake_seconds:  # a wave of stragglers only has no cohort
             return min(self.tick, r.bake_seconds - elapsed)
         last = r.current_wave + 1 >= len(await self._wave_list(r))
+        outcomes = _outcomes(p.converged, p.failed, p.pending)
+        stragglers = (await self._wave_devices(r, wave.wave))[1]
+        late = progress(stragglers, r.digest, self.twin.reported)
+        outcomes |= dict.fromkeys(late.converged, ("converged", None))
+        outcomes |= {d: ("failed", why[:500]) for d, why in late.failed.items()}
+        outcomes |= dict.fromkeys(late.pending, ("straggler", None))
         events: list[Event] = [
             RolloutWaveSucceeded(
                 rollout_id=r.rollout_id,
@@ -341,7 +503,12 @@ class Engine:
         ]
         if last:
             events.append(
-                RolloutCompleted(rollout_id=r.rollout_id, model=r.model, version=r.version)
+                RolloutCompleted(
+                    rollout_id=r.rollout_id,
+                    model=r.model,
+                    version=r.version,
+                    stragglers=[*late.pending, *late.failed],
+                )
             )
         await self._transition(
             r,
@@ -357,14 +524,22 @@ class Engine:
                     "failed": len(p.failed) + len(p.pending),
                 },
             ),
-            outcomes=_outcomes(p.converged, p.failed, p.pending),
+            outcomes=outcomes,
             events=events,
         )
         WAVES.labels("succeeded").inc()
         log.info("rollout %s: wave %d succeeded", r.rollout_id, wave.wave)
         if last:
             ROLLOUTS.labels("completed").inc()
-            log.info("rollout %s of %s@%s completed", r.rollout_id, r.model, r.version)
+            log.info(
+                "rollout %s of %s@%s completed%s",
+                r.rollout_id,
+                r.model,
+                r.version,
+                f" ({len(late.pending) + len(late.failed)} stragglers not on it yet)"
+                if late.pending or late.failed
+                else "",
+            )
             return None
         return 0.0
 
@@ -380,8 +555,12 @@ class Engine:
         failed: dict[str, str],
         pending: list[str],
         reason: str,
+        *,
+        devices: list[str] | None = None,
+        draw: Drawn | None = None,
     ) -> float:
-        devices = await self._devices_of(r, wave.wave)
+        if devices is None:
+            devices = await self._devices_of(r, wave.wave)
         timed_out = wave.state != "converging" or _elapsed(wave) >= r.converge_timeout_seconds
         await self._transition(
             r,
@@ -397,6 +576,7 @@ class Engine:
                 },
             ),
             outcomes=_outcomes(converged, failed, pending, timed_out=timed_out),
+            draw=draw,
             events=[
                 RolloutWaveFailed(
                     rollout_id=r.rollout_id,
@@ -462,6 +642,7 @@ class Engine:
         expect: tuple[str, ...] = ("running",),
         rollout: dict[str, object] | None = None,
         wave: tuple[Wave, dict[str, object]] | None = None,
+        draw: Drawn | None = None,
         previous: dict[str, bytes | None] | None = None,
         outcomes: dict[str, tuple[str, str | None]] | None = None,
         events: Sequence[Event] = (),
@@ -489,6 +670,17 @@ class Engine:
                     conn, r.rollout_id, wave[0].wave, expect=wave[0].state, **wave[1]
                 ):
                     raise LostOwnership(r.rollout_id)  # the wave moved on meanwhile
+                if draw is not None and wave is not None:
+                    chosen, deferred, why = draw
+                    await self.store.assign(
+                        conn,
+                        r.rollout_id,
+                        wave[0].wave,
+                        members=chosen.members,
+                        stragglers=chosen.stragglers,
+                        deferred=deferred,
+                        absent=why,
+                    )
                 if previous is not None:
                     await self.store.capture_previous(conn, r.rollout_id, previous)
                 if outcomes:

@@ -2,14 +2,22 @@
 
 The order of devices is a stable hash of their ids: a restarted deployer, or an operator
 reading the plan, gets the same waves for the same devices.
+
+Waves are **online-first**: the plan made at admission says how many devices each wave
+reaches; which ones is decided when the wave starts (:func:`draw_wave`), from the
+devices no earlier wave took, online and healthy ones only, in the stable order. An
+offline device is left for a later wave; the last wave gives everyone left the release,
+and those still offline or unhealthy then are *stragglers*: not waited for, not judged,
+shown ``pending`` until they run it (``converged``) or their deadline passed (``stale``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,6 +44,7 @@ class RolloutKnobs(BaseModel):
     converge_timeout_seconds: float = Field(default=120.0, gt=0)
     max_failures: int | None = Field(default=None, ge=0)
     max_failures_percent: float | None = Field(default=None, ge=0, le=100)
+    device_deadline_seconds: float = Field(default=3600.0, gt=0)
 
     def knobs(self) -> dict[str, Any]:
         """These fields alone, for a ``RolloutRequested``."""
@@ -128,3 +137,131 @@ def progress(devices: Sequence[str], digest: str, reported: Mapping[str, Reporte
         else:
             out.pending.append(device)
     return out
+
+
+# --- online-first draws ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Presence:
+    """What the gateway's device registry says of a device when a wave starts."""
+
+    online: bool
+    last_seen: datetime | None = None
+    state: str | None = None
+    """Its last reported state (``running``, ``failed``, …)."""
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Absence:
+    """Why a device is not drawn into a wave: ``kind`` (``offline``, ``unhealthy``,
+    ``unknown``), since when it is silent (``None``: never seen), and the words shown."""
+
+    kind: str
+    since: datetime | None
+    text: str
+
+
+def absence(presence: Presence | None, now: datetime, max_silence: float) -> Absence | None:
+    """Why the device cannot be drawn into a wave now; None when it is online and healthy.
+
+    Online means a session with a gateway (the registry's ``online``) whose last message
+    is at most ``max_silence`` seconds old (a gateway that died leaves its sessions
+    marked online). Healthy means its last report is not ``failed``: a device whose last
+    activation failed is a poor canary; it still gets the release, as a straggler.
+    """
+    if presence is None:
+        return Absence("unknown", None, "not enrolled any more (revoked?)")
+    seen = presence.last_seen
+    if seen is None:
+        return Absence("offline", None, "never connected")
+    if not presence.online:
+        return Absence("offline", seen, f"offline since {_at(seen)}")
+    if (now - seen).total_seconds() > max_silence:
+        return Absence("offline", seen, f"silent since {_at(seen)}")
+    if presence.state == "failed":
+        why = f": {presence.error}" if presence.error else ""
+        return Absence("unhealthy", None, f"unhealthy: its last activation failed{why}")
+    return None
+
+
+#: How many absent devices a message names (the rest are counted).
+NAMED_ABSENT = 5
+
+
+def no_canary(absent: Mapping[str, Absence], whose: str) -> str:
+    """The reason a rollout cannot start a canary: every one of ``whose`` devices (the
+    ``absent`` ones) is offline or unhealthy."""
+    return (
+        f"none of the {len(absent)} {whose} is online and healthy, so the release has no "
+        f"device to run its canary on ({named_absent(absent)}); start them or wait until "
+        "they connect, then start the rollout again"
+    )
+
+
+def named_absent(absent: Mapping[str, Absence]) -> str:
+    """The first few absent devices with why (``d1: offline since …; …; and 3 more``)."""
+    items = [f"{d}: {a.text}" for d, a in list(absent.items())[:NAMED_ABSENT]]
+    more = len(absent) - NAMED_ABSENT
+    if more > 0:
+        items.append(f"and {more} more")
+    return "; ".join(items)
+
+
+def _at(when: datetime) -> str:
+    return when.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+
+
+@dataclass(frozen=True)
+class Draw:
+    """The devices a starting wave takes (``members``: given the release and judged),
+    and on the last wave the ``stragglers`` (given the release, not judged)."""
+
+    members: list[str]
+    stragglers: list[str] = field(default_factory=list)
+
+
+def draw_wave(
+    undrawn: Iterable[str], size: int, *, last: bool, ready: Callable[[str], bool]
+) -> Draw:
+    """Which of the devices no earlier wave took a wave of ``size`` draws.
+
+    The first ``size`` devices that are ``ready`` (online and healthy), in the stable
+    order: a device planned for this wave but offline is left for a later one, and an
+    online device planned for a later wave moves up to take its place; a deferred device
+    back online comes first again (it is early in the order). The last wave takes every
+    ready device left, and gives the others the release as stragglers.
+    """
+    order = device_order(undrawn)
+    ready_ones = [d for d in order if ready(d)]
+    if last:
+        taken = set(ready_ones)
+        return Draw(ready_ones, [d for d in order if d not in taken])
+    return Draw(ready_ones[: max(size, 0)])
+
+
+def wave_target(planned: Sequence[int], drawn: Sequence[int], wave: int) -> int:
+    """How many devices wave ``wave`` draws: up to the cumulative size the plan gives it
+    (``planned`` sizes of every wave), less those earlier waves drew (``drawn``), so a
+    wave short of online devices is made up by the next one."""
+    return sum(planned[: wave + 1]) - sum(drawn[:wave])
+
+
+def straggler_status(
+    reported: Reported | None,
+    digest: str,
+    given_at: datetime,
+    deadline_seconds: float,
+    now: datetime,
+) -> str:
+    """Where a straggler is with the release: ``converged`` (runs ``digest``), ``failed``
+    (its activation failed), ``stale`` (silent past its deadline, counted from when it
+    was given the release) or ``pending``."""
+    if reported is not None and reported.state == "running" and reported.digest == digest:
+        return "converged"
+    if reported is not None and reported.state == "failed" and reported.desired_digest == digest:
+        return "failed"
+    if now >= given_at + timedelta(seconds=deadline_seconds):
+        return "stale"
+    return "pending"

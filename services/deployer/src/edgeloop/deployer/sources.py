@@ -1,14 +1,19 @@
 """What the deployer asks other services: the registry (is this version validated, and
-which image is it) and the gateway's device registry (which devices a selector matches).
+which image is it) and the gateway's device registry (which devices a selector matches,
+and which of them are online).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+
+from edgeloop.deployer.plan import Presence
 
 
 class Refused(Exception):
@@ -119,6 +124,18 @@ class Devices:
             if d.get("model") == model and d.get("version") == version
         )
 
+    async def presence(
+        self, selector: dict[str, str], device_ids: Iterable[str]
+    ) -> dict[str, Presence]:
+        """Online state, last-seen time and last report of each of ``device_ids`` that is
+        still enrolled (a revoked device is missing)."""
+        wanted = set(device_ids)
+        return {
+            d["device_id"]: presence_of(d)
+            for d in await self.enrolled(selector)
+            if d["device_id"] in wanted
+        }
+
     async def enrolled(self, selector: dict[str, str]) -> list[dict[str, Any]]:
         """The enrolled (not revoked) devices whose labels match ``selector``."""
         text = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
@@ -136,3 +153,14 @@ class Devices:
                 out.extend(d for d in devices if not d.get("revoked"))
                 if len(devices) < page:
                     return out
+
+
+def presence_of(device: dict[str, Any]) -> Presence:
+    """A device of the gateway's ``/v1/devices`` as :class:`Presence`."""
+    seen = device.get("last_seen")
+    return Presence(
+        online=bool(device.get("online")),
+        last_seen=datetime.fromisoformat(seen) if seen else None,
+        state=device.get("state"),
+        error=device.get("error"),
+    )

@@ -17,6 +17,8 @@ ACTIVE = ("pending", "running", "paused", "awaiting_approval", "rolling_back")
 TERMINAL = ("completed", "rolled_back", "aborted", "refused")
 #: States of a retirement under way (one per version at a time).
 UNDER_WAY = ("replacing", "retiring")
+#: A device's row of a rollout's plan, as the API shows it.
+_PLAN_COLUMNS = "device_id, wave, outcome, detail, straggler, absent, offline_since"
 #: Retirements with the state and reason of their replacement rollout.
 _RETIREMENTS = """SELECT t.*, r.state AS rollout_state, r.reason AS rollout_reason
     FROM retirements t LEFT JOIN rollouts r USING (rollout_id)"""
@@ -51,6 +53,7 @@ class Rollout:
     approved_by: str | None = None
     approved_at: datetime | None = None
     approval_reason: str | None = None
+    device_deadline_seconds: float = 3600.0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -78,6 +81,11 @@ class Wave:
     verdict: str | None
     verdict_reasons: list[str] | None
     reason: str | None
+    members: int | None = None
+    """Devices it drew when it started (``size`` is what the plan gave it)."""
+    deferred: int = 0
+    """Devices of its share offline or unhealthy at its start (left for a later wave, or
+    on the last wave given the release as stragglers)."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -151,15 +159,64 @@ class Store:
             raise KeyError((rollout_id, wave))
         return _wave(row)
 
-    async def wave_devices(self, conn: Conn, rollout_id: uuid.UUID, wave: int) -> list[str]:
-        """The devices of one wave, in plan order."""
+    async def wave_devices(
+        self, conn: Conn, rollout_id: uuid.UUID, wave: int
+    ) -> tuple[list[str], list[str]]:
+        """The devices of one wave in plan order: those it drew, and its stragglers."""
         rows = await conn.fetch(
-            "SELECT device_id FROM rollout_devices WHERE rollout_id = $1 AND wave = $2 "
+            "SELECT device_id, straggler FROM rollout_devices WHERE rollout_id = $1 AND wave = $2 "
             "ORDER BY position",
             rollout_id,
             wave,
         )
-        return [r["device_id"] for r in rows]
+        return (
+            [r["device_id"] for r in rows if not r["straggler"]],
+            [r["device_id"] for r in rows if r["straggler"]],
+        )
+
+    async def undrawn(self, conn: Conn, rollout_id: uuid.UUID, wave: int) -> dict[str, int]:
+        """Device → planned wave, of the devices no wave before ``wave`` drew."""
+        rows = await conn.fetch(
+            "SELECT device_id, wave FROM rollout_devices WHERE rollout_id = $1 AND wave >= $2",
+            rollout_id,
+            wave,
+        )
+        return {r["device_id"]: r["wave"] for r in rows}
+
+    async def assign(
+        self,
+        conn: Conn,
+        rollout_id: uuid.UUID,
+        wave: int,
+        *,
+        members: list[str],
+        stragglers: list[str],
+        deferred: list[str],
+        absent: dict[str, tuple[str, datetime | None]],
+    ) -> None:
+        """Record a wave's draw: its members and stragglers are in ``wave``, the devices
+        of its share it ``deferred`` move to the next wave; ``absent`` says why each
+        device passed over was (offline since, unhealthy)."""
+        moves = [(d, wave, False) for d in members] + [(d, wave, True) for d in stragglers]
+        moves += [(d, wave + 1, False) for d in deferred]
+        await conn.execute(
+            """UPDATE rollout_devices d SET wave = m.wave, straggler = m.straggler
+               FROM unnest($2::text[], $3::int[], $4::boolean[]) AS m(device_id, wave, straggler)
+               WHERE d.rollout_id = $1 AND d.device_id = m.device_id""",
+            rollout_id,
+            [m[0] for m in moves],
+            [m[1] for m in moves],
+            [m[2] for m in moves],
+        )
+        await conn.execute(
+            """UPDATE rollout_devices d SET absent = a.absent, offline_since = a.since
+               FROM unnest($2::text[], $3::text[], $4::timestamptz[]) AS a(device_id, absent, since)
+               WHERE d.rollout_id = $1 AND d.device_id = a.device_id""",
+            rollout_id,
+            [*absent, *members],
+            [a for a, _ in absent.values()] + [None] * len(members),
+            [t for _, t in absent.values()] + [None] * len(members),
+        )
 
     async def conflicting(self, conn: Conn, devices: list[str]) -> tuple[uuid.UUID, int] | None:
         """An active rollout holding any of ``devices``, and how many it holds."""
@@ -192,9 +249,9 @@ class Store:
             """INSERT INTO rollouts (rollout_id, model, version, image, digest, model_digest,
                    selector, waves, bake_seconds, converge_timeout_seconds, max_failures,
                    max_failures_percent, state, reason, requested_by, trace_parent, finished_at,
-                   approval_wave)
+                   approval_wave, device_deadline_seconds)
                VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11, $12, $13,
-                       $14, $15, $16, CASE WHEN $13 = 'refused' THEN now() END, $17)""",
+                       $14, $15, $16, CASE WHEN $13 = 'refused' THEN now() END, $17, $18)""",
             req.rollout_id,
             req.model,
             req.version,
@@ -212,19 +269,17 @@ class Store:
             req.requested_by,
             trace_parent,
             approval_wave,
+            req.device_deadline_seconds,
         )
         await conn.executemany(
             "INSERT INTO waves (rollout_id, wave, size) VALUES ($1, $2, $3)",
             [(req.rollout_id, i, len(devices)) for i, devices in enumerate(plan)],
         )
+        ranked = enumerate((i, device) for i, devices in enumerate(plan) for device in devices)
         await conn.copy_records_to_table(
             "rollout_devices",
             columns=["rollout_id", "device_id", "wave", "position"],
-            records=[
-                (req.rollout_id, device, i, pos)
-                for i, devices in enumerate(plan)
-                for pos, device in enumerate(devices)
-            ],
+            records=[(req.rollout_id, device, i, pos) for pos, (i, device) in ranked],
         )
 
     async def set_rollout(
@@ -298,13 +353,37 @@ class Store:
         return {r["device_id"]: r["previous"] for r in rows}
 
     async def devices(self, conn: Conn, rollout_id: uuid.UUID) -> list[dict[str, Any]]:
-        """Every device of the plan with its wave and outcome."""
+        """Every device of the plan with its wave, outcome, whether it is a straggler and
+        why it was passed over (``absent``, ``offline_since``)."""
         rows = await conn.fetch(
-            "SELECT device_id, wave, outcome, detail FROM rollout_devices WHERE rollout_id = $1 "
+            f"SELECT {_PLAN_COLUMNS} FROM rollout_devices WHERE rollout_id = $1 "
             "ORDER BY wave, position",
             rollout_id,
         )
         return [dict(r) for r in rows]
+
+    async def device_rollouts(
+        self, conn: Conn, device_id: str, limit: int
+    ) -> list[tuple[Rollout, dict[str, Any]]]:
+        """The rollouts whose plan has ``device_id``, newest first, each with the device's
+        row of its plan (as :meth:`devices` gives it)."""
+        rows = await conn.fetch(
+            """SELECT r.* FROM rollouts r JOIN rollout_devices d USING (rollout_id)
+               WHERE d.device_id = $1 ORDER BY r.created_at DESC LIMIT $2""",
+            device_id,
+            limit,
+        )
+        out = []
+        for row in rows:
+            mine = await conn.fetchrow(
+                f"SELECT {_PLAN_COLUMNS} FROM rollout_devices "
+                "WHERE rollout_id = $1 AND device_id = $2",
+                row["rollout_id"],
+                device_id,
+            )
+            assert mine is not None  # the join found it
+            out.append((_rollout(row), dict(mine)))
+        return out
 
     async def later_rollout(self, conn: Conn, rollout: Rollout) -> uuid.UUID | None:
         """A rollout admitted after ``rollout`` that touches one of its devices."""
