@@ -94,6 +94,19 @@ class Forged:
     writing: asyncio.Lock = field(default_factory=asyncio.Lock)
     """One write at a time on the stream (its reader answers desired states)."""
 
+    async def beat(self, seconds: float) -> None:
+        """Heartbeats, as any device that wants to keep its session sends them: the
+        gateway ends a session silent for three intervals, and a slow machine can keep
+        this one silent that long between two steps of the attack."""
+        seq = 0
+        while True:
+            seq += 1
+            beat = pb.Heartbeat(seq=seq)
+            beat.sent_at.GetCurrentTime()
+            async with self.writing:
+                await self.call.write(pb.AgentMessage(heartbeat=beat))
+            await asyncio.sleep(seconds)
+
     async def read(self) -> None:
         while (msg := await self.call.read()) != grpc.aio.EOF:
             kind = msg.WhichOneof("kind")
@@ -185,15 +198,21 @@ async def test_one_forged_device_cannot_fail_a_canary_raise_an_alarm_or_label_da
             response_deserializer=pb.GatewayMessage.FromString,
         )()
         await call.write(pb.AgentMessage(hello=pb.Hello(device_id=forged_id)))
-        assert (await call.read()).WhichOneof("kind") == "welcome"
+        welcome = await call.read()
+        assert welcome.WhichOneof("kind") == "welcome"
         forged = Forged(config, call)
-        reader = asyncio.create_task(forged.read())
+        tasks = [
+            asyncio.create_task(forged.read()),
+            asyncio.create_task(forged.beat(welcome.welcome.heartbeat_interval_seconds / 2)),
+        ]
         try:
             await _attack(stack, forged, model, sel, honest, good)
         finally:
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
 
 
 async def _attack(
