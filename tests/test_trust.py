@@ -270,9 +270,12 @@ async def _attack(
 
     poisoner = asyncio.create_task(poison())
     try:
-        # a burst over the device's budget (5 batches/s): held back, counted
-        for _ in range(100):
-            await forged.send(_batch(model, "1", profile, count=10, feature_bin=0))
+        # a burst over the device's budget: held back, counted. Each batch carries the
+        # most inferences one may (20,000: 20 s of the budget of 1000/s, all it saves up),
+        # so all but one in 20 s are held back however slowly a loaded gateway reads them
+        # (a burst of small batches is over the 5 batches/s only if read faster than that)
+        for _ in range(15):
+            await forged.send(_batch(model, "1", profile, count=20_000, feature_bin=0))
         done = await deploy.wait_rollout(rid, "completed", "rolled_back", within=150)
         await asyncio.sleep(3)  # the windows of the last wave are judged too
     finally:
