@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from bench import (
     deployer_rollout,
@@ -45,6 +46,7 @@ def main() -> None:
             "kit-cluster",
             "loop",
             "edge",
+            "edge-gateway",
             "edge-connections",
             "deploy",
             "monitor",
@@ -56,6 +58,9 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=10_000, help="sessions held (edge)")
     parser.add_argument("--rollout-devices", type=int, default=1000, help="agents (edge, deploy)")
     parser.add_argument("--burst", type=int, default=50, help="commits in the loop burst")
+    parser.add_argument(
+        "--gateway-batches", type=int, default=16_000, help="batches per run (edge-gateway)"
+    )
     args = parser.parse_args()
     if args.only in (None, "kit"):
         kit(args)
@@ -80,6 +85,8 @@ def main() -> None:
             )
     if args.only in (None, "edge", "edge-connections"):
         edge(args, connections_only=args.only == "edge-connections")
+    if args.only in (None, "edge-gateway"):
+        edge_checks(args)
 
 
 @contextlib.contextmanager
@@ -122,6 +129,112 @@ def edge(args: argparse.Namespace, *, connections_only: bool = False) -> None:
             edge_gateway.connections(*common, devices=args.devices, seconds=30)
         )
     _save("edge_connections.json" if connections_only else "edge_gateway.json", results)
+
+
+def edge_checks(args: argparse.Namespace) -> None:
+    """Gateway telemetry throughput with its telemetry checks at entry (version, clock
+    skew, count consistency, size, per-device budget) against the same gateway with them
+    switched off (``bench.gateway_process --telemetry-checks off``, a switch of the
+    benchmark only), ``--runs`` times each, alternating, on the same servers."""
+    devices, batches = 16, args.gateway_batches
+    runs: list[dict[str, Any]] = []
+    loads: list[list[float]] = []
+    with servers("bench_edge_checks") as (nats_url, dsn, registry_url, root):
+        # not measured: the servers' first streams, tables and caches
+        asyncio.run(
+            edge_gateway.telemetry(
+                nats_url,
+                dsn,
+                registry_url,
+                root,
+                devices=devices,
+                batches=batches // 10,
+                raw_baseline=False,
+                name="warmup",
+            )
+        )
+        for i in range(max(args.runs, 3)):
+            # alternate which goes first, so neither always meets a warmer machine
+            for checks in (True, False) if i % 2 == 0 else (False, True):
+                loads.append([round(x, 2) for x in os.getloadavg()])
+                name = f"r{i}{'on' if checks else 'off'}"
+                result = asyncio.run(
+                    edge_gateway.telemetry(
+                        nats_url,
+                        dsn,
+                        registry_url,
+                        root,
+                        devices=devices,
+                        batches=batches,
+                        telemetry_checks=checks,
+                        raw_baseline=False,
+                        name=name,
+                    )
+                )
+                runs.append({"run": i + 1, "load_avg_1_5_15": loads[-1], **result})
+                print(
+                    f"run {i + 1} checks {'on ' if checks else 'off'}: "
+                    f"{result['gateway_records_per_s']:>9} records/s "
+                    f"({result['gateway_batches_per_s']} batches/s), gateway "
+                    f"{result['gateway_cpu_us_per_batch']} us CPU/batch, "
+                    f"load {loads[-1][0]}",
+                    flush=True,
+                )
+        loads.append([round(x, 2) for x in os.getloadavg()])
+
+    def spread(checks: bool, key: str) -> dict[str, float]:
+        values = sorted(float(r[key]) for r in runs if r["telemetry_checks"] is checks)
+        return {"min": values[0], "median": statistics.median(values), "max": values[-1]}
+
+    records = {
+        "checks_on": spread(True, "gateway_records_per_s"),
+        "checks_off": spread(False, "gateway_records_per_s"),
+    }
+    cpu = {
+        "checks_on": spread(True, "gateway_cpu_us_per_batch"),
+        "checks_off": spread(False, "gateway_cpu_us_per_batch"),
+    }
+    on, off = records["checks_on"]["median"], records["checks_off"]["median"]
+    cpu_on, cpu_off = cpu["checks_on"]["median"], cpu["checks_off"]["median"]
+    # each round's two runs met about the same machine: their ratio drifts less with the
+    # load of others than the medians do
+    paired = [
+        a["gateway_records_per_s"] / b["gateway_records_per_s"]
+        for a in runs
+        for b in runs
+        if a["run"] == b["run"] and a["telemetry_checks"] and not b["telemetry_checks"]
+    ]
+    cost = {
+        "throughput_pct": round((off - on) / off * 100, 1),
+        "gateway_cpu_pct": round((cpu_on - cpu_off) / cpu_off * 100, 1),
+        "paired_throughput_pct": round((1 - statistics.median(paired)) * 100, 1),
+    }
+    load = {"before": loads[0], "after": loads[-1], "max_1min": max(x[0] for x in loads)}
+    _save(
+        "edge_gateway_checks.json",
+        {
+            "benchmark": "edge_gateway_checks",
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "devices": devices,
+            "batches_per_run": batches,
+            "records_per_batch": 256,
+            "load_avg_1_5_15": load,
+            "records_per_s": records,
+            "gateway_cpu_us_per_batch": cpu,
+            "median_cost_of_checks": cost,
+            "in_process_us_per_batch": edge_gateway.checks_in_process(),
+            "runs": runs,
+        },
+    )
+    for key in ("checks_on", "checks_off"):
+        r, c = records[key], cpu[key]
+        print(
+            f"telemetry {key.replace('_', ' ')}: records/s min {r['min']:.0f} median "
+            f"{r['median']:.0f} max {r['max']:.0f}; gateway us CPU/batch min {c['min']} "
+            f"median {c['median']} max {c['max']}"
+        )
+    print(f"median cost of the checks: {cost}; load average {load}")
 
 
 def deploy(args: argparse.Namespace) -> None:

@@ -3,6 +3,9 @@
 - ``telemetry``: telemetry batches of 256 inferences pushed by many device sessions
   through the gateway onto the bus (each acknowledged once on JetStream), against raw
   nats-py publishing the same bus bytes with the same concurrency, in the same run.
+- ``telemetry`` with ``telemetry_checks=False`` (``make bench ARGS="--only
+  edge-gateway"``): the same through a gateway whose checks at entry are switched off
+  (a switch of ``bench.gateway_process`` only), to see what the checks cost.
 - ``rollout``: desired state written for N real agents (one process, shared onnxruntime
   session) → each device running the new model: p50/p99.
 - ``connections``: many device sessions held open, each sending a batch every 10 s:
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -41,10 +45,23 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 
 class Gateway:
-    """``python -m edgeloop.gateway`` with its own ports, PKI and cache."""
+    """The gateway as its own process (``python -m bench.gateway_process``: the gateway
+    with the benchmarks' switches) with its own ports, PKI and cache."""
 
-    def __init__(self, root: Path, nats_url: str, dsn: str, registry_url: str) -> None:
+    def __init__(
+        self,
+        root: Path,
+        nats_url: str,
+        dsn: str,
+        registry_url: str,
+        *,
+        telemetry_checks: bool = True,
+        profile: Path | None = None,
+    ) -> None:
         self.root = root
+        self.args = ["--telemetry-checks", "on" if telemetry_checks else "off"]
+        if profile is not None:
+            self.args += ["--profile", str(profile)]
         root.mkdir(parents=True, exist_ok=True)
         (root / "signing.pub").write_bytes(PUBLIC)
         self.grpc_port, self.api_port, http = free_port(), free_port(), free_port()
@@ -72,7 +89,14 @@ class Gateway:
     async def start(self) -> None:
         log = (self.root / "gateway.log").open("ab")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "edgeloop.gateway", env=self.env, stdout=log, stderr=log
+            sys.executable,
+            "-m",
+            "bench.gateway_process",  # the gateway, with the benchmarks' switches
+            *self.args,
+            env=self.env,
+            stdout=log,
+            stderr=log,
+            cwd=PROJECT,
         )
         async with httpx.AsyncClient() as client:
             for _ in range(300):
@@ -137,8 +161,12 @@ def _batch(device: str, model: str = "bench", records: int = 256) -> pb.Telemetr
         errors=1,
         low_confidence=12,
         feature_names=["a", "b", "c", "d"],
+        # consistent counts (the gateway refuses others): every inference in a bin
         feature_histograms=[
-            pb.Histogram(edges=feature_edges, counts=[records // 11] * 11) for _ in range(4)
+            pb.Histogram(
+                edges=feature_edges, counts=[*[records // 11] * 10, records - records // 11 * 10]
+            )
+            for _ in range(4)
         ],
         prediction_counts={"0": records // 2, "1": records - records // 2},
         confidence_histogram=pb.Histogram(edges=[0.5, 0.9], counts=[12, 100, records - 112]),
@@ -147,7 +175,13 @@ def _batch(device: str, model: str = "bench", records: int = 256) -> pb.Telemetr
 
 
 async def _pump(
-    address: str, device: str, bundle: dict[str, Any], payloads: list[bytes], window: int
+    address: str,
+    device: str,
+    bundle: dict[str, Any],
+    payloads: list[bytes],
+    window: int,
+    model: str = "bench",
+    version: str = "1",
 ) -> None:
     async with _channel(address, bundle) as channel:
         call = channel.stream_stream(
@@ -159,6 +193,9 @@ async def _pump(
         await call.write(hello)
         welcome = await call.read()
         assert welcome.WhichOneof("kind") == "welcome", welcome
+        # the device says what it runs: telemetry for anything else is refused at entry
+        running = pb.StatusReport(state=pb.DEVICE_STATE_RUNNING, model=model, version=version)
+        await call.write(pb.AgentMessage(status=running).SerializeToString())
         credit = asyncio.Semaphore(window)
         acked = 0
 
@@ -174,22 +211,59 @@ async def _pump(
                 elif msg.WhichOneof("kind") == "error":
                     raise RuntimeError(msg.error.message)
 
+        async def writer() -> None:
+            for data in payloads:
+                await credit.acquire()
+                await call.write(data)
+
         task = asyncio.create_task(reader())
-        for data in payloads:
-            await credit.acquire()
-            await call.write(data)
-        await task
+        writing = asyncio.create_task(writer())
+        try:
+            await task  # every batch acknowledged, or the error that ended the run
+        finally:
+            writing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writing
         await call.done_writing()
 
 
+#: A per-device telemetry budget no run of the telemetry benchmark reaches: the budget is
+#: checked and spent for every batch (what is measured), but never holds one back.
+UNREACHED_BUDGET = {
+    "EDGELOOP_GATEWAY_DEVICE_BATCHES_PER_SECOND": "1e9",
+    "EDGELOOP_GATEWAY_DEVICE_RECORDS_PER_SECOND": "1e12",
+    "EDGELOOP_GATEWAY_DEVICE_BYTES_PER_SECOND": "1e15",
+}
+
+
 async def telemetry(
-    nats_url: str, dsn: str, registry_url: str, root: Path, *, devices: int, batches: int
+    nats_url: str,
+    dsn: str,
+    registry_url: str,
+    root: Path,
+    *,
+    devices: int,
+    batches: int,
+    telemetry_checks: bool = True,
+    raw_baseline: bool = True,
+    name: str = "telemetry",
+    profile: Path | None = None,
 ) -> dict[str, Any]:
-    """Records/s through the gateway vs raw nats-py publishing the same bus bytes."""
-    gw = Gateway(root / "gw-telemetry", nats_url, dsn, registry_url)
+    """Records/s through the gateway (its telemetry checks at entry on, or switched off
+    by ``bench.gateway_process``) and, with ``raw_baseline``, raw nats-py publishing the
+    same bus bytes."""
+    gw = Gateway(
+        root / f"gw-{name}",
+        nats_url,
+        dsn,
+        registry_url,
+        telemetry_checks=telemetry_checks,
+        profile=profile,
+    )
+    gw.env.update(UNREACHED_BUDGET)
     await gw.start()
     try:
-        ids = [f"tp-{i:04d}" for i in range(devices)]
+        ids = [f"{name}-{i:04d}" for i in range(devices)]
         bundles = await enroll(gw.api, ids, root)
         per = batches // devices
         payloads = {
@@ -207,10 +281,23 @@ async def telemetry(
         )
         wall = time.perf_counter() - t0
         cpu1 = proc.cpu_times()
-        gateway_cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall
+        gateway_cpu_s = cpu1.user + cpu1.system - cpu0.user - cpu0.system
         total = per * devices
     finally:
         await gw.stop()
+    out: dict[str, Any] = {
+        "devices": devices,
+        "batches": total,
+        "records_per_batch": 256,
+        "telemetry_checks": telemetry_checks,
+        "gateway_batches_per_s": round(total / wall),
+        "gateway_records_per_s": round(total * 256 / wall),
+        "gateway_cpu_cores": round(gateway_cpu_s / wall, 2),
+        "gateway_cpu_us_per_batch": round(gateway_cpu_s / total * 1e6, 1),
+        "wire_bytes_per_batch": len(payloads[ids[0]][0]),
+    }
+    if not raw_baseline:
+        return out
 
     # baseline: the same bus bytes, published by raw nats-py with the same concurrency
     bus = [
@@ -233,17 +320,39 @@ async def telemetry(
     raw_wall = time.perf_counter() - t0
     await nc.close()
     return {
-        "devices": devices,
-        "batches": total,
-        "records_per_batch": 256,
-        "gateway_batches_per_s": round(total / wall),
-        "gateway_records_per_s": round(total * 256 / wall),
-        "gateway_cpu_cores": round(gateway_cpu, 2),
+        **out,
         "raw_nats_batches_per_s": round(total / raw_wall),
         "raw_nats_records_per_s": round(total * 256 / raw_wall),
         "bus_bytes_per_batch": len(raw[0][1]),
-        "wire_bytes_per_batch": len(payloads[ids[0]][0]),
     }
+
+
+def checks_in_process(repeat: int = 20_000) -> dict[str, float]:
+    """What the gateway's telemetry checks cost per batch, timed in this process on the
+    benchmark's batch: the protobuf → event conversion every batch goes through anyway,
+    and on top of it ``check_batch`` and one budget ``take`` (µs, best of 5)."""
+    import timeit
+    from datetime import UTC, datetime
+
+    from edgeloop.gateway.trust import Budget, BudgetLimits, TelemetryPolicy, check_batch
+
+    batch = _batch("tp-0000")
+    event = telemetry_from_proto(batch)
+    runs = {("bench", "1")}
+    policy = TelemetryPolicy()
+    budget = Budget(BudgetLimits(1e12, 1e12, 1e15), max_count=policy.max_count, max_bytes=1 << 20)
+
+    def check() -> None:
+        check_batch(event, runs=runs, now=datetime.now(UTC), policy=policy)
+        budget.take(event.count, 1000)
+
+    def convert() -> None:
+        telemetry_from_proto(batch)
+
+    def best(fn: Any) -> float:
+        return min(timeit.repeat(fn, number=repeat, repeat=5)) / repeat * 1e6
+
+    return {"convert_us": round(best(convert), 2), "checks_us": round(best(check), 2)}
 
 
 async def rollout(

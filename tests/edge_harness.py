@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,11 @@ class EdgeStack:
     js: JetStreamContext
     agents: list[tuple[Agent, asyncio.Event, asyncio.Task[None]]] = field(default_factory=list)
     models: ModelCache = field(default_factory=ModelCache)
+    seeds: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    """Each agent's own seed: its simulated inputs and timing are its own, as every
+    device's are (the fleet simulator seeds each agent apart too). Agents seeded alike
+    draw the same rows, so N of them are one device's evidence N times, which defeats
+    what the monitor's ``min_devices`` and leave-one-out rest on."""
 
     @property
     def address(self) -> str:
@@ -214,7 +220,8 @@ class EdgeStack:
     ) -> Agent:
         """Run an agent in this event loop until the stack closes."""
         kw.setdefault("buffer", MemoryBuffer())
-        agent = Agent(config, models=self.models, faults=faults, seed=1, **kw)
+        kw.setdefault("seed", next(self.seeds))
+        agent = Agent(config, models=self.models, faults=faults, **kw)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         self.agents.append((agent, stop, task))

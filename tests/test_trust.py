@@ -44,12 +44,17 @@ class Trusting:
 async def stack(
     nats_private: NatsServer, private_dsn: str, registry_url: str, tmp_path: Path, unique: str
 ) -> AsyncIterator[Trusting]:
-    """Registry, gateway (a per-device budget of 5 batches and 1000 inferences a second,
+    """Registry, gateway (a per-device budget of 50 batches and 1000 inferences a second,
     at most 20,000 a batch), deployer process, monitor (2 s windows) and agents on private
     NATS and database."""
     gateway = {
-        "device_batches_per_second": 5,
-        "device_records_per_second": 1000,  # an honest device here makes 160
+        # an honest device here sends 2 batches of 80 inferences a second. The gateway
+        # reads a session's batches one after the other, each once the bus has stored the
+        # one before: when a loaded bus stalls, what the device sent meanwhile arrives at
+        # once, so the budget leaves room for a stall of 50 s (the forged device is over
+        # the budget of inferences by its volume, at any pace)
+        "device_batches_per_second": 50,
+        "device_records_per_second": 1000,
         "max_batch_count": 20_000,
     }
     async with deploy_stack(
@@ -93,6 +98,19 @@ class Forged:
     running: tuple[str, str] | None = None
     writing: asyncio.Lock = field(default_factory=asyncio.Lock)
     """One write at a time on the stream (its reader answers desired states)."""
+
+    async def beat(self, seconds: float) -> None:
+        """Heartbeats, as any device that wants to keep its session sends them: the
+        gateway ends a session silent for three intervals, and a slow machine can keep
+        this one silent that long between two steps of the attack."""
+        seq = 0
+        while True:
+            seq += 1
+            beat = pb.Heartbeat(seq=seq)
+            beat.sent_at.GetCurrentTime()
+            async with self.writing:
+                await self.call.write(pb.AgentMessage(heartbeat=beat))
+            await asyncio.sleep(seconds)
 
     async def read(self) -> None:
         while (msg := await self.call.read()) != grpc.aio.EOF:
@@ -185,15 +203,21 @@ async def test_one_forged_device_cannot_fail_a_canary_raise_an_alarm_or_label_da
             response_deserializer=pb.GatewayMessage.FromString,
         )()
         await call.write(pb.AgentMessage(hello=pb.Hello(device_id=forged_id)))
-        assert (await call.read()).WhichOneof("kind") == "welcome"
+        welcome = await call.read()
+        assert welcome.WhichOneof("kind") == "welcome"
         forged = Forged(config, call)
-        reader = asyncio.create_task(forged.read())
+        tasks = [
+            asyncio.create_task(forged.read()),
+            asyncio.create_task(forged.beat(welcome.welcome.heartbeat_interval_seconds / 2)),
+        ]
         try:
             await _attack(stack, forged, model, sel, honest, good)
         finally:
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
 
 
 async def _attack(
@@ -251,9 +275,12 @@ async def _attack(
 
     poisoner = asyncio.create_task(poison())
     try:
-        # a burst over the device's budget (5 batches/s): held back, counted
-        for _ in range(100):
-            await forged.send(_batch(model, "1", profile, count=10, feature_bin=0))
+        # a burst over the device's budget: held back, counted. Each batch carries the
+        # most inferences one may (20,000: 20 s of the budget of 1000/s, all it saves up),
+        # so all but one in 20 s are held back however slowly a loaded gateway reads them
+        # (a burst of small batches is over a budget of batches only if read faster)
+        for _ in range(15):
+            await forged.send(_batch(model, "1", profile, count=20_000, feature_bin=0))
         done = await deploy.wait_rollout(rid, "completed", "rolled_back", within=150)
         await asyncio.sleep(3)  # the windows of the last wave are judged too
     finally:

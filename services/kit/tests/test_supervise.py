@@ -83,3 +83,31 @@ async def test_parts_run_together_die_together() -> None:
 
 async def _restarted(loops: Loops, name: str, n: int) -> bool:
     return loops.loops[name].restarts >= n
+
+
+async def test_stop_ends_a_loop_whose_cancellation_was_lost() -> None:
+    """Before Python 3.12, ``asyncio.wait_for`` returns what it waited for when that
+    arrived as the cancellation came, and the loop goes on: stopping cancels again."""
+    loops = Loops()
+    arrived: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    waiting = asyncio.Event()
+    rounds = 0
+
+    async def consuming() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            what = arrived if rounds == 1 else asyncio.get_running_loop().create_future()
+            waiting.set()
+            await asyncio.wait_for(what, 3600)
+
+    loops.spawn("consuming", consuming)
+    await waiting.wait()
+    arrived.set_result(1)  # what the loop waits for arrives just as it is stopped
+    stopping = asyncio.ensure_future(loops.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=5)
+    if not done:
+        stopping.cancel()  # (cancelling the stop cancels the loop a second time)
+        await asyncio.wait({stopping}, timeout=5)
+    assert done, "the loop went on after its one cancellation was lost"
+    assert rounds >= 1

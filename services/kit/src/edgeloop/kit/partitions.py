@@ -36,7 +36,7 @@ from prometheus_client import Gauge
 from edgeloop.kit import failpoints
 from edgeloop.kit.bus import ConsumerSpec
 from edgeloop.kit.consumer import EventProcessor
-from edgeloop.kit.supervise import Loops
+from edgeloop.kit.supervise import Loops, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -221,9 +221,7 @@ class PartitionedConsumer:
                 await asyncio.wait_for(
                     self._idle.wait_for(lambda: k not in self.busy), self.p.spec.ack_wait
                 )
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await cancel_and_wait([task])
         self.loops.forget(self._loop_name(k))
         self.busy.discard(k)
 

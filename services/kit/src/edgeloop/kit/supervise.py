@@ -14,7 +14,6 @@ process that runs under a supervisor (``Service.run``) can exit and be restarted
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -68,13 +67,24 @@ async def together(*coros: Coroutine[Any, Any, object]) -> None:
         await cancel_and_wait(tasks)
 
 
-async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel ``tasks`` and wait until each has ended (whatever it raised)."""
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]], *, again_after: float = 1.0) -> None:
+    """Cancel ``tasks`` and wait until each has ended (whatever it raised).
+
+    A cancellation can be lost: before Python 3.12, ``asyncio.wait_for`` returns what it
+    waited for when that finished as the cancellation came (nats-py's ``next_msg``, under
+    load), and the task goes on with its loop. A task still running ``again_after``
+    seconds after a cancellation is cancelled again (a monitor's shutdown waited for ever
+    on a partition consumer that had lost its one cancellation).
+    """
     for task in tasks:
         task.cancel()
     for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        while not task.done():
+            await asyncio.wait({task}, timeout=again_after)
+            if not task.done():
+                task.cancel()
+        if not task.cancelled():
+            task.exception()  # retrieved: what ended it is not this caller's to raise
 
 
 class Loops:
