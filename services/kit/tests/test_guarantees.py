@@ -249,6 +249,32 @@ async def test_malformed_payload_is_dead_lettered_and_consumer_goes_on(ctx: Ctx)
     assert all(m.headers[kc.DLQ_SUBJECT] == ctx.subject for m in dlq)
 
 
+async def test_payloads_the_broker_cannot_decode_do_not_poison_their_batch(ctx: Ctx) -> None:
+    """Found by the consumer fuzz: FastStream decoded every message of a fetched batch as
+    JSON before the kit saw it, so one deeply nested payload (RecursionError) or a
+    non-JSON one under a JSON content type failed the whole batch, over and over, until
+    the server stopped delivering it: its good events were never processed, the bad ones
+    never dead-lettered."""
+    good = [committed("before"), committed("after")]
+    deep = b"[" * 5000 + b"]" * 5000
+    await ctx.publish(good[0])
+    await ctx.publish(deep)
+    await ctx.js.publish(ctx.subject, b"{not json", headers={"Content-Type": "application/json"})
+    await ctx.publish(good[1])
+    proc = sample(ctx).start()  # started after: the four come in one fetched batch
+    try:
+        for event in good:
+            await eventually(lambda e=event: ctx.effects(e.event_id), what="good event processed")
+        dlq = await eventually(lambda: _ndlq(ctx, 2), what="two dead letters")
+    finally:
+        proc.terminate()
+    assert [m.data for m in dlq] == [deep, b"{not json"]
+    reasons = [m.headers[kc.DLQ_REASON] for m in dlq]
+    assert "recursion limit" in reasons[0]
+    assert "Invalid JSON" in reasons[1]
+    assert all(m.headers[kc.DLQ_DELIVERIES] == "1" for m in dlq)
+
+
 async def _ndlq(c: Ctx, n: int) -> list | None:  # type: ignore[type-arg]
     msgs = await _dlq(c)
     return msgs if len(msgs) >= n else None
