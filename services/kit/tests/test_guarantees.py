@@ -7,6 +7,7 @@ crash, makes it SIGKILL itself at a fail point inside the window the guarantee c
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -273,6 +274,34 @@ async def test_payloads_the_broker_cannot_decode_do_not_poison_their_batch(ctx: 
     assert "recursion limit" in reasons[0]
     assert "Invalid JSON" in reasons[1]
     assert all(m.headers[kc.DLQ_DELIVERIES] == "1" for m in dlq)
+
+
+async def test_events_without_an_id_or_with_a_nul_character_are_dead_lettered(
+    ctx: Ctx,
+) -> None:
+    """Found by the consumer fuzz: an event without ``event_id`` parsed with a fresh
+    default id (each redelivery a new event: the inbox could not keep its effect once),
+    and a NUL character, which the contract takes and PostgreSQL never stores, was acked
+    where the handler ignored the field (here ``trace_parent``) and retried to exhaustion
+    where it stored it."""
+    good = committed("good")
+    body = json.loads(committed("no-id").to_json())
+    del body["event_id"]
+    await ctx.publish(json.dumps(body).encode())
+    await ctx.publish(committed("nul").model_copy(update={"trace_parent": "00-\x00"}).to_json())
+    await ctx.publish(good)
+    proc = sample(ctx).start()
+    try:
+        await eventually(lambda: ctx.effects(good.event_id), what="good event processed")
+        dlq = await eventually(lambda: _ndlq(ctx, 2), what="two dead letters")
+    finally:
+        proc.terminate()
+    reasons = [m.headers[kc.DLQ_REASON] for m in dlq]
+    assert "event_id: Field required" in reasons[0], reasons
+    assert "trace_parent" in reasons[1], reasons
+    assert "U+0000" in reasons[1], reasons
+    assert all(m.headers[kc.DLQ_DELIVERIES] == "1" for m in dlq)
+    assert int(await ctx.pool.fetchval(f"SELECT count(*) FROM {ctx.schema}.effects")) == 1
 
 
 async def _ndlq(c: Ctx, n: int) -> list | None:  # type: ignore[type-arg]

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import random
 import time
 import uuid
@@ -171,6 +173,69 @@ def describe_validation_error(exc: ValidationError) -> str:
     return f"malformed {exc.title}: " + "; ".join(parts)
 
 
+class MalformedEvent(ValueError):
+    """A payload that is not an event of the expected type; the message says why."""
+
+
+def parse_event(event_type: type[E], data: bytes) -> E:
+    """``data`` as an ``event_type``, or :class:`MalformedEvent` saying what is wrong.
+
+    Beyond the contract: the event id must be on the wire (a default one would make
+    every redelivery a new event, which no inbox can de-duplicate), and nothing in it
+    may be what PostgreSQL cannot store (a NUL character; NaN or Infinity, which are not
+    JSON either), whether or not this consumer's handler stores that field: the same
+    event must be malformed for every consumer, and a replay must not succeed by chance.
+    """
+    name = event_type.__name__
+    try:
+        event = event_type.model_validate_json(data)
+    except ValidationError as exc:
+        raise MalformedEvent(describe_validation_error(exc)) from None
+    except ValueError as exc:  # not JSON at all
+        raise MalformedEvent(f"malformed payload: {exc}") from None
+    if "event_id" not in event.model_fields_set:
+        raise MalformedEvent(
+            f"malformed {name}: event_id: Field required (an event without its id cannot "
+            "be de-duplicated)"
+        )
+    if (where := unstorable(data)) is not None:
+        raise MalformedEvent(f"malformed {name}: {where}")
+    return event
+
+
+_SUSPECT = (b"\\u0000", b"NaN", b"Infinity")
+
+
+def unstorable(data: bytes) -> str | None:
+    """Where JSON ``data`` holds what PostgreSQL cannot store (a NUL character, in a
+    string or a key; a NaN or an Infinity), and what; None when nothing."""
+    if not any(s in data for s in _SUSPECT):  # the common case: one scan per pattern
+        return None
+    return _unstorable(json.loads(data), "")
+
+
+def _unstorable(value: object, path: str) -> str | None:
+    where = path or "<payload>"
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"{where}: a NUL character (U+0000), which PostgreSQL cannot store"
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return f"{where}: {value} is not a finite number (NaN and Infinity are not JSON)"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            if "\x00" in key:
+                return f"{inner!r}: a NUL character (U+0000) in a key (PostgreSQL cannot store it)"
+            if (found := _unstorable(item, inner)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _unstorable(item, f"{path}.{i}" if path else str(i))) is not None:
+                return found
+    return None
+
+
 Malformed = Callable[[Conn, Msg, str], Awaitable[None]]
 """Called (in its own transaction) for a message that does not parse, before it is
 dead-lettered: a service that accounts for bad input by sender records it here."""
@@ -233,11 +298,9 @@ class EventProcessor(Generic[E]):
         malformed: list[tuple[int, Msg, str]] = []
         for i, msg in enumerate(msgs):
             try:
-                parsed.append((i, msg, self.event_type.model_validate_json(msg.data)))
-            except ValidationError as exc:
-                malformed.append((i, msg, describe_validation_error(exc)))
-            except ValueError as exc:  # not JSON at all
-                malformed.append((i, msg, f"malformed payload: {exc}"))
+                parsed.append((i, msg, parse_event(self.event_type, msg.data)))
+            except MalformedEvent as exc:
+                malformed.append((i, msg, str(exc)))
         keepalive = asyncio.create_task(self._keep_alive(msgs))
         try:
             for i, msg, reason in malformed:
