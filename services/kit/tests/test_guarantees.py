@@ -304,6 +304,41 @@ async def test_events_without_an_id_or_with_a_nul_character_are_dead_lettered(
     assert int(await ctx.pool.fetchval(f"SELECT count(*) FROM {ctx.schema}.effects")) == 1
 
 
+async def test_a_malformed_event_as_large_as_the_server_takes_is_dead_lettered(
+    ctx: Ctx,
+) -> None:
+    """Found by the consumer fuzz: the dead letter of an event near the server's
+    max_payload (its payload plus the reason in headers) was larger than the server takes;
+    the server dropped the service's connection at each try, the consumer took that for an
+    outage and held the message forever, and nothing behind it was processed. The reason
+    gives way first, then the payload's tail, which the dead letter says it lacks."""
+    limit = ctx.js._nc.max_payload  # nats-py keeps a context's connection only privately
+    extra = "".join(f', "unexpected_{i}": {i}' for i in range(12)).encode()
+    head, tail = b'{"event_id": "', b'"' + extra + b"}"
+    big = head + b"x" * (limit - 128 - len(head) - len(tail)) + tail
+    good = committed("good")
+    await ctx.publish(big)
+    await ctx.publish(good)
+    proc = sample(ctx).start()
+    try:
+        await eventually(lambda: ctx.effects(good.event_id), what="good event processed")
+        (dead,) = await eventually(lambda: _ndlq(ctx, 1), what="a dead letter")
+        assert await ctx.consumer_settled()
+    finally:
+        proc.terminate()
+    reason = dead.headers[kc.DLQ_REASON]
+    assert reason.startswith("malformed ModelCommitted: ")
+    assert "unexpected_0: Extra inputs are not permitted" in reason
+    size = len(dead.data) + sum(len(k) + len(v.encode()) + 4 for k, v in dead.headers.items())
+    assert size <= limit
+    if len(dead.data) < len(big):  # cut: the dead letter says so, and what it keeps is the head
+        assert dead.headers[kc.DLQ_TRUNCATED] == str(len(big))
+        assert big.startswith(dead.data)
+        assert f"payload cut from {len(big)} bytes" in reason
+    else:
+        assert dead.data == big
+
+
 async def _ndlq(c: Ctx, n: int) -> list | None:  # type: ignore[type-arg]
     msgs = await _dlq(c)
     return msgs if len(msgs) >= n else None

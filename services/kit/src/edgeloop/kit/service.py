@@ -213,7 +213,9 @@ class Service:
             spec=spec,
             schema=self.schema,
             pool=lambda: self.pool,
-            dead_letters=lambda: DeadLetters(self.js),
+            dead_letters=lambda: DeadLetters(
+                self.js, max_payload=lambda: self.broker.connection.max_payload
+            ),
             tracer_provider=self.tracer_provider,
             nats_connected=self._nats_connected,
         )
