@@ -71,3 +71,16 @@ def test_not_json_and_contract_violations_say_so() -> None:
     with pytest.raises(MalformedEvent, match="request_id: Field required"):
         parse_event(RetrainRequested, b'{"model": "m"}')
     assert unstorable(b'{"plain": "json"}') is None
+
+
+def test_the_reason_is_one_line_without_control_characters() -> None:
+    """Found by the consumer fuzz: an unknown field named with a NUL put the NUL in the
+    reason, which the monitor could not store in its per-device count of malformed
+    telemetry (the count was lost)."""
+    body = _retrain()
+    body["odd\x00\x01key\nnext"] = 1
+    with pytest.raises(MalformedEvent) as caught:
+        parse_event(RetrainRequested, json.dumps(body).encode())
+    reason = str(caught.value)
+    assert reason.isprintable(), reason
+    assert "odd\\x00\\x01key next: Extra inputs are not permitted" in reason

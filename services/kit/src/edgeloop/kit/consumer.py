@@ -234,7 +234,17 @@ def parse_event(event_type: type[E], data: bytes) -> E:
     may be what PostgreSQL cannot store (a NUL character; NaN or Infinity, which are not
     JSON either), whether or not this consumer's handler stores that field: the same
     event must be malformed for every consumer, and a replay must not succeed by chance.
+
+    The message is one line without control characters (it names fields of the payload,
+    which may be anything): it goes to a header, the log and a service's own table.
     """
+    try:
+        return _parse(event_type, data)
+    except MalformedEvent as exc:
+        raise MalformedEvent(_header_text(str(exc))) from None
+
+
+def _parse(event_type: type[E], data: bytes) -> E:
     name = event_type.__name__
     try:
         event = event_type.model_validate_json(data)
