@@ -75,7 +75,7 @@ chaos: setup
 # The full fuzz runs: 10,000 gRPC frames at the gateway and 10,000 malformed events at each
 # service's bus consumers (`make test` runs short versions). EDGELOOP_FUZZ_SEED repeats one.
 fuzz: setup
-	$(BIN)/pytest -m fuzz -s tests/test_fuzz_consumers.py
+	$(BIN)/pytest -m fuzz -s tests/test_fuzz_gateway.py tests/test_fuzz_consumers.py
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)

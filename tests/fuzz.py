@@ -8,6 +8,7 @@ runs the short versions, ``make fuzz`` the full ones (marker ``fuzz``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -263,3 +264,381 @@ class MalformedEvents:
             "X-Fuzz": "z" * self.rng.choice((1, 100, 4000)),
         }
         return Malformed("wrong_headers", inner.payload, headers, inner.expect)
+
+
+# --- hostile edge frames ---------------------------------------------------------------------
+
+#: Outcomes a frame may have on its session: "ack", "silent" (no answer: heartbeats, status
+#: reports), "error:<code>" (an Error for that frame), "error:*" (any Error).
+ANY_ERROR = "error:*"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One AgentMessage as bytes (or bytes that are not one), what it tries, and the
+    outcomes the gateway may answer it with."""
+
+    category: str
+    raw: bytes
+    expect: frozenset[str]
+    batch_id: str = ""
+    """The telemetry batch id it carries, if any (for the TELEMETRY stream check)."""
+
+
+def oracle(raw: bytes, max_bytes: int) -> frozenset[str]:
+    """What the gateway may answer to ``raw`` on an open session, from what it decodes to
+    (for random, truncated and bit-flipped frames)."""
+    from google.protobuf.message import DecodeError
+
+    from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+
+    if len(raw) > max_bytes:
+        return frozenset({"error:too_large"})
+    try:
+        kind = pb.AgentMessage.FromString(raw).WhichOneof("kind")
+    except DecodeError:
+        return frozenset({"error:invalid_message"})
+    if kind in (None, "hello"):
+        return frozenset({"error:invalid_message"})
+    if kind in ("heartbeat", "command_result"):
+        return frozenset({"silent"})
+    if kind == "status":
+        return frozenset({"silent", "error:invalid_message"})
+    return frozenset({"ack", ANY_ERROR})  # telemetry: valid by chance is acked
+
+
+class HostileFrames:
+    """Draws the frames a hostile (or broken) enrolled device sends on its open session.
+
+    ``model``/``version``: what the device said in Hello it runs (telemetry for it is
+    taken); ``other_device``: an id that is not this device's; ``now``: the gateway's
+    clock, near enough (windows are drawn around it).
+    """
+
+    def __init__(
+        self,
+        rng: random.Random,
+        device: str,
+        model: str,
+        version: str,
+        other_device: str,
+        *,
+        now: float,
+        max_bytes: int,
+        max_count: int,
+    ) -> None:
+        self.rng = rng
+        self.device = device
+        self.model = model
+        self.version = version
+        self.other = other_device
+        self.now = now
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        self.acked: list[bytes] = []
+        """Valid batches sent so far (re-sent as duplicates)."""
+        self._elsewhere = False
+
+    # --- building blocks ---------------------------------------------------------------
+
+    def valid_batch(self) -> Any:
+        """A telemetry batch that keeps every rule at entry."""
+        from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+        from edgeloop.contracts.events import CONFIDENCE_EDGES, LATENCY_MS_EDGES
+
+        count = self.rng.randrange(1, 500)
+        end = self.now - self.rng.uniform(0, 60)
+        batch = pb.TelemetryBatch(
+            batch_id=str(uuid.UUID(int=self.rng.getrandbits(128))),
+            model=self.model,
+            version=self.version,
+            count=count,
+            errors=count // 10,
+            low_confidence=count // 5,
+        )
+        batch.window_start.FromNanoseconds(int((end - 1) * 1e9))
+        batch.window_end.FromNanoseconds(int(end * 1e9))
+        batch.feature_names.extend(["f0", "f1"])
+        for _ in range(2):
+            batch.feature_histograms.add(edges=[0.0, 1.0], counts=[0, count - count // 10, 0])
+        batch.prediction_counts["a"] = count - count // 10
+        confidence = [0] * (len(CONFIDENCE_EDGES) + 1)
+        confidence[-1] = count
+        batch.confidence_histogram.CopyFrom(pb.Histogram(edges=CONFIDENCE_EDGES, counts=confidence))
+        latency = [0] * (len(LATENCY_MS_EDGES) + 1)
+        latency[3] = count
+        batch.latency_ms_histogram.CopyFrom(pb.Histogram(edges=LATENCY_MS_EDGES, counts=latency))
+        batch.samples.add(features=[0.5, 0.5], prediction="a", confidence=0.3, kind="random")
+        return batch
+
+    def _telemetry(self, category: str, batch: Any, *codes: str) -> Frame:
+        from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+
+        raw = pb.AgentMessage(telemetry=batch).SerializeToString()
+        expect = frozenset(f"error:{c}" for c in codes) if codes else frozenset({"ack"})
+        return Frame(category, raw, expect, batch.batch_id)
+
+    def _status(self, category: str, expect: str, **fields: Any) -> Frame:
+        from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+
+        fields.setdefault("state", pb.DEVICE_STATE_RUNNING)
+        report = pb.StatusReport(**fields)
+        raw = pb.AgentMessage(status=report).SerializeToString()
+        return Frame(category, raw, frozenset({expect}))
+
+    def _nul(self, text: str) -> str:
+        cut = self.rng.randrange(len(text) + 1)
+        return text[:cut] + "\x00" + text[cut:]
+
+    # --- the categories ---------------------------------------------------------------
+
+    def draw(self) -> Frame:
+        """One frame of a random category (after a report of another version, the report
+        that the device runs its own again: the gateway remembers the latest few)."""
+        if self._elsewhere:
+            self._elsewhere = False
+            return self._status("report_back", "silent", model=self.model, version=self.version)
+        name = self.rng.choice(FRAME_CATEGORIES)
+        self._elsewhere = name == "many_versions"
+        return getattr(self, f"_{name}")()  # type: ignore[no-any-return]
+
+    def _valid(self) -> Frame:
+        frame = self._telemetry("valid", self.valid_batch())
+        self.acked.append(frame.raw)
+        return frame
+
+    def _resent(self) -> Frame:
+        """A batch sent before, again (its id de-duplicates on the bus): acked again."""
+        if not self.acked:
+            return self._valid()
+        raw = self.rng.choice(self.acked)
+        from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+
+        batch_id = pb.AgentMessage.FromString(raw).telemetry.batch_id
+        return Frame("resent", raw, frozenset({"ack"}), batch_id)
+
+    def _random_bytes(self) -> Frame:
+        size = self.rng.choice((0, 1, 3, 16, 200, 4096, 60_000))
+        raw = self.rng.randbytes(size)
+        return Frame("random_bytes", raw, oracle(raw, self.max_bytes))
+
+    def _truncated(self) -> Frame:
+        full = self._valid().raw
+        self.acked.pop()
+        raw = full[: self.rng.randrange(len(full))]
+        return Frame("truncated", raw, oracle(raw, self.max_bytes))
+
+    def _bit_flipped(self) -> Frame:
+        raw = bytearray(self._valid().raw)
+        self.acked.pop()
+        for _ in range(self.rng.randrange(1, 8)):
+            raw[self.rng.randrange(len(raw))] ^= 1 << self.rng.randrange(8)
+        return Frame("bit_flipped", bytes(raw), oracle(bytes(raw), self.max_bytes))
+
+    def _oversized(self) -> Frame:
+        """A message over the gateway's limit (rare: a megabyte each)."""
+        if self.rng.random() > 0.1:
+            return self._empty()
+        batch = self.valid_batch()
+        batch.feature_names.append("x" * (self.max_bytes + self.rng.randrange(1, 1000)))
+        frame = self._telemetry("oversized", batch, "too_large")
+        return Frame("oversized", frame.raw, frame.expect)
+
+    def _empty(self) -> Frame:
+        return Frame("empty", b"", frozenset({"error:invalid_message"}))
+
+    def _hello_again(self) -> Frame:
+        from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+
+        hello = pb.Hello(device_id=self.rng.choice((self.device, self.other)), model=self.model)
+        raw = pb.AgentMessage(hello=hello).SerializeToString()
+        return Frame("hello_again", raw, frozenset({"error:invalid_message"}))
+
+    def _heartbeat(self) -> Frame:
+        from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+
+        beat = pb.Heartbeat(
+            seq=self.rng.choice((0, 1, 2**64 - 1)), buffered_batches=self.rng.getrandbits(32)
+        )
+        beat.sent_at.seconds = self.rng.choice((0, -(2**62), 2**62, int(self.now)))
+        beat.sent_at.nanos = self.rng.choice((0, -1, 2**31 - 1))
+        raw = pb.AgentMessage(heartbeat=beat).SerializeToString()
+        return Frame("heartbeat", raw, frozenset({"silent"}))
+
+    def _command_result(self) -> Frame:
+        from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+
+        result = pb.CommandResult(
+            command_id=self.rng.choice(("", "nope", "\x00" * 10, "c" * 50_000)),
+            ok=self.rng.random() < 0.5,
+            message="m" * self.rng.choice((0, 10, 100_000)),
+        )
+        raw = pb.AgentMessage(command_result=result).SerializeToString()
+        return Frame("command_result", raw, frozenset({"silent"}))
+
+    def _huge_count(self) -> Frame:
+        batch = self.valid_batch()
+        batch.count = self.rng.choice((self.max_count + 1, 2**63, 2**64 - 1))
+        return self._telemetry("huge_count", batch, "too_large")
+
+    def _inconsistent(self) -> Frame:
+        batch = self.valid_batch()
+        how = self.rng.randrange(4)
+        if how == 0:
+            batch.errors = batch.count + self.rng.choice((1, 2**63))
+        elif how == 1:
+            batch.prediction_counts["b"] = 2**64 - 1
+        elif how == 2:
+            batch.confidence_histogram.counts[0] += batch.count
+        else:
+            batch.feature_histograms[0].counts[1] = batch.count * 3
+        return self._telemetry("inconsistent", batch, "inconsistent")
+
+    def _not_finite(self) -> Frame:
+        """NaN and Infinity where the wire takes any double (JSON has neither)."""
+        batch = self.valid_batch()
+        bad = self.rng.choice((math.nan, math.inf, -math.inf))
+        where = self.rng.randrange(4)
+        if where == 0:
+            batch.feature_histograms[0].edges[0] = bad
+        elif where == 1:
+            batch.samples[0].confidence = bad
+        elif where == 2:
+            batch.samples[0].features[1] = bad
+        else:
+            batch.latency_ms_histogram.edges[2] = bad
+        return self._telemetry("not_finite", batch, "not_finite")
+
+    def _wrong_version(self) -> Frame:
+        batch = self.valid_batch()
+        if self.rng.random() < 0.5:  # (the refusal quotes it)
+            batch.model = self.rng.choice(("other", "probe", self._nul(self.model)))
+        else:
+            batch.version = self.rng.choice(("2", "0", self.version + ".1"))
+        return self._telemetry("wrong_version", batch, "wrong_version")
+
+    def _absurd_window(self) -> Frame:
+        batch = self.valid_batch()
+        how = self.rng.randrange(5)
+        if how == 0:  # far in the future
+            batch.window_end.seconds = int(self.now) + self.rng.choice((3600, 86400 * 365))
+            return self._telemetry("absurd_window", batch, "clock_skew")
+        if how == 1:  # long ago
+            batch.window_end.seconds = int(self.now) - 86400 * self.rng.choice((8, 365 * 30))
+            batch.window_start.seconds = batch.window_end.seconds - 1
+            return self._telemetry("absurd_window", batch, "clock_skew")
+        if how == 2:  # starts after it ends
+            batch.window_start.seconds = batch.window_end.seconds + 100
+            return self._telemetry("absurd_window", batch, "clock_skew")
+        if how == 3:  # not a time at all
+            batch.window_end.seconds = self.rng.choice((2**62, -(2**62)))
+            return self._telemetry("absurd_window", batch, "invalid_message")
+        batch.window_end.nanos = self.rng.choice((-1, 2**31 - 1))
+        return self._telemetry("absurd_window", batch, "invalid_message")
+
+    def _incomplete(self) -> Frame:
+        batch = self.valid_batch()
+        how = self.rng.randrange(5)
+        if how == 0:
+            batch.ClearField("window_end")
+        elif how == 1:
+            batch.feature_names.append("f2")  # three names, two histograms
+        elif how == 2:
+            batch.feature_histograms[1].counts.append(0)  # n edges need n+1 counts
+        elif how == 3:
+            batch.device_id = self.other
+        else:
+            batch.model = "m" * self.rng.choice((129, 10_000))  # over the name's limit
+        return self._telemetry("incomplete", batch, "invalid_message")
+
+    def _no_batch_id(self) -> Frame:
+        batch = self.valid_batch()
+        batch.batch_id = ""
+        return self._telemetry("no_batch_id", batch, "invalid_message")
+
+    def _labelled(self) -> Frame:
+        batch = self.valid_batch()
+        batch.samples[0].label = "cat"
+        return self._telemetry("labelled", batch, "labelled_samples")
+
+    def _nul_text(self) -> Frame:
+        """A NUL in a string of a batch the gateway would otherwise take: it could reach
+        the bus, where no consumer can store it."""
+        batch = self.valid_batch()
+        where = self.rng.randrange(5)
+        if where == 0:
+            batch.digest = self._nul("sha256:" + "a" * 64)
+        elif where == 1:
+            batch.feature_names[0] = self._nul("f0")
+        elif where == 2:
+            batch.prediction_counts[self._nul("a")] = batch.prediction_counts.pop("a")
+        elif where == 3:
+            batch.samples[0].prediction = self._nul("a")
+        else:
+            batch.trace_parent = self._nul("00-" + "1" * 32 + "-" + "2" * 16 + "-01")
+        return self._telemetry("nul_text", batch, "unstorable")
+
+    def _huge_batch_id(self) -> Frame:
+        """A long batch id on a refused batch (the refusal echoes the id)."""
+        batch = self.valid_batch()
+        batch.batch_id = "b" * self.rng.choice((1000, 100_000, 500_000))
+        batch.version = "never"
+        return self._telemetry("huge_batch_id", batch, "wrong_version", "invalid_message")
+
+    def _bad_status(self) -> Frame:
+        from edgeloop.contracts.edge.v1 import edge_pb2 as pb
+
+        how = self.rng.randrange(6)
+        if how == 0:
+            report = pb.StatusReport(state=self.rng.choice((0, 6, 99, 2**31 - 1)))
+            raw = pb.AgentMessage(status=report).SerializeToString()
+            return Frame("bad_status", raw, frozenset({"error:invalid_message"}))
+        if how == 1:
+            return self._status("bad_status", "error:invalid_message", rollout_id="not-a-uuid")
+        if how == 2:  # a name no model or version may have
+            name = self.rng.choice(("m" * 100_000, self._nul("model"), "a b", "../x", "é"))
+            field = self.rng.choice(("model", "version"))
+            other = "version" if field == "model" else "model"
+            return self._status("bad_status", "error:invalid_message", **{field: name, other: "1"})
+        if how == 3:
+            digest = self.rng.choice((self._nul("sha256:" + "a" * 64), "x" * 100_000))
+            return self._status("bad_status", "error:invalid_message", digest=digest)
+        if how == 4:
+            report = pb.StatusReport(state=pb.DEVICE_STATE_RUNNING)
+            report.reported_at.seconds = self.rng.choice((2**62, -(2**62)))
+            raw = pb.AgentMessage(status=report).SerializeToString()
+            return Frame("bad_status", raw, frozenset({"error:invalid_message"}))
+        # an error message is free text: a NUL or a megabyte of it is kept, made safe
+        error = self.rng.choice((self._nul("boom"), "e" * 200_000, "line\nbreak\ttab"))
+        return self._status("bad_status", "silent", state=pb.DEVICE_STATE_FAILED, error=error)
+
+    def _many_versions(self) -> Frame:
+        """Reports of ever new versions (each would widen what telemetry is taken for)."""
+        version = f"v{self.rng.getrandbits(40)}"
+        return self._status("many_versions", "silent", model=self.model, version=version)
+
+
+FRAME_CATEGORIES = (
+    "valid",
+    "resent",
+    "random_bytes",
+    "truncated",
+    "bit_flipped",
+    "oversized",
+    "empty",
+    "hello_again",
+    "heartbeat",
+    "command_result",
+    "huge_count",
+    "inconsistent",
+    "not_finite",
+    "wrong_version",
+    "absurd_window",
+    "incomplete",
+    "no_batch_id",
+    "labelled",
+    "nul_text",
+    "huge_batch_id",
+    "bad_status",
+    "many_versions",
+)
