@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 UV_VERSION := 0.13.9
 
-.PHONY: setup system-deps up demo keys down status test test-fast chaos lint format bench proto clean
+.PHONY: setup system-deps up demo keys down status test test-fast chaos fuzz lint format bench proto clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -71,6 +71,11 @@ test-fast: setup
 # and PostgreSQL killed on the way.
 chaos: setup
 	$(BIN)/pytest -m chaos -s services/kit/tests/test_nats_chaos.py tests/test_cluster_loop.py
+
+# The full fuzz runs: 10,000 gRPC frames at the gateway and 10,000 malformed events at each
+# service's bus consumers (`make test` runs short versions). EDGELOOP_FUZZ_SEED repeats one.
+fuzz: setup
+	$(BIN)/pytest -m fuzz -s tests/test_fuzz_gateway.py tests/test_fuzz_consumers.py
 
 bench: setup
 	$(BIN)/python -m bench $(ARGS)

@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import struct
-import threading
 import time
 import uuid
 import zlib
@@ -22,7 +21,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import psutil
 import pytest
 from onnx import TensorProto, helper
 from typer.testing import CliRunner
@@ -32,6 +30,7 @@ from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import eventually
 from edgeloop.devstack.up import ServiceProcess
 from tests.modelzoo import classifier
+from tests.watch import PeakRss
 
 pytestmark = pytest.mark.slow
 
@@ -146,41 +145,6 @@ class Outcome:
     detail: str
     sent: int
     rss_growth: int
-
-
-class PeakRss:
-    """The peak RSS of a process while in the ``with`` block, sampled every 5 ms, and
-    the kernel's high-water mark (reset at the start)."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
-        self.base = 0
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> PeakRss:
-        with contextlib.suppress(OSError):  # reset VmHWM (Linux; same user)
-            Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
-        self.base = self.peak = self.proc.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        with contextlib.suppress(OSError, ValueError):
-            status = Path(f"/proc/{self.proc.pid}/status").read_text()
-            hwm = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-            self.peak = max(self.peak, int(hwm.split()[1]) * 1024)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
 
 
 async def probe(

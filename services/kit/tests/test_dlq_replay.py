@@ -77,5 +77,11 @@ async def test_a_partitioned_dead_letter_is_replayed_into_its_partition(
         orphan = dlq.Replay(dlq.DeadLetter(**{**letter.__dict__, "consumer": "nobody"}))
         await dlq.check_consumers(js, [orphan])
         assert orphan.outcome == dlq.FAILED
+
+        # nor one whose payload was cut to fit the DLQ: it is not the original event
+        cut = dlq.Replay(dlq.DeadLetter(**{**letter.__dict__, "truncated": 2 << 20}))
+        await dlq.check_consumers(js, [cut])
+        assert cut.outcome == dlq.FAILED
+        assert "cut from 2097152 bytes" in cut.detail
     finally:
         await nc.close()

@@ -7,6 +7,7 @@ crash, makes it SIGKILL itself at a fail point inside the window the guarantee c
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import uuid
 from collections.abc import AsyncIterator
@@ -247,6 +248,95 @@ async def test_malformed_payload_is_dead_lettered_and_consumer_goes_on(ctx: Ctx)
     assert dlq[0].data == b"{not json"  # kept byte for byte, for replay
     assert all(m.headers[kc.DLQ_CONSUMER] == ctx.durable for m in dlq)
     assert all(m.headers[kc.DLQ_SUBJECT] == ctx.subject for m in dlq)
+
+
+async def test_payloads_the_broker_cannot_decode_do_not_poison_their_batch(ctx: Ctx) -> None:
+    """Found by the consumer fuzz: FastStream decoded every message of a fetched batch as
+    JSON before the kit saw it, so one deeply nested payload (RecursionError) or a
+    non-JSON one under a JSON content type failed the whole batch, over and over, until
+    the server stopped delivering it: its good events were never processed, the bad ones
+    never dead-lettered."""
+    good = [committed("before"), committed("after")]
+    deep = b"[" * 5000 + b"]" * 5000
+    await ctx.publish(good[0])
+    await ctx.publish(deep)
+    await ctx.js.publish(ctx.subject, b"{not json", headers={"Content-Type": "application/json"})
+    await ctx.publish(good[1])
+    proc = sample(ctx).start()  # started after: the four come in one fetched batch
+    try:
+        for event in good:
+            await eventually(lambda e=event: ctx.effects(e.event_id), what="good event processed")
+        dlq = await eventually(lambda: _ndlq(ctx, 2), what="two dead letters")
+    finally:
+        proc.terminate()
+    assert [m.data for m in dlq] == [deep, b"{not json"]
+    reasons = [m.headers[kc.DLQ_REASON] for m in dlq]
+    assert "recursion limit" in reasons[0]
+    assert "Invalid JSON" in reasons[1]
+    assert all(m.headers[kc.DLQ_DELIVERIES] == "1" for m in dlq)
+
+
+async def test_events_without_an_id_or_with_a_nul_character_are_dead_lettered(
+    ctx: Ctx,
+) -> None:
+    """Found by the consumer fuzz: an event without ``event_id`` parsed with a fresh
+    default id (each redelivery a new event: the inbox could not keep its effect once),
+    and a NUL character, which the contract takes and PostgreSQL never stores, was acked
+    where the handler ignored the field (here ``trace_parent``) and retried to exhaustion
+    where it stored it."""
+    good = committed("good")
+    body = json.loads(committed("no-id").to_json())
+    del body["event_id"]
+    await ctx.publish(json.dumps(body).encode())
+    await ctx.publish(committed("nul").model_copy(update={"trace_parent": "00-\x00"}).to_json())
+    await ctx.publish(good)
+    proc = sample(ctx).start()
+    try:
+        await eventually(lambda: ctx.effects(good.event_id), what="good event processed")
+        dlq = await eventually(lambda: _ndlq(ctx, 2), what="two dead letters")
+    finally:
+        proc.terminate()
+    reasons = [m.headers[kc.DLQ_REASON] for m in dlq]
+    assert "event_id: Field required" in reasons[0], reasons
+    assert "trace_parent" in reasons[1], reasons
+    assert "U+0000" in reasons[1], reasons
+    assert all(m.headers[kc.DLQ_DELIVERIES] == "1" for m in dlq)
+    assert int(await ctx.pool.fetchval(f"SELECT count(*) FROM {ctx.schema}.effects")) == 1
+
+
+async def test_a_malformed_event_as_large_as_the_server_takes_is_dead_lettered(
+    ctx: Ctx,
+) -> None:
+    """Found by the consumer fuzz: the dead letter of an event near the server's
+    max_payload (its payload plus the reason in headers) was larger than the server takes;
+    the server dropped the service's connection at each try, the consumer took that for an
+    outage and held the message forever, and nothing behind it was processed. The reason
+    gives way first, then the payload's tail, which the dead letter says it lacks."""
+    limit = ctx.js._nc.max_payload  # nats-py keeps a context's connection only privately
+    extra = "".join(f', "unexpected_{i}": {i}' for i in range(12)).encode()
+    head, tail = b'{"event_id": "', b'"' + extra + b"}"
+    big = head + b"x" * (limit - 128 - len(head) - len(tail)) + tail
+    good = committed("good")
+    await ctx.publish(big)
+    await ctx.publish(good)
+    proc = sample(ctx).start()
+    try:
+        await eventually(lambda: ctx.effects(good.event_id), what="good event processed")
+        (dead,) = await eventually(lambda: _ndlq(ctx, 1), what="a dead letter")
+        assert await ctx.consumer_settled()
+    finally:
+        proc.terminate()
+    reason = dead.headers[kc.DLQ_REASON]
+    assert reason.startswith("malformed ModelCommitted: ")
+    assert "unexpected_0: Extra inputs are not permitted" in reason
+    size = len(dead.data) + sum(len(k) + len(v.encode()) + 4 for k, v in dead.headers.items())
+    assert size <= limit
+    if len(dead.data) < len(big):  # cut: the dead letter says so, and what it keeps is the head
+        assert dead.headers[kc.DLQ_TRUNCATED] == str(len(big))
+        assert big.startswith(dead.data)
+        assert f"payload cut from {len(big)} bytes" in reason
+    else:
+        assert dead.data == big
 
 
 async def _ndlq(c: Ctx, n: int) -> list | None:  # type: ignore[type-arg]

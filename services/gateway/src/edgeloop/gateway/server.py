@@ -47,7 +47,16 @@ from edgeloop.contracts.twin import DesiredModel, image_repository
 from edgeloop.gateway.artifacts import ArtifactCache, NotAllowed
 from edgeloop.gateway.devices import DeviceStore
 from edgeloop.gateway.pki import check_device_id, fingerprint
-from edgeloop.gateway.trust import Budget, BudgetLimits, Refused, TelemetryPolicy, check_batch
+from edgeloop.gateway.trust import (
+    MAX_BATCH_ID,
+    Budget,
+    BudgetLimits,
+    Refused,
+    TelemetryPolicy,
+    check_batch,
+    check_hello,
+    check_report,
+)
 from edgeloop.kit.kv import KvMirror
 from edgeloop.kit.tracing import parent_context
 
@@ -79,6 +88,8 @@ TELEMETRY_REFUSED = Counter(
     "Telemetry batches refused or held back at entry (per device in the device registry)",
     ["code"],
 )
+#: The (model, version) pairs a session remembers its device was desired or reported to run.
+MAX_RUNS = 8
 #: How far back the look for revoked or re-enrolled devices reaches (commit delays).
 IDENTITY_MARGIN = timedelta(seconds=5)
 
@@ -94,9 +105,9 @@ class Session:
     outbound: asyncio.Queue[pb.GatewayMessage]
     fingerprint: str = ""
     """Of the certificate the session was opened with (a re-enrolment ends it)."""
-    runs: set[tuple[str, str]] = field(default_factory=set)
-    """(model, version) the device was desired or reported to run during the session:
-    telemetry for anything else is refused."""
+    runs: dict[tuple[str, str], None] = field(default_factory=dict)
+    """(model, version) the device was desired or reported to run during the session, the
+    latest ``MAX_RUNS`` (in order): telemetry for anything else is refused."""
     budget: Budget | None = None
     last_seen: float = field(default_factory=time.monotonic)
     desired: tuple[int, DesiredModel | None] | None = None
@@ -114,10 +125,18 @@ class Session:
     def push_desired(self, revision: int, doc: DesiredModel | None) -> None:
         """Replace any unsent desired state with this one."""
         if doc is not None and doc.model and doc.version:
-            self.runs.add((doc.model, doc.version))
+            self.ran(doc.model, doc.version)
         if self.desired is None or self.desired[0] < revision:
             self.desired = (revision, doc)
             self.wake.set()
+
+    def ran(self, model: str, version: str) -> None:
+        """The device was desired or reported to run ``model@version`` (a device that
+        reports ever new versions is remembered for its latest ``MAX_RUNS`` only)."""
+        self.runs.pop((model, version), None)
+        self.runs[(model, version)] = None
+        while len(self.runs) > MAX_RUNS:
+            del self.runs[next(iter(self.runs))]
 
     def close(self, reason: str, *, final: bool = False) -> None:
         """End the session (the stream finishes after what is queued); ``final`` when
@@ -362,6 +381,12 @@ class EdgeGateway:
             raise SessionRefused(
                 "permission_denied", str(exc), grpc.StatusCode.PERMISSION_DENIED
             ) from None
+        try:
+            check_hello(hello)
+        except ValueError as exc:
+            raise SessionRefused(
+                "invalid_message", f"Hello: {_short(exc)}", grpc.StatusCode.INVALID_ARGUMENT
+            ) from None
         cert_fingerprint = fingerprint(pem)
         reason = await self.store.check_certificate(identity, cert_fingerprint)
         if reason is not None:
@@ -373,9 +398,6 @@ class EdgeGateway:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
         key = s.kv_key(identity)
-        old = self.sessions.get(key)
-        if old is not None:
-            old.close("a newer session of the same device replaced this one")
         session = Session(
             device_id=identity,
             session_id=uuid.uuid4().hex,
@@ -389,10 +411,10 @@ class EdgeGateway:
             ),
         )
         if hello.model and hello.version:
-            session.runs.add((hello.model, hello.version))
-        self.sessions[key] = session
-        SESSIONS.set(len(self.sessions))
+            session.ran(hello.model, hello.version)
         now = datetime.now(UTC)
+        # recorded before the session counts: a Hello the registry refuses leaves nothing
+        # behind (and the device's older session, if any, goes on)
         session.labels = await self.store.connected(
             identity,
             session_id=session.session_id,
@@ -403,6 +425,11 @@ class EdgeGateway:
             digest=hello.digest or None,
             at=now,
         )
+        old = self.sessions.get(key)
+        if old is not None:
+            old.close("a newer session of the same device replaced this one")
+        self.sessions[key] = session
+        SESSIONS.set(len(self.sessions))
         current = self.desired.get(key)
         if current is not None:
             session.push_desired(*current)
@@ -467,9 +494,10 @@ class EdgeGateway:
                     await self._reject(session, "invalid_message", "empty AgentMessage")
             except Refused as exc:
                 self._count_refusal(session, exc.code, str(exc))
-                await self._reject(session, exc.code, str(exc), batch_id=msg.telemetry.batch_id)
+                batch = msg.telemetry.batch_id[:MAX_BATCH_ID]
+                await self._reject(session, exc.code, _short(exc), batch_id=batch)
             except (ValueError, ValidationError) as exc:
-                batch = msg.telemetry.batch_id if kind == "telemetry" else ""
+                batch = msg.telemetry.batch_id[:MAX_BATCH_ID] if kind == "telemetry" else ""
                 await self._reject(session, "invalid_message", _short(exc), batch_id=batch)
 
     async def _reject(
@@ -487,7 +515,8 @@ class EdgeGateway:
         TELEMETRY_REFUSED.labels(code).inc()
         counts = self._refusals.get(session.device_id, ({}, "", datetime.now(UTC)))[0]
         counts[code] = counts.get(code, 0) + 1
-        self._refusals[session.device_id] = (counts, f"{code}: {reason}", datetime.now(UTC))
+        last = _printable(f"{code}: {reason}")[:1000]
+        self._refusals[session.device_id] = (counts, last, datetime.now(UTC))
 
     async def _telemetry(self, session: Session, batch: pb.TelemetryBatch, size: int) -> None:
         if batch.device_id and batch.device_id != session.device_id:
@@ -496,6 +525,10 @@ class EdgeGateway:
                 f"{session.device_id!r}"
             )
         batch.device_id = session.device_id
+        if len(batch.batch_id) > MAX_BATCH_ID:
+            raise ValueError(
+                f"a batch id of {len(batch.batch_id)} characters (at most {MAX_BATCH_ID})"
+            )
         if len(batch.feature_histograms) != len(batch.feature_names):
             raise ValueError(
                 f"{len(batch.feature_histograms)} feature histograms for "
@@ -539,9 +572,9 @@ class EdgeGateway:
         await self._send(session, pb.GatewayMessage(ack=pb.Ack(batch_id=batch.batch_id)))
 
     async def _status(self, session: Session, report: pb.StatusReport) -> None:
-        event = status_from_proto(report, session.device_id, session.labels)
+        event = check_report(status_from_proto(report, session.device_id, session.labels))
         if event.model and event.version:
-            session.runs.add((event.model, event.version))
+            session.ran(event.model, event.version)
         self._activation_span(session, report)
         await self._report_retried(session, event)
         await self.store.reported(
@@ -742,7 +775,18 @@ class EdgeGateway:
             await self.store.touch(seen)
         if self._refusals:
             refusals, self._refusals = self._refusals, {}
-            await self.store.refused(refusals)
+            try:
+                await self.store.refused(refusals)
+            except BaseException:
+                # kept for the next flush (merged with what came meanwhile), not lost
+                for device, (counts, last, at) in refusals.items():
+                    newer = self._refusals.get(device)
+                    if newer is not None:
+                        for code, n in newer[0].items():
+                            counts[code] = counts.get(code, 0) + n
+                        last, at = newer[1], newer[2]
+                    self._refusals[device] = (counts, last, at)
+                raise
 
     async def _end_revoked(self) -> None:
         """End the sessions whose certificate was revoked or replaced by a re-enrolment
@@ -779,6 +823,11 @@ def _now_ts() -> Any:
     ts = Timestamp()
     ts.GetCurrentTime()
     return ts
+
+
+def _printable(text: str) -> str:
+    """``text`` without control characters (a device's strings end up in it)."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _short(exc: Exception) -> str:

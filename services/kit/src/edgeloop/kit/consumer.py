@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import math
 import random
 import time
 import uuid
@@ -60,7 +62,14 @@ DLQ_SUBJECT = "Edgeloop-Dlq-Subject"
 DLQ_CONSUMER = "Edgeloop-Dlq-Consumer"
 DLQ_STREAM_SEQ = "Edgeloop-Dlq-Stream-Seq"
 DLQ_DELIVERIES = "Edgeloop-Dlq-Deliveries"
+DLQ_TRUNCATED = "Edgeloop-Dlq-Truncated"
+"""Set when the payload was cut to fit the DLQ: the original's size in bytes."""
 _MAX_REASON = 4000
+#: what is left of a reason before a payload is cut to fit the DLQ
+_MIN_REASON = 1000
+_MAX_TRACE_HEADER = 512
+#: nats-py's assumption until the server says (its INFO's max_payload)
+DEFAULT_MAX_PAYLOAD = 1 << 20
 #: serialization failures / deadlocks retried at once before they count
 MAX_CONFLICT_RETRIES = 10
 #: lost connections retried at once (the dependency answers again) before they count
@@ -123,21 +132,32 @@ class _Tries:
 
 
 class DeadLetters:
-    """Publishes a message that could not be processed to ``dlq.<subject>``, with why."""
+    """Publishes a message that could not be processed to ``dlq.<subject>``, with why.
 
-    def __init__(self, js: JetStreamContext) -> None:
+    ``max_payload``: the most the server takes in one message, headers included (the
+    connection's, from the server's INFO; default: what nats-py assumes).
+    """
+
+    def __init__(self, js: JetStreamContext, max_payload: Callable[[], int] | None = None) -> None:
         self._js = js
+        self._max_payload = max_payload or (lambda: DEFAULT_MAX_PAYLOAD)
 
     async def send(self, msg: Msg, consumer: str, reason: str, deliveries: int) -> None:
         """Dead-letter ``msg`` (the payload byte for byte; the reason in headers).
 
         The DLQ message id is derived from the stream sequence, so re-sending after a
         crash between this publish and the original's termination stores it once.
+
+        A dead letter larger than the server takes (an original near ``max_payload``,
+        plus the reason) would never be stored: the server drops the connection of
+        whoever sends it. So the copied trace headers and then the reason (down to
+        ``_MIN_REASON`` characters) give way first, then the payload's tail: the dead
+        letter keeps the head, and ``Edgeloop-Dlq-Truncated`` and the reason say so.
         """
         seq = msg.metadata.sequence.stream if msg.reply else 0
         stream = msg.metadata.stream if msg.reply else ""
         headers = {
-            DLQ_REASON: _one_line(reason)[:_MAX_REASON],
+            DLQ_REASON: _header_text(reason)[:_MAX_REASON],
             DLQ_SUBJECT: msg.subject,
             DLQ_CONSUMER: consumer,
             DLQ_STREAM_SEQ: str(seq),
@@ -145,9 +165,10 @@ class DeadLetters:
             outbox.MSG_ID_HEADER: f"dlq:{consumer}:{stream}:{seq}",
         }
         for key in ("traceparent", "tracestate"):
-            if msg.headers and key in msg.headers:
+            if msg.headers and key in msg.headers and len(msg.headers[key]) <= _MAX_TRACE_HEADER:
                 headers[key] = msg.headers[key]
-        await self._js.publish(s.dlq_subject(msg.subject), msg.data, headers=headers)
+        payload = self._fit(headers, msg.data, f"{stream} #{seq}")
+        await self._js.publish(s.dlq_subject(msg.subject), payload, headers=headers)
         log.error(
             "dead-lettered %s (stream seq %s) for %s after %d deliveries: %s",
             msg.subject,
@@ -156,6 +177,36 @@ class DeadLetters:
             deliveries,
             reason,
         )
+
+    def _fit(self, headers: dict[str, str], payload: bytes, original: str) -> bytes:
+        """``payload``, cut if the dead letter would be larger than the server takes
+        (``headers`` changed to match)."""
+        limit = self._max_payload()
+        if len(payload) + headers_size(headers) <= limit:
+            return payload
+        for key in ("traceparent", "tracestate"):
+            headers.pop(key, None)
+        over = len(payload) + headers_size(headers) - limit
+        reason = headers[DLQ_REASON]
+        if over > 0 and len(reason) > _MIN_REASON:
+            headers[DLQ_REASON] = reason[: max(_MIN_REASON, len(reason) - over)]
+        if len(payload) + headers_size(headers) <= limit:
+            return payload
+        headers[DLQ_TRUNCATED] = str(len(payload))
+        note = f" (payload cut from {len(payload)} bytes to fit the DLQ; the original: {original})"
+        headers[DLQ_REASON] = headers[DLQ_REASON][: _MIN_REASON - len(note)] + note
+        return payload[: max(0, limit - headers_size(headers))]
+
+
+def headers_size(headers: dict[str, str]) -> int:
+    """Bytes ``headers`` take in a NATS message (``NATS/1.0``, ``Key: Value`` lines)."""
+    lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    return len(b"NATS/1.0\r\n") + lines + 2
+
+
+def _header_text(text: str) -> str:
+    """``text`` on one line, with no control characters (a header value)."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in _one_line(text))
 
 
 def _one_line(text: str) -> str:
@@ -169,6 +220,79 @@ def describe_validation_error(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "<payload>"
         parts.append(f"{loc}: {err['msg']}")
     return f"malformed {exc.title}: " + "; ".join(parts)
+
+
+class MalformedEvent(ValueError):
+    """A payload that is not an event of the expected type; the message says why."""
+
+
+def parse_event(event_type: type[E], data: bytes) -> E:
+    """``data`` as an ``event_type``, or :class:`MalformedEvent` saying what is wrong.
+
+    Beyond the contract: the event id must be on the wire (a default one would make
+    every redelivery a new event, which no inbox can de-duplicate), and nothing in it
+    may be what PostgreSQL cannot store (a NUL character; NaN or Infinity, which are not
+    JSON either), whether or not this consumer's handler stores that field: the same
+    event must be malformed for every consumer, and a replay must not succeed by chance.
+
+    The message is one line without control characters (it names fields of the payload,
+    which may be anything): it goes to a header, the log and a service's own table.
+    """
+    try:
+        return _parse(event_type, data)
+    except MalformedEvent as exc:
+        raise MalformedEvent(_header_text(str(exc))) from None
+
+
+def _parse(event_type: type[E], data: bytes) -> E:
+    name = event_type.__name__
+    try:
+        event = event_type.model_validate_json(data)
+    except ValidationError as exc:
+        raise MalformedEvent(describe_validation_error(exc)) from None
+    except ValueError as exc:  # not JSON at all
+        raise MalformedEvent(f"malformed payload: {exc}") from None
+    if "event_id" not in event.model_fields_set:
+        raise MalformedEvent(
+            f"malformed {name}: event_id: Field required (an event without its id cannot "
+            "be de-duplicated)"
+        )
+    if (where := unstorable(data)) is not None:
+        raise MalformedEvent(f"malformed {name}: {where}")
+    return event
+
+
+_SUSPECT = (b"\\u0000", b"NaN", b"Infinity")
+
+
+def unstorable(data: bytes) -> str | None:
+    """Where JSON ``data`` holds what PostgreSQL cannot store (a NUL character, in a
+    string or a key; a NaN or an Infinity), and what; None when nothing."""
+    if not any(s in data for s in _SUSPECT):  # the common case: one scan per pattern
+        return None
+    return _unstorable(json.loads(data), "")
+
+
+def _unstorable(value: object, path: str) -> str | None:
+    where = path or "<payload>"
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"{where}: a NUL character (U+0000), which PostgreSQL cannot store"
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            return f"{where}: {value} is not a finite number (NaN and Infinity are not JSON)"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{path}.{key}" if path else str(key)
+            if "\x00" in key:
+                return f"{inner!r}: a NUL character (U+0000) in a key (PostgreSQL cannot store it)"
+            if (found := _unstorable(item, inner)) is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if (found := _unstorable(item, f"{path}.{i}" if path else str(i))) is not None:
+                return found
+    return None
 
 
 Malformed = Callable[[Conn, Msg, str], Awaitable[None]]
@@ -233,11 +357,9 @@ class EventProcessor(Generic[E]):
         malformed: list[tuple[int, Msg, str]] = []
         for i, msg in enumerate(msgs):
             try:
-                parsed.append((i, msg, self.event_type.model_validate_json(msg.data)))
-            except ValidationError as exc:
-                malformed.append((i, msg, describe_validation_error(exc)))
-            except ValueError as exc:  # not JSON at all
-                malformed.append((i, msg, f"malformed payload: {exc}"))
+                parsed.append((i, msg, parse_event(self.event_type, msg.data)))
+            except MalformedEvent as exc:
+                malformed.append((i, msg, str(exc)))
         keepalive = asyncio.create_task(self._keep_alive(msgs))
         try:
             for i, msg, reason in malformed:

@@ -40,6 +40,7 @@ from edgeloop.kit.consumer import (
     DLQ_REASON,
     DLQ_STREAM_SEQ,
     DLQ_SUBJECT,
+    DLQ_TRUNCATED,
 )
 from edgeloop.kit.outbox import MSG_ID_HEADER
 
@@ -78,6 +79,8 @@ class DeadLetter:
     """When it was dead-lettered."""
     payload: bytes
     headers: dict[str, str]
+    truncated: int = 0
+    """The original's size when the payload had to be cut to fit the DLQ (0: whole)."""
 
     @property
     def event(self) -> dict[str, Any]:
@@ -106,6 +109,7 @@ class DeadLetter:
             "at": self.at.isoformat(),
             "event_id": self.event_id,
             "size": len(self.payload),
+            "truncated": self.truncated or None,
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -133,6 +137,7 @@ def _dead_letter(
         at=at.astimezone(UTC),
         payload=data,
         headers=h,
+        truncated=int(h.get(DLQ_TRUNCATED) or 0),
     )
 
 
@@ -230,9 +235,17 @@ class Replay:
 
 
 async def check_consumers(js: JetStreamContext, replays: Iterable[Replay]) -> None:
-    """Mark ``failed`` every replay whose consumer does not exist (nobody would take it)."""
+    """Mark ``failed`` every replay whose consumer does not exist (nobody would take it),
+    and every one whose payload was cut to fit the DLQ (it is not the original event)."""
     known: dict[str, bool] = {}
     for r in replays:
+        if r.letter.truncated:
+            r.outcome = FAILED
+            r.detail = (
+                f"not replayed: its payload was cut from {r.letter.truncated} bytes to fit the "
+                f"DLQ (the original is #{r.letter.stream_seq} of its stream); still in the DLQ"
+            )
+            continue
         name = r.letter.consumer
         if name not in known:
             known[name] = bool(name) and await _consumer_exists(js, r.letter.subject, name)

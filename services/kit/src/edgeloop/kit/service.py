@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import asyncpg
-from faststream import AckPolicy, Context, FastStream
+from faststream import AckPolicy, Context, FastStream, StreamMessage
 from faststream.nats import JStream, PullSub
 from faststream.nats.message import NatsBatchMessage as _NatsBatchMessage
 from nats.js import JetStreamContext
@@ -151,6 +151,7 @@ class Service:
                 ack_policy=AckPolicy.MANUAL,
                 title=f"{spec.durable}:{event_type.__name__}",
                 inbox_prefix=self._inbox_prefix,
+                decoder=_undecoded,
             )
 
             async def on_message(message: NatsBatchMessage) -> None:
@@ -212,7 +213,9 @@ class Service:
             spec=spec,
             schema=self.schema,
             pool=lambda: self.pool,
-            dead_letters=lambda: DeadLetters(self.js),
+            dead_letters=lambda: DeadLetters(
+                self.js, max_payload=lambda: self.broker.connection.max_payload
+            ),
             tracer_provider=self.tracer_provider,
             nats_connected=self._nats_connected,
         )
@@ -379,6 +382,13 @@ class Service:
         if not nc.is_connected:
             return False, "disconnected"
         return True, ""
+
+
+async def _undecoded(message: StreamMessage[Any]) -> None:
+    """The kit parses each message itself (:class:`EventProcessor`): FastStream's own
+    decoding of a batch would ``json.loads`` every payload first, and one it cannot decode
+    (deep nesting; not JSON under a JSON content type) would fail the whole batch before
+    the kit could dead-letter that one message."""
 
 
 #: the exit status of a process whose supervised loop stayed dead
