@@ -508,3 +508,30 @@ async def test_a_bus_that_cannot_take_a_status_report_costs_no_session_and_no_ac
         assert agent.sessions == sessions, agent.last_error  # the same session throughout
         assert agent.activations == 1
         await eventually(lambda: _reported_running(edge, device, image.digest), what="reported")
+
+
+async def test_a_second_agent_with_the_same_identity_is_refused_while_the_first_is_live(
+    edge: EdgeStack, unique: str
+) -> None:
+    """Two agents with one device's bundle: the first keeps its session, the second is
+    told why (ALREADY_EXISTS); once the first stops, the second gets the session."""
+    device = f"twin-{unique}"
+    config = await edge.enroll(device)
+    first = await edge.start_agent(config)
+    await eventually(lambda: _online(edge, device), what="device online")
+    sessions = first.sessions
+    second = await edge.start_agent(config)
+    await eventually(lambda: _refused(second), what="the second agent refused")
+    assert second.last_error is not None
+    assert second.last_error.code == "already_connected"
+    assert "already has a live session" in second.last_error.message
+    await asyncio.sleep(1)
+    assert first.connected.is_set()
+    assert first.sessions == sessions  # never replaced
+    assert not second.connected.is_set()
+    await edge.stop_agent(first)
+    await eventually(lambda: _connected(second), within=60, what="the second agent's session")
+
+
+async def _connected(agent: object) -> bool:
+    return bool(agent.connected.is_set())  # type: ignore[attr-defined]

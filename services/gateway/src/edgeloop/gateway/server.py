@@ -138,6 +138,10 @@ class Session:
         while len(self.runs) > MAX_RUNS:
             del self.runs[next(iter(self.runs))]
 
+    def heard_within(self, seconds: float) -> bool:
+        """Whether the device sent anything in the last ``seconds``."""
+        return time.monotonic() - self.last_seen < seconds
+
     def close(self, reason: str, *, final: bool = False) -> None:
         """End the session (the stream finishes after what is queued); ``final`` when
         the device's identity no longer holds."""
@@ -398,6 +402,20 @@ class EdgeGateway:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
             )
         key = s.kv_key(identity)
+        live = self.sessions.get(key)
+        patience = 1.5 * self.heartbeat_seconds
+        if live is not None and live.closed is None and live.heard_within(patience):
+            # two agents with one identity (a copied bundle, a simulator reusing ids): the
+            # one holding the session keeps it; one whose link died goes silent, and after
+            # 1.5 heartbeat intervals the device's new session takes its place
+            raise SessionRefused(
+                "already_connected",
+                f"device {identity} already has a live session on this gateway (heard from "
+                f"{time.monotonic() - live.last_seen:.0f} s ago): a second agent with the "
+                "same identity is refused; stop the other agent, or enrol this one as a "
+                "device of its own",
+                grpc.StatusCode.ALREADY_EXISTS,
+            )
         session = Session(
             device_id=identity,
             session_id=uuid.uuid4().hex,
