@@ -139,38 +139,21 @@ def edge_checks(args: argparse.Namespace) -> None:
     devices, batches = 16, args.gateway_batches
     runs: list[dict[str, Any]] = []
     loads: list[list[float]] = []
-    with servers("bench_edge_checks") as (nats_url, dsn, registry_url, root):
-        # not measured: the servers' first streams, tables and caches
-        asyncio.run(
-            edge_gateway.telemetry(
-                nats_url,
-                dsn,
-                registry_url,
-                root,
-                devices=devices,
-                batches=batches // 10,
-                raw_baseline=False,
-                name="warmup",
+    with servers("bench_edge_checks") as common:
+
+        def telemetry(**kw: Any) -> dict[str, Any]:
+            return asyncio.run(
+                edge_gateway.telemetry(*common, devices=devices, raw_baseline=False, **kw)
             )
-        )
+
+        # not measured: the servers' first streams, tables and caches
+        telemetry(batches=batches // 10, name="warmup")
         for i in range(max(args.runs, 3)):
             # alternate which goes first, so neither always meets a warmer machine
             for checks in (True, False) if i % 2 == 0 else (False, True):
                 loads.append([round(x, 2) for x in os.getloadavg()])
                 name = f"r{i}{'on' if checks else 'off'}"
-                result = asyncio.run(
-                    edge_gateway.telemetry(
-                        nats_url,
-                        dsn,
-                        registry_url,
-                        root,
-                        devices=devices,
-                        batches=batches,
-                        telemetry_checks=checks,
-                        raw_baseline=False,
-                        name=name,
-                    )
-                )
+                result = telemetry(batches=batches, telemetry_checks=checks, name=name)
                 runs.append({"run": i + 1, "load_avg_1_5_15": loads[-1], **result})
                 print(
                     f"run {i + 1} checks {'on ' if checks else 'off'}: "
