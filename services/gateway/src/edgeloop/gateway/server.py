@@ -57,6 +57,7 @@ from edgeloop.gateway.trust import (
     check_hello,
     check_report,
 )
+from edgeloop.kit.consumer import printable
 from edgeloop.kit.kv import KvMirror
 from edgeloop.kit.tracing import parent_context
 
@@ -533,7 +534,7 @@ class EdgeGateway:
         TELEMETRY_REFUSED.labels(code).inc()
         counts = self._refusals.get(session.device_id, ({}, "", datetime.now(UTC)))[0]
         counts[code] = counts.get(code, 0) + 1
-        last = _printable(f"{code}: {reason}")[:1000]
+        last = printable(f"{code}: {reason}")[:1000]
         self._refusals[session.device_id] = (counts, last, datetime.now(UTC))
 
     async def _telemetry(self, session: Session, batch: pb.TelemetryBatch, size: int) -> None:
@@ -841,11 +842,6 @@ def _now_ts() -> Any:
     ts = Timestamp()
     ts.GetCurrentTime()
     return ts
-
-
-def _printable(text: str) -> str:
-    """``text`` without control characters (a device's strings end up in it)."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _short(exc: Exception) -> str:

@@ -206,7 +206,13 @@ def headers_size(headers: dict[str, str]) -> int:
 
 def _header_text(text: str) -> str:
     """``text`` on one line, with no control characters (a header value)."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in _one_line(text))
+    return printable(_one_line(text))
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\x00``): what a device or a
+    payload put in a name can go into a header, a log line or a table."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
 def _one_line(text: str) -> str:
