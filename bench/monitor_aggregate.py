@@ -21,7 +21,7 @@ import numpy as np
 from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
-from edgeloop.contracts.events import Histogram, TelemetryBatch
+from edgeloop.contracts.events import LATENCY_MS_EDGES, Histogram, TelemetryBatch
 from edgeloop.monitor.aggregate import Reference, Window, check
 from edgeloop.monitor.rules import score
 
@@ -76,7 +76,10 @@ def run(batches: int = 4000) -> dict[str, Any]:
                 feature_names=ref.names,
                 feature_histograms=hists,
                 prediction_counts={"0": 128, "1": 128},
-                latency_ms_histogram=Histogram(edges=[0.5, 1, 2, 5], counts=[100, 100, 50, 6, 0]),
+                latency_ms_histogram=Histogram(
+                    edges=list(LATENCY_MS_EDGES),
+                    counts=[100, 100, 50, 6] + [0] * (len(LATENCY_MS_EDGES) - 3),
+                ),
             )
             .model_dump_json()
             .encode()
