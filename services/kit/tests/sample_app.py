@@ -2,7 +2,8 @@
 
 It consumes ``ModelCommitted`` events on one subject, records an effect row per event
 (counting rows per event id shows whether the inbox works) and, optionally, emits a
-follow-up event through the outbox. ``version == "poison"`` makes the handler raise.
+follow-up event through the outbox. ``version == "poison"`` makes the handler raise;
+``"as-smallint"`` makes it cast the model name to a smallint in PostgreSQL.
 Run: ``python sample_app.py`` with ``EDGELOOP_SAMPLE_*`` variables.
 """
 
@@ -68,6 +69,8 @@ def build(settings: SampleSettings) -> Service:
             raise RuntimeError(f"cannot handle {event.model}@{event.version}")
         if event.version == "invalid":
             raise PermanentError(f"{event.model}@{event.version} refers to nothing")
+        if event.version == "as-smallint":  # the model name stored where it may not fit
+            await tx.conn.execute("SELECT $1::text::smallint", event.model)
         if settings.handler_sleep:
             await asyncio.sleep(settings.handler_sleep)
         await tx.conn.execute(

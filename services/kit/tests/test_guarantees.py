@@ -304,6 +304,31 @@ async def test_events_without_an_id_or_with_a_nul_character_are_dead_lettered(
     assert int(await ctx.pool.fetchval(f"SELECT count(*) FROM {ctx.schema}.effects")) == 1
 
 
+async def test_values_postgresql_refuses_are_dead_lettered_at_once(ctx: Ctx) -> None:
+    """An integer beyond 64 bits (which the contract takes and no integer column does) is
+    malformed at parse; a value the handler's statement cannot store (SQLSTATE class 22,
+    the same at every attempt) is dead-lettered at its first delivery with PostgreSQL's
+    reason, not retried to exhaustion as if it might succeed."""
+    big = json.loads(committed("big").to_json())
+    big["model_artifact"]["size"] = 1 << 64
+    await ctx.publish(json.dumps(big).encode())
+    await ctx.publish(committed("70000", version="as-smallint"))
+    good = committed("good")
+    await ctx.publish(good)
+    proc = sample(ctx).start()
+    try:
+        await eventually(lambda: ctx.effects(good.event_id), what="good event processed")
+        dlq = await eventually(lambda: _ndlq(ctx, 2), what="two dead letters")
+    finally:
+        proc.terminate()
+    reasons = [m.headers[kc.DLQ_REASON] for m in dlq]
+    assert "model_artifact.size: 18446744073709551616 does not fit in 64 bits" in reasons[0]
+    assert "SQLSTATE 22003" in reasons[1], reasons
+    assert "out of range" in reasons[1], reasons
+    assert all(m.headers[kc.DLQ_DELIVERIES] == "1" for m in dlq), [m.headers for m in dlq]
+    assert int(await ctx.pool.fetchval(f"SELECT count(*) FROM {ctx.schema}.effects")) == 1
+
+
 async def test_a_malformed_event_as_large_as_the_server_takes_is_dead_lettered(
     ctx: Ctx,
 ) -> None:

@@ -39,6 +39,9 @@ def test_a_valid_event_parses_even_with_lookalikes_of_what_is_refused() -> None:
         (b'{"psi": -Infinity}', "evidence.psi: -inf is not a finite number"),
         (b'{"note": "a\\u0000b"}', "evidence.note: a NUL character (U+0000)"),
         (b'{"a\\u0000": 1}', "a NUL character (U+0000) in a key"),
+        (b'{"n": 9223372036854775808}', "evidence.n: 9223372036854775808 does not fit in 64 bits"),
+        (b'{"n": [-9223372036854775809]}', "evidence.n.0: -9223372036854775809 does not fit"),
+        (b'{"x": 1e400}', "evidence.x: inf is not a finite number"),
     ],
 )
 def test_what_postgresql_cannot_store_is_malformed(raw: bytes, says: str) -> None:
@@ -71,6 +74,9 @@ def test_not_json_and_contract_violations_say_so() -> None:
     with pytest.raises(MalformedEvent, match="request_id: Field required"):
         parse_event(RetrainRequested, b'{"model": "m"}')
     assert unstorable(b'{"plain": "json"}') is None
+    # the largest integers and doubles there are, and digits in strings, are storable
+    assert unstorable(b'{"n": 9223372036854775807, "m": -9223372036854775808}') is None
+    assert unstorable(b'{"x": 1.7e308, "tiny": 5e-324, "s": "12345678901234567890"}') is None
 
 
 def test_the_reason_is_one_line_without_control_characters() -> None:

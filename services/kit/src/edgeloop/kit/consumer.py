@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -45,7 +46,7 @@ from edgeloop.contracts.events import Event
 from edgeloop.kit import failpoints, inbox, outbox
 from edgeloop.kit.bus import ConsumerSpec
 from edgeloop.kit.db import Conn
-from edgeloop.kit.faults import certainly_outage, is_conflict, looks_like_outage
+from edgeloop.kit.faults import certainly_outage, is_conflict, looks_like_outage, refused_value
 from edgeloop.kit.tracing import extract_context
 
 log = logging.getLogger(__name__)
@@ -269,12 +270,18 @@ def _parse(event_type: type[E], data: bytes) -> E:
 
 
 _SUSPECT = (b"\\u0000", b"NaN", b"Infinity")
+#: A number of 19 digits or more (beyond int64 from 9,223,372,036,854,775,808 up), or with
+#: an exponent of 3 digits or more (beyond a double from 1e309 up, which parses as inf).
+_SUSPECT_NUMBER = re.compile(rb"\d{19}|[eE][+-]?\d{3}")
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def unstorable(data: bytes) -> str | None:
     """Where JSON ``data`` holds what PostgreSQL cannot store (a NUL character, in a
-    string or a key; a NaN or an Infinity), and what; None when nothing."""
-    if not any(s in data for s in _SUSPECT):  # the common case: one scan per pattern
+    string or a key; a NaN or an Infinity, or a number too large for a double; an integer
+    beyond 64 bits, which no integer column takes), and what; None when nothing."""
+    # the common case: one scan per pattern
+    if not any(s in data for s in _SUSPECT) and _SUSPECT_NUMBER.search(data) is None:
         return None
     return _unstorable(json.loads(data), "")
 
@@ -284,6 +291,11 @@ def _unstorable(value: object, path: str) -> str | None:
     if isinstance(value, str):
         if "\x00" in value:
             return f"{where}: a NUL character (U+0000), which PostgreSQL cannot store"
+    elif isinstance(value, bool):
+        pass
+    elif isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            return f"{where}: {value} does not fit in 64 bits (no integer column takes it)"
     elif isinstance(value, float):
         if not math.isfinite(value):
             return f"{where}: {value} is not a finite number (NaN and Infinity are not JSON)"
@@ -423,6 +435,9 @@ class EventProcessor(Generic[E]):
             except Exception as exc:
                 if await self._worth_retrying(exc, tries):
                     continue
+                if (why := refused_value(exc)) is not None:
+                    await self._dead_letter(msg, f"the event holds {why}")
+                    return "dead_lettered"
                 return await self._failed(msg, exc)
             failpoints.hit("consumer.after_commit")
             await self._ack(msg)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncpg
 import nats.errors
 import nats.js.errors
+from asyncpg.exceptions._base import DataError as ArgumentError
 
 from edgeloop.kit.db import TRANSIENT_DB_ERRORS
 
@@ -54,6 +55,9 @@ CONNECTION_LOST: tuple[type[BaseException], ...] = (
 _OUTAGE_SQLSTATE_CLASSES = ("08", "53", "57", "58")
 #: 40001 serialization failure, 40P01 deadlock: try again, nothing is wrong.
 _CONFLICT_SQLSTATES = ("40001", "40P01")
+#: SQLSTATE class 22, data exception: a value the column's type cannot take (numeric out
+#: of range, string too long, invalid text for the type), the same at every attempt.
+_DATA_SQLSTATE_CLASS = "22"
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
@@ -87,3 +91,16 @@ def certainly_outage(exc: BaseException) -> bool:
 def is_conflict(exc: BaseException) -> bool:
     """A serialization failure or a deadlock: retry the transaction, charge nothing."""
     return any(getattr(e, "sqlstate", None) in _CONFLICT_SQLSTATES for e in _chain(exc))
+
+
+def refused_value(exc: BaseException) -> str | None:
+    """Why PostgreSQL (or asyncpg, encoding a query argument) refuses a value of the
+    message: a data exception is the message's own and the same at every attempt, so it
+    is dead-lettered at once instead of retried to exhaustion. None for anything else."""
+    for e in _chain(exc):
+        if isinstance(e, ArgumentError):
+            return f"a value asyncpg cannot send: {e}"
+        state = getattr(e, "sqlstate", None)
+        if isinstance(state, str) and state.startswith(_DATA_SQLSTATE_CLASS):
+            return f"a value PostgreSQL refuses (SQLSTATE {state}): {e}"
+    return None
