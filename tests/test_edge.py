@@ -16,7 +16,7 @@ import pytest
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.edge.v1 import edge_pb2 as pb
 from edgeloop.contracts.signing import fingerprint, load_public_key, rotation_payload
-from edgeloop.devstack.servers import NatsServer
+from edgeloop.devstack.servers import NatsServer, Postgres
 from edgeloop.devstack.testing import eventually, stream_messages
 from edgeloop.edge.agent import Faults
 from edgeloop.gateway.pki import CertificateAuthority
@@ -535,3 +535,36 @@ async def test_a_second_agent_with_the_same_identity_is_refused_while_the_first_
 
 async def _connected(agent: object) -> bool:
     return bool(agent.connected.is_set())  # type: ignore[attr-defined]
+
+
+async def test_a_device_connecting_while_the_database_is_down_is_told_to_come_back(
+    nats_private: NatsServer,
+    postgres_private: Postgres,
+    registry_url: str,
+    tmp_path: Path,
+    unique: str,
+) -> None:
+    """A Hello while the gateway's PostgreSQL was down ended the RPC with UNKNOWN (the
+    certificate check's connection error out of the handler): an internal error to the
+    device. It is told UNAVAILABLE, why, and that it is not final; its session opens once
+    PostgreSQL is back."""
+    dsn = await asyncio.to_thread(postgres_private.create_database, f"t_{unique}")
+    async with edge_stack(nats_private.url, dsn, registry_url, tmp_path / "edge") as edge:
+        device = f"dev-{unique}"
+        config = await edge.enroll(device)
+        await asyncio.to_thread(postgres_private.stop)
+        try:
+            agent = await edge.start_agent(config)
+
+            async def told() -> bool:
+                return agent.last_error is not None
+
+            await eventually(told, within=60, what="the agent told why")
+            assert agent.last_error is not None
+            assert agent.last_error.code == "unavailable", agent.last_error
+            assert "cannot reach its database" in agent.last_error.message
+            assert not agent.last_error.fatal
+            assert not agent.connected.is_set()
+        finally:
+            await asyncio.to_thread(postgres_private.start)
+        await eventually(lambda: _connected(agent), within=90, what="a session once PG is back")

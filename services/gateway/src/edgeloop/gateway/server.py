@@ -58,6 +58,7 @@ from edgeloop.gateway.trust import (
     check_report,
 )
 from edgeloop.kit.consumer import printable
+from edgeloop.kit.faults import looks_like_outage
 from edgeloop.kit.kv import KvMirror
 from edgeloop.kit.tracing import parent_context
 
@@ -158,6 +159,33 @@ class SessionRefused(Exception):
         super().__init__(message)
         self.code = code
         self.status = status
+
+    @property
+    def fatal(self) -> bool:
+        """Whether trying again cannot help (a full gateway or one whose database is
+        down will take the device later)."""
+        return self.status not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+#: What a device is told while the gateway's database does not answer (its certificate
+#: cannot be checked, its session not recorded): not its fault, and not for long.
+DATABASE_DOWN = "the gateway cannot reach its database just now; the device should retry"
+
+
+@contextlib.asynccontextmanager
+async def _database_answers() -> AsyncIterator[None]:
+    """An outage of the gateway's PostgreSQL, met checking or recording a device, as a
+    refusal with ``UNAVAILABLE`` (the agent retries) instead of an error out of the RPC
+    (``UNKNOWN``, an internal error to the device)."""
+    try:
+        yield
+    except SessionRefused:
+        raise
+    except Exception as exc:
+        if not looks_like_outage(exc):
+            raise
+        log.warning("device refused for now: %s: %s", type(exc).__name__, exc)
+        raise SessionRefused("unavailable", DATABASE_DOWN, grpc.StatusCode.UNAVAILABLE) from exc
 
 
 class EdgeGateway:
@@ -305,7 +333,9 @@ class EdgeGateway:
         except SessionRefused as exc:
             REFUSED.labels(exc.code).inc()
             log.info("session refused (%s): %s", exc.code, exc)
-            yield pb.GatewayMessage(error=pb.Error(code=exc.code, message=str(exc), fatal=True))
+            yield pb.GatewayMessage(
+                error=pb.Error(code=exc.code, message=str(exc), fatal=exc.fatal)
+            )
             await context.abort(exc.status, str(exc))
             return
         except (TimeoutError, StopAsyncIteration):
@@ -393,7 +423,8 @@ class EdgeGateway:
                 "invalid_message", f"Hello: {_short(exc)}", grpc.StatusCode.INVALID_ARGUMENT
             ) from None
         cert_fingerprint = fingerprint(pem)
-        reason = await self.store.check_certificate(identity, cert_fingerprint)
+        async with _database_answers():
+            reason = await self.store.check_certificate(identity, cert_fingerprint)
         if reason is not None:
             raise SessionRefused("permission_denied", reason, grpc.StatusCode.PERMISSION_DENIED)
         if len(self.sessions) >= self.max_sessions:
@@ -434,16 +465,17 @@ class EdgeGateway:
         now = datetime.now(UTC)
         # recorded before the session counts: a Hello the registry refuses leaves nothing
         # behind (and the device's older session, if any, goes on)
-        session.labels = await self.store.connected(
-            identity,
-            session_id=session.session_id,
-            gateway_id=self.gateway_id,
-            labels=dict(hello.labels),
-            model=hello.model or None,
-            version=hello.version or None,
-            digest=hello.digest or None,
-            at=now,
-        )
+        async with _database_answers():
+            session.labels = await self.store.connected(
+                identity,
+                session_id=session.session_id,
+                gateway_id=self.gateway_id,
+                labels=dict(hello.labels),
+                model=hello.model or None,
+                version=hello.version or None,
+                digest=hello.digest or None,
+                at=now,
+            )
         old = self.sessions.get(key)
         if old is not None:
             old.close("a newer session of the same device replaced this one")
@@ -686,7 +718,12 @@ class EdgeGateway:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no client certificate")
             return
         # asked of the registry on every fetch: a revocation refuses the next one at once
-        reason = await self.store.check_certificate(identity, fingerprint(pem))
+        try:
+            async with _database_answers():
+                reason = await self.store.check_certificate(identity, fingerprint(pem))
+        except SessionRefused as exc:
+            await context.abort(exc.status, str(exc))
+            return
         if reason is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
             return
