@@ -8,11 +8,12 @@ are woken on each change instead of polling keys.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 from nats.js.kv import KeyValue
+
+from edgeloop.kit.supervise import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,8 @@ class KvMirror:
     async def stop(self) -> None:
         """Stop following."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # re-cancelled if a cancellation is lost (nats-py's watcher, under load)
+            await cancel_and_wait([self._task])
             self._task = None
 
     async def _run(self) -> None:

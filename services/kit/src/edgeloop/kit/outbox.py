@@ -25,6 +25,7 @@ from prometheus_client import Counter, Gauge
 from edgeloop.contracts.events import Event
 from edgeloop.kit import failpoints
 from edgeloop.kit.db import TRANSIENT_DB_ERRORS, Conn, check_schema
+from edgeloop.kit.supervise import cancel_and_wait
 from edgeloop.kit.tracing import inject_headers
 
 log = logging.getLogger(__name__)
@@ -228,12 +229,9 @@ class OutboxRelay:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), 10)
             except TimeoutError:
-                self._task.cancel()
-                # cancelled mid-statement, asyncpg may answer with an error of its own
-                with contextlib.suppress(
-                    asyncio.CancelledError, asyncpg.InterfaceError, asyncpg.InternalClientError
-                ):
-                    await self._task
+                # cancelled mid-statement, asyncpg may answer with an error of its own (the
+                # task's to keep); a cancellation lost under load is sent again
+                await cancel_and_wait([self._task])
         await self._drop_listener()
 
     async def _ensure_listener(self) -> None:
