@@ -16,16 +16,18 @@ $(UV):
 # Debian's OCI registry (Distribution), skopeo and a Docker engine (for the builder's
 # Docker backend; its test starts a private dockerd) are what the tests and `make up` use;
 # Compose checks docker-compose.yml (Debian's docker-compose when there is no plugin);
-# the browser tests drive Debian's chromium (Playwright, no browser download of its own).
+# the browser tests drive Debian's chromium (Playwright, no browser download of its own);
+# `make up` runs Debian's prometheus (with promtool, which checks deploy/prometheus/).
 system-deps:
 	@if ! command -v docker-registry >/dev/null || ! command -v skopeo >/dev/null \
 		|| ! command -v dockerd >/dev/null || ! command -v chromium >/dev/null \
+		|| ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null \
 		|| ! { command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1; }; then \
-		echo "installing docker-registry, skopeo, docker.io, docker-compose and chromium (Debian packages)"; \
+		echo "installing docker-registry, skopeo, docker.io, docker-compose, chromium and prometheus (Debian packages)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-			docker-registry skopeo docker.io docker-compose chromium >/dev/null; \
+			docker-registry skopeo docker.io docker-compose chromium prometheus >/dev/null; \
 	fi
 
 $(VENV)/.synced: $(UV) uv.lock pyproject.toml */pyproject.toml services/*/pyproject.toml

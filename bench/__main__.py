@@ -28,6 +28,7 @@ from bench import (
     monitor_alarm,
     nats_permissions,
     outages,
+    prom,
 )
 from edgeloop.devstack.servers import NatsCluster, NatsServer, OciRegistry, Postgres
 
@@ -52,6 +53,7 @@ def main() -> None:
             "monitor",
             "nats-auth",
             "outages",
+            "prom",
         ],
         help="run one benchmark",
     )
@@ -83,6 +85,9 @@ def main() -> None:
                 "outages.json",
                 asyncio.run(outages.run(Path(tmp), runs=max(args.runs, 3))),
             )
+    if args.only in (None, "prom"):
+        with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
+            _save("prom.json", asyncio.run(prom.run(Path(tmp), runs=max(args.runs, 3))))
     if args.only in (None, "edge", "edge-connections"):
         edge(args, connections_only=args.only == "edge-connections")
     if args.only in (None, "edge-gateway"):

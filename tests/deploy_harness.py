@@ -67,15 +67,19 @@ async def register_version(
     version: str,
     onnx: bytes,
     reference: bytes | None = None,
+    suite: bytes | None = None,
+    params: dict[str, str] | None = None,
 ) -> dict[str, Any] | None:
-    """Register a version in the registry (its build and validation are pending); its
-    reference profile when a reference sample was given."""
+    """Register a version in the registry (its build and validation are pending; with a
+    validation ``suite`` and ``params``, a validator passes it); its reference profile
+    when a reference sample was given."""
     files = {"model": ("model.onnx", onnx)}
     if reference is not None:
         files["reference"] = ("reference.npz", reference)
-    resp = await registry.post(
-        f"/api/v1/models/{model}/versions", files=files, data={"version": version}
-    )
+    if suite is not None:
+        files["suite"] = ("suite.npz", suite)
+    data = {"version": version} | ({"params": json.dumps(params)} if params else {})
+    resp = await registry.post(f"/api/v1/models/{model}/versions", files=files, data=data)
     assert resp.status_code in (200, 201), resp.text
     if reference is None:
         return None

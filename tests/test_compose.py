@@ -66,7 +66,7 @@ def config() -> dict[str, Any]:
 
 def test_compose_config_passes_and_has_every_part(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == {*PLATFORM, *INFRA, "fleet", "db-init", "bus-init"}
+    assert set(services) == {*PLATFORM, *INFRA, "fleet", "nats-metrics", "db-init", "bus-init"}
     assert services["nats"]["command"] == ["-c", "/run/secrets/nats.conf"]
     assert services["nats"]["secrets"][0]["target"] == "nats.conf"
 
@@ -192,7 +192,13 @@ def test_make_keys_writes_every_secret_compose_mounts(
 def test_prometheus_scrapes_every_service(config: dict[str, Any]) -> None:
     mount = config["services"]["prometheus"]["volumes"][0]
     source = Path(mount["source"] if isinstance(mount, dict) else mount.split(":")[0])
-    scrape = yaml.safe_load(source.read_text())
+    # the directory `make up` takes its alert rules from, at the image's configuration path
+    assert source == ROOT / "deploy" / "prometheus"
+    assert (
+        mount["target"] if isinstance(mount, dict) else mount.split(":")[1]
+    ) == "/etc/prometheus"
+    scrape = yaml.safe_load((source / "prometheus.yml").read_text())
+    assert scrape["rule_files"] == ["alerts.yml"]
     targets = {
         t
         for job in scrape["scrape_configs"]
@@ -203,6 +209,11 @@ def test_prometheus_scrapes_every_service(config: dict[str, Any]) -> None:
         env = config["services"][name]["environment"]
         port = next(v for k, v in env.items() if k.endswith("_HTTP_PORT"))
         assert f"{name}:{port}" in targets, f"{name} is not scraped"
+    # NATS's figures, through the exporter that reads its monitoring endpoint
+    exporter = config["services"]["nats-metrics"]
+    assert exporter["command"] == ["python", "-m", "edgeloop.kit.natsmetrics"]
+    assert exporter["environment"]["EDGELOOP_NATS_METRICS_URLS"] == "http://nats:8222"
+    assert f"nats-metrics:{exporter['environment']['EDGELOOP_NATS_METRICS_HTTP_PORT']}" in targets
 
 
 #: The APIs (the services that accept the admin token) and where they take it.

@@ -20,6 +20,7 @@ from typer.testing import CliRunner, Result
 from edgeloop.cli.config import load_endpoints, ready_url_for
 from edgeloop.cli.main import app
 from edgeloop.contracts.stackfile import redact
+from edgeloop.devstack.prometheus import Prometheus
 from edgeloop.devstack.servers import NatsServer, free_port
 from edgeloop.kit.http import HealthServer
 
@@ -320,6 +321,26 @@ def test_the_restarts_make_up_recorded_are_shown(
     code, checks = stack.report()
     assert checks["postgres"]["restarts"] is None
     assert "restarts" not in checks["postgres"]["detail"]
+
+
+@pytest.mark.skipif(
+    not Path(Prometheus.binary).exists(),
+    reason=f"{Prometheus.binary} not installed (`make setup` installs Debian's prometheus)",
+)
+def test_make_ups_prometheus_is_checked_like_a_service(healthy: Stack, tmp_path: Path) -> None:
+    prometheus = Prometheus(tmp_path / "prometheus", targets=[]).start()
+    try:
+        entry = {"pid": prometheus.pid, "state": "running", "restarts": 1, "last_exit": -9}
+        healthy.write(infrastructure={"prometheus": entry | prometheus.status_urls()})
+        code, checks = healthy.report()
+        assert code == 0, checks
+        assert checks["prometheus"]["endpoint"] == f"{prometheus.url}/-/healthy"
+        assert checks["prometheus"]["detail"] == "alive and ready; restarts: 1 (last exit: SIGKILL)"
+    finally:
+        prometheus.stop()
+    code, checks = healthy.report()
+    assert code == 1
+    assert "connection refused" in checks["prometheus"]["detail"]
 
 
 # --- endpoint resolution ------------------------------------------------------------------

@@ -200,7 +200,7 @@ def test_up_restarts_its_infrastructure_when_it_dies(tmp_path: Path) -> None:
         stack = _wait_for_stack(proc, state)
         infra = stack["infrastructure"]
         assert isinstance(infra, dict)
-        assert sorted(infra) == ["nats", "oci-registry", "postgres"]
+        assert sorted(infra) == ["nats", "oci-registry", "postgres", "prometheus"]
         assert all(s["restarts"] == 0 and s["state"] == "running" for s in infra.values())
         dsn = str(stack["database_url"])
         _sql(dsn, "CREATE TABLE kept AS SELECT 7 AS x")
@@ -214,7 +214,7 @@ def test_up_restarts_its_infrastructure_when_it_dies(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, f"{svc} never became ready"
                 time.sleep(0.5)
 
-        old = {name: int(infra[name]["pid"]) for name in ("postgres", "nats")}
+        old = {name: int(infra[name]["pid"]) for name in ("postgres", "nats", "prometheus")}
         for pid in old.values():
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
@@ -239,6 +239,7 @@ def test_up_restarts_its_infrastructure_when_it_dies(tmp_path: Path) -> None:
         out = (state / "up.out").read_text()
         assert "postgres exited with -9; restart in 1s" in out
         assert "nats exited with -9; restart in 1s" in out
+        assert "prometheus exited with -9; restart in 1s" in out
         # on the same port, with the same data
         assert _sql(dsn, "SELECT x FROM kept") == 7
         assert asyncio.run(_stored(nats_url)) == 1
@@ -304,6 +305,15 @@ def test_up_runs_a_nats_cluster_and_two_replicas_of_every_service(tmp_path: Path
                 await nc.close()
 
         assert asyncio.run(replicas()) == 3
+        # Prometheus scrapes every replica (and NATS's figures from every node)
+        config = json.loads((state / "prometheus" / "prometheus.yml").read_text().split("\n", 1)[1])
+        scraped = {
+            group["labels"]["service"]
+            for job in config["scrape_configs"]
+            for group in job["static_configs"]
+        }
+        assert scraped == (set(services) - {"traces"}) | {"prometheus"}
+        assert {f"{n}-2" for n in platform} <= scraped
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert _leftovers(state) == []

@@ -118,6 +118,13 @@ def load_endpoints(environ: Mapping[str, str] | None = None) -> Endpoints:
         for name, entry in (infrastructure if isinstance(infrastructure, dict) else {}).items()
         if not env.get(_SERVER_ENV.get(name, ""))
     } | services
+    # an embedded server that names its health endpoints (Prometheus) is checked like a
+    # service
+    services = {
+        name: entry
+        for name, entry in supervised.items()
+        if isinstance(entry, dict) and entry.get("health_url")
+    } | services
     return Endpoints(
         nats_url=env.get(ENV_NATS_URL) or stack.get("nats_url") or None,
         database_url=env.get(ENV_DATABASE_URL) or stack.get("database_url") or None,

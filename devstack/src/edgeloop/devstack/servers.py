@@ -201,6 +201,11 @@ class ManagedProcess:
         """``user``/``group`` to run the server as (empty: as ourselves)."""
         return {}
 
+    def status_urls(self) -> dict[str, str]:
+        """``health_url``/``ready_url`` for ``edgeloop status`` to check it like a
+        service (empty: it has its own check)."""
+        return {}
+
     def start(self, timeout: float = 30) -> Self:
         """Start (unless running) and wait until ready.
 

@@ -176,6 +176,7 @@ def up_environment(state_dir: Path) -> dict[str, str]:
         # the services' health ports count up from it (room for a second replica each)
         "EDGELOOP_FIRST_HTTP_PORT": str(free_port_range(2 * len(SERVICES))),
         "EDGELOOP_TRACES_OTLP_PORT": str(free_port()),
+        "EDGELOOP_PROMETHEUS_PORT": str(free_port()),
     }
     for key in (
         "EDGELOOP_NATS_URL",
@@ -183,6 +184,7 @@ def up_environment(state_dir: Path) -> dict[str, str]:
         "EDGELOOP_OCI_REGISTRY_URL",
         "EDGELOOP_OTLP_ENDPOINT",
         "EDGELOOP_TRACES_API",
+        "EDGELOOP_NATS_METRICS_URLS",
         # the session's own NATS users, PostgreSQL roles and audit key: `make up` gives
         # each service its own
         *SERVICE_ENV_NAMES,

@@ -13,8 +13,10 @@ the servers.
 Environment: ``EDGELOOP_STATE_DIR`` (default ``.edgeloop``); ports
 ``EDGELOOP_NATS_PORT`` (14222), ``EDGELOOP_NATS_MONITOR_PORT`` (18222),
 ``EDGELOOP_PG_PORT`` (15432), ``EDGELOOP_OCI_REGISTRY_PORT`` (15000),
-``EDGELOOP_REGISTRY_API_PORT`` (18100) and ``EDGELOOP_FIRST_HTTP_PORT`` (18080, the
-services' health ports count up from it). ``EDGELOOP_NATS_CLUSTER=3`` runs a 3-node NATS
+``EDGELOOP_REGISTRY_API_PORT`` (18100), ``EDGELOOP_PROMETHEUS_PORT`` (19090; Prometheus
+scrapes every service and NATS, with ``deploy/prometheus/alerts.yml``; see
+``edgeloop.devstack.prometheus``) and ``EDGELOOP_FIRST_HTTP_PORT`` (18080, the services'
+health ports count up from it). ``EDGELOOP_NATS_CLUSTER=3`` runs a 3-node NATS
 cluster instead of one server (the first node on the NATS ports above, the others on
 free ones; state in ``nats-cluster/n<i>``), with every stream and bucket on 3 nodes
 (``EDGELOOP_NATS_REPLICAS``); services get every node's URL. ``EDGELOOP_SERVICE_REPLICAS=2``
@@ -49,6 +51,7 @@ from edgeloop.devstack.keys import (
     signing_keys,
 )
 from edgeloop.devstack.nats_auth import NatsAuth
+from edgeloop.devstack.prometheus import Prometheus, Target
 from edgeloop.devstack.servers import (
     ManagedProcess,
     NatsCluster,
@@ -73,6 +76,9 @@ SERVICES: tuple[tuple[str, str], ...] = (
     # the trace collector (OTLP in, Jaeger-shaped queries out), unless an
     # EDGELOOP_OTLP_ENDPOINT sends the traces elsewhere
     ("traces", "edgeloop.devstack.traces"),
+    # NATS's figures in Prometheus's format, for Prometheus (embedded NATS, or
+    # EDGELOOP_NATS_METRICS_URLS naming the monitoring endpoints)
+    ("nats_metrics", "edgeloop.kit.natsmetrics"),
 )
 
 NATS_PORT = 14222
@@ -85,6 +91,7 @@ DEPLOYER_API_PORT = 18300
 MONITOR_API_PORT = 18400
 GATEWAY_GRPC_PORT = 18443
 TRACES_OTLP_PORT = 14317
+PROMETHEUS_PORT = 19090
 FLEET_DEVICES = 5
 FIRST_HTTP_PORT = 18080
 DATABASE = "edgeloop"
@@ -140,6 +147,24 @@ def _replica_env(name: str, k: int, own: dict[str, str], gateway_address: str) -
     if name == "deployer":
         env["EDGELOOP_DEPLOYER_INSTANCE_ID"] = f"{host}-deployer-{k}"
     return env
+
+
+def _prometheus(root: Path, services: list[ServiceProcess]) -> Prometheus | None:
+    """Prometheus on ``EDGELOOP_PROMETHEUS_PORT`` (19090), started, scraping every one of
+    ``services`` (replicas too, started yet or not) but the trace collector, which has no
+    metrics; None, with a warning, where Debian's prometheus is not installed."""
+    prometheus_binary = Path(Prometheus.binary)
+    if not prometheus_binary.exists():
+        print(f"  ! {prometheus_binary} not found: no Prometheus (`make setup` installs it)")
+        return None
+    jobs = {"fleet": "fleet", "nats_metrics": "nats"}
+    targets = [
+        Target(jobs.get(svc.name, "edgeloop"), f"127.0.0.1:{svc.http_port}", svc.name)
+        for svc in services
+        if svc.name != "traces"
+    ]
+    port = _port("EDGELOOP_PROMETHEUS_PORT", PROMETHEUS_PORT)
+    return Prometheus(root / "prometheus", targets, port).start()
 
 
 def running_pid(root: Path | None = None) -> int | None:
@@ -352,7 +377,9 @@ def _stack_info(
         **endpoints,
         "state_dir": str(root),
         "pid": os.getpid(),
-        "infrastructure": {s.process.name: s.as_dict() for s in infrastructure},
+        "infrastructure": {
+            s.process.name: s.as_dict() | s.process.status_urls() for s in infrastructure
+        },
         "services": {
             s.process.name: {
                 "module": s.process.module,
@@ -382,6 +409,7 @@ def _print_endpoints(endpoints: dict[str, Any], services: list[ServiceProcess], 
         f"  deployer API      {endpoints['deployer_api']}/docs   (edgeloop rollouts list)",
         f"  monitor API       {endpoints['monitor_api']}/docs   (alarms, drift windows, rules)",
         f"  traces            {endpoints.get('traces_api', '-')}   (edgeloop trace NAME@VERSION)",
+        f"  Prometheus        {endpoints.get('prometheus_url', '-')}   (targets, alerts: /alerts)",
         f"  API token         export EDGELOOP_API_TOKEN=$(cat {root / 'api-token'})",
         f"  state             {root}  (stack.json, logs/)",
         "check it:   .venv/bin/edgeloop status      stop it:   Ctrl-C or `make down`",
@@ -404,6 +432,7 @@ def main() -> None:
     services: list[ServiceProcess] = []
     try:
         nats_url = os.environ.get("EDGELOOP_NATS_URL")
+        nats_monitors = os.environ.get("EDGELOOP_NATS_METRICS_URLS", "")
         endpoints: dict[str, Any] = {}
         # Each service connects to the embedded server as its own user, allowed only its
         # subjects; the tools (CLI, examples) get the admin's URL from stack.json.
@@ -415,6 +444,7 @@ def main() -> None:
             servers.extend(nodes)
             nats_url = ",".join(node.url for node in nodes)
             endpoints["nats_monitor_url"] = nodes[0].monitor_url
+            nats_monitors = ",".join(node.monitor_url for node in nodes)
             if len(nodes) > 1:
                 replicas["EDGELOOP_NATS_REPLICAS"] = str(min(len(nodes), 3))
             # the topology is declared once, by the one user allowed to
@@ -523,6 +553,7 @@ def main() -> None:
                 "EDGELOOP_FLEET_STATE_DIR": str(root / "fleet"),
                 "EDGELOOP_FLEET_LABELS": os.environ.get("EDGELOOP_FLEET_LABELS", "fleet=sim"),
             },
+            "nats_metrics": {"EDGELOOP_NATS_METRICS_URLS": nats_monitors},
         }
         logs = root / "logs"
         logs.mkdir(exist_ok=True)
@@ -535,6 +566,8 @@ def main() -> None:
                 if external_otlp:
                     continue
                 endpoints.setdefault("traces_api", f"http://127.0.0.1:{port}")
+            if name == "nats_metrics" and not nats_monitors:
+                continue  # an external NATS whose monitoring nobody named
             env = {**common, **own.get(name, {}), f"EDGELOOP_{name.upper()}_HTTP_PORT": str(port)}
             if auth is not None and name in SERVICE_ACCESS:
                 env |= auth.service_env(name)
@@ -551,6 +584,10 @@ def main() -> None:
                         (first, ServiceProcess(f"{name}-{k}", module, port, extra, log))
                     )
                     port += 1
+        prometheus = _prometheus(root, services + [replica for _, replica in replicas_of])
+        if prometheus is not None:
+            servers.append(prometheus)
+            endpoints["prometheus_url"] = prometheus.url
         for svc in services:
             svc.start()
 

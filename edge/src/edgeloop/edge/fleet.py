@@ -286,8 +286,65 @@ async def simulate(opts: FleetOptions, out: TextIO | None = sys.stdout) -> Fleet
     return fleet
 
 
+def metrics_text(counts: dict[str, Any]) -> str:
+    """The fleet's figures (:meth:`Fleet.counts`) in Prometheus's text format (written
+    here: the edge package does without prometheus_client)."""
+
+    def label(key: str, value: str) -> str:
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'{{{key}="{escaped}"}}'
+
+    # (name, type, help, [(labels, value)])
+    families: list[tuple[str, str, str, list[tuple[str, Any]]]] = [
+        ("edgeloop_fleet_devices", "gauge", "Simulated devices", [("", counts["devices"])]),
+        ("edgeloop_fleet_connected", "gauge", "Devices connected", [("", counts["connected"])]),
+        (
+            "edgeloop_fleet_device_states",
+            "gauge",
+            "Devices by reported state",
+            [(label("state", k), v) for k, v in sorted(counts["states"].items())],
+        ),
+        (
+            "edgeloop_fleet_running",
+            "gauge",
+            "Devices by the model version they run",
+            [(label("model_version", k), v) for k, v in sorted(counts["versions"].items())],
+        ),
+        (
+            "edgeloop_fleet_batches_sent_total",
+            "counter",
+            "Telemetry batches sent",
+            [("", counts["batches_sent"])],
+        ),
+        (
+            "edgeloop_fleet_batches_acked_total",
+            "counter",
+            "Batches the gateway acknowledged",
+            [("", counts["batches_acked"])],
+        ),
+        (
+            "edgeloop_fleet_downloaded_bytes_total",
+            "counter",
+            "Artifact bytes downloaded",
+            [("", counts["downloaded_bytes"])],
+        ),
+        (
+            "edgeloop_fleet_buffered_batches",
+            "gauge",
+            "Batches buffered while offline",
+            [("", counts["buffered"])],
+        ),
+    ]
+    lines = []
+    for name, kind, doc, samples in families:
+        lines += [f"# HELP {name} {doc}", f"# TYPE {name} {kind}"]
+        lines += [f"{name}{labels} {value}" for labels, value in samples]
+    return "\n".join(lines) + "\n"
+
+
 async def _health(port: int, fleet: Fleet) -> asyncio.Server:
-    """``/healthz`` and ``/readyz`` (ready once a device is connected) for ``make up``."""
+    """``/healthz``, ``/readyz`` (ready once a device is connected) and ``/metrics`` for
+    ``make up``."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):
@@ -295,10 +352,13 @@ async def _health(port: int, fleet: Fleet) -> asyncio.Server:
             path = line[1] if len(line) > 1 else "/"
             counts = fleet.counts()
             ok = path != "/readyz" or counts["connected"] > 0
-            body = json.dumps(counts).encode()
+            if path == "/metrics":
+                ctype, body = "text/plain; version=0.0.4", metrics_text(counts).encode()
+            else:
+                ctype, body = "application/json", json.dumps(counts).encode()
             status = "200 OK" if ok else "503 Service Unavailable"
             writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )

@@ -75,6 +75,12 @@ log = logging.getLogger(__name__)
 WAVES = Counter("edgeloop_deployer_waves_total", "Waves finished", ["outcome"])
 ROLLOUTS = Counter("edgeloop_deployer_rollouts_total", "Rollouts finished", ["outcome"])
 DRIVEN = Gauge("edgeloop_deployer_rollouts_driven", "Active rollouts this replica drives")
+# Every outcome exported from the start (at 0): Prometheus's increase() sees a series that
+# first appears at 1 as no increase, so the first rollback would not fire an alert.
+for _outcome in ("succeeded", "failed"):
+    WAVES.labels(_outcome)
+for _outcome in ("completed", "rolled_back"):
+    ROLLOUTS.labels(_outcome)
 
 #: How many failing devices a wave event or a reason names (the rest are counted).
 NAMED = 10

@@ -68,7 +68,10 @@ class HealthServer:
                 ctype = "application/json"
                 body = json.dumps({"ready": ok, "checks": results}).encode()
             elif path == "/metrics":
-                status, ctype, body = 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY)
+                # in a thread: a collector may read something over the network
+                # (edgeloop.kit.natsmetrics reads NATS's monitoring endpoint)
+                body = await asyncio.to_thread(generate_latest, REGISTRY)
+                status, ctype = 200, CONTENT_TYPE_LATEST
             else:
                 status, ctype, body = 404, "text/plain", b"not found\n"
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]

@@ -41,6 +41,8 @@ from edgeloop.kit.supervise import Loops, cancel_and_wait
 log = logging.getLogger(__name__)
 
 OWNED = Gauge("edgeloop_partitions_owned", "Partitions this replica consumes", ["consumer"])
+#: with OWNED summed over the replicas: a partition nobody consumes (deploy/prometheus/)
+PARTITIONS = Gauge("edgeloop_partitions", "Partitions the consumer is split into", ["consumer"])
 
 
 def default_owner() -> str:
@@ -98,6 +100,7 @@ class PartitionedConsumer:
 
     async def run(self) -> None:
         """Balance and consume until cancelled; then release every partition held."""
+        PARTITIONS.labels(self.name).set(self.p.count)
         async with self.pool.acquire() as conn:
             await conn.executemany(
                 "INSERT INTO partition_leases (consumer, partition) VALUES ($1, $2) "
