@@ -1,0 +1,339 @@
+"""Webhook notifications (issue 20 item 3): the notifier service on real NATS and
+PostgreSQL, POSTing to a real HTTP receiver served by uvicorn in the test."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+import uvicorn
+from nats.js import JetStreamContext
+from typer.testing import CliRunner
+
+from edgeloop.cli.main import app as cli
+from edgeloop.contracts.events import AlarmKind, AlarmRaised, AlarmResolved, RolloutRolledBack
+from edgeloop.contracts.webhooks import DELIVERY_HEADER, EVENT_HEADER, verify
+from edgeloop.devstack.servers import free_port
+from edgeloop.devstack.testing import api_up, eventually, publish_event
+from edgeloop.kit.api import QuietServer
+from edgeloop.kit.service import Service
+from edgeloop.kit.tokens import issue_token
+from edgeloop.notifier.app import build
+from edgeloop.notifier.config import NotifierSettings
+
+TOKEN = "notify-test-admin-token-0123456789"
+SECRET = "receiver-shared-secret-0123456789"
+
+
+@dataclass
+class Receiver:
+    """A webhook receiver: answers ``fail_first`` requests 500, holds requests while
+    ``hold`` is set, then answers 204; keeps every request it got."""
+
+    fail_first: int = 0
+    hold: asyncio.Event | None = None
+    got: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    url: str = ""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.got.append((headers, body))
+        self.arrived.set()
+        if self.hold is not None:
+            await self.hold.wait()
+        status = 500 if len(self.got) <= self.fail_first else 204
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b"no" if status == 500 else b""})
+
+    def delivery_ids(self) -> set[str]:
+        return {h[DELIVERY_HEADER.lower()] for h, _ in self.got}
+
+
+@contextlib.asynccontextmanager
+async def receiving(receiver: Receiver) -> AsyncIterator[Receiver]:
+    port = free_port()
+    server = QuietServer(
+        uvicorn.Config(receiver, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    await eventually(lambda: _started(server), within=10, what="the receiver")
+    receiver.url = f"http://127.0.0.1:{port}/hook"
+    try:
+        yield receiver
+    finally:
+        if receiver.hold is not None:
+            receiver.hold.set()
+        server.should_exit = True
+        await task
+
+
+async def _started(server: uvicorn.Server) -> bool:
+    return server.started
+
+
+@dataclass
+class Notifier:
+    settings: NotifierSettings
+    svc: Service
+    api: httpx.AsyncClient
+    dsn: str
+
+    async def restart(self) -> None:
+        await self.svc.stop()
+        self.svc = build(self.settings)
+        await self.svc.start()
+        await eventually(lambda: api_up(self.api), what="the notifier API again")
+
+    async def subscribe(self, url: str, events: list[str], **extra: Any) -> str:
+        body = {"url": url, "events": events, "secret": SECRET, **extra}
+        resp = await self.api.post("/v1/subscriptions", json=body)
+        assert resp.status_code == 201, resp.text
+        return str(resp.json()["subscription_id"])
+
+    async def deliveries(self, **params: Any) -> list[dict[str, Any]]:
+        resp = await self.api.get("/v1/deliveries", params=params)
+        assert resp.status_code == 200, resp.text
+        rows: list[dict[str, Any]] = resp.json()["deliveries"]
+        return rows
+
+    async def settled(self, subscription: str, count: int = 1) -> list[dict[str, Any]]:
+        """The subscription's deliveries once ``count`` of them are done (not pending)."""
+
+        async def done() -> list[dict[str, Any]] | None:
+            rows = await self.deliveries(subscription=subscription)
+            finished = [r for r in rows if r["status"] != "pending"]
+            return rows if len(finished) >= count else None
+
+        result: list[dict[str, Any]] = await eventually(done, what=f"{count} settled deliveries")
+        return result
+
+
+@pytest.fixture
+async def notifier(nats_url: str, private_dsn: str) -> AsyncIterator[Notifier]:
+    """The notifier on the session's NATS and a database of the test's own; retries
+    short (3 attempts, 50 ms doubling)."""
+    port = free_port()
+    settings = NotifierSettings(
+        nats_url=nats_url,
+        database_url=private_dsn,
+        api_tokens=TOKEN,
+        api_port=port,
+        max_attempts=3,
+        retry_base_seconds=0.05,
+        retry_max_seconds=0.2,
+        poll_seconds=0.05,
+        request_timeout_seconds=5,
+    )
+    svc = build(settings)
+    await svc.start()
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as api:
+        n = Notifier(settings, svc, api, private_dsn)
+        try:
+            await eventually(lambda: api_up(api), what="the notifier API")
+            yield n
+        finally:
+            await n.svc.stop()
+
+
+def _alarm(**kw: Any) -> AlarmRaised:
+    return AlarmRaised(
+        model="iris",
+        version="1.0.0",
+        alarm_id=uuid.uuid4(),
+        kind=AlarmKind.DRIFT,
+        rule="psi",
+        severity="critical",
+        message="psi 0.4 > 0.2 on petal_length",
+        **kw,
+    )
+
+
+async def test_receiver_gets_alarm_raised_signed(
+    notifier: Notifier, admin_js: JetStreamContext
+) -> None:
+    receiver = Receiver()
+    async with receiving(receiver):
+        sub = await notifier.subscribe(receiver.url, ["alarm.raised"])
+        alarm = _alarm()
+        # not asked for: no delivery
+        await publish_event(
+            admin_js,
+            AlarmResolved(model="iris", version="1.0.0", alarm_id=alarm.alarm_id, rule="psi"),
+        )
+        await publish_event(admin_js, alarm)
+        (delivery,) = await notifier.settled(sub)
+
+    assert delivery["status"] == "delivered", delivery
+    assert delivery["event"] == "alarm.raised"
+    ((headers, body),) = receiver.got
+    # sha256=HMAC(secret, "<timestamp>.<body>"), as a receiver computes it
+    signed = headers["x-edgeloop-timestamp"].encode() + b"." + body
+    expected = hmac.new(SECRET.encode(), signed, hashlib.sha256).hexdigest()
+    assert headers["x-edgeloop-signature"] == f"sha256={expected}"
+    verify(SECRET, headers, body)  # the contracts' check agrees
+    with pytest.raises(ValueError, match="signature"):
+        verify(SECRET, headers, body.replace(b"psi 0.4", b"psi 0.1"))
+    assert headers[EVENT_HEADER.lower()] == "alarm.raised"
+    assert headers[DELIVERY_HEADER.lower()] == delivery["delivery_id"]
+    doc = json.loads(body)
+    assert doc["event"] == "alarm.raised"
+    assert doc["data"]["alarm_id"] == str(alarm.alarm_id)
+    assert doc["event_id"] == str(alarm.event_id)
+    # the secret never comes back from the API
+    listed = await notifier.api.get("/v1/subscriptions")
+    shown = await notifier.api.get(f"/v1/deliveries/{delivery['delivery_id']}")
+    for resp in (listed, shown):
+        assert resp.status_code == 200
+        assert SECRET not in resp.text
+        assert "secret" not in resp.text
+    # the subscription is audited (who, what; no secret)
+    conn = await asyncpg.connect(notifier.dsn)
+    try:
+        row = await conn.fetchrow(
+            "SELECT actor, after::text FROM audit.records "
+            "WHERE service = 'notifier' AND action = 'notify.subscribe' AND subject = $1",
+            f"subscription {sub}",
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    assert row["actor"].startswith("token:")
+    assert receiver.url in row["after"]
+    assert SECRET not in row["after"]
+
+
+async def test_failing_receiver_retried_then_dead_lettered(
+    notifier: Notifier, admin_js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failing = Receiver(fail_first=1000)
+    flaky = Receiver(fail_first=2)  # fails twice, the third attempt gets through
+    async with receiving(failing), receiving(flaky):
+        dead_sub = await notifier.subscribe(
+            failing.url, ["rollout.rolled_back"], format="alertmanager"
+        )
+        ok_sub = await notifier.subscribe(flaky.url, ["rollout.rolled_back"])
+        event = RolloutRolledBack(
+            model="iris", version="2.0.0", rollout_id=uuid.uuid4(), reason="wave 1 failed"
+        )
+        await publish_event(admin_js, event)
+        (dead,) = await notifier.settled(dead_sub)
+        (ok,) = await notifier.settled(ok_sub)
+
+    # three attempts (max_attempts) at one delivery, then dead
+    assert dead["status"] == "dead", dead
+    assert dead["attempts"] == 3
+    assert len(failing.got) == 3
+    assert failing.delivery_ids() == {dead["delivery_id"]}
+    assert len({body for _, body in failing.got}) == 1  # the same body every time
+    for headers, body in failing.got:
+        verify(SECRET, headers, body)
+    doc = json.loads(failing.got[0][1])  # the Alertmanager webhook body
+    assert doc["version"] == "4"
+    assert doc["status"] == "firing"
+    (alert,) = doc["alerts"]
+    assert alert["labels"]["alertname"] == "EdgeloopRolloutRolledBack"
+    assert alert["labels"]["rollout_id"] == str(event.rollout_id)
+    assert alert["labels"]["severity"] == "warning"
+    assert alert["annotations"]["description"] == "wave 1 failed"
+    assert alert["startsAt"].startswith(event.occurred_at.strftime("%Y-%m-%dT%H:%M:%S"))
+
+    # the attempt log says how each went
+    shown = (await notifier.api.get(f"/v1/deliveries/{dead['delivery_id']}")).json()
+    assert [a["status_code"] for a in shown["attempt_log"]] == [500, 500, 500]
+    assert (await notifier.deliveries(status="dead")) == [dead]
+
+    # the flaky receiver got it on the third attempt
+    assert ok["status"] == "delivered", ok
+    assert ok["attempts"] == 3
+    assert len(flaky.got) == 3
+
+    # the CLI shows the dead delivery in the log
+    monkeypatch.setenv("EDGELOOP_NOTIFIER_API", str(notifier.api.base_url))
+    monkeypatch.setenv("EDGELOOP_API_TOKEN", TOKEN)
+    result = await asyncio.to_thread(
+        CliRunner().invoke, cli, ["notify", "deliveries", dead_sub, "--status", "dead"]
+    )
+    assert result.exit_code == 0, result.output
+    assert dead["delivery_id"] in result.output
+    assert "dead" in result.output
+    assert "HTTP 500" in result.output
+
+
+async def test_restart_mid_delivery_doubles_nothing(
+    notifier: Notifier, admin_js: JetStreamContext
+) -> None:
+    receiver = Receiver(hold=asyncio.Event())
+    async with receiving(receiver):
+        sub = await notifier.subscribe(receiver.url, ["alarm.raised"])
+        alarm = _alarm()
+        await publish_event(admin_js, alarm)
+        await asyncio.wait_for(receiver.arrived.wait(), 30)  # the POST is in flight
+        # stopped while the receiver has not answered: nothing recorded yet
+        await notifier.svc.stop()
+        receiver.hold.set()  # type: ignore[union-attr]
+        receiver.hold = None
+        # the same event again, as a redelivery (another message id, the same event id)
+        await admin_js.publish(
+            "alarm.raised", alarm.to_json(), headers={"Nats-Msg-Id": str(uuid.uuid4())}
+        )
+        notifier.svc = build(notifier.settings)
+        await notifier.svc.start()
+        await eventually(lambda: api_up(notifier.api), what="the notifier API again")
+        rows = await notifier.settled(sub)
+
+    # one delivery, sent again after the restart under the same id
+    assert len(rows) == 1, rows
+    assert rows[0]["status"] == "delivered"
+    assert receiver.delivery_ids() == {rows[0]["delivery_id"]}
+    assert len(receiver.got) == 2  # the interrupted POST and the one that was answered
+    shown = (await notifier.api.get(f"/v1/deliveries/{rows[0]['delivery_id']}")).json()
+    assert [a["status_code"] for a in shown["attempt_log"]] == [204]
+
+
+async def test_viewer_lists_but_cannot_add_and_bad_urls_refused(notifier: Notifier) -> None:
+    conn = await asyncpg.connect(notifier.dsn)
+    try:
+        async with conn.transaction():
+            viewer = await issue_token(
+                conn, name="vera", role="viewer", actor="test", expires_in=None, service="test"
+            )
+    finally:
+        await conn.close()
+    as_viewer = {"Authorization": f"Bearer {viewer['token']}"}
+    body = {"url": "http://127.0.0.1:9/hook", "events": ["alarm.raised"], "secret": SECRET}
+
+    listed = await notifier.api.get("/v1/subscriptions", headers=as_viewer)
+    assert listed.status_code == 200
+    refused = await notifier.api.post("/v1/subscriptions", json=body, headers=as_viewer)
+    assert refused.status_code == 403
+    assert "operator" in refused.json()["detail"]
+
+    for url in ("ftp://example.com/hook", "file:///etc/passwd", "javascript:alert(1)"):
+        resp = await notifier.api.post("/v1/subscriptions", json={**body, "url": url})
+        assert resp.status_code == 422, (url, resp.text)
+        assert "http:// or https://" in resp.text
+    resp = await notifier.api.post("/v1/subscriptions", json={**body, "events": ["alarm.rang"]})
+    assert resp.status_code == 422
+    assert "unknown events alarm.rang" in resp.text
+    assert (await notifier.api.get("/v1/subscriptions")).json()["subscriptions"] == []
