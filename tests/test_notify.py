@@ -21,10 +21,11 @@ from nats.js import JetStreamContext
 from typer.testing import CliRunner
 
 from edgeloop.cli.main import app as cli
+from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import AlarmKind, AlarmRaised, AlarmResolved, RolloutRolledBack
 from edgeloop.contracts.webhooks import DELIVERY_HEADER, EVENT_HEADER, verify
-from edgeloop.devstack.servers import free_port
-from edgeloop.devstack.testing import api_up, eventually, publish_event
+from edgeloop.devstack.servers import Postgres, free_port
+from edgeloop.devstack.testing import api_up, eventually, publish_event, stream_messages
 from edgeloop.kit.api import QuietServer
 from edgeloop.kit.service import Service
 from edgeloop.kit.tokens import issue_token
@@ -127,14 +128,14 @@ class Notifier:
         return result
 
 
-@pytest.fixture
-async def notifier(nats_url: str, private_dsn: str) -> AsyncIterator[Notifier]:
-    """The notifier on the session's NATS and a database of the test's own; retries
-    short (3 attempts, 50 ms doubling)."""
+@contextlib.asynccontextmanager
+async def running_notifier(nats_url: str, dsn: str) -> AsyncIterator[Notifier]:
+    """The notifier on ``nats_url`` and database ``dsn``; retries short (3 attempts,
+    50 ms doubling)."""
     port = free_port()
     settings = NotifierSettings(
         nats_url=nats_url,
-        database_url=private_dsn,
+        database_url=dsn,
         api_tokens=TOKEN,
         api_port=port,
         max_attempts=3,
@@ -148,12 +149,19 @@ async def notifier(nats_url: str, private_dsn: str) -> AsyncIterator[Notifier]:
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}
     ) as api:
-        n = Notifier(settings, svc, api, private_dsn)
+        n = Notifier(settings, svc, api, dsn)
         try:
             await eventually(lambda: api_up(api), what="the notifier API")
             yield n
         finally:
             await n.svc.stop()
+
+
+@pytest.fixture
+async def notifier(nats_url: str, private_dsn: str) -> AsyncIterator[Notifier]:
+    """The notifier on the session's NATS and a database of the test's own."""
+    async with running_notifier(nats_url, private_dsn) as n:
+        yield n
 
 
 def _alarm(**kw: Any) -> AlarmRaised:
@@ -337,3 +345,38 @@ async def test_viewer_lists_but_cannot_add_and_bad_urls_refused(notifier: Notifi
     assert resp.status_code == 422
     assert "unknown events alarm.rang" in resp.text
     assert (await notifier.api.get("/v1/subscriptions")).json()["subscriptions"] == []
+
+
+async def test_postgres_outage_spends_no_attempt_and_dead_letters_nothing(
+    nats_url: str, postgres_private: Postgres, admin_js: JetStreamContext, unique: str
+) -> None:
+    dsn = await asyncio.to_thread(postgres_private.create_database, f"n_{unique}")
+    receiver = Receiver(hold=asyncio.Event())
+    async with receiving(receiver), running_notifier(nats_url, dsn) as notifier:
+        sub = await notifier.subscribe(receiver.url, ["alarm.raised"])
+        first, second = _alarm(), _alarm()
+        await publish_event(admin_js, first)
+        await asyncio.wait_for(receiver.arrived.wait(), 30)
+        # PostgreSQL goes while the POST is in flight: its answer cannot be recorded
+        await asyncio.to_thread(postgres_private.kill)
+        receiver.hold.set()  # type: ignore[union-attr]
+        receiver.hold = None
+        await publish_event(admin_js, second)  # an event during the outage
+        await asyncio.sleep(3)  # the outage (longer than 3 attempts' back-off)
+        await asyncio.to_thread(postgres_private.start)
+        rows = await notifier.settled(sub, count=2)
+
+    assert sorted(r["status"] for r in rows) == ["delivered", "delivered"], rows
+    assert {r["event_id"] for r in rows} == {str(first.event_id), str(second.event_id)}
+    by_event = {r["event_id"]: r for r in rows}
+    # the first one's unrecorded answer is sent again under the same delivery id
+    again = [
+        h
+        for h, _ in receiver.got
+        if h[DELIVERY_HEADER.lower()] == by_event[str(first.event_id)]["delivery_id"]
+    ]
+    assert len(again) == 2
+    assert all(r["attempts"] == 1 for r in rows), rows
+    dead = await stream_messages(admin_js, s.STREAM_DLQ, f"dlq.{s.ALARM_RAISED}")
+    ours = {str(first.event_id), str(second.event_id)}
+    assert not [m for m in dead if json.loads(m.data).get("event_id") in ours]
