@@ -27,6 +27,7 @@ from bench import (
     monitor_aggregate,
     monitor_alarm,
     nats_permissions,
+    notify,
     outages,
 )
 from edgeloop.devstack.servers import NatsCluster, NatsServer, OciRegistry, Postgres
@@ -52,6 +53,7 @@ def main() -> None:
             "monitor",
             "nats-auth",
             "outages",
+            "notify",
         ],
         help="run one benchmark",
     )
@@ -83,6 +85,9 @@ def main() -> None:
                 "outages.json",
                 asyncio.run(outages.run(Path(tmp), runs=max(args.runs, 3))),
             )
+    if args.only in (None, "notify"):
+        with servers("bench_notify") as common:
+            _save("notify.json", asyncio.run(notify.run(*common, runs=max(args.runs, 3))))
     if args.only in (None, "edge", "edge-connections"):
         edge(args, connections_only=args.only == "edge-connections")
     if args.only in (None, "edge-gateway"):

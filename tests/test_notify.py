@@ -10,13 +10,12 @@ import hmac
 import json
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-import uvicorn
 from nats.js import JetStreamContext
 from typer.testing import CliRunner
 
@@ -26,69 +25,14 @@ from edgeloop.contracts.events import AlarmKind, AlarmRaised, AlarmResolved, Rol
 from edgeloop.contracts.webhooks import DELIVERY_HEADER, EVENT_HEADER, verify
 from edgeloop.devstack.servers import Postgres, free_port
 from edgeloop.devstack.testing import api_up, eventually, publish_event, stream_messages
-from edgeloop.kit.api import QuietServer
 from edgeloop.kit.service import Service
 from edgeloop.kit.tokens import issue_token
 from edgeloop.notifier.app import build
 from edgeloop.notifier.config import NotifierSettings
+from tests.notify_harness import Receiver, receiving
 
 TOKEN = "notify-test-admin-token-0123456789"
 SECRET = "receiver-shared-secret-0123456789"
-
-
-@dataclass
-class Receiver:
-    """A webhook receiver: answers ``fail_first`` requests 500, holds requests while
-    ``hold`` is set, then answers 204; keeps every request it got."""
-
-    fail_first: int = 0
-    hold: asyncio.Event | None = None
-    got: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    url: str = ""
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
-        self.got.append((headers, body))
-        self.arrived.set()
-        if self.hold is not None:
-            await self.hold.wait()
-        status = 500 if len(self.got) <= self.fail_first else 204
-        await send({"type": "http.response.start", "status": status, "headers": []})
-        await send({"type": "http.response.body", "body": b"no" if status == 500 else b""})
-
-    def delivery_ids(self) -> set[str]:
-        return {h[DELIVERY_HEADER.lower()] for h, _ in self.got}
-
-
-@contextlib.asynccontextmanager
-async def receiving(receiver: Receiver) -> AsyncIterator[Receiver]:
-    port = free_port()
-    server = QuietServer(
-        uvicorn.Config(receiver, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    await eventually(lambda: _started(server), within=10, what="the receiver")
-    receiver.url = f"http://127.0.0.1:{port}/hook"
-    try:
-        yield receiver
-    finally:
-        if receiver.hold is not None:
-            receiver.hold.set()
-        server.should_exit = True
-        await task
-
-
-async def _started(server: uvicorn.Server) -> bool:
-    return server.started
 
 
 @dataclass
@@ -178,10 +122,11 @@ def _alarm(**kw: Any) -> AlarmRaised:
 
 
 async def test_receiver_gets_alarm_raised_signed(
-    notifier: Notifier, admin_js: JetStreamContext
+    notifier: Notifier, admin_js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     receiver = Receiver()
-    async with receiving(receiver):
+    port = free_port()
+    async with receiving(receiver, port=port):
         sub = await notifier.subscribe(receiver.url, ["alarm.raised"])
         alarm = _alarm()
         # not asked for: no delivery
@@ -215,6 +160,21 @@ async def test_receiver_gets_alarm_raised_signed(
         assert resp.status_code == 200
         assert SECRET not in resp.text
         assert "secret" not in resp.text
+    # `notify test` sends a notify.test delivery the same way, and says how it went
+    monkeypatch.setenv("EDGELOOP_NOTIFIER_API", str(notifier.api.base_url))
+    monkeypatch.setenv("EDGELOOP_API_TOKEN", TOKEN)
+    async with receiving(receiver, port=port):
+        result = await asyncio.to_thread(CliRunner().invoke, cli, ["notify", "test", sub])
+    assert result.exit_code == 0, result.output
+    assert "notify.test" in result.output
+    assert "delivered" in result.output
+    headers, body = receiver.got[-1]
+    assert headers[EVENT_HEADER.lower()] == "notify.test"
+    verify(SECRET, headers, body)
+    listed_cli = await asyncio.to_thread(CliRunner().invoke, cli, ["notify", "list"])
+    assert listed_cli.exit_code == 0, listed_cli.output
+    assert sub in listed_cli.output
+    assert SECRET not in listed_cli.output
     # the subscription is audited (who, what; no secret)
     conn = await asyncpg.connect(notifier.dsn)
     try:
@@ -319,7 +279,9 @@ async def test_restart_mid_delivery_doubles_nothing(
     assert [a["status_code"] for a in shown["attempt_log"]] == [204]
 
 
-async def test_viewer_lists_but_cannot_add_and_bad_urls_refused(notifier: Notifier) -> None:
+async def test_viewer_lists_but_cannot_add_and_bad_urls_refused(
+    notifier: Notifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
     conn = await asyncpg.connect(notifier.dsn)
     try:
         async with conn.transaction():
@@ -341,6 +303,13 @@ async def test_viewer_lists_but_cannot_add_and_bad_urls_refused(notifier: Notifi
         resp = await notifier.api.post("/v1/subscriptions", json={**body, "url": url})
         assert resp.status_code == 422, (url, resp.text)
         assert "http:// or https://" in resp.text
+    # the CLI says why too
+    monkeypatch.setenv("EDGELOOP_NOTIFIER_API", str(notifier.api.base_url))
+    monkeypatch.setenv("EDGELOOP_API_TOKEN", TOKEN)
+    args = ["notify", "add", "--url", "ftp://example.com/x", "--events", "alarm.raised"]
+    result = await asyncio.to_thread(CliRunner().invoke, cli, args)
+    assert result.exit_code == 1
+    assert "http:// or https://" in result.output
     resp = await notifier.api.post("/v1/subscriptions", json={**body, "events": ["alarm.rang"]})
     assert resp.status_code == 422
     assert "unknown events alarm.rang" in resp.text
