@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -25,6 +26,7 @@ from edgeloop.contracts.events import AlarmKind, AlarmRaised, AlarmResolved, Rol
 from edgeloop.contracts.webhooks import DELIVERY_HEADER, EVENT_HEADER, verify
 from edgeloop.devstack.servers import Postgres, free_port
 from edgeloop.devstack.testing import api_up, eventually, publish_event, stream_messages
+from edgeloop.devstack.up import ServiceProcess
 from edgeloop.kit.service import Service
 from edgeloop.kit.tokens import issue_token
 from edgeloop.notifier.app import build
@@ -36,17 +38,10 @@ SECRET = "receiver-shared-secret-0123456789"
 
 
 @dataclass
-class Notifier:
-    settings: NotifierSettings
-    svc: Service
-    api: httpx.AsyncClient
-    dsn: str
+class NotifierApi:
+    """The notifier's API, as the operator's admin token."""
 
-    async def restart(self) -> None:
-        await self.svc.stop()
-        self.svc = build(self.settings)
-        await self.svc.start()
-        await eventually(lambda: api_up(self.api), what="the notifier API again")
+    api: httpx.AsyncClient
 
     async def subscribe(self, url: str, events: list[str], **extra: Any) -> str:
         body = {"url": url, "events": events, "secret": SECRET, **extra}
@@ -72,6 +67,15 @@ class Notifier:
         return result
 
 
+@dataclass
+class Notifier(NotifierApi):
+    """The notifier in this process and its API."""
+
+    settings: NotifierSettings
+    svc: Service
+    dsn: str
+
+
 @contextlib.asynccontextmanager
 async def running_notifier(nats_url: str, dsn: str) -> AsyncIterator[Notifier]:
     """The notifier on ``nats_url`` and database ``dsn``; retries short (3 attempts,
@@ -93,7 +97,7 @@ async def running_notifier(nats_url: str, dsn: str) -> AsyncIterator[Notifier]:
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}
     ) as api:
-        n = Notifier(settings, svc, api, dsn)
+        n = Notifier(api=api, settings=settings, svc=svc, dsn=dsn)
         try:
             await eventually(lambda: api_up(api), what="the notifier API")
             yield n
@@ -349,3 +353,45 @@ async def test_postgres_outage_spends_no_attempt_and_dead_letters_nothing(
     dead = await stream_messages(admin_js, s.STREAM_DLQ, f"dlq.{s.ALARM_RAISED}")
     ours = {str(first.event_id), str(second.event_id)}
     assert not [m for m in dead if json.loads(m.data).get("event_id") in ours]
+
+
+async def test_sigkill_mid_delivery_sends_it_again_once(
+    nats_url: str, private_dsn: str, admin_js: JetStreamContext, tmp_path: Path
+) -> None:
+    api_port = free_port()
+    env = {
+        "EDGELOOP_NATS_URL": nats_url,
+        "EDGELOOP_DATABASE_URL": private_dsn,
+        "EDGELOOP_NOTIFIER_API_TOKENS": TOKEN,
+        "EDGELOOP_NOTIFIER_API_PORT": str(api_port),
+        "EDGELOOP_NOTIFIER_POLL_SECONDS": "0.05",
+        "EDGELOOP_NOTIFIER_REQUEST_TIMEOUT_SECONDS": "5",
+        "EDGELOOP_NOTIFIER_LEASE_SECONDS": "1",  # at least the timeout + 5 s: 10 s
+    }
+    proc = ServiceProcess("notifier", "edgeloop.notifier", free_port(), env, tmp_path / "n.log")
+    receiver = Receiver(hold=asyncio.Event())
+    api = httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{api_port}", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    try:
+        async with receiving(receiver), api:
+            proc.start()
+            await eventually(lambda: api_up(api), within=60, what="the notifier process")
+            notifier = NotifierApi(api)
+            sub = await notifier.subscribe(receiver.url, ["alarm.raised"])
+            await publish_event(admin_js, _alarm())
+            await asyncio.wait_for(receiver.arrived.wait(), 30)
+            await asyncio.to_thread(proc.kill)  # SIGKILL while the POST is unanswered
+            receiver.hold.set()  # type: ignore[union-attr]
+            receiver.hold = None
+            proc.start()
+            await eventually(lambda: api_up(api), within=60, what="the notifier again")
+            rows = await notifier.settled(sub)
+    finally:
+        await asyncio.to_thread(proc.kill)
+
+    assert len(rows) == 1, rows
+    assert rows[0]["status"] == "delivered", rows
+    assert receiver.delivery_ids() == {rows[0]["delivery_id"]}
+    assert len(receiver.got) == 2
+    assert rows[0]["attempts"] == 1
