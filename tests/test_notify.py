@@ -240,6 +240,16 @@ async def test_failing_receiver_retried_then_dead_lettered(
     assert ok["attempts"] == 3
     assert len(flaky.got) == 3
 
+    # and Prometheus sees it (the health port's /metrics)
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(f"http://127.0.0.1:{notifier.svc.health.port}/metrics")).text
+    dead_total = next(
+        line
+        for line in metrics.splitlines()
+        if line.startswith('edgeloop_notifier_deliveries_total{status="dead"}')
+    )
+    assert float(dead_total.rsplit(" ", 1)[1]) >= 1
+
     # the CLI shows the dead delivery in the log
     monkeypatch.setenv("EDGELOOP_NOTIFIER_API", str(notifier.api.base_url))
     monkeypatch.setenv("EDGELOOP_API_TOKEN", TOKEN)

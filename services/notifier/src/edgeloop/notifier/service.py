@@ -14,6 +14,7 @@ import uuid
 from typing import Any, Protocol
 
 import httpx
+from prometheus_client import Counter
 
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import Event
@@ -21,6 +22,15 @@ from edgeloop.contracts.webhooks import DELIVERY_HEADER, EVENT_HEADER, signed_he
 from edgeloop.notifier.store import Due, Outcome
 
 log = logging.getLogger(__name__)
+
+ATTEMPTS = Counter(
+    "edgeloop_notifier_attempts_total", "Webhook POSTs made, by outcome", ["outcome"]
+)
+FINISHED = Counter(
+    "edgeloop_notifier_deliveries_total",
+    "Deliveries finished: delivered, or dead after the last attempt",
+    ["status"],
+)
 
 #: Alertmanager's "no end time yet" (what it sends for a firing alert).
 NO_END = "0001-01-01T00:00:00Z"
@@ -226,6 +236,10 @@ class Deliverer:
             retry_in=backoff(attempt, self.retry_base, self.retry_max),
             max_attempts=self.max_attempts,
         )
+        if status is not None:
+            ATTEMPTS.labels("ok" if outcome.ok else "failed").inc()
+        if status in ("delivered", "dead"):
+            FINISHED.labels(status).inc()
         if status == "dead":
             log.warning(
                 "delivery %s (%s to %s) dead after %d attempts: %s",
