@@ -27,6 +27,7 @@ from edgeloop.contracts.webhooks import DELIVERY_HEADER, EVENT_HEADER, verify
 from edgeloop.devstack.servers import Postgres, free_port
 from edgeloop.devstack.testing import api_up, eventually, publish_event, stream_messages
 from edgeloop.devstack.up import ServiceProcess
+from edgeloop.kit.consumer import DLQ_CONSUMER, DLQ_REASON
 from edgeloop.kit.service import Service
 from edgeloop.kit.tokens import issue_token
 from edgeloop.notifier.app import build
@@ -405,3 +406,26 @@ async def test_sigkill_mid_delivery_sends_it_again_once(
     assert receiver.delivery_ids() == {rows[0]["delivery_id"]}
     assert len(receiver.got) == 2
     assert rows[0]["attempts"] == 1
+
+
+async def test_an_event_wrong_for_its_subject_is_dead_lettered_with_why(
+    notifier: Notifier, admin_js: JetStreamContext
+) -> None:
+    sub = await notifier.subscribe("http://127.0.0.1:9/unused", ["alarm.raised"])
+    # an event (id, time) but not an alarm: no alarm_id, kind or rule
+    wrong = RolloutRolledBack(model="iris", version="1", rollout_id=uuid.uuid4(), reason="x")
+    await admin_js.publish(
+        s.ALARM_RAISED, wrong.to_json(), headers={"Nats-Msg-Id": str(wrong.event_id)}
+    )
+
+    async def dead_letter() -> Any:
+        for msg in await stream_messages(admin_js, s.STREAM_DLQ, f"dlq.{s.ALARM_RAISED}"):
+            if json.loads(msg.data).get("event_id") == str(wrong.event_id):
+                return msg
+        return None
+
+    msg = await eventually(dead_letter, what="the dead letter")
+    reason = msg.headers[DLQ_REASON]
+    assert "alarm_id" in reason, reason
+    assert msg.headers[DLQ_CONSUMER] == s.CONSUMER_NOTIFIER
+    assert await notifier.deliveries(subscription=sub) == []
