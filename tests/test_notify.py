@@ -201,7 +201,8 @@ async def test_failing_receiver_retried_then_dead_lettered(
 ) -> None:
     failing = Receiver(fail_first=1000)
     flaky = Receiver(fail_first=2)  # fails twice, the third attempt gets through
-    async with receiving(failing), receiving(flaky):
+    failing_port = free_port()
+    async with receiving(failing, port=failing_port), receiving(flaky):
         dead_sub = await notifier.subscribe(
             failing.url, ["rollout.rolled_back"], format="alertmanager"
         )
@@ -261,6 +262,22 @@ async def test_failing_receiver_retried_then_dead_lettered(
     assert dead["delivery_id"] in result.output
     assert "dead" in result.output
     assert "HTTP 500" in result.output
+
+    # the receiver mended (it fails once more, then answers), a person retries it: the
+    # same delivery, another round of 3 attempts
+    failing.fail_first = 4
+    async with receiving(failing, port=failing_port):
+        result = await asyncio.to_thread(
+            CliRunner().invoke, cli, ["notify", "retry", dead["delivery_id"]]
+        )
+        assert result.exit_code == 0, result.output
+        (retried,) = await notifier.settled(dead_sub)
+        assert retried["status"] == "delivered", retried
+    assert retried["attempts"] == 5
+    assert len(failing.got) == 5
+    assert failing.delivery_ids() == {dead["delivery_id"]}
+    again = await notifier.api.post(f"/v1/deliveries/{dead['delivery_id']}/retry")
+    assert again.status_code == 409  # not dead any more
 
 
 async def test_restart_mid_delivery_doubles_nothing(

@@ -23,6 +23,8 @@ CREATE TABLE {schema}.deliveries (
     status          text NOT NULL DEFAULT 'pending'
                     CHECK (status IN ('pending', 'delivered', 'dead', 'cancelled')),
     attempts        integer NOT NULL DEFAULT 0,
+    -- rounds of max_attempts it may spend: 1, one more each time a person retries it
+    rounds          integer NOT NULL DEFAULT 1,
     next_attempt_at timestamptz NOT NULL DEFAULT now(),
     lease_owner     text,
     lease_until     timestamptz,

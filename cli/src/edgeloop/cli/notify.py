@@ -1,4 +1,4 @@
-"""``edgeloop notify add|list|remove|test|deliveries``: signed webhooks for lifecycle
+"""``edgeloop notify add|list|remove|test|deliveries|retry``: signed webhooks for lifecycle
 events (the notifier's API)."""
 
 from __future__ import annotations
@@ -119,6 +119,22 @@ def send_test(
         typer.echo(_delivery_line(delivery))
     if delivery["status"] != "delivered":
         raise typer.Exit(1)
+
+
+@app.command("retry")
+def retry(
+    delivery: Annotated[str, typer.Argument(help="a dead delivery's id")],
+    as_json: JsonOption = False,
+) -> None:
+    """Send a dead delivery again (same body, same delivery id), with another round of
+    attempts: after fixing the receiver."""
+    row = NOTIFIER.request("POST", f"/v1/deliveries/{delivery}/retry")
+    if as_json:
+        echo_json(row)
+    else:
+        typer.echo(
+            f"retrying {row['delivery_id']} ({row['event']}, {row['attempts']} attempts so far)"
+        )
 
 
 @app.command("deliveries")

@@ -138,6 +138,29 @@ def create_api(
             )
         return {"deliveries": rows}
 
+    @api.post("/v1/deliveries/{delivery_id}/retry")
+    async def retry(delivery_id: uuid.UUID, who: NotifyWriter) -> dict[str, Any]:
+        """Send a dead delivery again (the same body and delivery id), with another
+        round of attempts; after fixing the receiver."""
+        async with pool().acquire() as conn, conn.transaction():
+            row = await store.retry_delivery(conn, delivery_id)
+            if row is None:
+                raise HTTPException(
+                    409 if await store.get_delivery(conn, delivery_id) else 404,
+                    f"no dead delivery {delivery_id} of an active subscription to retry",
+                )
+            sub = {"subscription_id": row["subscription_id"]}
+            await _audit(
+                conn,
+                who,
+                "notify.retry",
+                sub,
+                before={"delivery_id": str(delivery_id), "attempts": row["attempts"]},
+                reason=row["last_error"],
+            )
+        wake()
+        return row
+
     @api.get("/v1/deliveries/{delivery_id}")
     async def delivery(delivery_id: uuid.UUID, _: Actor) -> dict[str, Any]:
         """One delivery: its body as sent and every attempt (status code or error)."""

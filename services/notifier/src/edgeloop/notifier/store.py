@@ -192,7 +192,8 @@ class PgDeliveries:
         max_attempts: int,
     ) -> str | None:
         """Log the attempt and move the delivery on (delivered; pending again after
-        ``retry_in`` s; dead after ``max_attempts``), if this replica still holds it;
+        ``retry_in`` s; dead after ``max_attempts`` — per round: a person's retry gives it
+        another), if this replica still holds it;
         the delivery's new status (None: the lease was lost, nothing recorded)."""
         attempt = due.attempts + 1
         async with self._pool().acquire() as conn, conn.transaction():
@@ -200,10 +201,10 @@ class PgDeliveries:
                 """UPDATE deliveries SET
                        attempts = $3, lease_owner = NULL, lease_until = NULL, last_error = $4,
                        status = CASE WHEN $5 THEN 'delivered'
-                                     WHEN $3 >= $6 THEN 'dead' ELSE 'pending' END,
-                       next_attempt_at = CASE WHEN $5 OR $3 >= $6 THEN next_attempt_at
+                                     WHEN $3 >= $6 * rounds THEN 'dead' ELSE 'pending' END,
+                       next_attempt_at = CASE WHEN $5 OR $3 >= $6 * rounds THEN next_attempt_at
                                               ELSE now() + make_interval(secs => $7) END,
-                       finished_at = CASE WHEN $5 OR $3 >= $6 THEN now() END
+                       finished_at = CASE WHEN $5 OR $3 >= $6 * rounds THEN now() END
                    WHERE delivery_id = $1 AND lease_owner = $2 AND status = 'pending'
                      AND attempts = $3 - 1
                    RETURNING status""",
@@ -235,6 +236,21 @@ class PgDeliveries:
             "WHERE lease_owner = $1 AND status = 'pending'",
             owner,
         )
+
+
+async def retry_delivery(conn: Conn, delivery_id: uuid.UUID) -> dict[str, Any] | None:
+    """A dead delivery pending again, with another round of attempts (its log kept);
+    None when there is no dead delivery of that id with an active subscription."""
+    row = await conn.fetchrow(
+        """UPDATE deliveries d SET status = 'pending', rounds = rounds + 1,
+                  next_attempt_at = now(), finished_at = NULL
+             FROM subscriptions s
+            WHERE d.delivery_id = $1 AND d.status = 'dead'
+              AND s.subscription_id = d.subscription_id AND s.removed_at IS NULL
+        RETURNING d.delivery_id, d.subscription_id, d.event, d.attempts, d.last_error""",
+        delivery_id,
+    )
+    return None if row is None else dict(row)
 
 
 async def list_deliveries(
