@@ -32,6 +32,7 @@ from edgeloop.kit.service import Service
 from edgeloop.kit.tokens import issue_token
 from edgeloop.notifier.app import build
 from edgeloop.notifier.config import NotifierSettings
+from edgeloop.notifier.store import PgDeliveries
 from tests.notify_harness import Receiver, receiving
 
 TOKEN = "notify-test-admin-token-0123456789"
@@ -278,6 +279,14 @@ async def test_failing_receiver_retried_then_dead_lettered(
     assert failing.delivery_ids() == {dead["delivery_id"]}
     again = await notifier.api.post(f"/v1/deliveries/{dead['delivery_id']}/retry")
     assert again.status_code == 409  # not dead any more
+
+    # finished deliveries go after the retention, their attempts with them
+    store = PgDeliveries(lambda: notifier.svc.pool)
+    assert await store.prune(3600) == 0
+    assert await store.prune(0) == 2
+    assert await notifier.deliveries() == []
+    gone = await notifier.api.get(f"/v1/deliveries/{dead['delivery_id']}")
+    assert gone.status_code == 404
 
 
 async def test_restart_mid_delivery_doubles_nothing(

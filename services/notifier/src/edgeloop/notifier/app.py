@@ -8,6 +8,7 @@ from pathlib import Path
 from edgeloop.kit.api import serve_api
 from edgeloop.kit.partitions import default_owner
 from edgeloop.kit.service import Service, configure_logging
+from edgeloop.kit.sweep import periodically
 from edgeloop.notifier.api import create_api
 from edgeloop.notifier.config import NotifierSettings
 from edgeloop.notifier.handlers import register_handlers
@@ -20,8 +21,9 @@ MIGRATIONS = Path(__file__).resolve().parents[3] / "migrations"
 def build(settings: NotifierSettings) -> Service:
     """The notifier service, ready to ``run()``."""
     svc = Service("notifier", settings, migrations=MIGRATIONS)
+    deliveries_store = PgDeliveries(lambda: svc.pool)
     deliverer = Deliverer(
-        PgDeliveries(lambda: svc.pool),
+        deliveries_store,
         owner=settings.instance_id or default_owner(),
         max_attempts=settings.max_attempts,
         retry_base=settings.retry_base_seconds,
@@ -36,6 +38,16 @@ def build(settings: NotifierSettings) -> Service:
     @svc.background
     async def deliveries(_: Service) -> None:
         await deliverer.run()
+
+    if settings.delivery_retention_seconds > 0:
+
+        @svc.background
+        async def prune_deliveries(_: Service) -> None:
+            await periodically(
+                lambda: deliveries_store.prune(settings.delivery_retention_seconds),
+                settings.prune_every_seconds,
+                what="pruning finished deliveries",
+            )
 
     @svc.background
     async def api(service: Service) -> None:

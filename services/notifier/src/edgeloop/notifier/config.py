@@ -29,5 +29,8 @@ class NotifierSettings(ApiServiceSettings):
     lease_seconds: float = Field(default=60.0, gt=0)
     """How long a replica holds a delivery it is sending; one left by a killed replica is
     sent again after this. Longer than ``request_timeout_seconds``."""
+    delivery_retention_seconds: float = Field(default=30 * 86400.0, ge=0)
+    """Finished deliveries (and their attempts) are deleted this long after they finished
+    (0: never); checked every ``prune_every_seconds``."""
     instance_id: str | None = None
     """This replica's name among the notifier replicas (default: host, pid, random)."""

@@ -229,6 +229,16 @@ class PgDeliveries:
             )
             return status
 
+    async def prune(self, older_than_seconds: float) -> int:
+        """Delete finished deliveries (delivered, dead, cancelled; their attempts with
+        them) that finished more than ``older_than_seconds`` ago; how many."""
+        status = await self._pool().execute(
+            "DELETE FROM deliveries WHERE status <> 'pending' "
+            "AND finished_at < now() - make_interval(secs => $1)",
+            older_than_seconds,
+        )
+        return int(status.split()[-1])
+
     async def release(self, owner: str) -> None:
         """Give up this replica's leases (it stops): another may send them at once."""
         await self._pool().execute(
