@@ -13,34 +13,21 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import nats
 
-from edgeloop.contracts.events import AlarmKind, AlarmRaised
 from edgeloop.contracts.webhooks import signed_headers
 from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import api_up, eventually, publish_event
 from edgeloop.notifier.app import build
 from edgeloop.notifier.config import NotifierSettings
 from tests.edge_harness import TOKEN
-from tests.notify_harness import Receiver, receiving
+from tests.notify_harness import Receiver, alarm, receiving
 
 SECRET = "bench-receiver-secret-0123456789"
-
-
-def _alarm() -> AlarmRaised:
-    return AlarmRaised(
-        model="iris",
-        version="1",
-        alarm_id=uuid.uuid4(),
-        kind=AlarmKind.DRIFT,
-        rule="psi",
-        message="psi 0.4 > 0.2",
-    )
 
 
 async def _until(receiver: Receiver, count: int) -> None:
@@ -108,13 +95,13 @@ async def run(
             for _ in range(20):
                 seen = len(receiver.got)
                 t0 = time.perf_counter()
-                await publish_event(js, _alarm())
+                await publish_event(js, alarm())
                 await _until(receiver, seen + 1)
                 latencies.append(time.perf_counter() - t0)
             body = receiver.got[-1][1]
             for _ in range(runs):
                 seen = len(receiver.got)
-                alarms = [_alarm() for _ in range(events)]
+                alarms = [alarm() for _ in range(events)]
                 t0 = time.perf_counter()
                 await asyncio.gather(*(publish_event(js, a) for a in alarms))
                 await _until(receiver, seen + events)

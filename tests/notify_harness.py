@@ -5,16 +5,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
 
+from edgeloop.contracts.events import AlarmKind, AlarmRaised
 from edgeloop.contracts.webhooks import DELIVERY_HEADER
 from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import eventually
 from edgeloop.kit.api import QuietServer
+
+
+def alarm() -> AlarmRaised:
+    """A fresh drift alarm (its own alarm and event ids)."""
+    return AlarmRaised(
+        model="iris",
+        version="1.0.0",
+        alarm_id=uuid.uuid4(),
+        kind=AlarmKind.DRIFT,
+        rule="psi",
+        severity="critical",
+        message="psi 0.4 > 0.2 on petal_length",
+    )
 
 
 @dataclass

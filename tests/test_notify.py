@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from edgeloop.cli.main import app as cli
 from edgeloop.contracts import subjects as s
-from edgeloop.contracts.events import AlarmKind, AlarmRaised, AlarmResolved, RolloutRolledBack
+from edgeloop.contracts.events import AlarmResolved, RolloutRolledBack
 from edgeloop.contracts.webhooks import DELIVERY_HEADER, EVENT_HEADER, verify
 from edgeloop.devstack.servers import Postgres, free_port
 from edgeloop.devstack.testing import api_up, eventually, publish_event, stream_messages
@@ -34,6 +34,7 @@ from edgeloop.notifier.app import build
 from edgeloop.notifier.config import NotifierSettings
 from edgeloop.notifier.store import PgDeliveries
 from tests.notify_harness import Receiver, receiving
+from tests.notify_harness import alarm as new_alarm
 
 TOKEN = "notify-test-admin-token-0123456789"
 SECRET = "receiver-shared-secret-0123456789"
@@ -114,19 +115,6 @@ async def notifier(nats_url: str, private_dsn: str) -> AsyncIterator[Notifier]:
         yield n
 
 
-def _alarm(**kw: Any) -> AlarmRaised:
-    return AlarmRaised(
-        model="iris",
-        version="1.0.0",
-        alarm_id=uuid.uuid4(),
-        kind=AlarmKind.DRIFT,
-        rule="psi",
-        severity="critical",
-        message="psi 0.4 > 0.2 on petal_length",
-        **kw,
-    )
-
-
 async def test_receiver_gets_alarm_raised_signed(
     notifier: Notifier, admin_js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -134,7 +122,7 @@ async def test_receiver_gets_alarm_raised_signed(
     port = free_port()
     async with receiving(receiver, port=port):
         sub = await notifier.subscribe(receiver.url, ["alarm.raised"])
-        alarm = _alarm()
+        alarm = new_alarm()
         # not asked for: no delivery
         await publish_event(
             admin_js,
@@ -295,7 +283,7 @@ async def test_restart_mid_delivery_doubles_nothing(
     receiver = Receiver(hold=asyncio.Event())
     async with receiving(receiver):
         sub = await notifier.subscribe(receiver.url, ["alarm.raised"])
-        alarm = _alarm()
+        alarm = new_alarm()
         await publish_event(admin_js, alarm)
         await asyncio.wait_for(receiver.arrived.wait(), 30)  # the POST is in flight
         # stopped while the receiver has not answered: nothing recorded yet
@@ -364,7 +352,7 @@ async def test_postgres_outage_spends_no_attempt_and_dead_letters_nothing(
     receiver = Receiver(hold=asyncio.Event())
     async with receiving(receiver), running_notifier(nats_url, dsn) as notifier:
         sub = await notifier.subscribe(receiver.url, ["alarm.raised"])
-        first, second = _alarm(), _alarm()
+        first, second = new_alarm(), new_alarm()
         await publish_event(admin_js, first)
         await asyncio.wait_for(receiver.arrived.wait(), 30)
         # PostgreSQL goes while the POST is in flight: its answer cannot be recorded
@@ -416,7 +404,7 @@ async def test_sigkill_mid_delivery_sends_it_again_once(
             await eventually(lambda: api_up(api), within=60, what="the notifier process")
             notifier = NotifierApi(api)
             sub = await notifier.subscribe(receiver.url, ["alarm.raised"])
-            await publish_event(admin_js, _alarm())
+            await publish_event(admin_js, new_alarm())
             await asyncio.wait_for(receiver.arrived.wait(), 30)
             await asyncio.to_thread(proc.kill)  # SIGKILL while the POST is unanswered
             receiver.hold.set()  # type: ignore[union-attr]
