@@ -20,12 +20,10 @@ import httpx
 import nats
 
 from edgeloop.contracts.webhooks import signed_headers
-from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import api_up, eventually, publish_event
 from edgeloop.notifier.app import build
-from edgeloop.notifier.config import NotifierSettings
 from tests.edge_harness import TOKEN
-from tests.notify_harness import Receiver, alarm, receiving
+from tests.notify_harness import Receiver, alarm, notifier_settings, receiving
 
 SECRET = "bench-receiver-secret-0123456789"
 
@@ -61,14 +59,8 @@ async def run(
 ) -> dict[str, Any]:
     """Latency of 20 single alarms and ``runs`` bursts of ``events``, with the baseline."""
     del registry_url, root
-    port = free_port()
-    settings = NotifierSettings(
-        nats_url=nats_url,
-        database_url=dsn,
-        api_tokens=TOKEN,
-        api_port=port,
-        log_level="WARNING",
-    )
+    settings = notifier_settings(nats_url, dsn, log_level="WARNING")
+    port = settings.api_port
     svc = build(settings)
     receiver = Receiver()
     nc = await nats.connect(nats_url)

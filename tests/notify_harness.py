@@ -17,6 +17,16 @@ from edgeloop.contracts.webhooks import DELIVERY_HEADER
 from edgeloop.devstack.servers import free_port
 from edgeloop.devstack.testing import eventually
 from edgeloop.kit.api import QuietServer
+from edgeloop.notifier.config import NotifierSettings
+from tests.edge_harness import TOKEN
+
+
+def notifier_settings(nats_url: str, dsn: str, **extra: Any) -> NotifierSettings:
+    """The notifier's settings on ``nats_url`` and ``dsn``, its API on a free port
+    accepting :data:`TOKEN` (the operator's)."""
+    return NotifierSettings(
+        nats_url=nats_url, database_url=dsn, api_tokens=TOKEN, api_port=free_port(), **extra
+    )
 
 
 def alarm() -> AlarmRaised:

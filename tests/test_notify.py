@@ -33,10 +33,9 @@ from edgeloop.kit.tokens import issue_token
 from edgeloop.notifier.app import build
 from edgeloop.notifier.config import NotifierSettings
 from edgeloop.notifier.store import PgDeliveries
-from tests.notify_harness import Receiver, receiving
+from tests.notify_harness import TOKEN, Receiver, notifier_settings, receiving
 from tests.notify_harness import alarm as new_alarm
 
-TOKEN = "notify-test-admin-token-0123456789"
 SECRET = "receiver-shared-secret-0123456789"
 
 
@@ -83,12 +82,9 @@ class Notifier(NotifierApi):
 async def running_notifier(nats_url: str, dsn: str) -> AsyncIterator[Notifier]:
     """The notifier on ``nats_url`` and database ``dsn``; retries short (3 attempts,
     50 ms doubling)."""
-    port = free_port()
-    settings = NotifierSettings(
-        nats_url=nats_url,
-        database_url=dsn,
-        api_tokens=TOKEN,
-        api_port=port,
+    settings = notifier_settings(
+        nats_url,
+        dsn,
         max_attempts=3,
         retry_base_seconds=0.05,
         retry_max_seconds=0.2,
@@ -98,7 +94,8 @@ async def running_notifier(nats_url: str, dsn: str) -> AsyncIterator[Notifier]:
     svc = build(settings)
     await svc.start()
     async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}
+        base_url=f"http://127.0.0.1:{settings.api_port}",
+        headers={"Authorization": f"Bearer {TOKEN}"},
     ) as api:
         n = Notifier(api=api, settings=settings, svc=svc, dsn=dsn)
         try:
