@@ -27,6 +27,7 @@ from bench import (
     monitor_aggregate,
     monitor_alarm,
     nats_permissions,
+    notify,
     outages,
     prom,
 )
@@ -54,6 +55,7 @@ def main() -> None:
             "nats-auth",
             "outages",
             "prom",
+            "notify",
         ],
         help="run one benchmark",
     )
@@ -88,6 +90,9 @@ def main() -> None:
     if args.only in (None, "prom"):
         with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
             _save("prom.json", asyncio.run(prom.run(Path(tmp), runs=max(args.runs, 3))))
+    if args.only in (None, "notify"):
+        with servers("bench_notify") as common:
+            _save("notify.json", asyncio.run(notify.run(*common, runs=max(args.runs, 3))))
     if args.only in (None, "edge", "edge-connections"):
         edge(args, connections_only=args.only == "edge-connections")
     if args.only in (None, "edge-gateway"):

@@ -29,10 +29,11 @@ PLATFORM = {
     "deployer": "edgeloop.deployer",
     "monitor": "edgeloop.monitor",
     "gateway": "edgeloop.gateway",
+    "notifier": "edgeloop.notifier",
 }
 INFRA = ("nats", "postgres", "oci-registry", "jaeger", "prometheus")
 #: The services with an HTTP API (they accept the admin token).
-API_SERVICES = ("registry", "deployer", "monitor", "gateway")
+API_SERVICES = ("registry", "deployer", "monitor", "gateway", "notifier")
 SECRET_NAMES = re.compile(r"TOKEN|KEY$|SECRET|PASSWORD|DATABASE_URL")
 
 

@@ -20,7 +20,9 @@ from playwright.async_api import Browser, Route, async_playwright
 from playwright.async_api import TimeoutError as PageTimeout
 
 from edgeloop.devstack.servers import NatsServer, free_port
-from tests.deploy_harness import DeployStack, monitor_beside
+from edgeloop.notifier.app import build as build_notifier
+from edgeloop.notifier.config import NotifierSettings
+from tests.deploy_harness import TOKEN, DeployStack, monitor_beside
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -62,15 +64,25 @@ async def browser() -> AsyncIterator[Browser]:
 async def apis(
     deploy: DeployStack, nats_private: NatsServer, private_dsn: str, registry_url: str
 ) -> AsyncIterator[dict[str, str]]:
-    """Base URL of each service's HTTP API: registry, gateway, deployer, monitor."""
-    port = free_port()
+    """Base URL of each service's HTTP API: registry, gateway, deployer, monitor,
+    notifier."""
+    port, notifier_port = free_port(), free_port()
     monitor = monitor_beside(deploy, nats_private.url, private_dsn, registry_url, port)
-    async with monitor.running():
+    notifier = build_notifier(
+        NotifierSettings(
+            nats_url=nats_private.url,
+            database_url=private_dsn,
+            api_tokens=TOKEN,
+            api_port=notifier_port,
+        )
+    )
+    async with monitor.running(), notifier.running():
         yield {
             "registry": str(deploy.registry.base_url).rstrip("/"),
             "gateway": str(deploy.edge.api.base_url).rstrip("/"),
             "deployer": str(deploy.api.base_url).rstrip("/"),
             "monitor": f"http://127.0.0.1:{port}",
+            "notifier": f"http://127.0.0.1:{notifier_port}",
         }
 
 
@@ -80,6 +92,7 @@ KNOWN = {
     "gateway": "/v1/devices",
     "deployer": "/v1/rollouts",
     "monitor": "/v1/alarms",
+    "notifier": "/v1/subscriptions",
 }
 
 

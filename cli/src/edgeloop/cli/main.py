@@ -18,6 +18,7 @@ from edgeloop.cli import (
     fleet,
     models,
     monitor,
+    notify,
     rollout,
     signing,
     status,
@@ -46,6 +47,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(audit.app, name="audit")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(dlq.app, name="dlq")
+app.add_typer(notify.app, name="notify")
 
 
 @app.callback()

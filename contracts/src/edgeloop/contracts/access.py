@@ -127,6 +127,11 @@ SERVICES: Final[Mapping[str, Access]] = {
             "monitor-wave-failed",
         ),
     ),
+    # webhooks: reads every lifecycle event, publishes none (it only dead-letters)
+    "notifier": Access(
+        consumes=s.LIFECYCLE_SUBJECTS,
+        durables=(s.CONSUMER_NOTIFIER,),
+    ),
     "gateway": Access(
         publishes=(f"{s.TELEMETRY_PREFIX}.*.*", f"{s.DEVICE_STATUS_PREFIX}.*"),
         kv_reads=(s.KV_DESIRED,),

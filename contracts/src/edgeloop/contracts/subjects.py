@@ -72,6 +72,7 @@ CONSUMER_DEPLOYER_RELEASES: Final = "deployer-releases"
 CONSUMER_MONITOR_TELEMETRY: Final = "monitor-telemetry"
 CONSUMER_MONITOR_STATUS: Final = "monitor-status"
 CONSUMER_REGISTRY_RETRAIN: Final = "registry-retrain"
+CONSUMER_NOTIFIER: Final = "notifier"
 
 
 def _token(value: str) -> str:

@@ -13,13 +13,14 @@ the servers.
 Environment: ``EDGELOOP_STATE_DIR`` (default ``.edgeloop``); ports
 ``EDGELOOP_NATS_PORT`` (14222), ``EDGELOOP_NATS_MONITOR_PORT`` (18222),
 ``EDGELOOP_PG_PORT`` (15432), ``EDGELOOP_OCI_REGISTRY_PORT`` (15000),
-``EDGELOOP_REGISTRY_API_PORT`` (18100), ``EDGELOOP_PROMETHEUS_PORT`` (19090; Prometheus
-scrapes every service and NATS, with ``deploy/prometheus/alerts.yml``; see
-``edgeloop.devstack.prometheus``) and ``EDGELOOP_FIRST_HTTP_PORT`` (18080, the services'
-health ports count up from it). ``EDGELOOP_NATS_CLUSTER=3`` runs a 3-node NATS
-cluster instead of one server (the first node on the NATS ports above, the others on
-free ones; state in ``nats-cluster/n<i>``), with every stream and bucket on 3 nodes
-(``EDGELOOP_NATS_REPLICAS``); services get every node's URL. ``EDGELOOP_SERVICE_REPLICAS=2``
+``EDGELOOP_REGISTRY_API_PORT`` (18100), ``EDGELOOP_NOTIFIER_API_PORT`` (18600),
+``EDGELOOP_PROMETHEUS_PORT`` (19090; Prometheus scrapes every service and NATS, with
+``deploy/prometheus/alerts.yml``; see ``edgeloop.devstack.prometheus``) and
+``EDGELOOP_FIRST_HTTP_PORT`` (18080, the services' health ports count up from it).
+``EDGELOOP_NATS_CLUSTER=3`` runs a 3-node NATS cluster instead of one server (the first
+node on the NATS ports above, the others on free ones; state in ``nats-cluster/n<i>``),
+with every stream and bucket on 3 nodes (``EDGELOOP_NATS_REPLICAS``); services get every
+node's URL. ``EDGELOOP_SERVICE_REPLICAS=2``
 runs a second process of every platform service (``<name>-2``, sharing its durable
 consumers, partitions and tables; its HTTP APIs on free ports), started once the first
 ones are ready.
@@ -79,6 +80,8 @@ SERVICES: tuple[tuple[str, str], ...] = (
     # NATS's figures in Prometheus's format, for Prometheus (embedded NATS, or
     # EDGELOOP_NATS_METRICS_URLS naming the monitoring endpoints)
     ("nats_metrics", "edgeloop.kit.natsmetrics"),
+    # webhooks for lifecycle events (edgeloop notify …)
+    ("notifier", "edgeloop.notifier"),
 )
 
 NATS_PORT = 14222
@@ -89,6 +92,7 @@ REGISTRY_API_PORT = 18100
 GATEWAY_API_PORT = 18200
 DEPLOYER_API_PORT = 18300
 MONITOR_API_PORT = 18400
+NOTIFIER_API_PORT = 18600
 GATEWAY_GRPC_PORT = 18443
 TRACES_OTLP_PORT = 14317
 PROMETHEUS_PORT = 19090
@@ -408,6 +412,7 @@ def _print_endpoints(endpoints: dict[str, Any], services: list[ServiceProcess], 
         f"  gateway (gRPC)    {endpoints['gateway_address']}   (mTLS; edgeloop devices enroll ID)",
         f"  deployer API      {endpoints['deployer_api']}/docs   (edgeloop rollouts list)",
         f"  monitor API       {endpoints['monitor_api']}/docs   (alarms, drift windows, rules)",
+        f"  notifier API      {endpoints['notifier_api']}/docs   (edgeloop notify add|list)",
         f"  traces            {endpoints.get('traces_api', '-')}   (edgeloop trace NAME@VERSION)",
         f"  Prometheus        {endpoints.get('prometheus_url', '-')}   (targets, alerts: /alerts)",
         f"  API token         export EDGELOOP_API_TOKEN=$(cat {root / 'api-token'})",
@@ -480,6 +485,7 @@ def main() -> None:
         gateway_address = f"127.0.0.1:{_port('EDGELOOP_GATEWAY_GRPC_PORT', GATEWAY_GRPC_PORT)}"
         deployer_api = f"http://127.0.0.1:{_port('EDGELOOP_DEPLOYER_API_PORT', DEPLOYER_API_PORT)}"
         monitor_api = f"http://127.0.0.1:{_port('EDGELOOP_MONITOR_API_PORT', MONITOR_API_PORT)}"
+        notifier_api = f"http://127.0.0.1:{_port('EDGELOOP_NOTIFIER_API_PORT', NOTIFIER_API_PORT)}"
         endpoints |= {
             # tools take one URL (the others are discovered from the server's INFO)
             "nats_url": auth.url(nats_url.split(",")[0]) if auth else nats_url,
@@ -490,6 +496,7 @@ def main() -> None:
             "gateway_address": gateway_address,
             "deployer_api": deployer_api,
             "monitor_api": monitor_api,
+            "notifier_api": notifier_api,
             "public_key": str(root / "signing-key.pub"),
         }
         external_otlp = os.environ.get("EDGELOOP_OTLP_ENDPOINT")
@@ -535,6 +542,10 @@ def main() -> None:
                 "EDGELOOP_MONITOR_GRACE_SECONDS": os.environ.get(
                     "EDGELOOP_MONITOR_GRACE_SECONDS", "2"
                 ),
+            },
+            "notifier": {
+                "EDGELOOP_NOTIFIER_API_TOKENS": api_token,
+                "EDGELOOP_NOTIFIER_API_PORT": notifier_api.rsplit(":", 1)[1],
             },
             "gateway": {
                 "EDGELOOP_GATEWAY_API_TOKENS": api_token,

@@ -55,6 +55,7 @@ CAPABILITIES: dict[str, tuple[str, ...]] = {
     "models.retire": ("service", "admin"),
     # register a version with a threshold looser than the platform's minimum
     "thresholds.loosen": ("admin",),
+    "notify.write": ("operator", "admin"),  # add, remove and test webhook subscriptions
 }
 
 
@@ -164,6 +165,7 @@ Admin = Annotated[str, requires("tokens.admin")]
 Deprecator = Annotated[str, requires("models.deprecate")]
 Retirer = Annotated[str, requires("models.retire")]
 DlqReplayer = Annotated[str, requires("dlq.replay")]
+NotifyWriter = Annotated[str, requires("notify.write")]
 
 
 #: Where an API serves the scripts, styles and icon of its ``/docs`` (Swagger UI) and

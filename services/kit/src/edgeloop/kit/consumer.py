@@ -100,6 +100,9 @@ class Tx:
     schema: str
     event_id: uuid.UUID
     deliveries: int
+    subject: str = ""
+    """The subject the event arrived on (a consumer of several subjects tells them apart
+    by it)."""
     committed: list[Callable[[], None]] = field(default_factory=list)
     """Callbacks run once the transaction committed (e.g. wake a local worker)."""
     shared: dict[str, Any] = field(default_factory=dict)
@@ -549,6 +552,7 @@ class EventProcessor(Generic[E]):
                     schema=self.schema,
                     event_id=event.event_id,
                     deliveries=_deliveries(msg),
+                    subject=msg.subject,
                     shared=shared,
                     flushes=flushes,
                 )

@@ -1,0 +1,3 @@
+from edgeloop.notifier.app import main
+
+main()
