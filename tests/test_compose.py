@@ -66,7 +66,7 @@ def config() -> dict[str, Any]:
 
 def test_compose_config_passes_and_has_every_part(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == {*PLATFORM, *INFRA, "fleet", "db-init", "bus-init"}
+    assert set(services) == {*PLATFORM, *INFRA, "fleet", "console", "db-init", "bus-init"}
     assert services["nats"]["command"] == ["-c", "/run/secrets/nats.conf"]
     assert services["nats"]["secrets"][0]["target"] == "nats.conf"
 
@@ -140,7 +140,11 @@ def test_every_service_connects_to_postgresql_as_its_own_role(config: dict[str, 
 def test_every_service_is_built_from_its_dockerfile_in_the_workspace(
     config: dict[str, Any],
 ) -> None:
-    for name, module in [*PLATFORM.items(), ("fleet", "edgeloop.edge.fleet")]:
+    for name, module in [
+        *PLATFORM.items(),
+        ("fleet", "edgeloop.edge.fleet"),
+        ("console", "edgeloop.console"),
+    ]:
         build = config["services"][name]["build"]
         assert Path(build["context"]) == ROOT
         dockerfile = ROOT / build["dockerfile"]
@@ -155,7 +159,7 @@ def test_services_wait_for_healthy_dependencies_and_have_healthchecks(
     config: dict[str, Any],
 ) -> None:
     services = config["services"]
-    for name in [*PLATFORM, "fleet", "nats", "postgres", "oci-registry", "prometheus"]:
+    for name in [*PLATFORM, "fleet", "console", "nats", "postgres", "oci-registry", "prometheus"]:
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     for name in PLATFORM:
         deps = services[name]["depends_on"]
@@ -163,6 +167,9 @@ def test_services_wait_for_healthy_dependencies_and_have_healthchecks(
             assert deps[infra]["condition"] == "service_healthy", (name, infra)
     assert services["fleet"]["depends_on"]["gateway"]["condition"] == "service_healthy"
     assert services["deployer"]["depends_on"]["gateway"]["condition"] == "service_healthy"
+    for api in API_SERVICES:  # the console opens once the APIs it shows answer
+        assert services["console"]["depends_on"][api]["condition"] == "service_healthy"
+    assert not services["console"].get("secrets"), "the console holds no secret"
 
 
 def test_secrets_are_files_never_environment_values(config: dict[str, Any]) -> None:

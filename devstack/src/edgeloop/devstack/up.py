@@ -13,7 +13,8 @@ the servers.
 Environment: ``EDGELOOP_STATE_DIR`` (default ``.edgeloop``); ports
 ``EDGELOOP_NATS_PORT`` (14222), ``EDGELOOP_NATS_MONITOR_PORT`` (18222),
 ``EDGELOOP_PG_PORT`` (15432), ``EDGELOOP_OCI_REGISTRY_PORT`` (15000),
-``EDGELOOP_REGISTRY_API_PORT`` (18100) and ``EDGELOOP_FIRST_HTTP_PORT`` (18080, the
+``EDGELOOP_REGISTRY_API_PORT`` (18100), ``EDGELOOP_CONSOLE_PORT`` (18500, the console's
+pages and its health) and ``EDGELOOP_FIRST_HTTP_PORT`` (18080, the
 services' health ports count up from it). ``EDGELOOP_NATS_CLUSTER=3`` runs a 3-node NATS
 cluster instead of one server (the first node on the NATS ports above, the others on
 free ones; state in ``nats-cluster/n<i>``), with every stream and bucket on 3 nodes
@@ -73,6 +74,8 @@ SERVICES: tuple[tuple[str, str], ...] = (
     # the trace collector (OTLP in, Jaeger-shaped queries out), unless an
     # EDGELOOP_OTLP_ENDPOINT sends the traces elsewhere
     ("traces", "edgeloop.devstack.traces"),
+    # the operators' web pages, over the APIs above (each person signs in with a token)
+    ("console", "edgeloop.console"),
 )
 
 NATS_PORT = 14222
@@ -85,6 +88,7 @@ DEPLOYER_API_PORT = 18300
 MONITOR_API_PORT = 18400
 GATEWAY_GRPC_PORT = 18443
 TRACES_OTLP_PORT = 14317
+CONSOLE_PORT = 18500
 FLEET_DEVICES = 5
 FIRST_HTTP_PORT = 18080
 DATABASE = "edgeloop"
@@ -139,6 +143,23 @@ def _replica_env(name: str, k: int, own: dict[str, str], gateway_address: str) -
         env["EDGELOOP_GATEWAY_GATEWAY_ID"] = f"{host}-{k}"
     if name == "deployer":
         env["EDGELOOP_DEPLOYER_INSTANCE_ID"] = f"{host}-deployer-{k}"
+    return env
+
+
+def _console_env(endpoints: dict[str, Any], port: int) -> dict[str, str]:
+    """The console's settings: where the APIs are (it holds no secret: each person signs
+    in with their own token)."""
+    env = {
+        "EDGELOOP_CONSOLE_PORT": str(port),
+        "EDGELOOP_CONSOLE_REGISTRY_API": endpoints["registry_api"],
+        "EDGELOOP_CONSOLE_DEPLOYER_API": endpoints["deployer_api"],
+        "EDGELOOP_CONSOLE_MONITOR_API": endpoints["monitor_api"],
+        "EDGELOOP_CONSOLE_GATEWAY_API": endpoints["gateway_api"],
+    }
+    if endpoints.get("traces_api"):
+        env["EDGELOOP_CONSOLE_TRACES_API"] = endpoints["traces_api"]
+    if endpoints.get("nats_monitor_url"):
+        env["EDGELOOP_CONSOLE_NATS_MONITOR_URL"] = endpoints["nats_monitor_url"]
     return env
 
 
@@ -383,6 +404,7 @@ def _print_endpoints(endpoints: dict[str, Any], services: list[ServiceProcess], 
         f"  monitor API       {endpoints['monitor_api']}/docs   (alarms, drift windows, rules)",
         f"  traces            {endpoints.get('traces_api', '-')}   (edgeloop trace NAME@VERSION)",
         f"  API token         export EDGELOOP_API_TOKEN=$(cat {root / 'api-token'})",
+        f"  console           {endpoints['console']}   (sign in with the API token above)",
         f"  state             {root}  (stack.json, logs/)",
         "check it:   .venv/bin/edgeloop status      stop it:   Ctrl-C or `make down`",
     ]
@@ -450,6 +472,7 @@ def main() -> None:
         gateway_address = f"127.0.0.1:{_port('EDGELOOP_GATEWAY_GRPC_PORT', GATEWAY_GRPC_PORT)}"
         deployer_api = f"http://127.0.0.1:{_port('EDGELOOP_DEPLOYER_API_PORT', DEPLOYER_API_PORT)}"
         monitor_api = f"http://127.0.0.1:{_port('EDGELOOP_MONITOR_API_PORT', MONITOR_API_PORT)}"
+        console_port = _port("EDGELOOP_CONSOLE_PORT", CONSOLE_PORT)
         endpoints |= {
             # tools take one URL (the others are discovered from the server's INFO)
             "nats_url": auth.url(nats_url.split(",")[0]) if auth else nats_url,
@@ -460,6 +483,7 @@ def main() -> None:
             "gateway_address": gateway_address,
             "deployer_api": deployer_api,
             "monitor_api": monitor_api,
+            "console": f"http://127.0.0.1:{console_port}",
             "public_key": str(root / "signing-key.pub"),
         }
         external_otlp = os.environ.get("EDGELOOP_OTLP_ENDPOINT")
@@ -535,6 +559,12 @@ def main() -> None:
                 if external_otlp:
                     continue
                 endpoints.setdefault("traces_api", f"http://127.0.0.1:{port}")
+            if name == "console":  # its health is on its pages' port
+                env = _console_env(endpoints, console_port)
+                services.append(
+                    ServiceProcess(name, module, console_port, env, logs / "console.log")
+                )
+                continue
             env = {**common, **own.get(name, {}), f"EDGELOOP_{name.upper()}_HTTP_PORT": str(port)}
             if auth is not None and name in SERVICE_ACCESS:
                 env |= auth.service_env(name)

@@ -185,6 +185,14 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
             return RedirectResponse("/signin", status_code=303)
         return page(request, "error.html", session, status=exc.status, detail=str(exc))
 
+    # --- health -----------------------------------------------------------------------
+
+    @app.get("/healthz")
+    @app.get("/readyz")
+    async def healthz() -> dict[str, str]:
+        """The process serves (the APIs' health is on the overview: each has its own)."""
+        return {"status": "ok"}
+
     # --- sign-in ----------------------------------------------------------------------
 
     @app.get("/signin", response_class=HTMLResponse)
