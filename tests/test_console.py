@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator
@@ -276,10 +277,39 @@ async def raise_alarm(console: Console, model: str) -> str:
     return alarm_id
 
 
-async def test_an_operator_acks_an_alarm(
+async def seed_drift(console: Console, model: str) -> int:
+    """Three judged windows of ``model``@1 (feature f0's PSI rising past the threshold)
+    and a stored low-confidence sample, as the monitor leaves them; the sample's id."""
+    conn = await asyncpg.connect(console.monitor_dsn)
+    try:
+        for i, psi in enumerate((0.05, 0.12, 0.41)):
+            scores = {"features": {"f0": {"psi": psi}}, "kpis": {"error_rate": 0.01 * i}}
+            await conn.execute(
+                """INSERT INTO monitor.windows (model, version, grp, window_start, window_end,
+                       aggregate, count, evaluated, scores)
+                   VALUES ($1, '1', 'site=a', now() - make_interval(mins => 10 - $2),
+                       now() - make_interval(mins => 9 - $2), '{}', 500, true, $3::jsonb)""",
+                model,
+                i,
+                json.dumps(scores),
+            )
+        sample: int = await conn.fetchval(
+            """INSERT INTO monitor.samples (model, version, device_id, features, prediction,
+                   confidence, at)
+               VALUES ($1, '1', 'a00', '[1.0, 2.0]', '2', 0.31, now()) RETURNING sample_id""",
+            model,
+        )
+    finally:
+        await conn.close()
+    return sample
+
+
+async def test_monitoring_acks_an_alarm_charts_drift_and_labels_a_sample(
     browser: Browser, console: Console, tmp_path: Path
 ) -> None:
-    alarm_id = await raise_alarm(console, f"ack{console.stack.unique}")
+    model = f"ack{console.stack.unique}"
+    alarm_id = await raise_alarm(console, model)
+    sample = await seed_drift(console, model)
     context, page = await sign_in(browser, console, "alice")
     try:
         await expect(page.locator("#open-alarms")).to_contain_text("PSI 0.41")
@@ -291,6 +321,21 @@ async def test_an_operator_acks_an_alarm(
             f"acknowledged by alice-{console.stack.unique}"
         )
         await page.screenshot(path=str(tmp_path / "alarm-acked.png"), full_page=True)
+
+        # the PSI of each window with the rule's threshold; the sample gets its label
+        await page.goto(f"{console.url}/monitoring?model={model}&version=1")
+        chart = page.locator("#psi-charts figure[data-feature=f0] svg")
+        await expect(chart.locator("polyline")).to_have_count(1)
+        assert len((await chart.locator("polyline").get_attribute("points") or "").split()) == 3
+        await expect(chart.locator("line[stroke-dasharray]")).to_have_count(1)  # threshold
+        await expect(chart).to_contain_text("threshold 0.25")
+        await expect(page.locator("#kpis")).to_contain_text("error_rate")
+        labelled = page.locator(f"#samples tr[data-sample='{sample}']")
+        await labelled.locator("input[name=label]").fill("1")
+        await labelled.locator("button[data-action=label]").click()
+        await expect(page.locator("#done")).to_contain_text("labelled")
+        await expect(labelled).to_contain_text(f"by alice-{console.stack.unique}")
+        await page.screenshot(path=str(tmp_path / "monitoring-drift.png"), full_page=True)
     finally:
         await context.close()
 
@@ -320,6 +365,13 @@ async def test_a_versions_trace_waterfall_shows_the_device_activations(
         await expect(page.locator("#waterfall g.span[data-service=registry]").first).to_be_visible()
         await expect(page.locator("#waterfall g.span[data-service=deployer]").first).to_be_visible()
         await page.screenshot(path=str(tmp_path / "trace-waterfall.png"), full_page=True)
+
+        # the devices it reached: filtered by label, each with its history
+        await page.goto(f"{console.url}/devices?selector=group%3Da-{st.unique}&online=yes")
+        await expect(page.locator("#devices tr")).to_have_count(1 + len(console.group))
+        await page.click(f"#devices a:text('{console.group[0]}')")
+        await expect(page.locator("#history")).to_contain_text(f"{model}@1")
+        await page.screenshot(path=str(tmp_path / "device.png"), full_page=True)
     finally:
         await context.close()
 

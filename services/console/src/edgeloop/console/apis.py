@@ -63,7 +63,13 @@ class Apis:
         return url.rstrip("/")
 
     async def call(self, service: str, method: str, path: str, token: str, **kwargs: Any) -> Any:
-        """The JSON answer of ``method path`` on ``service``'s API with ``token``;
+        """The JSON answer of ``method path`` on ``service``'s API (see :meth:`send`)."""
+        return (await self.send(service, method, path, token, **kwargs)).json()
+
+    async def send(
+        self, service: str, method: str, path: str, token: str, **kwargs: Any
+    ) -> httpx.Response:
+        """The answer of ``method path`` on ``service``'s API with ``token``;
         :class:`ApiError` with the service's status and message otherwise (503 when it
         cannot be reached)."""
         try:
@@ -77,7 +83,7 @@ class Apis:
             raise ApiError(service, 503, f"the {service} API is not reachable ({exc})") from exc
         if resp.status_code >= 400:
             raise ApiError(service, resp.status_code, _detail(resp))
-        return resp.json()
+        return resp
 
     async def get(self, service: str, path: str, token: str, **params: Any) -> Any:
         """``GET`` (``params`` that are None are left out)."""

@@ -31,6 +31,7 @@ from edgeloop.console import views
 from edgeloop.console.apis import ApiError, Apis, q
 from edgeloop.console.config import ConsoleSettings
 from edgeloop.console.sessions import SESSION_COOKIE, SIGNIN_COOKIE, Session, Sessions
+from edgeloop.kit.svg import line_chart
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 )
+
+
+#: The monitor's drift report is a page of its own with inline styles and no script.
+REPORT_CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'"
 
 
 class SignInNeeded(Exception):
@@ -61,8 +66,9 @@ class SecurityHeaders:
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
+                if not any(k.lower() == b"content-security-policy" for k, _ in headers):
+                    headers.append((b"content-security-policy", CSP.encode()))
                 headers += [
-                    (b"content-security-policy", CSP.encode()),
                     (b"x-content-type-options", b"nosniff"),
                     (b"referrer-policy", b"same-origin"),
                     (b"x-frame-options", b"DENY"),
@@ -121,6 +127,7 @@ def checked_post(capability: str) -> Callable[..., Awaitable[Session]]:
 
 RolloutWriter = Annotated[Session, Depends(checked_post("rollouts.write"))]
 MonitorWriter = Annotated[Session, Depends(checked_post("monitor.write"))]
+DataWriter = Annotated[Session, Depends(checked_post("data.write"))]
 
 
 def create_app(settings: ConsoleSettings) -> FastAPI:
@@ -508,15 +515,103 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
 
     @app.get("/monitoring", response_class=HTMLResponse)
     async def monitoring(
-        request: Request, who: Who, done: str | None = None, show: str = "open"
+        request: Request,
+        who: Who,
+        done: str | None = None,
+        show: str = "open",
+        model: str | None = None,
+        version: str | None = None,
+        group: str | None = None,
     ) -> Response:
+        a, t = apis(), who.token
         try:
-            body = await apis().get(
-                "monitor", "/v1/alarms", who.token, open="true" if show == "open" else None
+            body = await a.get(
+                "monitor",
+                "/v1/alarms",
+                t,
+                open="true" if show == "open" else None,
+                model=model or None,
             )
         except ApiError as exc:
             return api_failed(request, who, exc)
-        return page(request, "monitoring.html", who, alarms=body["alarms"], done=done, show=show)
+        charts: dict[str, Markup] = {}
+        groups: list[str] = []
+        kpis: dict[str, Any] = {}
+        samples: list[dict[str, Any]] = []
+        threshold, drift_error = None, None
+        if model:
+            (windows, drift_error), (rules, _), (found, _) = await asyncio.gather(
+                or_error(
+                    a.get("monitor", "/v1/windows", t, model=model, version=version, limit=500)
+                ),
+                or_error(a.get("monitor", f"/v1/rules/{q(model)}", t)),
+                or_error(a.get("monitor", "/v1/samples", t, model=model, kind="all", limit=50)),
+            )
+            threshold = float(((rules or {}).get("rules") or {}).get("drift_psi", 0.25))
+            groups, series = views.psi_series((windows or {}).get("windows", []), group)
+            kpis = views.latest_kpis((windows or {}).get("windows", []))
+            charts = {
+                name: Markup(line_chart(points, threshold, f"{name}: PSI per window"))
+                for name, points in sorted(series.items())
+            }
+            samples = (found or {}).get("samples", [])[-50:]
+        return page(
+            request,
+            "monitoring.html",
+            who,
+            alarms=body["alarms"],
+            done=done,
+            show=show,
+            model=model or "",
+            version=version or "",
+            group=group or (groups[0] if groups else ""),
+            groups=groups,
+            charts=charts,
+            threshold=threshold,
+            kpis=kpis,
+            samples=samples,
+            drift_error=drift_error,
+        )
+
+    @app.get("/monitoring/report", response_class=HTMLResponse)
+    async def drift_report(request: Request, who: Who, model: str, version: str) -> Response:
+        """The monitor's drift report (reference vs current histograms per feature), as
+        the monitor renders it: its own inline styles, no script."""
+        try:
+            resp = await apis().send(
+                "monitor",
+                "GET",
+                "/v1/report",
+                who.token,
+                params={"model": model, "version": version},
+            )
+        except ApiError as exc:
+            return api_failed(request, who, exc)
+        return HTMLResponse(
+            resp.text,
+            headers={"Content-Security-Policy": REPORT_CSP},
+        )
+
+    @app.post("/samples/{sample_id}/label")
+    async def label(
+        request: Request,
+        sample_id: int,
+        who: DataWriter,
+        model: Annotated[str, Form()] = "",
+        label: Annotated[str, Form()] = "",
+    ) -> Response:
+        if not label.strip():
+            raise HTTPException(422, "give the sample a label")
+        try:
+            await apis().post(
+                "monitor",
+                f"/v1/samples/{sample_id}/label",
+                who.token,
+                json={"label": label.strip()},
+            )
+        except ApiError as exc:
+            return api_failed(request, who, exc)
+        return RedirectResponse(f"/monitoring?model={quote(model)}&done=labelled", status_code=303)
 
     @app.post("/alarms/{alarm_id}/ack")
     async def ack(

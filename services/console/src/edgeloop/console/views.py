@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 #: The verbs of a rollout's buttons and the states in which the deployer takes each.
@@ -122,3 +123,29 @@ SERVICE_COLOURS = {
 def colour(service: str) -> str:
     """The waterfall colour of ``service``."""
     return SERVICE_COLOURS.get(service, "#9c9c9c")
+
+
+def psi_series(
+    windows: list[dict[str, Any]], group: str | None
+) -> tuple[list[str], dict[str, list[tuple[datetime, float]]]]:
+    """The groups of the windows, and per feature the PSI of each judged window of
+    ``group`` (the first group when None), oldest first."""
+    groups = sorted({str(w.get("group")) for w in windows})
+    chosen = group if group in groups else (groups[0] if groups else None)
+    series: dict[str, list[tuple[datetime, float]]] = defaultdict(list)
+    for w in sorted(windows, key=lambda x: str(x["window_start"])):
+        if str(w.get("group")) != chosen or not w.get("evaluated"):
+            continue
+        scores = w.get("scores") or {}
+        for name, feature in (scores.get("features") or {}).items():
+            series[name].append((datetime.fromisoformat(w["window_end"]), float(feature["psi"])))
+    return groups, dict(series)
+
+
+def latest_kpis(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The KPIs of the newest judged window."""
+    for w in sorted(windows, key=lambda x: str(x["window_start"]), reverse=True):
+        kpis = (w.get("scores") or {}).get("kpis")
+        if w.get("evaluated") and kpis:
+            return dict(kpis)
+    return {}
