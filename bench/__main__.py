@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    console,
     deployer_rollout,
     edge_gateway,
     kit_throughput,
@@ -52,6 +53,7 @@ def main() -> None:
             "monitor",
             "nats-auth",
             "outages",
+            "webconsole",
         ],
         help="run one benchmark",
     )
@@ -82,6 +84,12 @@ def main() -> None:
             _save(
                 "outages.json",
                 asyncio.run(outages.run(Path(tmp), runs=max(args.runs, 3))),
+            )
+    if args.only in (None, "webconsole"):
+        with servers("bench_console") as common:
+            _save(
+                "console.json",
+                asyncio.run(console.run(*common, devices=10_000, rollouts=100, runs=args.runs)),
             )
     if args.only in (None, "edge", "edge-connections"):
         edge(args, connections_only=args.only == "edge-connections")

@@ -9,7 +9,6 @@ Each test leaves a screenshot of what it checked in its directory (``tmp_path``)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import uuid
@@ -20,10 +19,9 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
-import uvicorn
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
-from edgeloop.console.app import create_app
+from edgeloop.console.app import serving
 from edgeloop.console.config import ConsoleSettings
 from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import NatsServer, Postgres, free_port
@@ -55,23 +53,6 @@ class Console:
             headers={"Authorization": f"Bearer {self.tokens[name]}"},
             timeout=30,
         )
-
-
-@contextlib.asynccontextmanager
-async def serve(settings: ConsoleSettings) -> AsyncIterator[str]:
-    """The console app served by uvicorn in this loop; its URL."""
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning"
-        )
-    )
-    task = asyncio.create_task(server.serve())
-    try:
-        await eventually(lambda: asyncio.sleep(0.05, server.started), what="console up")
-        yield f"http://127.0.0.1:{settings.port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +100,7 @@ async def console(
                         nats_monitor_url=nats.monitor_url,
                         live_poll_seconds=0.2,
                     )
-                    async with serve(settings) as url:
+                    async with serving(settings) as url:
                         yield Console(st, url, tokens, group, gated, dsn)
                     for agent in list(st.agents.values()):
                         await st.edge.stop_agent(agent)
@@ -142,6 +123,19 @@ async def sign_in(browser: Browser, console: Console, who: str) -> tuple[Browser
 
 async def validated(console: Console, model: str) -> None:
     await console.stack.validated(model, "1", classifier("iris").onnx)
+
+
+async def completed_rollout(console: Console, model: str, group: str) -> str:
+    """A validated ``model``@1 rolled out in one wave to the devices of ``group`` (a or
+    b), completed; the rollout's id."""
+    st = console.stack
+    await validated(console, model)
+    code, body = await st.start(
+        model, "1", {"group": f"{group}-{st.unique}"}, waves=[{"percent": 100}], bake_seconds=0
+    )
+    assert code == 201, body
+    await st.wait_rollout(body["rollout_id"], "completed")
+    return str(body["rollout_id"])
 
 
 async def test_sign_in_shows_the_overview(
@@ -345,12 +339,7 @@ async def test_a_versions_trace_waterfall_shows_the_device_activations(
 ) -> None:
     st = console.stack
     model = f"traced{st.unique}"
-    await validated(console, model)
-    code, body = await st.start(
-        model, "1", {"group": f"a-{st.unique}"}, waves=[{"percent": 100}], bake_seconds=0
-    )
-    assert code == 201, body
-    await st.wait_rollout(body["rollout_id"], "completed")
+    await completed_rollout(console, model, "a")
     context, page = await sign_in(browser, console, "vera")
     try:
         activations = page.locator(
@@ -381,13 +370,7 @@ async def test_a_viewer_sees_no_write_buttons_and_a_forged_post_is_refused(
 ) -> None:
     st = console.stack
     model = f"viewer{st.unique}"
-    await validated(console, model)
-    code, body = await st.start(
-        model, "1", {"group": f"b-{st.unique}"}, waves=[{"percent": 100}], bake_seconds=0
-    )
-    assert code == 201, body
-    rid = body["rollout_id"]
-    await st.wait_rollout(rid, "completed")
+    rid = await completed_rollout(console, model, "b")
     alarm_id = await raise_alarm(console, model)
 
     # an operator has the buttons there …

@@ -324,6 +324,20 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
             actions=views.actions_for(r["state"]) if who.may("rollouts.write") else [],
         )
 
+    def rollout_page(
+        request: Request, who: Session, rollout_id: str, fragment: str, **extra: Any
+    ) -> Response:
+        """The rollout's page around its waves' fragment, live from the one it shows."""
+        return page(
+            request,
+            "rollout.html",
+            who,
+            rollout_id=rollout_id,
+            fragment=fragment,
+            seen=digest(fragment),
+            **extra,
+        )
+
     @app.get("/rollouts/{rollout_id}", response_class=HTMLResponse)
     async def rollout(
         request: Request,
@@ -335,15 +349,7 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
             fragment = await rollout_fragment(request, who, rollout_id)
         except ApiError as exc:
             return api_failed(request, who, exc)
-        return page(
-            request,
-            "rollout.html",
-            who,
-            rollout_id=rollout_id,
-            fragment=fragment,
-            seen=digest(fragment),
-            done=done,
-        )
+        return rollout_page(request, who, rollout_id, fragment, done=done)
 
     @app.get("/rollouts/{rollout_id}/live")
     async def rollout_live(
@@ -388,15 +394,9 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
                 fragment = await rollout_fragment(request, who, rollout_id)
             except ApiError:
                 fragment = ""
-            return page(
-                request,
-                "rollout.html",
-                who,
-                rollout_id=rollout_id,
-                fragment=fragment,
-                seen=digest(fragment),
-                refused=f"{verb} refused by the deployer: {exc.detail}",
-                status=exc.status,
+            refused = f"{verb} refused by the deployer: {exc.detail}"
+            return rollout_page(
+                request, who, rollout_id, fragment, refused=refused, status=exc.status
             )
         return RedirectResponse(f"/rollouts/{q(rollout_id)}?done={verb}", status_code=303)
 
@@ -657,6 +657,27 @@ async def _events(
 def digest(fragment: str) -> str:
     """A short digest of a rendered fragment (has it changed?)."""
     return hashlib.sha256(fragment.encode()).hexdigest()[:20]
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: ConsoleSettings) -> AsyncIterator[str]:
+    """The console served by uvicorn in this event loop (tests, benchmarks); its URL."""
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host=settings.host, port=settings.port, log_level="warning"
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # it could not start: its error
+                raise RuntimeError("the console stopped before it started")
+            await asyncio.sleep(0.05)
+        yield f"http://{settings.host}:{settings.port}"
+    finally:
+        server.should_exit = True
+        await task
 
 
 def main() -> None:
