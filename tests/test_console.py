@@ -346,6 +346,12 @@ async def test_a_versions_trace_waterfall_shows_the_device_activations(
             "#waterfall g.span[data-service=gateway][data-name^='activate on']"
         )
 
+        # from the list of models to the version's page
+        await page.goto(f"{console.url}/models")
+        await page.click(f"#models a:text-is('{model}')")
+        await page.click("#versions a:text-is('1')")
+        await expect(page.locator("#image")).to_contain_text("@sha256:")
+
         async def three() -> bool:
             await page.goto(f"{console.url}/models/{model}/versions/1")
             return await activations.count() >= 3
