@@ -160,7 +160,7 @@ async def run(
                 nats_monitor_url=None,
             )
             pages = {
-                "overview": ("/", "gateway", "/v1/devices?online=false&limit=10000"),
+                "overview": ("/", "gateway", "/v1/device-counts"),
                 "rollouts": ("/rollouts", "deployer", "/v1/rollouts?limit=100"),
                 "rollout": (f"/rollouts/{body['rollout_id']}", "deployer",
                             f"/v1/rollouts/{body['rollout_id']}"),

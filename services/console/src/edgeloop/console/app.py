@@ -274,15 +274,13 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
             dlq,
             (rollouts, rollouts_error),
             (alarms, alarms_error),
-            (online, devices_error),
-            (offline, _),
+            (counts, devices_error),
         ) = await asyncio.gather(
             a.health(),
             a.dlq_depth(),
             or_error(a.get("deployer", "/v1/rollouts", t, state="active", limit=100)),
             or_error(a.get("monitor", "/v1/alarms", t, open="true", limit=50)),
-            or_error(a.get("gateway", "/v1/devices", t, online="true", limit=10_000)),
-            or_error(a.get("gateway", "/v1/devices", t, online="false", limit=10_000)),
+            or_error(a.get("gateway", "/v1/device-counts", t)),
         )
         for r in (rollouts or {}).get("rollouts", []):
             r["progress"] = views.wave_progress(r)
@@ -296,8 +294,8 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
             rollouts_error=rollouts_error,
             alarms=(alarms or {}).get("alarms", []),
             alarms_error=alarms_error,
-            online=len((online or {}).get("devices", [])) if online else None,
-            offline=len((offline or {}).get("devices", [])) if offline else None,
+            online=(counts or {}).get("online"),
+            offline=(counts or {}).get("offline"),
             devices_error=devices_error,
         )
 
