@@ -27,9 +27,8 @@ import asyncpg
 import httpx
 
 from edgeloop.console.app import serving
-from edgeloop.console.config import ConsoleSettings
 from edgeloop.devstack.servers import free_port
-from tests.deploy_harness import deploy_stack, monitor_beside
+from tests.deploy_harness import console_beside, deploy_stack, monitor_beside
 from tests.modelzoo import classifier
 
 _CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -151,14 +150,7 @@ async def run(
             token = (
                 await st.registry.post("/api/v1/tokens", json={"name": "bench", "role": "operator"})
             ).json()["token"]
-            settings = ConsoleSettings(
-                port=free_port(),
-                registry_api=str(st.registry.base_url),
-                deployer_api=str(st.api.base_url),
-                monitor_api=f"http://127.0.0.1:{monitor_port}",
-                gateway_api=str(st.edge.api.base_url),
-                nats_monitor_url=None,
-            )
+            settings = console_beside(st, monitor_port)
             pages = {
                 "overview": ("/", "gateway", "/v1/device-counts"),
                 "rollouts": ("/rollouts", "deployer", "/v1/rollouts?limit=100"),

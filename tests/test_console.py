@@ -22,12 +22,11 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from edgeloop.console.app import serving
-from edgeloop.console.config import ConsoleSettings
 from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import NatsServer, Postgres, free_port
 from edgeloop.devstack.testing import eventually
 from edgeloop.devstack.traces import Collector
-from tests.deploy_harness import DeployStack, deploy_stack, monitor_beside
+from tests.deploy_harness import DeployStack, console_beside, deploy_stack, monitor_beside
 from tests.modelzoo import classifier
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -90,12 +89,9 @@ async def console(
                         tokens[name] = resp.json()["token"]
                     group = await st.devices(3, {"group": f"a-{unique}"}, prefix="a")
                     gated = await st.devices(2, {"group": f"b-{unique}"}, prefix="b")
-                    settings = ConsoleSettings(
-                        port=free_port(),
-                        registry_api=str(st.registry.base_url),
-                        deployer_api=str(st.api.base_url),
-                        monitor_api=f"http://127.0.0.1:{monitor_port}",
-                        gateway_api=str(st.edge.api.base_url),
+                    settings = console_beside(
+                        st,
+                        monitor_port,
                         traces_api=collector.query_url,
                         nats_monitor_url=nats.monitor_url,
                         live_poll_seconds=0.2,
