@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    console,
     deployer_rollout,
     edge_gateway,
     kit_throughput,
@@ -56,6 +57,7 @@ def main() -> None:
             "outages",
             "prom",
             "notify",
+            "webconsole",
         ],
         help="run one benchmark",
     )
@@ -93,6 +95,12 @@ def main() -> None:
     if args.only in (None, "notify"):
         with servers("bench_notify") as common:
             _save("notify.json", asyncio.run(notify.run(*common, runs=max(args.runs, 3))))
+    if args.only in (None, "webconsole"):
+        with servers("bench_console") as common:
+            _save(
+                "console.json",
+                asyncio.run(console.run(*common, devices=10_000, rollouts=100, runs=args.runs)),
+            )
     if args.only in (None, "edge", "edge-connections"):
         edge(args, connections_only=args.only == "edge-connections")
     if args.only in (None, "edge-gateway"):

@@ -7,8 +7,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from playwright.async_api import Browser
 
 from edgeloop.devstack.servers import NatsServer, Postgres
+from tests.browser import chromium
 from tests.deploy_harness import DeployStack, deploy_stack
 from tests.edge_harness import EdgeStack, edge_stack
 
@@ -35,3 +37,10 @@ async def deploy(
     """Registry, gateway, deployer process and agents on private NATS and database."""
     async with deploy_stack(nats_private.url, private_dsn, registry_url, tmp_path, unique) as st:
         yield st
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Headless Chromium (skipped where no Chromium is installed)."""
+    async with chromium() as launched:
+        yield launched

@@ -24,6 +24,7 @@ import httpx
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from edgeloop.console.config import ConsoleSettings
 from edgeloop.contracts import subjects as s
 from edgeloop.contracts.events import Event, ImageBuilt, ValidationFailed, ValidationPassed
 from edgeloop.devstack.servers import free_port
@@ -469,4 +470,18 @@ def monitor_beside(
             grace_seconds=0.5,
             evaluate_seconds=0.2,
         )
+    )
+
+
+def console_beside(deploy: DeployStack, monitor_port: int, **settings: Any) -> ConsoleSettings:
+    """``ConsoleSettings`` for a console over ``deploy``'s APIs and a monitor's on
+    ``monitor_port`` (its own free port; ``settings``: fields to add or override); serve
+    it with ``edgeloop.console.app.serving``."""
+    return ConsoleSettings(
+        port=free_port(),
+        registry_api=str(deploy.registry.base_url),
+        deployer_api=str(deploy.api.base_url),
+        monitor_api=f"http://127.0.0.1:{monitor_port}",
+        gateway_api=str(deploy.edge.api.base_url),
+        **settings,
     )

@@ -34,6 +34,8 @@ PLATFORM = {
 INFRA = ("nats", "postgres", "oci-registry", "jaeger", "prometheus")
 #: The services with an HTTP API (they accept the admin token).
 API_SERVICES = ("registry", "deployer", "monitor", "gateway", "notifier")
+#: what the console's pages show (it does not show the notifier's subscriptions yet)
+CONSOLE_APIS = ("registry", "deployer", "monitor", "gateway")
 SECRET_NAMES = re.compile(r"TOKEN|KEY$|SECRET|PASSWORD|DATABASE_URL")
 
 
@@ -67,7 +69,15 @@ def config() -> dict[str, Any]:
 
 def test_compose_config_passes_and_has_every_part(config: dict[str, Any]) -> None:
     services = config["services"]
-    assert set(services) == {*PLATFORM, *INFRA, "fleet", "nats-metrics", "db-init", "bus-init"}
+    assert set(services) == {
+        *PLATFORM,
+        *INFRA,
+        "fleet",
+        "nats-metrics",
+        "console",
+        "db-init",
+        "bus-init",
+    }
     assert services["nats"]["command"] == ["-c", "/run/secrets/nats.conf"]
     assert services["nats"]["secrets"][0]["target"] == "nats.conf"
 
@@ -141,7 +151,11 @@ def test_every_service_connects_to_postgresql_as_its_own_role(config: dict[str, 
 def test_every_service_is_built_from_its_dockerfile_in_the_workspace(
     config: dict[str, Any],
 ) -> None:
-    for name, module in [*PLATFORM.items(), ("fleet", "edgeloop.edge.fleet")]:
+    for name, module in [
+        *PLATFORM.items(),
+        ("fleet", "edgeloop.edge.fleet"),
+        ("console", "edgeloop.console"),
+    ]:
         build = config["services"][name]["build"]
         assert Path(build["context"]) == ROOT
         dockerfile = ROOT / build["dockerfile"]
@@ -156,7 +170,7 @@ def test_services_wait_for_healthy_dependencies_and_have_healthchecks(
     config: dict[str, Any],
 ) -> None:
     services = config["services"]
-    for name in [*PLATFORM, "fleet", "nats", "postgres", "oci-registry", "prometheus"]:
+    for name in [*PLATFORM, "fleet", "console", "nats", "postgres", "oci-registry", "prometheus"]:
         assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
     for name in PLATFORM:
         deps = services[name]["depends_on"]
@@ -164,6 +178,9 @@ def test_services_wait_for_healthy_dependencies_and_have_healthchecks(
             assert deps[infra]["condition"] == "service_healthy", (name, infra)
     assert services["fleet"]["depends_on"]["gateway"]["condition"] == "service_healthy"
     assert services["deployer"]["depends_on"]["gateway"]["condition"] == "service_healthy"
+    for api in CONSOLE_APIS:  # the console opens once the APIs it shows answer
+        assert services["console"]["depends_on"][api]["condition"] == "service_healthy"
+    assert not services["console"].get("secrets"), "the console holds no secret"
 
 
 def test_secrets_are_files_never_environment_values(config: dict[str, Any]) -> None:

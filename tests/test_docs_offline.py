@@ -9,14 +9,13 @@ each page is left in the test's directory.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.async_api import Browser, Route, async_playwright
+from playwright.async_api import Browser, Route
 from playwright.async_api import TimeoutError as PageTimeout
 
 from edgeloop.devstack.servers import NatsServer, free_port
@@ -25,39 +24,6 @@ from edgeloop.notifier.config import NotifierSettings
 from tests.deploy_harness import TOKEN, DeployStack, monitor_beside
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-#: Debian's browser (``make setup`` installs the ``chromium`` package).
-CHROMIUM = shutil.which("chromium") or shutil.which("/usr/bin/chromium")
-
-#: What Chromium does on its own (updates, sync, …) would be refused by this machine's
-#: closed network at every start: off, with the sandbox that needs a non-root user.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    """Headless Chromium (skipped where no Chromium is installed)."""
-    if CHROMIUM is None:
-        pytest.skip(
-            "no Chromium found (chromium not on PATH, no /usr/bin/chromium): `make setup` "
-            "installs Debian's chromium package"
-        )
-    async with async_playwright() as pw:
-        chromium = await pw.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 @pytest.fixture

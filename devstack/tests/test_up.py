@@ -126,6 +126,10 @@ def test_up_writes_stack_json_keeps_data_and_stops_cleanly(tmp_path: Path) -> No
         assert proc.wait(60) == 0
         out = (state / "up.out").read_text()
         assert "edgeloop is up" in out
+        # the console's address, on its own port (`EDGELOOP_CONSOLE_PORT`, 18500 by default)
+        console = f"http://127.0.0.1:{env['EDGELOOP_CONSOLE_PORT']}"
+        assert f"console           {console}   (sign in" in out
+        assert services["console"]["health_url"] == f"{console}/healthz"
         assert "edgeloop status" in out
         assert out.rstrip().endswith("stopped.")
         assert not (state / "stack.json").exists()

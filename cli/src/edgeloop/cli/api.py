@@ -135,4 +135,4 @@ def when(value: Any) -> str:
 MONITOR = Api("monitor", "EDGELOOP_MONITOR_API", "monitor_api", "http://127.0.0.1:18400")
 NOTIFIER = Api("notifier", "EDGELOOP_NOTIFIER_API", "notifier_api", "http://127.0.0.1:18600")
 #: The trace query API (no token: make up's collector, or Jaeger): only its ``url()``.
-TRACES = Api("traces", "EDGELOOP_TRACES_API", "traces_api", "http://127.0.0.1:18500")
+TRACES = Api("traces", "EDGELOOP_TRACES_API", "traces_api", "http://127.0.0.1:18700")

@@ -174,6 +174,7 @@ def up_environment(state_dir: Path) -> dict[str, str]:
         "EDGELOOP_DEPLOYER_API_PORT": str(free_port()),
         "EDGELOOP_MONITOR_API_PORT": str(free_port()),
         "EDGELOOP_NOTIFIER_API_PORT": str(free_port()),
+        "EDGELOOP_CONSOLE_PORT": str(free_port()),
         # the services' health ports count up from it (room for a second replica each)
         "EDGELOOP_FIRST_HTTP_PORT": str(free_port_range(2 * len(SERVICES))),
         "EDGELOOP_TRACES_OTLP_PORT": str(free_port()),

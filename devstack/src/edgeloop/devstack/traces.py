@@ -3,7 +3,7 @@
 like Jaeger's (``GET /api/traces/{trace_id}``), so ``edgeloop trace`` reads the same
 answer from this collector or from a real Jaeger.
 
-    python -m edgeloop.devstack.traces      # OTLP on :14317, queries on :18500
+    python -m edgeloop.devstack.traces      # OTLP on :14317, queries on :18700
 
 ``make up`` runs it when no ``EDGELOOP_OTLP_ENDPOINT`` is given and points every service
 at it. Memory is bounded: past ``max_spans`` the oldest traces are forgotten.
@@ -30,7 +30,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 log = logging.getLogger(__name__)
 
 OTLP_PORT = 14317
-QUERY_PORT = 18500
+QUERY_PORT = 18700
 
 
 def _value(v: AnyValue) -> Any:

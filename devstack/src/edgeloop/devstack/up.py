@@ -21,6 +21,12 @@ Environment: ``EDGELOOP_STATE_DIR`` (default ``.edgeloop``); ports
 node on the NATS ports above, the others on free ones; state in ``nats-cluster/n<i>``),
 with every stream and bucket on 3 nodes (``EDGELOOP_NATS_REPLICAS``); services get every
 node's URL. ``EDGELOOP_SERVICE_REPLICAS=2``
+``EDGELOOP_REGISTRY_API_PORT`` (18100), ``EDGELOOP_CONSOLE_PORT`` (18500, the console's
+pages and its health) and ``EDGELOOP_FIRST_HTTP_PORT`` (18080, the
+services' health ports count up from it). ``EDGELOOP_NATS_CLUSTER=3`` runs a 3-node NATS
+cluster instead of one server (the first node on the NATS ports above, the others on
+free ones; state in ``nats-cluster/n<i>``), with every stream and bucket on 3 nodes
+(``EDGELOOP_NATS_REPLICAS``); services get every node's URL. ``EDGELOOP_SERVICE_REPLICAS=2``
 runs a second process of every platform service (``<name>-2``, sharing its durable
 consumers, partitions and tables; its HTTP APIs on free ports), started once the first
 ones are ready.
@@ -82,6 +88,8 @@ SERVICES: tuple[tuple[str, str], ...] = (
     ("nats_metrics", "edgeloop.kit.natsmetrics"),
     # webhooks for lifecycle events (edgeloop notify …)
     ("notifier", "edgeloop.notifier"),
+    # the operators' web pages, over the APIs above (each person signs in with a token)
+    ("console", "edgeloop.console"),
 )
 
 NATS_PORT = 14222
@@ -96,6 +104,7 @@ NOTIFIER_API_PORT = 18600
 GATEWAY_GRPC_PORT = 18443
 TRACES_OTLP_PORT = 14317
 PROMETHEUS_PORT = 19090
+CONSOLE_PORT = 18500
 FLEET_DEVICES = 5
 FIRST_HTTP_PORT = 18080
 DATABASE = "edgeloop"
@@ -169,6 +178,23 @@ def _prometheus(root: Path, services: list[ServiceProcess]) -> Prometheus | None
     ]
     port = _port("EDGELOOP_PROMETHEUS_PORT", PROMETHEUS_PORT)
     return Prometheus(root / "prometheus", targets, port).start()
+
+
+def _console_env(endpoints: dict[str, Any], port: int) -> dict[str, str]:
+    """The console's settings: where the APIs are (it holds no secret: each person signs
+    in with their own token)."""
+    env = {
+        "EDGELOOP_CONSOLE_PORT": str(port),
+        "EDGELOOP_CONSOLE_REGISTRY_API": endpoints["registry_api"],
+        "EDGELOOP_CONSOLE_DEPLOYER_API": endpoints["deployer_api"],
+        "EDGELOOP_CONSOLE_MONITOR_API": endpoints["monitor_api"],
+        "EDGELOOP_CONSOLE_GATEWAY_API": endpoints["gateway_api"],
+    }
+    if endpoints.get("traces_api"):
+        env["EDGELOOP_CONSOLE_TRACES_API"] = endpoints["traces_api"]
+    if endpoints.get("nats_monitor_url"):
+        env["EDGELOOP_CONSOLE_NATS_MONITOR_URL"] = endpoints["nats_monitor_url"]
+    return env
 
 
 def running_pid(root: Path | None = None) -> int | None:
@@ -416,6 +442,7 @@ def _print_endpoints(endpoints: dict[str, Any], services: list[ServiceProcess], 
         f"  traces            {endpoints.get('traces_api', '-')}   (edgeloop trace NAME@VERSION)",
         f"  Prometheus        {endpoints.get('prometheus_url', '-')}   (targets, alerts: /alerts)",
         f"  API token         export EDGELOOP_API_TOKEN=$(cat {root / 'api-token'})",
+        f"  console           {endpoints['console']}   (sign in with the API token above)",
         f"  state             {root}  (stack.json, logs/)",
         "check it:   .venv/bin/edgeloop status      stop it:   Ctrl-C or `make down`",
     ]
@@ -486,6 +513,7 @@ def main() -> None:
         deployer_api = f"http://127.0.0.1:{_port('EDGELOOP_DEPLOYER_API_PORT', DEPLOYER_API_PORT)}"
         monitor_api = f"http://127.0.0.1:{_port('EDGELOOP_MONITOR_API_PORT', MONITOR_API_PORT)}"
         notifier_api = f"http://127.0.0.1:{_port('EDGELOOP_NOTIFIER_API_PORT', NOTIFIER_API_PORT)}"
+        console_port = _port("EDGELOOP_CONSOLE_PORT", CONSOLE_PORT)
         endpoints |= {
             # tools take one URL (the others are discovered from the server's INFO)
             "nats_url": auth.url(nats_url.split(",")[0]) if auth else nats_url,
@@ -497,6 +525,7 @@ def main() -> None:
             "deployer_api": deployer_api,
             "monitor_api": monitor_api,
             "notifier_api": notifier_api,
+            "console": f"http://127.0.0.1:{console_port}",
             "public_key": str(root / "signing-key.pub"),
         }
         external_otlp = os.environ.get("EDGELOOP_OTLP_ENDPOINT")
@@ -579,6 +608,12 @@ def main() -> None:
                 endpoints.setdefault("traces_api", f"http://127.0.0.1:{port}")
             if name == "nats_metrics" and not nats_monitors:
                 continue  # an external NATS whose monitoring nobody named
+            if name == "console":  # its health is on its pages' port
+                env = _console_env(endpoints, console_port)
+                services.append(
+                    ServiceProcess(name, module, console_port, env, logs / "console.log")
+                )
+                continue
             env = {**common, **own.get(name, {}), f"EDGELOOP_{name.upper()}_HTTP_PORT": str(port)}
             if auth is not None and name in SERVICE_ACCESS:
                 env |= auth.service_env(name)
@@ -599,6 +634,9 @@ def main() -> None:
         if prometheus is not None:
             servers.append(prometheus)
             endpoints["prometheus_url"] = prometheus.url
+            for svc in services:  # the console links to it
+                if svc.name == "console":
+                    svc.env["EDGELOOP_CONSOLE_PROMETHEUS_URL"] = prometheus.url
         for svc in services:
             svc.start()
 

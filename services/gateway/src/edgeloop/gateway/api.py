@@ -87,6 +87,11 @@ def create_api(
         )
         return {"devices": [r.as_dict() for r in records]}
 
+    @api.get("/v1/device-counts")
+    async def count(_: Actor, selector: str | None = None) -> dict[str, int]:
+        """How many devices whose labels match the selector are online and offline."""
+        return await store.counts(parse_selector(selector))
+
     @api.get("/v1/devices/{device_id}")
     async def show(device_id: str, _: Actor) -> dict[str, Any]:
         """One device."""

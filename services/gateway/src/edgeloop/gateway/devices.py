@@ -328,6 +328,18 @@ class DeviceStore:
         )
         return [_record(r) for r in rows]
 
+    async def counts(self, selector: Mapping[str, str] | None = None) -> dict[str, int]:
+        """How many devices whose enrolment labels include ``selector`` are online and
+        offline (without reading them)."""
+        row = await self.pool.fetchrow(
+            f"""SELECT count(*) FILTER (WHERE online) AS online,
+                       count(*) FILTER (WHERE NOT online) AS offline
+                FROM {self.t} WHERE labels @> $1::jsonb""",
+            json.dumps(dict(selector or {})),
+        )
+        assert row is not None  # an aggregate always has its row
+        return {"online": int(row["online"]), "offline": int(row["offline"])}
+
     async def get(self, device_id: str) -> DeviceRecord | None:
         """One device, or None."""
         row = await self.pool.fetchrow(

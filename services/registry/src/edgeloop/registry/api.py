@@ -222,6 +222,12 @@ def create_api(
             raise HTTPException(422, str(exc)) from exc
         return _public(out)
 
+    @api.get("/api/v1/whoami")
+    async def whoami(caller: Who) -> dict[str, Any]:
+        """Who the token is: its name and role (what a front end, e.g. the console, shows
+        and decides its buttons by; every API still checks the role itself)."""
+        return {"name": caller.name, "role": caller.role}
+
     @api.get("/api/v1/tokens")
     async def tokens_list(_: Admin) -> dict[str, Any]:
         """Every issued token, without secrets."""

@@ -1,0 +1,1 @@
+"""The ops console: server-rendered pages over the platform's HTTP APIs."""

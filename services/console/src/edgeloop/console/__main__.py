@@ -1,0 +1,3 @@
+from edgeloop.console.app import main
+
+main()
