@@ -520,12 +520,16 @@ def _budget_wait(
     ends = [written[d] + timeout for d in p.pending if written[d] + timeout > now]
     return {
         "for": "disruption budget",
-        "reason": f"{len(unwritten)} devices wait for the disruption budget: {len(ends)} of "
-        f"at most {cap} activating at once",
+        "reason": f"{_devices(len(unwritten))} waiting for the disruption budget: {len(ends)} "
+        f"of at most {cap} activating at once",
         "activating": len(ends),
         "waiting": len(unwritten),
         "until": _iso(min(ends)) if ends else None,
     }
+
+
+def _devices(n: int) -> str:
+    return f"{n} device" if n == 1 else f"{n} devices"
 
 
 def _deadline(r: Rollout, wave: Wave) -> str | None:
