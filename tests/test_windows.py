@@ -23,12 +23,13 @@ from typer.testing import CliRunner, Result
 
 from edgeloop.cli.main import app
 from edgeloop.contracts import subjects as s
+from edgeloop.devstack.testing import eventually
 from edgeloop.edge.agent import Faults
 from tests.deploy_harness import DeployStack, lifecycle_events
 from tests.edge_harness import TOKEN
 from tests.modelzoo import classifier
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # several phases each, on a busy machine
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -245,3 +246,90 @@ async def test_max_unavailable_caps_the_devices_activating_at_once(deploy: Deplo
 
 def _timeline(reports: list[dict[str, Any]], devices: set[str]) -> str:
     return "\n".join(f"{r['device_id']} {r['state']}" for r in reports if r["device_id"] in devices)
+
+
+async def test_a_budget_holds_across_a_deployer_restart_with_its_wait_shown(
+    deploy: DeployStack, tmp_path: Path
+) -> None:
+    """Four devices whose applications hold their update locks, ``max_unavailable`` 2:
+    two are given the release and defer it (holding their slots), the other two wait —
+    the API and ``rollout status`` say so, with the latest a slot frees. The deployer is
+    SIGKILLed and restarted: still only those two were given it. The locks go, one pair
+    after the other, and the rollout completes with never more than two devices between
+    being given the release and running it."""
+    sel = {"fleet": deploy.unique}
+    model = f"iris{deploy.unique}"
+    locks = [tmp_path / f"app{i}.lock" for i in range(4)]
+    with contextlib.ExitStack() as held:
+        holds = {}
+        for lock in locks:
+            holds[lock] = held.enter_context(contextlib.ExitStack())
+            holds[lock].enter_context(_held(lock))
+        devices = []
+        for i, lock in enumerate(locks):
+            devices += await deploy.devices(1, sel, prefix=f"b{i}", update_lock=lock)
+        lock_of = dict(zip(devices, locks, strict=True))
+        v1 = await deploy.validated(model, "1", classifier("iris").onnx)
+        code, body = await deploy.start(
+            model, "1", sel, waves=[{"percent": 100}], bake_seconds=0.5, max_unavailable=2,
+            converge_timeout_seconds=300,
+        )  # fmt: skip
+        assert code == 201, body
+        rid = body["rollout_id"]
+
+        async def two_deferred_two_waiting() -> dict[str, Any] | None:
+            r = await deploy.rollout(rid)
+            statuses = sorted(d["status"] for d in r["device_plan"])
+            return r if statuses == ["deferred", "deferred", "waiting", "waiting"] else None
+
+        r = await eventually(two_deferred_two_waiting, within=60, what="2 deferred, 2 waiting")
+        wait = r["wave_status"][0]["waiting"]
+        assert wait["for"] == "disruption budget"
+        assert wait["reason"] == (
+            "2 devices waiting for the disruption budget: 2 of at most 2 given the release "
+            "and not running it yet"
+        )
+        assert wait["until"] is not None  # the latest a slot frees: the first one's timeout
+        status = await asyncio.to_thread(_cli, deploy, "rollout", "status", rid)
+        assert "max unavailable: 2 devices of a wave activating at once" in status.output
+        assert "wave 0 waiting: 2 devices waiting for the disruption budget" in status.output
+        first = [d["device_id"] for d in r["device_plan"] if d["status"] == "deferred"]
+        rest = [d for d in devices if d not in first]
+
+        await deploy.restart_deployer(kill=True)
+        r = await eventually(two_deferred_two_waiting, within=60, what="the same after restart")
+        assert sorted(d["device_id"] for d in r["device_plan"] if d["status"] == "deferred") == (
+            sorted(first)
+        )
+        for device in rest:
+            assert await _desired(deploy, device) is None
+
+        for device in first:
+            holds[lock_of[device]].close()  # their applications are done
+        await deploy.running(first, v1)
+
+        async def rest_deferred() -> bool:
+            plan = (await deploy.rollout(rid))["device_plan"]
+            return {d["device_id"]: d["status"] for d in plan if d["device_id"] in rest} == (
+                dict.fromkeys(rest, "deferred")
+            )
+
+        await eventually(rest_deferred, within=60, what="the second pair given it")
+    done = await deploy.wait_rollout(rid, "completed", "rolled_back", within=90)
+    assert done["state"] == "completed", done["reason"]
+    await deploy.running(devices, v1)
+
+    reports = await lifecycle_events(
+        deploy.edge.js, f"{s.DEVICE_STATUS_PREFIX}.>", stream=s.STREAM_DEVICE
+    )
+    given: set[str] = set()
+    most = 0
+    for report in reports:
+        if report["device_id"] not in lock_of:
+            continue
+        if report["state"] != "running" and report.get("desired_digest") == v1.digest:
+            given.add(report["device_id"])
+        else:
+            given.discard(report["device_id"])
+        most = max(most, len(given))
+    assert most == 2, _timeline(reports, set(devices))

@@ -77,7 +77,8 @@ def test_a_budget_wait_names_the_latest_a_slot_frees() -> None:
     assert wait["until"] == (NOW + timedelta(seconds=20)).isoformat()
     assert (
         wait["reason"]
-        == "1 device waiting for the disruption budget: 2 of at most 2 activating at once"
+        == "1 device waiting for the disruption budget: 2 of at most 2 given the release and "
+        "not running it yet"
     )
     assert _budget_wait(r, plan[:3], _wave(), 2, reported, NOW) is None  # nobody waits
 

@@ -517,11 +517,12 @@ def _budget_wait(
     written = {d["device_id"]: d["written_at"] for d in members if d["written_at"] is not None}
     p = progress(list(written), r.digest, reported)
     timeout = timedelta(seconds=r.converge_timeout_seconds)
-    ends = [written[d] + timeout for d in p.pending if written[d] + timeout > now]
+    holding = [*p.pending, *p.deferred]  # deferred by an update lock: may start any moment
+    ends = [written[d] + timeout for d in holding if written[d] + timeout > now]
     return {
         "for": "disruption budget",
         "reason": f"{_devices(len(unwritten))} waiting for the disruption budget: {len(ends)} "
-        f"of at most {cap} activating at once",
+        f"of at most {cap} given the release and not running it yet",
         "activating": len(ends),
         "waiting": len(unwritten),
         "until": _iso(min(ends)) if ends else None,
