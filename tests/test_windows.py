@@ -90,6 +90,25 @@ async def test_a_rollout_outside_its_window_waits_and_starts_at_the_opening(
     assert bad.exit_code == 2, bad.output
     assert "invalid maintenance window 'Mon-Fri 2-4'" in bad.output
 
+    # a release policy carries both to its rollouts (stored, shown, checked)
+    policy = await asyncio.to_thread(
+        _cli, deploy, "rollout", "policy", "set", model, "--window",
+        "Sat,Sun 01:00-05:00 America/New_York", "--max-unavailable", "10%",
+    )  # fmt: skip
+    assert policy.exit_code == 0, policy.output
+    assert "maintenance window: Sat,Sun 01:00-05:00 America/New_York" in policy.output
+    assert "max unavailable: 10% devices of a wave activating at once" in policy.output
+    shown = (await deploy.api.get(f"/v1/policies/{model}")).json()
+    assert (shown["window"], shown["max_unavailable_percent"]) == (
+        "Sat,Sun 01:00-05:00 America/New_York",
+        10,
+    )
+    resp = await deploy.api.put(f"/v1/policies/{model}", json={"window": "Sat 25:00-26:00"})
+    assert resp.status_code == 422, resp.text
+    assert "invalid time '25:00'" in resp.text
+    resp = await deploy.api.put(f"/v1/policies/{model}", json={})
+    assert resp.status_code == 200, resp.text
+
     code, body = await deploy.start(
         model,
         "1",

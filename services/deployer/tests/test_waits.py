@@ -7,9 +7,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from edgeloop.contracts.events import WavePlan
+from edgeloop.contracts.events import ValidationPassed, WavePlan
 from edgeloop.deployer.api import _budget_wait, _window_wait, device_status
 from edgeloop.deployer.plan import Reported
+from edgeloop.deployer.policy import ReleasePolicy
 from edgeloop.deployer.store import Rollout, Wave
 
 NOW = datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
@@ -103,3 +104,14 @@ def test_a_device_deferred_by_its_lock_and_one_waiting_for_the_budget() -> None:
     row = _row("a", NOW, outcome="deferred", detail="deferred: …")
     assert device_status(r, row, done, lock, NOW)[0] == "deferred"
     assert device_status(r, row, done, Reported("running", digest=NEW), NOW)[0] == "converged"
+
+
+def test_a_release_policy_gives_its_rollouts_its_window_and_budget() -> None:
+    policy = ReleasePolicy(
+        selector={"site": "a"}, window="Mon-Fri 02:00-04:00 Europe/Berlin", max_unavailable=3
+    )
+    passed = ValidationPassed(model="m", version="2", image="r/m", digest=NEW)
+    req = policy.request(passed, [WavePlan(percent=100)])
+    assert req.window == "Mon-Fri 02:00-04:00 Europe/Berlin"
+    assert (req.max_unavailable, req.max_unavailable_percent) == (3, None)
+    assert ReleasePolicy().request(passed, [WavePlan(percent=100)]).window is None
