@@ -464,12 +464,12 @@ def list_rollouts(
     if not rows:
         typer.echo("no rollouts")
         return
-    typer.echo(f"{'ROLLOUT':36}  {'MODEL':24} {'STATE':12} {'WAVE':6} {'CREATED':19}  SELECTOR")
+    typer.echo(f"{'ROLLOUT':36}  {'MODEL':24} {'STATE':18} {'WAVE':6} {'CREATED':19}  SELECTOR")
     for r in rows:
         ref = f"{r['model']}@{r['version']}"
         wave = f"{r['current_wave'] + 1}/{len(r['waves_planned'])}" if r["waves_planned"] else "-"
         selector = ",".join(f"{k}={v}" for k, v in sorted(r["selector"].items()))
         typer.echo(
-            f"{r['rollout_id']:36}  {ref:24} {r['state']:12} {wave:6} "
+            f"{r['rollout_id']:36}  {ref:24} {r['state']:18} {wave:6} "
             f"{when(r['created_at']):19}  {selector}"
         )
