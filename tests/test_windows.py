@@ -164,8 +164,9 @@ async def test_an_update_lock_defers_one_device_while_the_release_goes_on(
     lock: the device downloads the release but reports ``deferred`` (the reason, since,
     until), the other devices activate and the rollout completes without waiting for it;
     ``rollout status`` and the API show ``deferred: update lock … held since …``. Once the
-    lock is let go it activates. A second locked device with a short maximum deferral
-    activates anyway when it has passed."""
+    lock is let go it activates (an agent restarted meanwhile keeps counting its deferral
+    from when it began). A second locked device with a short maximum deferral activates
+    anyway when it has passed."""
     sel = {"fleet": deploy.unique}
     model = f"iris{deploy.unique}"
     lock = tmp_path / "busy.lock"
@@ -215,6 +216,18 @@ async def test_an_update_lock_defers_one_device_while_the_release_goes_on(
         assert status.exit_code == 0, status.output
         assert f"{locked:24} deferred: update lock {lock} held since " in status.output
         assert "at the latest" in status.output
+
+        # the agent restarts while it waits: its deferral goes on from when it began
+        await deploy.stop_device(locked)
+        await deploy.start_device(locked)
+
+        async def deferred_again() -> dict[str, Any] | None:
+            again = await deploy.edge.reported(locked)
+            return again if again and again["state"] == "deferred" else None
+
+        again = await eventually(deferred_again, within=60, what="deferred after a restart")
+        assert datetime.fromisoformat(again["deferred_since"]) == since
+        assert datetime.fromisoformat(again["deferred_until"]) == until
 
     # the application let go of the lock: the device activates what it was given
     await deploy.running([locked], v1)

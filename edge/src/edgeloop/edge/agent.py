@@ -52,6 +52,7 @@ from edgeloop.contracts.signing import (
 from edgeloop.contracts.twin import image_repository
 from edgeloop.edge.buffer import BatchBuffer, DiskBuffer, Drain, MemoryBuffer
 from edgeloop.edge.bundle import normalise_fingerprint
+from edgeloop.edge.durable import write_durably
 from edgeloop.edge.lock import UpdateLock
 from edgeloop.edge.runtime import ModelLoadError, OnnxModel
 from edgeloop.edge.sources import Drift, InputSource, open_source
@@ -616,7 +617,8 @@ class Agent:
         while not await asyncio.to_thread(lock.try_take):
             now = time.time()
             if self.deferred is None:
-                self.deferred = (now, now + max_deferral)
+                since = self._deferral_since(desired, now)
+                self.deferred = (since, since + max_deferral)
                 self.state = pb.DEVICE_STATE_DEFERRED
                 self.error = f"update lock {lock.path} held"
                 log.info(
@@ -640,6 +642,19 @@ class Agent:
             await asyncio.sleep(LOCK_POLL_SECONDS)
         self.deferred = None
         return True
+
+    def _deferral_since(self, desired: pb.DesiredState, now: float) -> float:
+        """Since when ``desired`` waits for the update lock: kept in the state directory
+        (``deferral.json``), so a restarted agent does not start its maximum deferral
+        again."""
+        path = self.config.state_dir / "deferral.json"
+        key = f"{desired.manifest_digest}@{desired.revision}"
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            kept = json.loads(path.read_text())
+            if kept["desired"] == key:
+                return min(float(kept["since"]), now)
+        write_durably(path, json.dumps({"desired": key, "since": now}).encode())
+        return now
 
     def _fail(self, reason: str) -> None:
         log.warning("%s: %s", self.config.device_id, reason)
