@@ -31,6 +31,7 @@ from bench import (
     notify,
     outages,
     prom,
+    windows,
 )
 from edgeloop.devstack.servers import NatsCluster, NatsServer, OciRegistry, Postgres
 
@@ -58,11 +59,15 @@ def main() -> None:
             "prom",
             "notify",
             "webconsole",
+            "windows",
         ],
         help="run one benchmark",
     )
     parser.add_argument("--devices", type=int, default=10_000, help="sessions held (edge)")
     parser.add_argument("--rollout-devices", type=int, default=1000, help="agents (edge, deploy)")
+    parser.add_argument(
+        "--window-devices", type=int, default=100, help="agents (windows: budget and window)"
+    )
     parser.add_argument("--burst", type=int, default=50, help="commits in the loop burst")
     parser.add_argument(
         "--gateway-batches", type=int, default=16_000, help="batches per run (edge-gateway)"
@@ -76,6 +81,8 @@ def main() -> None:
         loop(args)
     if args.only in (None, "deploy"):
         deploy(args)
+    if args.only in (None, "windows"):
+        window_budget(args)
     if args.only in (None, "monitor"):
         _save("monitor_aggregate.json", monitor_aggregate.run())
         with servers("bench_alarm") as common:
@@ -243,6 +250,34 @@ def deploy(args: argparse.Namespace) -> None:
     with servers("bench_deploy") as common:
         results = asyncio.run(deployer_rollout.run(*common, devices=args.rollout_devices))
     _save("deployer_rollout.json", results)
+
+
+def window_budget(args: argparse.Namespace) -> None:
+    """A rollout with a disruption budget and a maintenance window against one without,
+    ``--runs`` times on fresh servers."""
+    runs = []
+    for i in range(args.runs):
+        with servers(f"bench_windows_{i}") as common:
+            result = asyncio.run(windows.run(*common, devices=args.window_devices))
+        print(f"run {i + 1}: {json.dumps(result)}", flush=True)
+        runs.append(result)
+    summary: dict[str, Any] = {"devices": args.window_devices, "runs": runs}
+    for part, key in (
+        ("baseline", "all_running_s"),
+        ("budget", "opening_to_all_running_s"),
+        ("budget", "opening_to_first_write_s"),
+        ("baseline", "most_activating"),
+        ("budget", "most_activating"),
+    ):
+        values = [r[part][key] for r in runs if r[part][key] is not None]
+        values.sort()
+        summary[f"{part}.{key}"] = {
+            "min": values[0],
+            "median": statistics.median(values),
+            "max": values[-1],
+        }
+    summary["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    _save("windows.json", summary)
 
 
 def loop(args: argparse.Namespace) -> None:

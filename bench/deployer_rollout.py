@@ -18,12 +18,15 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 import nats
+from nats.js import JetStreamContext
 
 from bench.edge_gateway import TOKEN as GATEWAY_TOKEN
 from bench.edge_gateway import Gateway
@@ -37,7 +40,7 @@ from edgeloop.kit.kv import KvMirror
 from edgeloop.registry.app import build as build_registry
 from edgeloop.registry.config import RegistrySettings
 from tests.deploy_harness import deployer_process, make_validated
-from tests.edge_harness import TOKEN
+from tests.edge_harness import TOKEN, Image
 from tests.modelzoo import classifier
 
 
@@ -76,11 +79,34 @@ async def _start(api: httpx.AsyncClient, version: str, *, bake: float) -> str:
     return str(resp.json()["rollout_id"])
 
 
-async def run(
-    nats_url: str, dsn: str, registry_url: str, root: Path, *, devices: int
-) -> dict[str, Any]:
-    """Both figures over ``devices`` agents."""
-    gw = Gateway(root / "gw-deploy", nats_url, dsn, registry_url)
+@dataclass
+class Stack:
+    """What a deployer benchmark drives: the deployer's API, the agents, the bus, and
+    ``iris`` versions 1 and 2 validated."""
+
+    api: httpx.AsyncClient
+    fleet: Fleet
+    js: JetStreamContext
+    v1: Image
+    v2: Image
+    stop: asyncio.Event
+    fleet_task: asyncio.Task[None]
+
+
+@contextlib.asynccontextmanager
+async def stack(
+    nats_url: str,
+    dsn: str,
+    registry_url: str,
+    root: Path,
+    *,
+    devices: int,
+    name: str = "deploy",
+    **deployer_settings: str,
+) -> AsyncIterator[Stack]:
+    """The gateway and the deployer as processes, the registry service, ``devices``
+    agents labelled ``bench=<name>`` connected, two validated versions."""
+    gw = Gateway(root / f"gw-{name}", nats_url, dsn, registry_url)
     gw.env["EDGELOOP_GATEWAY_API_TOKENS"] = f"{GATEWAY_TOKEN},{TOKEN}"
     await gw.start()
     registry_port, deployer_port = free_port(), free_port()
@@ -102,9 +128,10 @@ async def run(
         registry_api=f"http://127.0.0.1:{registry_port}",
         gateway_api=gw.api,
         api_port=deployer_port,
-        instance="bench-deployer",
+        instance=f"bench-deployer-{name}",
         token=TOKEN,
         log_level="WARNING",
+        **deployer_settings,
     )
     deployer.env["EDGELOOP_LOG_LEVEL"] = "WARNING"
     fleet = Fleet(
@@ -112,9 +139,9 @@ async def run(
             devices=devices,
             gateway_api=gw.api,
             token=GATEWAY_TOKEN,
-            state_dir=root / "fleet-deploy",
-            prefix="dp",
-            labels={"bench": "deploy"},
+            state_dir=root / f"fleet-{name}",
+            prefix=name[:2],
+            labels={"bench": name},
             infer_seconds=3600,
             telemetry_seconds=3600,
         )
@@ -122,7 +149,6 @@ async def run(
     stop = asyncio.Event()
     nc = await nats.connect(nats_url)
     js = nc.jetstream()
-    out: dict[str, Any] = {"devices": devices}
     try:
         async with (
             registry.running(),
@@ -143,71 +169,10 @@ async def run(
             await _until(lambda: fleet.counts()["connected"] >= devices, "devices connected")
             await eventually(lambda: api_up(api), within=60, what="deployer API")
             onnx = classifier("iris").onnx
-            repo = "bench/images/iris"
+            repo = f"bench/images/iris-{name}"
             v1 = await make_validated(js, reg_api, registry_url, repo, "iris", "1", onnx)
             v2 = await make_validated(js, reg_api, registry_url, repo, "iris", "2", onnx)
-
-            # one wave to every device
-            t0 = time.perf_counter()
-            rid = await _start(api, "1", bake=0)
-            admitted = time.perf_counter() - t0
-            all_running = await _until(lambda: _running(fleet, v1.digest) >= devices, "v1") + (
-                admitted
-            )
-
-            async def completed() -> bool:
-                return bool((await api.get(f"/v1/rollouts/{rid}")).json()["state"] == "completed")
-
-            await eventually(completed, within=120, what="rollout completed")
-            out["wave"] = {
-                "admitted_s": round(admitted, 2),
-                "all_running_s": round(all_running, 2),
-                "completed_s": round(time.perf_counter() - t0, 2),
-                "devices_per_minute": round(devices / all_running * 60),
-            }
-
-            # a baking wave of v2, then a failing verdict
-            rid = await _start(api, "2", bake=3600)
-            await _until(lambda: _running(fleet, v2.digest) >= devices, "v2")
-
-            async def baking() -> bool:
-                body = (await api.get(f"/v1/rollouts/{rid}")).json()
-                return bool(body["wave_status"][0]["state"] == "baking")
-
-            await eventually(baking, within=120, what="wave baking")
-            restored: set[str] = set()
-
-            def on_desired(key: str, revision: int, value: bytes | None) -> None:
-                if value:
-                    doc = DesiredModel.from_bytes(value)
-                    if doc.manifest_digest == v1.digest and doc.explicit_rollback:
-                        restored.add(key)
-
-            mirror = KvMirror(await js.key_value(s.KV_DESIRED), on_desired, name="bench")
-            await mirror.start()
-            verdict = CanaryVerdict(
-                rollout_id=uuid.UUID(rid),
-                model="iris",
-                version="2",
-                wave=0,
-                verdict=Verdict.FAIL,
-                reasons=["benchmark: injected failing verdict"],
-            )
-            t0 = time.perf_counter()
-            await publish_event(js, verdict)
-            desired_s = await _until(lambda: len(restored) >= devices, "desired restored")
-            running_s = await _until(lambda: _running(fleet, v1.digest) >= devices, "back on v1")
-            await mirror.stop()
-            body = (await api.get(f"/v1/rollouts/{rid}")).json()
-            finished = datetime.fromisoformat(body["finished_at"])
-            out["rollback"] = {
-                # the deployer's own clock: verdict published → every write done and
-                # the rollout committed rolled_back
-                "deployer_restored_s": round((finished - verdict.occurred_at).total_seconds(), 2),
-                # as seen by a KV watch in the agents' process (it shares their CPU)
-                "desired_restored_s": round(desired_s, 2),
-                "all_running_previous_s": round(desired_s + running_s, 2),
-            }
+            yield Stack(api, fleet, js, v1, v2, stop, fleet_task)
             stop.set()
             await fleet_task
     finally:
@@ -218,4 +183,72 @@ async def run(
             await asyncio.to_thread(deployer.proc.wait, 20)  # type: ignore[union-attr]
         deployer.kill()
         await gw.stop()
+
+
+async def run(
+    nats_url: str, dsn: str, registry_url: str, root: Path, *, devices: int
+) -> dict[str, Any]:
+    """Both figures over ``devices`` agents."""
+    out: dict[str, Any] = {"devices": devices}
+    async with stack(nats_url, dsn, registry_url, root, devices=devices) as st:
+        api, fleet, js, v1, v2 = st.api, st.fleet, st.js, st.v1, st.v2
+        # one wave to every device
+        t0 = time.perf_counter()
+        rid = await _start(api, "1", bake=0)
+        admitted = time.perf_counter() - t0
+        all_running = await _until(lambda: _running(fleet, v1.digest) >= devices, "v1") + (admitted)
+
+        async def completed() -> bool:
+            return bool((await api.get(f"/v1/rollouts/{rid}")).json()["state"] == "completed")
+
+        await eventually(completed, within=120, what="rollout completed")
+        out["wave"] = {
+            "admitted_s": round(admitted, 2),
+            "all_running_s": round(all_running, 2),
+            "completed_s": round(time.perf_counter() - t0, 2),
+            "devices_per_minute": round(devices / all_running * 60),
+        }
+
+        # a baking wave of v2, then a failing verdict
+        rid = await _start(api, "2", bake=3600)
+        await _until(lambda: _running(fleet, v2.digest) >= devices, "v2")
+
+        async def baking() -> bool:
+            body = (await api.get(f"/v1/rollouts/{rid}")).json()
+            return bool(body["wave_status"][0]["state"] == "baking")
+
+        await eventually(baking, within=120, what="wave baking")
+        restored: set[str] = set()
+
+        def on_desired(key: str, revision: int, value: bytes | None) -> None:
+            if value:
+                doc = DesiredModel.from_bytes(value)
+                if doc.manifest_digest == v1.digest and doc.explicit_rollback:
+                    restored.add(key)
+
+        mirror = KvMirror(await js.key_value(s.KV_DESIRED), on_desired, name="bench")
+        await mirror.start()
+        verdict = CanaryVerdict(
+            rollout_id=uuid.UUID(rid),
+            model="iris",
+            version="2",
+            wave=0,
+            verdict=Verdict.FAIL,
+            reasons=["benchmark: injected failing verdict"],
+        )
+        t0 = time.perf_counter()
+        await publish_event(js, verdict)
+        desired_s = await _until(lambda: len(restored) >= devices, "desired restored")
+        running_s = await _until(lambda: _running(fleet, v1.digest) >= devices, "back on v1")
+        await mirror.stop()
+        body = (await api.get(f"/v1/rollouts/{rid}")).json()
+        finished = datetime.fromisoformat(body["finished_at"])
+        out["rollback"] = {
+            # the deployer's own clock: verdict published → every write done and
+            # the rollout committed rolled_back
+            "deployer_restored_s": round((finished - verdict.occurred_at).total_seconds(), 2),
+            # as seen by a KV watch in the agents' process (it shares their CPU)
+            "desired_restored_s": round(desired_s, 2),
+            "all_running_previous_s": round(desired_s + running_s, 2),
+        }
     return out

@@ -17,6 +17,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,15 @@ from edgeloop.registry.config import RegistrySettings
 from tests.edge_harness import TOKEN, EdgeStack, Image, edge_stack, push_model_image
 
 
-async def lifecycle_events(js: JetStreamContext, subject: str) -> list[dict[str, Any]]:
-    """Every event published on ``subject`` so far (LIFECYCLE, from the start)."""
+async def lifecycle_events(
+    js: JetStreamContext, subject: str, stream: str = s.STREAM_LIFECYCLE
+) -> list[dict[str, Any]]:
+    """Every event published on ``subject`` so far (``stream``: LIFECYCLE unless told,
+    from the start, in the stream's order)."""
     sub = await js.pull_subscribe(
         subject,
         durable=None,
-        stream=s.STREAM_LIFECYCLE,
+        stream=stream,
         config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL),
     )
     out: list[dict[str, Any]] = []
@@ -200,6 +204,8 @@ class DeployStack:
     """Each calling service's own token (``service_tokens``), by service."""
     agents: dict[str, Agent] = field(default_factory=dict)
     configs: dict[str, AgentConfig] = field(default_factory=dict)
+    clock_shift: Path | None = None
+    """The deployer's ``clock_shift_file``: :meth:`set_clock` moves its clock."""
 
     # --- the pipeline's part ----------------------------------------------------------
 
@@ -350,6 +356,15 @@ class DeployStack:
         resp = await self.api.post(f"/v1/rollouts/{rollout_id}/{verb}", json=body or None)
         return resp.status_code, resp.json()
 
+    def set_clock(self, at: datetime) -> None:
+        """Move the deployer's clock (the one maintenance windows are judged by) so that
+        it reads ``at`` now, and runs on from there."""
+        assert self.clock_shift is not None
+        shift = (at - datetime.now(UTC)).total_seconds()
+        tmp = self.clock_shift.with_suffix(".tmp")
+        tmp.write_text(f"{shift:.3f}")
+        tmp.replace(self.clock_shift)  # the deployer never reads half a number
+
     async def events(self, subject: str) -> list[dict[str, Any]]:
         """Every event published on ``subject`` so far (LIFECYCLE, from the start)."""
         return await lifecycle_events(self.edge.js, subject)
@@ -431,6 +446,7 @@ async def deploy_stack(
             retry_backoff="0.5,1",
             max_attempts="3",
             offline_grace_seconds="3",
+            clock_shift_file=str(root / "deployer-clock-shift"),
         )
         deployer.start()
         try:
@@ -440,7 +456,15 @@ async def deploy_stack(
                 timeout=30,
             ) as api:
                 await eventually(lambda: api_up(api), within=60, what="deployer API")
-                yield DeployStack(edge, reg_api, api, deployer, unique, tokens)
+                yield DeployStack(
+                    edge,
+                    reg_api,
+                    api,
+                    deployer,
+                    unique,
+                    tokens,
+                    clock_shift=root / "deployer-clock-shift",
+                )
         finally:
             deployer.terminate()
             with contextlib.suppress(Exception):

@@ -124,6 +124,8 @@ def _status(state: DeviceState) -> DeviceStatusReported:
         occurred_at=NOW,
         labels={"site": "a"},
         trace_parent=TRACE,
+        deferred_since=NOW if state is DeviceState.DEFERRED else None,
+        deferred_until=NOW + timedelta(hours=1) if state is DeviceState.DEFERRED else None,
     )
 
 

@@ -14,6 +14,7 @@ from edgeloop.deployer.plan import (
     Reported,
     absence,
     device_order,
+    disruption_cap,
     draw_wave,
     failure_budget,
     no_canary,
@@ -166,3 +167,35 @@ def test_a_straggler_is_pending_until_it_converges_or_its_deadline_passes() -> N
     assert straggler_status(back, digest, given, 10, NOW) == "converged"
     broke = Reported("failed", old, digest, "signature")
     assert straggler_status(broke, digest, given, 10, NOW) == "failed"
+
+
+def test_disruption_cap_counts_or_shares_the_stricter_never_nothing() -> None:
+    assert disruption_cap(10, None, None) is None
+    assert disruption_cap(10, 2, None) == 2
+    assert disruption_cap(10, None, 25) == 3  # 2.5 rounds up
+    assert disruption_cap(10, 4, 25) == 3  # the stricter
+    assert disruption_cap(3, None, 10) == 1  # never less than one device: no wedge
+    assert disruption_cap(0, None, 10) == 1
+
+
+def test_a_device_deferred_by_its_update_lock_is_neither_pending_nor_failed() -> None:
+    since = datetime(2026, 12, 1, 22, 0, tzinfo=UTC)
+    reported = {
+        "a": Reported("running", digest="sha256:new"),
+        "b": Reported(
+            "deferred",
+            digest="sha256:old",
+            desired_digest="sha256:new",
+            error="update lock /run/app.lock held",
+            deferred_since=since,
+            deferred_until=since + timedelta(hours=1),
+        ),
+        "c": Reported("deferred", digest="sha256:old", desired_digest="sha256:other"),
+    }
+    p = progress(["a", "b", "c"], "sha256:new", reported)
+    assert p.converged == ["a"]
+    assert p.pending == ["c"]  # deferred for another image: still pending for this one
+    assert p.deferred == {
+        "b": "deferred: update lock /run/app.lock held since 2026-12-01 22:00:00 UTC; "
+        "activates by 2026-12-01 23:00:00 UTC at the latest"
+    }

@@ -11,6 +11,7 @@ import typer
 
 from edgeloop.cli.api import DEPLOYER, JsonOption, echo_json, pairs, version_ref, when
 from edgeloop.contracts.parsing import parse_duration, parse_waves
+from edgeloop.contracts.windows import parse_window
 
 app = typer.Typer(help="Roll validated versions out to device groups.", no_args_is_help=True)
 list_app = typer.Typer(help="Rollouts.", no_args_is_help=True)
@@ -52,6 +53,8 @@ def start(
             "the release, not waited for) may take before it is shown stale"
         ),
     ] = "1h",
+    window: WindowOption = None,
+    max_unavailable: MaxUnavailableOption = None,
     watch: Annotated[bool, typer.Option("--watch", help="then follow it")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -60,6 +63,8 @@ def start(
 
     Each wave draws online, healthy devices; offline ones are left for later waves and
     get the release with the last one, as stragglers that converge when they return.
+    With --window, desired state is written only while a window is open; with
+    --max-unavailable, at most that many devices of a wave activate at once.
     """
     name, version = version_ref(ref)
     body = {
@@ -67,7 +72,13 @@ def start(
         "version": version,
         "selector": _selector(selector),
         **rollout_options(
-            waves, bake, max_failures, converge_timeout, device_deadline=device_deadline
+            waves,
+            bake,
+            max_failures,
+            converge_timeout,
+            device_deadline=device_deadline,
+            window=window,
+            max_unavailable=max_unavailable,
         ),
     }
     r = DEPLOYER.request("POST", "/v1/rollouts", json=body)
@@ -85,6 +96,22 @@ def start(
         _watch(r["rollout_id"])
 
 
+WindowOption = Annotated[
+    str | None,
+    typer.Option(
+        help="maintenance windows: desired state is written only while one is open, e.g. "
+        "'Mon-Fri 02:00-04:00 Europe/Berlin' (several: separated by ';')"
+    ),
+]
+MaxUnavailableOption = Annotated[
+    str | None,
+    typer.Option(
+        help="disruption budget: N or P% of a wave's devices activating at once (given the "
+        "release and not running it yet)"
+    ),
+]
+
+
 def _selector(items: list[str]) -> dict[str, str]:
     labels: dict[str, str] = {}
     for item in items:
@@ -99,10 +126,16 @@ def rollout_options(
     converge_timeout: str | None,
     *,
     device_deadline: str | None = None,
+    window: str | None = None,
+    max_unavailable: str | None = None,
 ) -> dict[str, Any]:
     """The wave options of a rollout (or a release policy) as the API takes them."""
     body: dict[str, Any] = {}
     try:
+        if window:
+            body["window"] = parse_window(window).text
+        if max_unavailable:
+            body |= _share(max_unavailable, "max_unavailable", "--max-unavailable")
         if device_deadline:
             body["device_deadline_seconds"] = parse_duration(device_deadline)
         if waves:
@@ -112,13 +145,22 @@ def rollout_options(
         if converge_timeout:
             body["converge_timeout_seconds"] = parse_duration(converge_timeout)
         if max_failures:
-            if max_failures.endswith("%"):
-                body["max_failures_percent"] = float(max_failures[:-1])
-            else:
-                body["max_failures"] = int(max_failures)
+            body |= _share(max_failures, "max_failures", "--max-failures")
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     return body
+
+
+def _share(text: str, field: str, option: str) -> dict[str, float | int]:
+    """``N`` or ``P%`` as the API's ``field`` or ``field_percent``."""
+    try:
+        if text.endswith("%"):
+            return {f"{field}_percent": float(text[:-1])}
+        return {field: int(text)}
+    except ValueError:
+        raise ValueError(
+            f"invalid {option} {text!r}: use a device count or a percentage, e.g. 2 or 10%"
+        ) from None
 
 
 def _bar(done: int, failed: int, size: int, width: int = 24) -> str:
@@ -189,9 +231,42 @@ def render(r: dict[str, Any]) -> str:
                 f"  waits for an approval before wave {r['approval_wave']}: "
                 f"edgeloop rollout approve {r['rollout_id']} --reason …"
             )
+    lines += _waits(r)
     if r.get("reason"):
         lines.append(f"  reason: {r['reason']}")
     return "\n".join(lines)
+
+
+def _waits(r: dict[str, Any]) -> list[str]:
+    """What the rollout waits for, each with its reason and deadline: its maintenance
+    window, a disruption budget, devices whose update lock defers their activation."""
+    lines = []
+    if r.get("window"):
+        budget = f"; max unavailable: {_cap(r)}" if _cap(r) else ""
+        lines.append(f"  maintenance window: {r['window']}{budget}")
+    elif _cap(r):
+        lines.append(f"  max unavailable: {_cap(r)}")
+    wait = r.get("waiting")
+    if wait:
+        lines.append(f"  waiting: {wait['reason']}; opens {when(wait['until'])}")
+    for w in r.get("wave_status", []):
+        if w.get("waiting"):
+            until = w["waiting"].get("until")
+            by = f"; a slot frees by {when(until)} at the latest" if until else ""
+            lines.append(f"  wave {w['wave']} waiting: {w['waiting']['reason']}{by}")
+    for d in (r.get("deferred") or [])[:SHOWN_STRAGGLERS]:
+        lines.append(f"    {d['device_id']:24} {d['text']}")
+    return lines
+
+
+def _cap(r: dict[str, Any]) -> str:
+    """``2 devices of a wave activating at once``, or "" without a disruption budget."""
+    parts = []
+    if r.get("max_unavailable"):
+        parts.append(str(r["max_unavailable"]))
+    if r.get("max_unavailable_percent"):
+        parts.append(f"{r['max_unavailable_percent']:g}%")
+    return " and ".join(parts) + " devices of a wave activating at once" if parts else ""
 
 
 def _watch(rollout_id: str) -> None:
@@ -302,6 +377,8 @@ def _policy_text(p: dict[str, Any]) -> str:
             f"  waves: {waves or 'default (1, 10%, 50%, 100%)'}",
             f"  approval: {p['approval'].replace('_', ' ')}",
             f"  approval for any rollout to: {gated or '-'}",
+            f"  maintenance window: {p.get('window') or 'any time'}",
+            f"  max unavailable: {_cap(p) or '-'}",
         ]
     )
 
@@ -341,6 +418,8 @@ def policy_set(
             "--approval-labels", help="k=v: any rollout to these labels waits for an approval"
         ),
     ] = None,
+    window: WindowOption = None,
+    max_unavailable: MaxUnavailableOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Set (replace) the model's release policy."""
@@ -352,7 +431,14 @@ def policy_set(
         "selector": _selector(selector or []) or None,
         "approval": gate,
         "approval_labels": _selector(approval_labels or []) or None,
-        **rollout_options(waves, bake, max_failures, converge_timeout),
+        **rollout_options(
+            waves,
+            bake,
+            max_failures,
+            converge_timeout,
+            window=window,
+            max_unavailable=max_unavailable,
+        ),
     }
     p = DEPLOYER.request("PUT", f"/v1/policies/{model}", json=body)
     typer.echo(json.dumps(p, indent=1) if as_json else _policy_text(p))
@@ -378,12 +464,12 @@ def list_rollouts(
     if not rows:
         typer.echo("no rollouts")
         return
-    typer.echo(f"{'ROLLOUT':36}  {'MODEL':24} {'STATE':12} {'WAVE':6} {'CREATED':19}  SELECTOR")
+    typer.echo(f"{'ROLLOUT':36}  {'MODEL':24} {'STATE':18} {'WAVE':6} {'CREATED':19}  SELECTOR")
     for r in rows:
         ref = f"{r['model']}@{r['version']}"
         wave = f"{r['current_wave'] + 1}/{len(r['waves_planned'])}" if r["waves_planned"] else "-"
         selector = ",".join(f"{k}={v}" for k, v in sorted(r["selector"].items()))
         typer.echo(
-            f"{r['rollout_id']:36}  {ref:24} {r['state']:12} {wave:6} "
+            f"{r['rollout_id']:36}  {ref:24} {r['state']:18} {wave:6} "
             f"{when(r['created_at']):19}  {selector}"
         )

@@ -34,6 +34,7 @@ _STATE_TO_PB: dict[DeviceState, pb.DeviceState.ValueType] = {
     DeviceState.ACTIVATING: pb.DEVICE_STATE_ACTIVATING,
     DeviceState.RUNNING: pb.DEVICE_STATE_RUNNING,
     DeviceState.FAILED: pb.DEVICE_STATE_FAILED,
+    DeviceState.DEFERRED: pb.DEVICE_STATE_DEFERRED,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
 
@@ -194,7 +195,7 @@ def status_to_proto(ev: DeviceStatusReported) -> pb.StatusReport:
             f"device state {ev.state.value!r} is the gateway's view of a device, "
             "not something an agent reports"
         )
-    return pb.StatusReport(
+    msg = pb.StatusReport(
         state=_STATE_TO_PB[ev.state],
         model=ev.model or "",
         version=ev.version or "",
@@ -206,6 +207,11 @@ def status_to_proto(ev: DeviceStatusReported) -> pb.StatusReport:
         trace_parent=ev.trace_parent or "",
         desired_revision=ev.desired_revision or 0,
     )
+    if ev.deferred_since is not None:
+        msg.deferred_since.CopyFrom(_ts(ev.deferred_since))
+    if ev.deferred_until is not None:
+        msg.deferred_until.CopyFrom(_ts(ev.deferred_until))
+    return msg
 
 
 def status_from_proto(
@@ -240,4 +246,6 @@ def status_from_proto(
         occurred_at=_dt(msg.reported_at) if msg.HasField("reported_at") else datetime.now(UTC),
         trace_parent=msg.trace_parent or None,
         desired_revision=msg.desired_revision or None,
+        deferred_since=_dt(msg.deferred_since) if msg.HasField("deferred_since") else None,
+        deferred_until=_dt(msg.deferred_until) if msg.HasField("deferred_until") else None,
     )

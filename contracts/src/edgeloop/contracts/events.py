@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, NonNegativeInt
 
 from edgeloop.contracts import subjects as s
+from edgeloop.contracts.windows import WindowSpec
 
 
 def _now() -> datetime:
@@ -185,6 +186,24 @@ class RolloutRequested(Event, ModelRef):
         "started, given the release without being waited for) may stay silent before it "
         "is shown as stale",
     )
+    window: WindowSpec | None = Field(
+        default=None,
+        description="maintenance windows outside which no desired state is written, e.g. "
+        "'Mon-Fri 02:00-04:00 Europe/Berlin' (edgeloop.contracts.windows)",
+    )
+    max_unavailable: int | None = Field(
+        default=None,
+        ge=1,
+        description="disruption budget: at most this many devices of a wave activating "
+        "(given the release, not yet running it) at once",
+    )
+    max_unavailable_percent: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="the same as a share of the wave's devices (rounded up; the stricter "
+        "of the two when both are set)",
+    )
 
 
 class _RolloutEvent(Event, ModelRef):
@@ -336,6 +355,9 @@ class DeviceState(StrEnum):
     ACTIVATING = "activating"
     RUNNING = "running"
     FAILED = "failed"
+    DEFERRED = "deferred"
+    """Given a new model, waiting to activate it: an application holds the device's
+    update lock (``error`` says so; ``deferred_since``, ``deferred_until``)."""
     OFFLINE = "offline"
 
 
@@ -355,6 +377,12 @@ class DeviceStatusReported(Event):
     error: str | None = None
     desired_revision: NonNegativeInt | None = Field(
         default=None, description="the desired-state revision the device has applied"
+    )
+    deferred_since: AwareDatetime | None = Field(
+        default=None, description="deferred: since when its update lock keeps it waiting"
+    )
+    deferred_until: AwareDatetime | None = Field(
+        default=None, description="deferred: when it activates anyway (its maximum deferral)"
     )
 
     def bus_subject(self) -> str:

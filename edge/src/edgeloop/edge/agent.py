@@ -52,6 +52,8 @@ from edgeloop.contracts.signing import (
 from edgeloop.contracts.twin import image_repository
 from edgeloop.edge.buffer import BatchBuffer, DiskBuffer, Drain, MemoryBuffer
 from edgeloop.edge.bundle import normalise_fingerprint
+from edgeloop.edge.durable import write_durably
+from edgeloop.edge.lock import UpdateLock
 from edgeloop.edge.runtime import ModelLoadError, OnnxModel
 from edgeloop.edge.sources import Drift, InputSource, open_source
 from edgeloop.edge.store import ActivationError, Installed, ModelStore, version_key
@@ -72,6 +74,8 @@ RESEND_SECONDS = 1.0
 SEND_WINDOW = 64
 #: a full window without one answer for this long: the session is stuck, a new one starts
 ACK_TIMEOUT_SECONDS = 60.0
+#: seconds between two tries of a held update lock
+LOCK_POLL_SECONDS = 0.5
 
 
 @dataclass
@@ -97,6 +101,14 @@ class AgentConfig:
     buffer_batches: int = 10_000
     buffer_bytes: int = 256 << 20
     drift: str | None = None
+    update_lock: Path | None = None
+    """A file an application on the device holds with ``flock`` while it must not be
+    interrupted (``lock.py``): a new model is downloaded and verified, then waits to be
+    activated until the lock is free (reported ``deferred`` with the reason)."""
+    update_lock_max_deferral_seconds: float = 3600.0
+    """How long a held update lock may defer an activation: then the agent activates
+    anyway (and logs that it overrode the lock), so a forgotten lock cannot keep a device
+    off a release for ever."""
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -117,6 +129,8 @@ class AgentConfig:
         raw["key"] = p(raw["key"])
         raw["trusted_keys"] = [p(k) for k in raw.get("trusted_keys", [])]
         raw["state_dir"] = p(raw.get("state_dir", "state"))
+        if raw.get("update_lock"):
+            raw["update_lock"] = p(raw["update_lock"])
         return cls(**raw)
 
 
@@ -209,6 +223,9 @@ class Agent:
         self.running: Running | None = None
         self.state = pb.DEVICE_STATE_IDLE
         self.error = ""
+        self.deferred: tuple[float, float] | None = None
+        """While ``DEFERRED``: since when the update lock is held, when to activate anyway."""
+        self.update_lock = UpdateLock(config.update_lock) if config.update_lock else None
         self.desired: pb.DesiredState | None = None
         self.failed: dict[tuple[str, int], str] = {}
         self._attempts: dict[tuple[str, int], int] = {}
@@ -513,6 +530,8 @@ class Agent:
                 reported_at=_ts(),
                 desired_revision=desired.revision if desired else self.store.desired_revision,
                 trace_parent=desired.trace_parent if desired else "",
+                deferred_since=_ts(self.deferred[0]) if self.deferred else None,
+                deferred_until=_ts(self.deferred[1]) if self.deferred else None,
             )
         )
 
@@ -559,6 +578,8 @@ class Agent:
             return
         try:
             installed = await self._prepare(desired)
+            if not await self._await_update_lock(desired):
+                return  # a newer desired state replaced this one while it waited
             self.state = pb.DEVICE_STATE_ACTIVATING
             self._report()
             await self._start(installed)
@@ -575,11 +596,65 @@ class Agent:
             self.failed[key] = str(exc)
             self._fail(str(exc))
             return
+        finally:
+            if self.update_lock is not None:
+                self.update_lock.release()
         self.store.activated(installed, desired.revision)
         self.activations += 1
         self.state, self.error = pb.DEVICE_STATE_RUNNING, ""
         log.info("%s: running %s@%s", self.config.device_id, installed.model, installed.version)
         self._report()
+
+    async def _await_update_lock(self, desired: pb.DesiredState) -> bool:
+        """Take the update lock before the swap, waiting while an application holds it
+        (reported ``DEFERRED``: why, since when, until when) for at most the maximum
+        deferral, then going on anyway. False when a newer desired state arrived meanwhile
+        (the apply loop takes that one next)."""
+        lock = self.update_lock
+        if lock is None:
+            return True
+        max_deferral = self.config.update_lock_max_deferral_seconds
+        while not await asyncio.to_thread(lock.try_take):
+            now = time.time()
+            if self.deferred is None:
+                since = self._deferral_since(desired, now)
+                self.deferred = (since, since + max_deferral)
+                self.state = pb.DEVICE_STATE_DEFERRED
+                self.error = f"update lock {lock.path} held"
+                log.info(
+                    "%s: %s@%s waits: %s", self.config.device_id, desired.model,
+                    desired.version, self.error,
+                )  # fmt: skip
+                self._report()
+            if self.desired is not desired:
+                self.deferred = None
+                return False
+            if now >= self.deferred[1]:
+                log.warning(
+                    "%s: activating %s@%s although the update lock is still held, after "
+                    "the maximum deferral of %g s",
+                    self.config.device_id,
+                    desired.model,
+                    desired.version,
+                    max_deferral,
+                )
+                break
+            await asyncio.sleep(LOCK_POLL_SECONDS)
+        self.deferred = None
+        return True
+
+    def _deferral_since(self, desired: pb.DesiredState, now: float) -> float:
+        """Since when ``desired`` waits for the update lock: kept in the state directory
+        (``deferral.json``), so a restarted agent does not start its maximum deferral
+        again."""
+        path = self.config.state_dir / "deferral.json"
+        key = f"{desired.manifest_digest}@{desired.revision}"
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            kept = json.loads(path.read_text())
+            if kept["desired"] == key:
+                return min(float(kept["since"]), now)
+        write_durably(path, json.dumps({"desired": key, "since": now}).encode())
+        return now
 
     def _fail(self, reason: str) -> None:
         log.warning("%s: %s", self.config.device_id, reason)

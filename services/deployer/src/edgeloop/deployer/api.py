@@ -35,6 +35,8 @@ from edgeloop.deployer.admission import Admission
 from edgeloop.deployer.plan import (
     Reported,
     RolloutKnobs,
+    deferral,
+    disruption_cap,
     failure_budget,
     progress,
     straggler_status,
@@ -181,12 +183,28 @@ def create_api(
                 }
             judged = w.size if w.members is None else w.members
             item["budget"] = failure_budget(judged, r.max_failures, r.max_failures_percent)
+            cap = disruption_cap(judged, r.max_unavailable, r.max_unavailable_percent)
+            item["max_unavailable"] = cap
+            if cap is not None and w.state == "converging" and r.digest:
+                item["waiting"] = _budget_wait(r, plan, w, cap, twin.reported, now)
             out["wave_status"].append(item)
+        out["waiting"] = _window_wait(r)
         out["devices"] = len(plan)
         for d in plan:
             d["status"], d["status_text"] = device_status(
                 r, d, by_wave[d["wave"]], twin.reported.get(d["device_id"]), now
             )
+        out["deferred"] = [
+            {
+                "device_id": d["device_id"],
+                "wave": d["wave"],
+                "text": d["status_text"],
+                "since": _iso(reported.deferred_since),
+                "deadline_at": _iso(reported.deferred_until),
+            }
+            for d in plan
+            if d["status"] == "deferred" and (reported := twin.reported.get(d["device_id"]))
+        ]
         stragglers = [d for d in plan if d["straggler"]]
         out["stragglers"] = [
             {
@@ -306,7 +324,7 @@ def create_api(
         """Hold the rollout where it is (the current wave is not promoted)."""
         return await act(
             rollout_id,
-            ("running", "pending"),
+            ("running", "pending", "waiting_for_window"),
             "paused",
             {"state": "paused"},
             lambda r: RolloutPaused(
@@ -340,7 +358,7 @@ def create_api(
         reason = (body.reason if body else None) or f"aborted by {who}"
         return await act(
             rollout_id,
-            ("pending", "running", "paused"),
+            ("pending", "running", "paused", "waiting_for_window"),
             "aborted",
             {"state": "aborted", "reason": reason, "finished_at": datetime.now(UTC)},
             lambda r: RolloutAborted(
@@ -372,7 +390,7 @@ def create_api(
                     )
         return await act(
             rollout_id,
-            ("pending", "running", "paused", "completed"),
+            ("pending", "running", "paused", "waiting_for_window", "completed"),
             "rolled back",
             {"state": "rolling_back", "reason": reason, "rollback_by": who, "finished_at": None},
             lambda r: None,  # rollout.rolled_back goes out once the devices have it
@@ -463,6 +481,58 @@ def create_api(
     return api
 
 
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat() if when else None
+
+
+def _window_wait(r: Rollout) -> dict[str, Any] | None:
+    """A rollout outside its maintenance window: why it waits, and until when."""
+    if r.state != "waiting_for_window":
+        return None
+    return {
+        "for": "window",
+        "reason": f"outside its maintenance window ({r.window_spec}): no desired state is "
+        "written until it opens",
+        "until": _iso(r.window_opens_at),
+    }
+
+
+def _budget_wait(
+    r: Rollout,
+    plan: list[dict[str, Any]],
+    wave: Wave,
+    cap: int,
+    reported: dict[str, Reported],
+    now: datetime,
+) -> dict[str, Any] | None:
+    """A wave under a disruption budget with devices not given the release yet: how many
+    activate, how many wait, and the latest a slot frees (the earliest convergence
+    timeout among those activating: by then it runs the release, failed, or is counted
+    as failed and no longer holds its slot)."""
+    assert r.digest is not None
+    members = [d for d in plan if d["wave"] == wave.wave and not d["straggler"]]
+    unwritten = [d["device_id"] for d in members if d["written_at"] is None]
+    if not unwritten:
+        return None
+    written = {d["device_id"]: d["written_at"] for d in members if d["written_at"] is not None}
+    p = progress(list(written), r.digest, reported)
+    timeout = timedelta(seconds=r.converge_timeout_seconds)
+    holding = [*p.pending, *p.deferred]  # deferred by an update lock: may start any moment
+    ends = [written[d] + timeout for d in holding if written[d] + timeout > now]
+    return {
+        "for": "disruption budget",
+        "reason": f"{_devices(len(unwritten))} waiting for the disruption budget: {len(ends)} "
+        f"of at most {cap} given the release and not running it yet",
+        "activating": len(ends),
+        "waiting": len(unwritten),
+        "until": _iso(min(ends)) if ends else None,
+    }
+
+
+def _devices(n: int) -> str:
+    return f"{n} device" if n == 1 else f"{n} devices"
+
+
 def _deadline(r: Rollout, wave: Wave) -> str | None:
     """When a straggler of ``wave`` turns stale."""
     if wave.started_at is None:
@@ -488,8 +558,14 @@ def device_status(
     if wave.state == "pending":
         passed = f"; passed over: {absent}" if absent else ""
         return "waiting", f"waits for wave {wave.wave}{passed}"
-    if wave.state in ("writing", "converging", "baking") and r.digest:
+    live = wave.state in ("writing", "converging", "baking") or d.get("outcome") == "deferred"
+    if live and r.digest and r.state not in ("rolling_back", "rolled_back", "aborted"):
+        budgeted = r.max_unavailable is not None or r.max_unavailable_percent is not None
+        if budgeted and wave.state in ("writing", "converging") and d["written_at"] is None:
+            return "waiting", f"waits for the disruption budget (wave {wave.wave})"
         p = progress([d["device_id"]], r.digest, {d["device_id"]: reported} if reported else {})
+        if p.deferred and reported is not None:
+            return "deferred", deferral(reported)
         status = "converged" if p.converged else "failed" if p.failed else "pending"
         return status, f"{status} (wave {wave.wave}, {wave.state})"
     outcome = d.get("outcome") or "not reached"

@@ -11,7 +11,7 @@ from pathlib import Path
 from edgeloop.deployer.admission import Admission
 from edgeloop.deployer.api import create_api
 from edgeloop.deployer.config import DeployerSettings
-from edgeloop.deployer.engine import Engine
+from edgeloop.deployer.engine import Engine, shifted_clock
 from edgeloop.deployer.handlers import register_handlers
 from edgeloop.deployer.retire import Retirements
 from edgeloop.deployer.sources import Devices, Registry
@@ -64,6 +64,9 @@ def build(settings: DeployerSettings) -> Service:
                 max_silence=settings.presence_max_silence_seconds,
                 offline_grace=settings.offline_grace_seconds,
                 tracer=tracer(service.tracer_provider, "edgeloop.deployer"),
+                clock=shifted_clock(settings.clock_shift_file)
+                if settings.clock_shift_file
+                else None,
             )
         )
         retirements = Retirements(lambda: service.pool, service.schema, admission, wake)

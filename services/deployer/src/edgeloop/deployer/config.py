@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
@@ -46,6 +47,10 @@ class DeployerSettings(ApiServiceSettings):
     the gateway again, before it gives up (the first wave then fails, a later one is
     skipped or, the last, gives them the release as stragglers): a restarted gateway
     shows its devices offline until they reconnect."""
+    clock_shift_file: Path | None = None
+    """A file holding seconds by which the clock that judges maintenance windows is moved
+    (read at each look; for tests and demos: a rollout outside its window waits, and
+    starts when the file moves the clock to the opening). Unset: the wall clock."""
     kv_concurrency: int = 256
     """Desired-state writes in flight at once."""
     max_attempts: int = 6

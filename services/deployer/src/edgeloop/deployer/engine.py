@@ -22,6 +22,12 @@ a later one with nobody online left is ``skipped``.
 A wave the model's release policy gates holds the rollout in ``awaiting_approval``
 before it starts, until an operator other than the requester approves it.
 
+A rollout with maintenance windows writes desired state only while one is open (the
+engine's ``clock`` says when it is): outside them it waits in ``waiting_for_window`` with
+the next opening stored. A rollout with a disruption budget (``max_unavailable``) gives a
+wave's devices the release a few at a time: at most that many given it and neither
+running it, nor failed, nor past their convergence timeout.
+
 A replica owns the rollouts it drives through a lease (``owner``, ``lease_until``); every
 transition checks it, so two replicas never drive one rollout.
 """
@@ -33,8 +39,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -52,10 +59,13 @@ from edgeloop.contracts.events import (
     RolloutWaveSucceeded,
 )
 from edgeloop.contracts.twin import DesiredModel
+from edgeloop.contracts.windows import parse_window
 from edgeloop.deployer.plan import (
     Absence,
     Draw,
+    Progress,
     absence,
+    disruption_cap,
     draw_wave,
     failure_budget,
     named_absent,
@@ -113,8 +123,11 @@ class Engine:
         max_silence: float = 60.0,
         offline_grace: float = 60.0,
         tracer: Tracer | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self.tracer = tracer or trace.get_tracer("edgeloop.deployer")
+        self.clock = clock or _now
+        """The wall clock maintenance windows are judged by (tests move it)."""
         self.pool = pool
         self.schema = schema
         self.twin = twin
@@ -131,6 +144,8 @@ class Engine:
         self._devices: dict[tuple[uuid.UUID, int], tuple[list[str], list[str]]] = {}
         self._ask_after: dict[tuple[uuid.UUID, int], float] = {}
         """When a starting wave may ask the gateway again (monotonic time)."""
+        self._rewritten: set[tuple[uuid.UUID, int]] = set()
+        """Waves whose written devices this process has written again since it started."""
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -210,6 +225,7 @@ class Engine:
                     del self._devices[key]
                 for key in [k for k in self._ask_after if k[0] == rid]:
                     del self._ask_after[key]
+                self._rewritten = {k for k in self._rewritten if k[0] != rid}
 
     # --- one step ---------------------------------------------------------------------
 
@@ -222,6 +238,8 @@ class Engine:
             return None
         if r.state in ("paused", "awaiting_approval"):
             return self.tick * 4
+        if r.state == "waiting_for_window":
+            return await self._await_window(r)
         if r.state == "rolling_back":
             await self._roll_back(r)
             return 0.0
@@ -256,6 +274,8 @@ class Engine:
     async def _start_wave(self, r: Rollout, wave: Wave) -> float:
         if r.approval_wave == wave.wave and r.approved_by is None:
             return await self._hold_for_approval(r, wave)
+        if (closed := await self._outside_window(r)) is not None:
+            return closed
         waves = await self._wave_list(r)
         last = wave.wave == len(waves) - 1
         key = (r.rollout_id, wave.wave)
@@ -422,10 +442,107 @@ class Engine:
 
     async def _write_wave(self, r: Rollout, wave: Wave) -> float:
         members, stragglers = await self._wave_devices(r, wave.wave)
+        if disruption_cap(len(members), r.max_unavailable, r.max_unavailable_percent):
+            # a disruption budget: the converging step gives them the release a few at a time
+            await self._transition(r, wave=(wave, {"state": "converging", "phase_since": _now()}))
+            return 0.0
+        if (closed := await self._outside_window(r)) is not None:
+            return closed
         doc = self._doc(r)
         await self.twin.put_desired(dict.fromkeys([*members, *stragglers], doc))
-        await self._transition(r, wave=(wave, {"state": "converging", "phase_since": _now()}))
+        await self._transition(
+            r,
+            wave=(wave, {"state": "converging", "phase_since": _now()}),
+            written=[*members, *stragglers],
+        )
         return 0.0
+
+    async def _write_within_budget(
+        self, r: Rollout, wave: Wave, members: list[str], p: Progress, cap: int
+    ) -> tuple[list[str], list[str], float | None]:
+        """Give the release to as many more of the wave's devices as the disruption budget
+        allows: at most ``cap`` given it and neither running it nor failed (an update lock
+        deferring one holds its slot too: it may start at any moment), each for at most
+        its convergence timeout (then it counts as failed and frees its slot: a budget
+        never wedges a wave). ``p``: the wave's progress the caller judges by.
+        Returns the devices not given it yet, those pending within their timeout (the
+        wave waits for them), and the seconds until the next look when the rollout now
+        waits for its window."""
+        key = (r.rollout_id, wave.wave)
+        stragglers = (await self._wave_devices(r, wave.wave))[1]
+        async with self.pool.acquire() as conn:
+            written = await self.store.written(conn, r.rollout_id, wave.wave)
+        doc = self._doc(r)
+        if key not in self._rewritten and written:
+            # marked before written: a restarted engine writes them again (the same documents)
+            await self.twin.put_desired(dict.fromkeys(written, doc))
+        self._rewritten.add(key)
+        now = _now()
+
+        def within(d: str) -> bool:
+            return d in written and (now - written[d]).total_seconds() < r.converge_timeout_seconds
+
+        in_flight = [d for d in p.pending if within(d)]
+        busy = len(in_flight) + len([d for d in p.deferred if within(d)])
+        unwritten = [d for d in members if d not in written]
+        batch = unwritten[: max(cap - busy, 0)]
+        if len(batch) == len(unwritten):  # the last of them: the stragglers come along
+            batch += [d for d in stragglers if d not in written]
+        if not batch:
+            return unwritten, in_flight, None
+        if (closed := await self._outside_window(r)) is not None:
+            return unwritten, in_flight, closed
+        await self._transition(r, wave=(wave, {"state": "converging"}), written=batch)
+        await self.twin.put_desired(dict.fromkeys(batch, doc))
+        log.info(
+            "rollout %s: wave %d: %d more devices given the release (%d activating, budget %d)",
+            r.rollout_id,
+            wave.wave,
+            len(batch),
+            busy + len([d for d in batch if d in members]),
+            cap,
+        )
+        left = [d for d in unwritten if d not in batch]
+        return left, in_flight + [d for d in batch if d in members], None
+
+    async def _outside_window(self, r: Rollout) -> float | None:
+        """None when the rollout may write desired state now (no window, or one is open);
+        otherwise it goes to ``waiting_for_window`` with the next opening, and the
+        seconds until the next look."""
+        if r.window_spec is None:
+            return None
+        now = self.clock()
+        schedule = parse_window(r.window_spec)
+        if schedule.is_open(now):
+            return None
+        opens = schedule.next_opening(now)
+        await self._transition(r, rollout={"state": "waiting_for_window", "window_opens_at": opens})
+        log.info(
+            "rollout %s: outside its maintenance window (%s); waits until %s",
+            r.rollout_id,
+            r.window_spec,
+            opens.isoformat(),
+        )
+        return 0.0
+
+    async def _await_window(self, r: Rollout) -> float:
+        """``waiting_for_window``: go on once a window is open (by the engine's clock)."""
+        now = self.clock()
+        schedule = parse_window(r.window_spec) if r.window_spec else None
+        if schedule is None or schedule.is_open(now):
+            await self._transition(
+                r,
+                expect=("waiting_for_window",),
+                rollout={"state": "running", "window_opens_at": None},
+            )
+            log.info("rollout %s: its maintenance window is open", r.rollout_id)
+            return 0.0
+        opens = schedule.next_opening(now)
+        if opens != r.window_opens_at:  # the clock moved (a test, a corrected clock)
+            await self._transition(
+                r, expect=("waiting_for_window",), rollout={"window_opens_at": opens}
+            )
+        return min(self.tick * 4, (opens - now).total_seconds())
 
     async def _converging(self, r: Rollout, wave: Wave) -> float:
         devices = await self._devices_of(r, wave.wave)
@@ -441,7 +558,15 @@ class Engine:
             )
             return await self._fail(r, wave, p.converged, p.failed, p.pending, reason)
         elapsed = _elapsed(wave)
-        if p.pending and elapsed < r.converge_timeout_seconds:
+        cap = disruption_cap(len(devices), r.max_unavailable, r.max_unavailable_percent)
+        if cap is not None:
+            # each device is judged from its own write: converge timeout per device
+            unwritten, in_flight, closed = await self._write_within_budget(r, wave, devices, p, cap)
+            if closed is not None:
+                return closed
+            if unwritten or in_flight:
+                return self.tick
+        elif p.pending and elapsed < r.converge_timeout_seconds:
             return min(self.tick, r.converge_timeout_seconds - elapsed)
         if len(p.failed) + len(p.pending) > budget:
             reason = (
@@ -491,6 +616,7 @@ class Engine:
             return min(self.tick, r.bake_seconds - elapsed)
         last = r.current_wave + 1 >= len(await self._wave_list(r))
         outcomes = _outcomes(p.converged, p.failed, p.pending)
+        outcomes |= {d: ("deferred", why[:500]) for d, why in p.deferred.items()}
         stragglers = (await self._wave_devices(r, wave.wave))[1]
         late = progress(stragglers, r.digest, self.twin.reported)
         outcomes |= dict.fromkeys(late.converged, ("converged", None))
@@ -513,7 +639,7 @@ class Engine:
                     rollout_id=r.rollout_id,
                     model=r.model,
                     version=r.version,
-                    stragglers=[*late.pending, *late.failed],
+                    stragglers=[*late.pending, *late.failed, *p.deferred],
                 )
             )
         await self._transition(
@@ -652,6 +778,7 @@ class Engine:
         previous: dict[str, bytes | None] | None = None,
         outcomes: dict[str, tuple[str, str | None]] | None = None,
         events: Sequence[Event] = (),
+        written: list[str] | None = None,
     ) -> None:
         """One transaction: check ownership and state (the rollout's, and the wave's
         still the one ``wave`` was read in), update, queue the events; in a span of the
@@ -691,12 +818,29 @@ class Engine:
                     await self.store.capture_previous(conn, r.rollout_id, previous)
                 if outcomes:
                     await self.store.set_outcomes(conn, r.rollout_id, outcomes)
+                if written:
+                    await self.store.mark_written(conn, r.rollout_id, written, _now())
                 for event in events:
                     await add_event(conn, self.schema, event)
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def shifted_clock(path: Path) -> Callable[[], datetime]:
+    """The wall clock moved by the seconds written in the file ``path`` (none, or not a
+    number: not moved), read at each call: how a test or a demo shows a rollout waiting
+    for its maintenance window and starting at its opening without waiting for it."""
+
+    def now() -> datetime:
+        try:
+            shift = float(path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            shift = 0.0
+        return datetime.now(UTC) + timedelta(seconds=shift)
+
+    return now
 
 
 def _elapsed(wave: Wave) -> float:

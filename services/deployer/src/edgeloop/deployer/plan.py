@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeloop.contracts.events import WavePlan
+from edgeloop.contracts.windows import WindowSpec
 
 #: The waves of a rollout that names none: one canary device, 10 %, 50 %, everything.
 DEFAULT_WAVES = [
@@ -45,6 +46,9 @@ class RolloutKnobs(BaseModel):
     max_failures: int | None = Field(default=None, ge=0)
     max_failures_percent: float | None = Field(default=None, ge=0, le=100)
     device_deadline_seconds: float = Field(default=3600.0, gt=0)
+    window: WindowSpec | None = None
+    max_unavailable: int | None = Field(default=None, ge=1)
+    max_unavailable_percent: float | None = Field(default=None, gt=0, le=100)
 
     def knobs(self) -> dict[str, Any]:
         """These fields alone, for a ``RolloutRequested``."""
@@ -112,6 +116,10 @@ class Reported:
     digest: str | None = None
     desired_digest: str | None = None
     error: str | None = None
+    deferred_since: datetime | None = None
+    """``deferred``: since when its update lock holds the activation back."""
+    deferred_until: datetime | None = None
+    """``deferred``: when the device activates anyway (its maximum deferral)."""
 
 
 @dataclass
@@ -121,10 +129,13 @@ class Progress:
     converged: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     pending: list[str] = field(default_factory=list)
+    deferred: dict[str, str] = field(default_factory=dict)
+    """Devices that hold the image back while their update lock is held (the words shown)."""
 
 
 def progress(devices: Sequence[str], digest: str, reported: Mapping[str, Reported]) -> Progress:
-    """Converged (running ``digest``), failed (its activation failed), or still pending."""
+    """Converged (running ``digest``), failed (its activation failed), deferred (its
+    update lock is held), or still pending."""
     out = Progress()
     for device in devices:
         r = reported.get(device)
@@ -134,9 +145,32 @@ def progress(devices: Sequence[str], digest: str, reported: Mapping[str, Reporte
             out.converged.append(device)
         elif r.state == "failed" and r.desired_digest == digest:
             out.failed[device] = r.error or "activation failed"
+        elif r.state == "deferred" and r.desired_digest == digest:
+            out.deferred[device] = deferral(r)
         else:
             out.pending.append(device)
     return out
+
+
+def deferral(r: Reported) -> str:
+    """``deferred: update lock held since …; activates by … at the latest``."""
+    since = f" since {_at(r.deferred_since)}" if r.deferred_since else ""
+    until = f"; activates by {_at(r.deferred_until)} at the latest" if r.deferred_until else ""
+    return f"deferred: {r.error or 'update lock held'}{since}{until}"
+
+
+def disruption_cap(size: int, count: int | None, percent: float | None) -> int | None:
+    """How many of a wave's ``size`` devices may be activating at once (None: all).
+
+    The stricter of the two limits when both are set; a percentage rounds up and never
+    gives less than one device (a budget of nothing would wedge the rollout).
+    """
+    limits = []
+    if count is not None:
+        limits.append(count)
+    if percent is not None:
+        limits.append(math.ceil(size * percent / 100 - 1e-9))
+    return max(1, min(limits)) if limits else None
 
 
 # --- online-first draws ----------------------------------------------------------------

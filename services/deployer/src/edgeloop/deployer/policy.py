@@ -17,6 +17,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgeloop.contracts.events import RolloutRequested, ValidationPassed, WavePlan
+from edgeloop.contracts.windows import WindowSpec
 from edgeloop.kit.db import Conn
 
 #: Who asks for the rollouts a policy starts.
@@ -52,6 +53,11 @@ class ReleasePolicy(BaseModel):
     """A rollout that reaches a device with these labels (e.g. env=prod), whichever
     labels its selector names, waits for an approval before it starts, whatever
     ``approval`` says."""
+    window: WindowSpec | None = None
+    """Maintenance windows of its rollouts (``Mon-Fri 02:00-04:00 Europe/Berlin``)."""
+    max_unavailable: int | None = Field(default=None, ge=1)
+    """Disruption budget of its rollouts: devices of a wave activating at once."""
+    max_unavailable_percent: float | None = Field(default=None, gt=0, le=100)
 
     def check(self) -> str | None:
         """Why the policy cannot work, or None."""
@@ -89,6 +95,9 @@ class ReleasePolicy(BaseModel):
             for k, v in {
                 "bake_seconds": self.bake_seconds,
                 "converge_timeout_seconds": self.converge_timeout_seconds,
+                "window": self.window,
+                "max_unavailable": self.max_unavailable,
+                "max_unavailable_percent": self.max_unavailable_percent,
             }.items()
             if v is not None
         }
@@ -123,6 +132,9 @@ async def load_policy(conn: Conn, model: str) -> ReleasePolicy | None:
         max_failures_percent=row["max_failures_percent"],
         approval=Approval(row["approval"]),
         approval_labels=json.loads(row["approval_labels"]) if row["approval_labels"] else None,
+        window=row["window_spec"],
+        max_unavailable=row["max_unavailable"],
+        max_unavailable_percent=row["max_unavailable_percent"],
     )
 
 
@@ -131,12 +143,15 @@ async def save_policy(conn: Conn, model: str, policy: ReleasePolicy, actor: str)
     await conn.execute(
         """INSERT INTO policies (model, auto_rollout, selector, waves, bake_seconds,
                converge_timeout_seconds, max_failures, max_failures_percent, approval,
-               updated_by, updated_at, approval_labels)
-           VALUES ($1, $2, $3::jsonb, $4::jsonb, $5, $6, $7, $8, $9, $10, now(), $11::jsonb)
+               updated_by, updated_at, approval_labels, window_spec, max_unavailable,
+               max_unavailable_percent)
+           VALUES ($1, $2, $3::jsonb, $4::jsonb, $5, $6, $7, $8, $9, $10, now(), $11::jsonb,
+                   $12, $13, $14)
            ON CONFLICT (model) DO UPDATE SET auto_rollout = $2, selector = $3::jsonb,
                waves = $4::jsonb, bake_seconds = $5, converge_timeout_seconds = $6,
                max_failures = $7, max_failures_percent = $8, approval = $9,
-               updated_by = $10, updated_at = now(), approval_labels = $11::jsonb""",
+               updated_by = $10, updated_at = now(), approval_labels = $11::jsonb,
+               window_spec = $12, max_unavailable = $13, max_unavailable_percent = $14""",
         model,
         policy.auto_rollout,
         json.dumps(policy.selector) if policy.selector else None,
@@ -150,4 +165,7 @@ async def save_policy(conn: Conn, model: str, policy: ReleasePolicy, actor: str)
         policy.approval.value,
         actor,
         json.dumps(policy.approval_labels) if policy.approval_labels else None,
+        policy.window,
+        policy.max_unavailable,
+        policy.max_unavailable_percent,
     )

@@ -13,12 +13,19 @@ import asyncpg
 from edgeloop.contracts.events import RolloutRequested, WavePlan
 from edgeloop.kit.db import Conn
 
-ACTIVE = ("pending", "running", "paused", "awaiting_approval", "rolling_back")
+ACTIVE = (
+    "pending",
+    "running",
+    "paused",
+    "awaiting_approval",
+    "waiting_for_window",
+    "rolling_back",
+)
 TERMINAL = ("completed", "rolled_back", "aborted", "refused")
 #: States of a retirement under way (one per version at a time).
 UNDER_WAY = ("replacing", "retiring")
 #: A device's row of a rollout's plan, as the API shows it.
-_PLAN_COLUMNS = "device_id, wave, outcome, detail, straggler, absent, offline_since"
+_PLAN_COLUMNS = "device_id, wave, outcome, detail, straggler, absent, offline_since, written_at"
 #: Retirements with the state and reason of their replacement rollout.
 _RETIREMENTS = """SELECT t.*, r.state AS rollout_state, r.reason AS rollout_reason
     FROM retirements t LEFT JOIN rollouts r USING (rollout_id)"""
@@ -54,13 +61,20 @@ class Rollout:
     approved_at: datetime | None = None
     approval_reason: str | None = None
     device_deadline_seconds: float = 3600.0
+    window_spec: str | None = None
+    """Its maintenance windows (``edgeloop.contracts.windows``), or None: any time."""
+    window_opens_at: datetime | None = None
+    """While ``waiting_for_window``: when its window next opens."""
+    max_unavailable: int | None = None
+    max_unavailable_percent: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["rollout_id"] = str(self.rollout_id)
         out["waves"] = [w.model_dump(exclude_none=True) for w in self.waves]
-        for key in ("created_at", "updated_at", "finished_at", "approved_at"):
+        out["window"] = out.pop("window_spec")
+        for key in ("created_at", "updated_at", "finished_at", "approved_at", "window_opens_at"):
             out[key] = out[key].isoformat() if out[key] else None
         return out
 
@@ -174,6 +188,29 @@ class Store:
             [r["device_id"] for r in rows if r["straggler"]],
         )
 
+    async def written(self, conn: Conn, rollout_id: uuid.UUID, wave: int) -> dict[str, datetime]:
+        """Device → when the engine gave it the release, of one wave's devices given it."""
+        rows = await conn.fetch(
+            "SELECT device_id, written_at FROM rollout_devices "
+            "WHERE rollout_id = $1 AND wave = $2 AND written_at IS NOT NULL",
+            rollout_id,
+            wave,
+        )
+        return {r["device_id"]: r["written_at"] for r in rows}
+
+    async def mark_written(
+        self, conn: Conn, rollout_id: uuid.UUID, devices: list[str], at: datetime
+    ) -> None:
+        """Record that ``devices`` are given the release (before it is written, so a
+        restarted engine writes them again rather than more than its budget)."""
+        await conn.execute(
+            "UPDATE rollout_devices SET written_at = $3 "
+            "WHERE rollout_id = $1 AND device_id = ANY($2) AND written_at IS NULL",
+            rollout_id,
+            devices,
+            at,
+        )
+
     async def undrawn(self, conn: Conn, rollout_id: uuid.UUID, wave: int) -> dict[str, int]:
         """Device → planned wave, of the devices no wave before ``wave`` drew."""
         rows = await conn.fetch(
@@ -249,9 +286,11 @@ class Store:
             """INSERT INTO rollouts (rollout_id, model, version, image, digest, model_digest,
                    selector, waves, bake_seconds, converge_timeout_seconds, max_failures,
                    max_failures_percent, state, reason, requested_by, trace_parent, finished_at,
-                   approval_wave, device_deadline_seconds)
+                   approval_wave, device_deadline_seconds, window_spec, max_unavailable,
+                   max_unavailable_percent)
                VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11, $12, $13,
-                       $14, $15, $16, CASE WHEN $13 = 'refused' THEN now() END, $17, $18)""",
+                       $14, $15, $16, CASE WHEN $13 = 'refused' THEN now() END, $17, $18,
+                       $19, $20, $21)""",
             req.rollout_id,
             req.model,
             req.version,
@@ -270,6 +309,9 @@ class Store:
             trace_parent,
             approval_wave,
             req.device_deadline_seconds,
+            req.window,
+            req.max_unavailable,
+            req.max_unavailable_percent,
         )
         await conn.executemany(
             "INSERT INTO waves (rollout_id, wave, size) VALUES ($1, $2, $3)",

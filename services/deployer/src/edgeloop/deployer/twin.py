@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import datetime
 from typing import TypeVar
 
 from nats.js import JetStreamContext
@@ -67,6 +68,8 @@ class Twin:
                 digest=doc.get("digest"),
                 desired_digest=doc.get("desired_digest"),
                 error=doc.get("error"),
+                deferred_since=_when(doc.get("deferred_since")),
+                deferred_until=_when(doc.get("deferred_until")),
             )
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("reported state %s (revision %d) is unreadable: %s", key, revision, exc)
@@ -118,6 +121,10 @@ class Twin:
         keys = list(keys)
         results = await asyncio.gather(*(bounded(k) for k in keys))
         return dict(zip(keys, results, strict=True))
+
+
+def _when(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
 
 
 def _same_document(current: bytes | None, wanted: bytes | None) -> bool:

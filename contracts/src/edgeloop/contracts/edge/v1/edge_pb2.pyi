@@ -49,6 +49,8 @@ class _DeviceStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeviceSta
     """digest == desired_digest once converged"""
     DEVICE_STATE_FAILED: _DeviceState.ValueType  # 5
     """rolled back to last known good; see error"""
+    DEVICE_STATE_DEFERRED: _DeviceState.ValueType  # 6
+    """downloaded, waits to activate: its update lock is held"""
 
 class DeviceState(_DeviceState, metaclass=_DeviceStateEnumTypeWrapper): ...
 
@@ -63,6 +65,8 @@ DEVICE_STATE_RUNNING: DeviceState.ValueType  # 4
 """digest == desired_digest once converged"""
 DEVICE_STATE_FAILED: DeviceState.ValueType  # 5
 """rolled back to last known good; see error"""
+DEVICE_STATE_DEFERRED: DeviceState.ValueType  # 6
+"""downloaded, waits to activate: its update lock is held"""
 Global___DeviceState: _TypeAlias = DeviceState  # noqa: Y015
 
 class _CommandKind:
@@ -441,6 +445,8 @@ class StatusReport(_message.Message):
     REPORTED_AT_FIELD_NUMBER: _builtins.int
     DESIRED_REVISION_FIELD_NUMBER: _builtins.int
     TRACE_PARENT_FIELD_NUMBER: _builtins.int
+    DEFERRED_SINCE_FIELD_NUMBER: _builtins.int
+    DEFERRED_UNTIL_FIELD_NUMBER: _builtins.int
     state: Global___DeviceState.ValueType
     model: _builtins.str
     version: _builtins.str
@@ -458,6 +464,14 @@ class StatusReport(_message.Message):
     """DesiredState.trace_parent: activation joins the rollout trace"""
     @_builtins.property
     def reported_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def deferred_since(self) -> _timestamp_pb2.Timestamp:
+        """DEFERRED: since when an application holds the update lock, and when the agent
+        activates anyway (its maximum deferral); error says why
+        """
+
+    @_builtins.property
+    def deferred_until(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -471,10 +485,12 @@ class StatusReport(_message.Message):
         reported_at: _timestamp_pb2.Timestamp | None = ...,
         desired_revision: _builtins.int = ...,
         trace_parent: _builtins.str = ...,
+        deferred_since: _timestamp_pb2.Timestamp | None = ...,
+        deferred_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["reported_at", b"reported_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deferred_since", b"deferred_since", "deferred_until", b"deferred_until", "reported_at", b"reported_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired_digest", b"desired_digest", "desired_revision", b"desired_revision", "digest", b"digest", "error", b"error", "model", b"model", "reported_at", b"reported_at", "rollout_id", b"rollout_id", "state", b"state", "trace_parent", b"trace_parent", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deferred_since", b"deferred_since", "deferred_until", b"deferred_until", "desired_digest", b"desired_digest", "desired_revision", b"desired_revision", "digest", b"digest", "error", b"error", "model", b"model", "reported_at", b"reported_at", "rollout_id", b"rollout_id", "state", b"state", "trace_parent", b"trace_parent", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
