@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    cbpe,
     deployer_rollout,
     edge_gateway,
     kit_throughput,
@@ -52,6 +53,7 @@ def main() -> None:
             "monitor",
             "nats-auth",
             "outages",
+            "cbpe",
         ],
         help="run one benchmark",
     )
@@ -74,6 +76,8 @@ def main() -> None:
         _save("monitor_aggregate.json", monitor_aggregate.run())
         with servers("bench_alarm") as common:
             _save("monitor_alarm.json", asyncio.run(monitor_alarm.run(*common)))
+    if args.only in (None, "cbpe"):
+        _save("cbpe.json", cbpe.run(runs=max(args.runs, 3)))
     if args.only in (None, "nats-auth"):
         with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
             _save("nats_permissions.json", asyncio.run(nats_permissions.run(Path(tmp))))
