@@ -215,7 +215,7 @@ def outcomes() -> dict[tuple[str, str, float], Outcome]:
 
 
 # the module's fixture (16 fits, 112 shifted sets, NannyML's import and 16 runs) takes
-# ~25 s of CPU; the default 120 s per test is too short for it on a machine shared by others
+# ~15 s on a quiet machine but over 120 s (the default limit) at a load average of 20
 @pytest.mark.timeout(600)
 def test_estimated_accuracy_is_within_tolerance_of_the_truth_and_of_nannyml(
     outcomes: dict[tuple[str, str, float], Outcome],
