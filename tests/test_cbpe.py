@@ -27,11 +27,13 @@ features these data sets are ~98 % separable, and every estimate would trivially
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import asyncpg
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -54,7 +56,7 @@ from edgeloop.validator.calibration import from_prediction
 from examples.sklearn_models import logistic, logistic_onnx, npz
 from tests.deploy_harness import lifecycle_events, register_version, wait_validation
 from tests.edge_harness import TOKEN
-from tests.test_monitor import Monitored, mon
+from tests.test_monitor import Monitored, _deploy, mon
 
 __all__ = ["mon"]  # the real registry, monitor, NATS and PostgreSQL of the monitor's tests
 
@@ -368,3 +370,28 @@ async def test_an_estimate_below_the_rule_raises_an_alarm_and_a_retraining_reque
     )
     assert windows.exit_code == 0, windows.output
     assert "estimated_accuracy" in windows.output
+
+
+async def test_agents_send_their_confidences_per_predicted_class_through_the_gateway(
+    mon: Monitored,
+) -> None:
+    """Real agents, the gateway and its telemetry checks: the monitor's windows hold each
+    predicted class's confidence histogram, adding up to the overall one."""
+    await _deploy(mon, 1, None)
+
+    async def per_class() -> list[dict[str, Any]] | None:
+        conn = await asyncpg.connect(mon.settings.database_url)
+        try:
+            rows = await conn.fetch(
+                "SELECT aggregate FROM monitor.windows WHERE model = $1", mon.model
+            )
+        finally:
+            await conn.close()
+        found = [json.loads(r["aggregate"]) for r in rows]
+        return [w for w in found if w.get("confidence_by_prediction")] or None
+
+    (window, *_) = await eventually(per_class, within=60, what="a window with per-class counts")
+    by_class = window["confidence_by_prediction"]
+    assert set(by_class) <= {"0", "1", "2"}  # iris
+    assert [sum(c) for c in zip(*by_class.values(), strict=True)] == window["confidence"]
+    assert {k: sum(v) for k, v in by_class.items()} == window["predictions"]
