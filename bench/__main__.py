@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    cbpe,
     console,
     deployer_rollout,
     edge_gateway,
@@ -60,6 +61,7 @@ def main() -> None:
             "notify",
             "webconsole",
             "windows",
+            "cbpe",
         ],
         help="run one benchmark",
     )
@@ -87,6 +89,8 @@ def main() -> None:
         _save("monitor_aggregate.json", monitor_aggregate.run())
         with servers("bench_alarm") as common:
             _save("monitor_alarm.json", asyncio.run(monitor_alarm.run(*common)))
+    if args.only in (None, "cbpe"):
+        _save("cbpe.json", cbpe.run(runs=max(args.runs, 3)))
     if args.only in (None, "nats-auth"):
         with tempfile.TemporaryDirectory(prefix="edgeloop-bench-") as tmp:
             _save("nats_permissions.json", asyncio.run(nats_permissions.run(Path(tmp))))

@@ -44,6 +44,10 @@ def _batch() -> TelemetryBatch:
         ],
         prediction_counts={"0": 200, "1": 56},
         confidence_histogram=Histogram(edges=[0.5, 0.9], counts=[7, 50, 199]),
+        confidence_by_prediction={
+            "0": Histogram(edges=[0.5, 0.9], counts=[0, 30, 170]),
+            "1": Histogram(edges=[0.5, 0.9], counts=[7, 20, 29]),
+        },
         latency_ms_histogram=Histogram(edges=[1.0, 5.0], counts=[200, 50, (1 << 63) + 1]),
         samples=[
             {"features": [0.1, 2.0], "prediction": "1", "confidence": 0.51, "at": NOW.isoformat()},
@@ -80,6 +84,16 @@ def test_a_minimal_batch_keeps_its_absent_parts_absent() -> None:
     again = telemetry_to_proto(ev)
     assert not again.HasField("confidence_histogram")
     assert again == start
+
+
+def test_per_class_confidences_cannot_count_more_than_their_class() -> None:
+    ok = _batch().model_copy(update={"latency_ms_histogram": None})  # (its counts overflow)
+    assert ok.inconsistency() is None
+    h = Histogram(edges=[0.5, 0.9], counts=[0, 0, 57])
+    bad = ok.model_copy(update={"confidence_by_prediction": {"1": h}})
+    assert bad.inconsistency() == (
+        "the confidence histogram of prediction '1' counts 57 of 56 such predictions"
+    )
 
 
 def test_a_batch_id_that_is_not_a_uuid_maps_to_a_stable_event_id() -> None:

@@ -19,11 +19,12 @@ class FakeRegistry:
 
     def __init__(self) -> None:
         self.known: dict[tuple[str, str], Reference] = {}
+        self.validating: set[tuple[str, str]] = set()
         self.fetches = 0
 
-    async def fetch(self, model: str, version: str) -> Reference | None:
+    async def fetch(self, model: str, version: str) -> tuple[Reference | None, bool]:
         self.fetches += 1
-        return self.known.get((model, version))
+        return self.known.get((model, version)), (model, version) in self.validating
 
 
 @pytest.fixture
@@ -66,4 +67,26 @@ async def test_a_version_registered_later_is_found(
     assert fake.fetches == 1
     clock[0] += references.UNKNOWN_SECONDS + 1
     assert (await refs.get("m", "2")).version == "2"
+    assert fake.fetches == 2
+
+
+async def test_a_version_still_being_validated_is_asked_again_for_its_calibration(
+    registry: tuple[References, FakeRegistry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The calibration map comes with the validation report, which may come after the
+    profile: until the validation ended the version is asked again now and then."""
+    refs, fake = registry
+    clock = [1000.0]
+    monkeypatch.setattr(references.time, "monotonic", lambda: clock[0])
+    fake.known[("m", "3")] = Reference.from_profile("m", "3", PROFILE)
+    fake.validating.add(("m", "3"))
+    await refs.get("m", "3")
+    await refs.get("m", "3")
+    assert fake.fetches == 1
+    fake.validating.clear()
+    clock[0] += references.UNKNOWN_SECONDS + 1
+    await refs.get("m", "3")
+    assert fake.fetches == 2
+    clock[0] += references.UNKNOWN_SECONDS + 1
+    await refs.get("m", "3")  # validated: kept for good
     assert fake.fetches == 2

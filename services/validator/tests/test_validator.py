@@ -17,6 +17,7 @@ from onnx import TensorProto, helper
 from edgeloop.builder.app import build as build_builder
 from edgeloop.builder.config import BuilderSettings
 from edgeloop.contracts import subjects as s
+from edgeloop.contracts.calibration import REPORT_KEY, CalibrationMap
 from edgeloop.contracts.events import ImageBuilt, ValidationFailed
 from edgeloop.devstack.nats_auth import NatsAuth
 from edgeloop.devstack.servers import NatsServer, free_port
@@ -129,6 +130,14 @@ async def test_good_model_is_validated_tagged_and_becomes_candidate(
     assert set(report["profile"]["threads"]) == {"1", "2", "4"}
     assert report["profile"]["recommended_threads"] in (1, 2, 4)
     assert report["profile"]["threads"]["1"]["p99_ms"] > 0
+    # the calibration map the monitor estimates accuracy with, learnt from the suite
+    cal = CalibrationMap.model_validate(report[REPORT_KEY])
+    assert cal.classes == ["0", "1"]
+    assert cal.positive == "1"
+    assert sum(cal.pooled.count) == cal.suite_rows > 0
+    right = sum(cal.pooled.correct) / cal.suite_rows
+    assert right == pytest.approx(report["metrics"]["accuracy"])
+    assert cal.pooled.accuracy == sorted(cal.pooled.accuracy)  # monotone
     assert body["aliases"] == ["candidate"]
     image = body["build_detail"]["image"]
     async with OciClient(loop.registry_url) as oci:

@@ -133,6 +133,8 @@ def telemetry_to_proto(ev: TelemetryBatch) -> pb.TelemetryBatch:
         msg.confidence_histogram.CopyFrom(_hist_to_pb(ev.confidence_histogram))
     if ev.latency_ms_histogram is not None:
         msg.latency_ms_histogram.CopyFrom(_hist_to_pb(ev.latency_ms_histogram))
+    for label, h in ev.confidence_by_prediction.items():
+        msg.confidence_by_prediction[label].CopyFrom(_hist_to_pb(h))
     for sample in ev.samples:
         _sample_to_pb(sample, msg.samples.add())
     return msg
@@ -173,6 +175,9 @@ def telemetry_from_proto(msg: pb.TelemetryBatch, group: str | None = None) -> Te
         latency_ms_histogram=_hist_from_pb(msg.latency_ms_histogram)
         if msg.HasField("latency_ms_histogram")
         else None,
+        confidence_by_prediction={
+            label: _hist_from_pb(h) for label, h in msg.confidence_by_prediction.items()
+        },
         samples=[_sample_from_pb(s) for s in msg.samples],
         dropped_batches=msg.dropped_batches,
         corrupt_batches=msg.corrupt_batches,

@@ -423,6 +423,11 @@ class TelemetryBatch(Event, ModelRef):
     feature_histograms: list[Histogram] = Field(default_factory=list)
     prediction_counts: dict[str, NonNegativeInt] = Field(default_factory=dict)
     confidence_histogram: Histogram | None = None
+    confidence_by_prediction: dict[str, Histogram] = Field(
+        default_factory=dict,
+        description="predicted class → its confidence histogram on CONFIDENCE_EDGES "
+        "(label-free accuracy estimation); empty from older agents",
+    )
     latency_ms_histogram: Histogram | None = None
     samples: list[dict[str, Any]] = Field(
         default_factory=list, description="bounded sample of raw low-confidence inputs"
@@ -460,6 +465,12 @@ class TelemetryBatch(Event, ModelRef):
         for what, h in extra:
             if h is not None and sum(h.counts) > count:
                 return f"the {what} histogram counts {sum(h.counts)} of {count} inferences"
+        for label, h in self.confidence_by_prediction.items():
+            if sum(h.counts) > self.prediction_counts.get(label, 0):
+                return (
+                    f"the confidence histogram of prediction {label!r} counts {sum(h.counts)} "
+                    f"of {self.prediction_counts.get(label, 0)} such predictions"
+                )
         for i, h in enumerate(self.feature_histograms):
             n = sum(h.counts)
             if not count - self.errors <= n <= count:

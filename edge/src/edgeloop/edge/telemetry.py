@@ -97,6 +97,7 @@ class TelemetryAggregator:
         )
         self._conf = np.zeros(len(self._conf_edges) + 1, dtype=np.int64)
         self._conf_seen = False
+        self._conf_by_prediction: dict[str, npt.NDArray[np.int64]] = {}
         self._lat = np.zeros(len(self._lat_edges) + 1, dtype=np.int64)
         self._predictions: dict[str, int] = {}
         self._samples: list[pb.Sample] = []
@@ -156,7 +157,21 @@ class TelemetryAggregator:
             return
         conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
         self._conf_seen = True
-        self._conf += _hist(conf, self._conf_edges)
+        bins = np.searchsorted(self._conf_edges, conf, side="left")
+        self._conf += np.bincount(bins, minlength=len(self._conf_edges) + 1)
+        if len(label_arr) == len(conf):
+            # per predicted class, for label-free accuracy estimation: one bincount over
+            # (class, bin) pairs
+            width = len(self._conf_edges) + 1
+            per = np.bincount(
+                np.searchsorted(uniq, label_arr) * width + bins, minlength=len(uniq) * width
+            )
+            for k, u in enumerate(uniq.tolist()):
+                row = per[k * width : (k + 1) * width]
+                if u in self._conf_by_prediction:
+                    self._conf_by_prediction[u] += row
+                else:
+                    self._conf_by_prediction[u] = row.astype(np.int64)
         is_low = conf < self.low_confidence
         self._low += int(is_low.sum())
         # kept: low-confidence rows, and a small random share of all rows (so retraining
@@ -223,5 +238,9 @@ class TelemetryAggregator:
             batch.confidence_histogram.CopyFrom(
                 pb.Histogram(edges=self._conf_edges.tolist(), counts=self._conf.tolist())
             )
+            for label, counts in self._conf_by_prediction.items():
+                batch.confidence_by_prediction[label].CopyFrom(
+                    pb.Histogram(edges=self._conf_edges.tolist(), counts=counts.tolist())
+                )
         self._reset()
         return batch

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edgeloop.contracts.calibration import CalibrationMap
 from edgeloop.contracts.events import (
     CONFIDENCE_EDGES,
     LATENCY_MS_EDGES,
@@ -48,6 +49,9 @@ class Reference:
     """features x bins, zero-padded."""
     prediction_categories: list[str]
     prediction_counts: IntArray
+    calibration: CalibrationMap | None = None
+    """the validator's calibration map (classifiers validated with one): label-free
+    accuracy estimates (``edgeloop.monitor.cbpe``)."""
 
     @classmethod
     def from_profile(cls, model: str, version: str, profile: dict[str, Any]) -> Reference:
@@ -130,6 +134,10 @@ def check(batch: TelemetryBatch, ref: Reference, *, max_count: int) -> None:
     for what, extra, edges in (
         ("confidence", batch.confidence_histogram, CONFIDENCE_EDGES),
         ("latency", batch.latency_ms_histogram, LATENCY_MS_EDGES),
+        *(
+            (f"prediction {label!r} confidence", h, CONFIDENCE_EDGES)
+            for label, h in sorted(batch.confidence_by_prediction.items())
+        ),
     ):
         if extra is not None:
             _check_hist(extra, what)
@@ -153,6 +161,8 @@ class Window:
     confidence: IntArray | None = None
     latency_edges: list[float] | None = None
     latency: IntArray | None = None
+    confidence_by_prediction: dict[str, IntArray] = field(default_factory=dict)
+    """predicted class → confidence counts on ``CONFIDENCE_EDGES`` (checked at entry)."""
     devices: set[str] = field(default_factory=set)
     by_device: dict[str, Window] = field(default_factory=dict)
 
@@ -177,6 +187,13 @@ class Window:
         )
         self.latency_edges, self.latency = _merge_hist(
             self.latency_edges, self.latency, batch.latency_ms_histogram
+        )
+        _add_counts(
+            self.confidence_by_prediction,
+            {
+                k: np.asarray(h.counts, dtype=np.int64)
+                for k, h in batch.confidence_by_prediction.items()
+            },
         )
         self.devices.add(batch.device_id)
 
@@ -213,6 +230,10 @@ class Window:
             same = getattr(part, f"{name}_edges") == getattr(self, f"{name}_edges")
             if counts is not None and mine is not None and same:
                 setattr(self, name, mine - counts)
+        _add_counts(
+            self.confidence_by_prediction,
+            {k: -v for k, v in part.confidence_by_prediction.items()},
+        )
         self.devices -= part.devices
 
     def _merge(self, other: Window) -> None:
@@ -236,6 +257,7 @@ class Window:
                 )
                 setattr(self, f"{name}_edges", e)
                 setattr(self, name, c)
+        _add_counts(self.confidence_by_prediction, other.confidence_by_prediction)
         self.devices |= other.devices
 
     def to_json(self) -> dict[str, Any]:
@@ -251,6 +273,9 @@ class Window:
             "confidence": self.confidence.tolist() if self.confidence is not None else None,
             "latency_edges": self.latency_edges,
             "latency": self.latency.tolist() if self.latency is not None else None,
+            "confidence_by_prediction": {
+                k: v.tolist() for k, v in sorted(self.confidence_by_prediction.items())
+            },
             "devices": sorted(self.devices),
             "by_device": {d: w.to_json() for d, w in sorted(self.by_device.items())},
         }
@@ -271,9 +296,24 @@ class Window:
             confidence=arr(d["confidence"]),
             latency_edges=d["latency_edges"],
             latency=arr(d["latency"]),
+            confidence_by_prediction={
+                k: np.asarray(v, dtype=np.int64)
+                for k, v in (d.get("confidence_by_prediction") or {}).items()
+            },
             devices=set(d["devices"]),
             by_device={k: cls.from_json(v) for k, v in (d.get("by_device") or {}).items()},
         )
+
+
+def _add_counts(into: dict[str, IntArray], other: dict[str, IntArray]) -> None:
+    """Add per-label counts (negative ones subtract); a label left with none is dropped."""
+    for label, counts in other.items():
+        mine = into.get(label)
+        total = counts.copy() if mine is None else mine + counts
+        if total.any():
+            into[label] = total
+        else:
+            into.pop(label, None)
 
 
 def _merge_hist(

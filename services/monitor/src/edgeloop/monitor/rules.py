@@ -17,7 +17,7 @@ import asyncpg
 import numpy as np
 
 from edgeloop.kit.db import Conn
-from edgeloop.monitor import drift
+from edgeloop.monitor import cbpe, drift
 from edgeloop.monitor.aggregate import Reference, Window, quantile
 
 DEFAULT_RULES: dict[str, float] = {
@@ -34,13 +34,19 @@ DEFAULT_RULES: dict[str, float] = {
     "canary_latency_ratio": 1.5,
     "canary_latency_margin_ms": 5.0,
     "canary_prediction_psi": 0.25,
+    "estimated_accuracy": 0.0,
+    "estimated_f1": 0.0,
 }
 """Thresholds; ``min_count``: windows with fewer inferences are not judged;
 ``min_devices``: an alarm or a canary verdict needs evidence from at least this many
 devices (on each side of a canary comparison), and must still hold without any single
-one of them (``edgeloop.monitor.robust``)."""
+one of them (``edgeloop.monitor.robust``); ``estimated_accuracy``, ``estimated_f1``:
+the least label-free estimate a window may have (``edgeloop.monitor.cbpe``; 0: off)."""
 
 KPI_RULES = ("error_rate", "low_confidence_rate", "latency_p95_ms")
+MIN_KPI_RULES = (cbpe.ACCURACY, cbpe.F1)
+"""KPIs that fire *below* their rule; clean once their complement (the estimated error)
+is under ``(1 - rule) * hysteresis``."""
 
 
 async def load_rules(conn: Conn | asyncpg.Pool, model: str) -> dict[str, Any]:
@@ -91,7 +97,7 @@ def validate_rules(rules: dict[str, Any]) -> dict[str, Any]:
             number = float(value)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"rule {key} must be a number, got {value!r}") from exc
-        if number < 0 or (key == "hysteresis" and number > 1):
+        if number < 0 or (key in ("hysteresis", *MIN_KPI_RULES) and number > 1):
             raise ValueError(f"rule {key} out of range: {number}")
         out[key] = number
     return out
@@ -138,6 +144,7 @@ def score(window: Window, ref: Reference) -> dict[str, Any]:
     p95 = quantile(window.latency_edges, window.latency, 0.95)
     if p95 is not None:
         kpis["latency_p95_ms"] = p95
+    kpis.update(cbpe.estimate(window, ref.calibration))
     out["kpis"] = kpis
     return out
 
@@ -201,6 +208,20 @@ def judge(scores: dict[str, Any], rules: dict[str, Any]) -> list[Judgement]:
                 value < limit * h,
                 {name: value},
                 f"{name} {value:.4g} above {limit:g}",
+            )
+        )
+    for name, value in (scores.get("kpis") or {}).items():
+        if name not in MIN_KPI_RULES or not r[name]:
+            continue
+        least = r[name]
+        out.append(
+            Judgement(
+                name,
+                "kpi",
+                value < least,
+                1 - value < (1 - least) * h,
+                {name: value},
+                f"{name} {value:.3f} below {least:g} (label-free estimate, CBPE)",
             )
         )
     out.extend(_custom_kpis(scores, r.get("kpis") or {}, h))

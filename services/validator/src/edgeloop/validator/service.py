@@ -13,12 +13,14 @@ from typing import Any, Protocol
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edgeloop.contracts.calibration import REPORT_KEY
 from edgeloop.contracts.events import ImageBuilt
 from edgeloop.contracts.signing import SignedRelease
 from edgeloop.edge.runtime import ModelLoadError, OnnxModel, OutputShapeError
 from edgeloop.kit.oci import OciClient
 from edgeloop.kit.oci.image import read_layer_file
 from edgeloop.kit.oci.signing import SignatureError, verify_image
+from edgeloop.validator import calibration
 from edgeloop.validator import metrics as m
 from edgeloop.validator.profiling import profile
 
@@ -176,6 +178,8 @@ class Validator:
         if any(not math.isfinite(v) for v in quality.values()):
             report.fail("metrics are not finite")
             return None
+        if model.kind == "classifier" and (cal := calibration.from_prediction(pred, y)):
+            report.details[REPORT_KEY] = cal.model_dump(mode="json")
         return quality
 
     def _against_champion(

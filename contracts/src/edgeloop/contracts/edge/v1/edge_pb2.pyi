@@ -338,6 +338,27 @@ class TelemetryBatch(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ConfidenceByPredictionEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Histogram: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Histogram | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     BATCH_ID_FIELD_NUMBER: _builtins.int
     DEVICE_ID_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
@@ -357,6 +378,7 @@ class TelemetryBatch(_message.Message):
     DROPPED_BATCHES_FIELD_NUMBER: _builtins.int
     TRACE_PARENT_FIELD_NUMBER: _builtins.int
     CORRUPT_BATCHES_FIELD_NUMBER: _builtins.int
+    CONFIDENCE_BY_PREDICTION_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """unique per device (a UUID): re-sends de-duplicate"""
     device_id: _builtins.str
@@ -396,6 +418,12 @@ class TelemetryBatch(_message.Message):
     def samples(self) -> _containers.RepeatedCompositeFieldContainer[Global___Sample]:
         """bounded sample of raw low-confidence inputs"""
 
+    @_builtins.property
+    def confidence_by_prediction(self) -> _containers.MessageMap[_builtins.str, Global___Histogram]:
+        """predicted class → histogram of that prediction's confidence on confidence_histogram's
+        bins (label-free accuracy estimation, CBPE); older agents leave it empty
+        """
+
     def __init__(
         self,
         *,
@@ -418,10 +446,11 @@ class TelemetryBatch(_message.Message):
         dropped_batches: _builtins.int = ...,
         trace_parent: _builtins.str = ...,
         corrupt_batches: _builtins.int = ...,
+        confidence_by_prediction: _abc.Mapping[_builtins.str, Global___Histogram] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["confidence_histogram", b"confidence_histogram", "latency_ms_histogram", b"latency_ms_histogram", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "confidence_histogram", b"confidence_histogram", "corrupt_batches", b"corrupt_batches", "count", b"count", "device_id", b"device_id", "digest", b"digest", "dropped_batches", b"dropped_batches", "errors", b"errors", "feature_histograms", b"feature_histograms", "feature_names", b"feature_names", "latency_ms_histogram", b"latency_ms_histogram", "low_confidence", b"low_confidence", "model", b"model", "prediction_counts", b"prediction_counts", "samples", b"samples", "trace_parent", b"trace_parent", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "confidence_by_prediction", b"confidence_by_prediction", "confidence_histogram", b"confidence_histogram", "corrupt_batches", b"corrupt_batches", "count", b"count", "device_id", b"device_id", "digest", b"digest", "dropped_batches", b"dropped_batches", "errors", b"errors", "feature_histograms", b"feature_histograms", "feature_names", b"feature_names", "latency_ms_histogram", b"latency_ms_histogram", "low_confidence", b"low_confidence", "model", b"model", "prediction_counts", b"prediction_counts", "samples", b"samples", "trace_parent", b"trace_parent", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
