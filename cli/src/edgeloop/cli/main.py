@@ -19,6 +19,7 @@ from edgeloop.cli import (
     models,
     monitor,
     rollout,
+    shadow,
     signing,
     status,
     tokens,
@@ -46,6 +47,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(audit.app, name="audit")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(dlq.app, name="dlq")
+app.add_typer(shadow.app, name="shadow")
 
 
 @app.callback()

@@ -14,7 +14,7 @@ from edgeloop.deployer.config import DeployerSettings
 from edgeloop.deployer.engine import Engine
 from edgeloop.deployer.handlers import register_handlers
 from edgeloop.deployer.retire import Retirements
-from edgeloop.deployer.sources import Devices, Registry
+from edgeloop.deployer.sources import Devices, Monitor, Registry
 from edgeloop.deployer.store import Store
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit.api import serve_api
@@ -64,6 +64,10 @@ def build(settings: DeployerSettings) -> Service:
                 max_silence=settings.presence_max_silence_seconds,
                 offline_grace=settings.offline_grace_seconds,
                 tracer=tracer(service.tracer_provider, "edgeloop.deployer"),
+                monitor=Monitor(
+                    settings.monitor_api,
+                    (settings.monitor_token or settings.registry_token).get_secret_value(),
+                ),
             )
         )
         retirements = Retirements(lambda: service.pool, service.schema, admission, wake)

@@ -63,8 +63,9 @@ from edgeloop.deployer.plan import (
     progress,
     wave_target,
 )
-from edgeloop.deployer.sources import Devices
-from edgeloop.deployer.store import Rollout, Store, Wave
+from edgeloop.deployer.shadow import ShadowPhase
+from edgeloop.deployer.sources import Devices, Monitor
+from edgeloop.deployer.store import TERMINAL, Rollout, Store, Wave
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit.db import TRANSIENT_DB_ERRORS
 from edgeloop.kit.outbox import add_event
@@ -107,6 +108,7 @@ class Engine:
         max_silence: float = 60.0,
         offline_grace: float = 60.0,
         tracer: Tracer | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.tracer = tracer or trace.get_tracer("edgeloop.deployer")
         self.pool = pool
@@ -125,6 +127,8 @@ class Engine:
         self._devices: dict[tuple[uuid.UUID, int], tuple[list[str], list[str]]] = {}
         self._ask_after: dict[tuple[uuid.UUID, int], float] = {}
         """When a starting wave may ask the gateway again (monotonic time)."""
+        self.monitor = monitor
+        self.shadow = ShadowPhase(twin, self._shadow_report, self._shadow_commit, tick=tick)
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -212,7 +216,7 @@ class Engine:
         None once it is finished."""
         async with self.pool.acquire() as conn:
             r = await self.store.rollout(conn, rid)
-        if r.state in ("completed", "rolled_back", "aborted", "refused"):
+        if r.state in TERMINAL:
             return None
         if r.state in ("paused", "awaiting_approval"):
             return self.tick * 4
@@ -220,8 +224,13 @@ class Engine:
             await self._roll_back(r)
             return 0.0
         if r.state == "pending":
-            await self._transition(r, expect=("pending",), rollout={"state": "running"})
+            first = "shadowing" if r.shadow is not None else "running"
+            await self._transition(r, expect=("pending",), rollout={"state": first})
             return 0.0
+        if r.state == "shadowing":
+            async with self.pool.acquire() as conn:
+                targets = sorted(await self.store.undrawn(conn, rid, 0))
+            return await self.shadow.step(r, targets)
         async with self.pool.acquire() as conn:
             wave = await self.store.wave(conn, rid, r.current_wave)
         handler = {
@@ -542,6 +551,24 @@ class Engine:
             )
             return None
         return 0.0
+
+    async def _shadow_report(
+        self, model: str, version: str, rollout_id: uuid.UUID
+    ) -> dict[str, object]:
+        if self.monitor is None:
+            raise httpx.HTTPError("no monitor API is configured (EDGELOOP_DEPLOYER_MONITOR_API)")
+        return await self.monitor.shadow(model, version, rollout_id)
+
+    async def _shadow_commit(
+        self,
+        r: Rollout,
+        values: dict[str, object],
+        expect: tuple[str, ...],
+        events: Sequence[Event],
+    ) -> None:
+        await self._transition(r, expect=expect, rollout=values, events=events)
+        if values.get("state") in TERMINAL:
+            ROLLOUTS.labels(str(values["state"])).inc()
 
     async def _wave_list(self, r: Rollout) -> list[Wave]:
         async with self.pool.acquire() as conn:

@@ -14,9 +14,9 @@ import uuid
 from collections.abc import Iterable
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edgeloop.contracts.events import RolloutRequested, ValidationPassed, WavePlan
+from edgeloop.contracts.events import RolloutRequested, ShadowSpec, ValidationPassed, WavePlan
 from edgeloop.kit.db import Conn
 
 #: Who asks for the rollouts a policy starts.
@@ -52,6 +52,14 @@ class ReleasePolicy(BaseModel):
     """A rollout that reaches a device with these labels (e.g. env=prod), whichever
     labels its selector names, waits for an approval before it starts, whatever
     ``approval`` says."""
+    shadow_first: ShadowSpec | None = None
+    """Every rollout of the model (automatic or not) first runs the version as a
+    challenger (``--shadow-first 1h``); only a passing shadow phase leads to a real wave."""
+
+    @field_validator("shadow_first")
+    @classmethod
+    def _then_waves(cls, spec: ShadowSpec | None) -> ShadowSpec | None:
+        return spec.model_copy(update={"then_waves": True}) if spec is not None else None
 
     def check(self) -> str | None:
         """Why the policy cannot work, or None."""
@@ -123,6 +131,9 @@ async def load_policy(conn: Conn, model: str) -> ReleasePolicy | None:
         max_failures_percent=row["max_failures_percent"],
         approval=Approval(row["approval"]),
         approval_labels=json.loads(row["approval_labels"]) if row["approval_labels"] else None,
+        shadow_first=ShadowSpec.model_validate_json(row["shadow_first"])
+        if row["shadow_first"]
+        else None,
     )
 
 
@@ -131,12 +142,14 @@ async def save_policy(conn: Conn, model: str, policy: ReleasePolicy, actor: str)
     await conn.execute(
         """INSERT INTO policies (model, auto_rollout, selector, waves, bake_seconds,
                converge_timeout_seconds, max_failures, max_failures_percent, approval,
-               updated_by, updated_at, approval_labels)
-           VALUES ($1, $2, $3::jsonb, $4::jsonb, $5, $6, $7, $8, $9, $10, now(), $11::jsonb)
+               updated_by, updated_at, approval_labels, shadow_first)
+           VALUES ($1, $2, $3::jsonb, $4::jsonb, $5, $6, $7, $8, $9, $10, now(), $11::jsonb,
+                   $12::jsonb)
            ON CONFLICT (model) DO UPDATE SET auto_rollout = $2, selector = $3::jsonb,
                waves = $4::jsonb, bake_seconds = $5, converge_timeout_seconds = $6,
                max_failures = $7, max_failures_percent = $8, approval = $9,
-               updated_by = $10, updated_at = now(), approval_labels = $11::jsonb""",
+               updated_by = $10, updated_at = now(), approval_labels = $11::jsonb,
+               shadow_first = $12::jsonb""",
         model,
         policy.auto_rollout,
         json.dumps(policy.selector) if policy.selector else None,
@@ -150,4 +163,5 @@ async def save_policy(conn: Conn, model: str, policy: ReleasePolicy, actor: str)
         policy.approval.value,
         actor,
         json.dumps(policy.approval_labels) if policy.approval_labels else None,
+        policy.shadow_first.model_dump_json() if policy.shadow_first else None,
     )

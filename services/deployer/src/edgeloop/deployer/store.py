@@ -10,11 +10,11 @@ from typing import Any
 
 import asyncpg
 
-from edgeloop.contracts.events import RolloutRequested, WavePlan
+from edgeloop.contracts.events import RolloutRequested, ShadowSpec, WavePlan
 from edgeloop.kit.db import Conn
 
-ACTIVE = ("pending", "running", "paused", "awaiting_approval", "rolling_back")
-TERMINAL = ("completed", "rolled_back", "aborted", "refused")
+ACTIVE = ("pending", "shadowing", "running", "paused", "awaiting_approval", "rolling_back")
+TERMINAL = ("completed", "rolled_back", "aborted", "refused", "shadow_passed", "shadow_failed")
 #: States of a retirement under way (one per version at a time).
 UNDER_WAY = ("replacing", "retiring")
 #: A device's row of a rollout's plan, as the API shows it.
@@ -54,13 +54,20 @@ class Rollout:
     approved_at: datetime | None = None
     approval_reason: str | None = None
     device_deadline_seconds: float = 3600.0
+    shadow: ShadowSpec | None = None
+    """The rollout's shadow phase (None: none)."""
+    shadow_state: str | None = None
+    shadow_started_at: datetime | None = None
+    shadow_devices: list[str] | None = None
+    shadow_result: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["rollout_id"] = str(self.rollout_id)
         out["waves"] = [w.model_dump(exclude_none=True) for w in self.waves]
-        for key in ("created_at", "updated_at", "finished_at", "approved_at"):
+        out["shadow"] = self.shadow.model_dump() if self.shadow else None
+        for key in ("created_at", "updated_at", "finished_at", "approved_at", "shadow_started_at"):
             out[key] = out[key].isoformat() if out[key] else None
         return out
 
@@ -101,6 +108,9 @@ def _rollout(row: asyncpg.Record) -> Rollout:
     d.pop("lease_until", None)
     d["selector"] = json.loads(d["selector"])
     d["waves"] = [WavePlan.model_validate(w) for w in json.loads(d["waves"])]
+    d["shadow"] = ShadowSpec.model_validate_json(d["shadow"]) if d.get("shadow") else None
+    for key in ("shadow_devices", "shadow_result"):
+        d[key] = json.loads(d[key]) if d.get(key) else None
     return Rollout(**d)
 
 
@@ -243,15 +253,18 @@ class Store:
         reason: str | None = None,
         trace_parent: str | None = None,
         approval_wave: int | None = None,
+        shadow: ShadowSpec | None = None,
     ) -> None:
-        """A new rollout with its plan (``state`` pending, or refused with ``reason``)."""
+        """A new rollout with its plan (``state`` pending, or refused with ``reason``);
+        ``shadow``: its shadow phase (the request's, or its model's policy's)."""
         await conn.execute(
             """INSERT INTO rollouts (rollout_id, model, version, image, digest, model_digest,
                    selector, waves, bake_seconds, converge_timeout_seconds, max_failures,
                    max_failures_percent, state, reason, requested_by, trace_parent, finished_at,
-                   approval_wave, device_deadline_seconds)
+                   approval_wave, device_deadline_seconds, shadow)
                VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11, $12, $13,
-                       $14, $15, $16, CASE WHEN $13 = 'refused' THEN now() END, $17, $18)""",
+                       $14, $15, $16, CASE WHEN $13 = 'refused' THEN now() END, $17, $18,
+                       $19::jsonb)""",
             req.rollout_id,
             req.model,
             req.version,
@@ -270,6 +283,7 @@ class Store:
             trace_parent,
             approval_wave,
             req.device_deadline_seconds,
+            shadow.model_dump_json() if shadow else None,
         )
         await conn.executemany(
             "INSERT INTO waves (rollout_id, wave, size) VALUES ($1, $2, $3)",

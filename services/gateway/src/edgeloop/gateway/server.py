@@ -125,8 +125,8 @@ class Session:
 
     def push_desired(self, revision: int, doc: DesiredModel | None) -> None:
         """Replace any unsent desired state with this one."""
-        if doc is not None and doc.model and doc.version:
-            self.ran(doc.model, doc.version)
+        for model, version in doc.versions() if doc is not None else []:
+            self.ran(model, version)  # a challenger's too: its last batches come after it
         if self.desired is None or self.desired[0] < revision:
             self.desired = (revision, doc)
             self.wake.set()
