@@ -134,17 +134,16 @@ async def test_a_challenger_runs_beside_the_champion_and_only_an_agreeing_one_pa
         "2",
     }
 
-    # a challenger that predicts one class for every input, with a shadow phase first: it
-    # fails the phase and never gets a real wave
+    # a challenger that predicts one class for every input, under a release policy that
+    # requires a shadow phase first: it fails the phase and never gets a real wave
+    policy = {"shadow_first": SHADOW, "waves": [{"count": 2}, {"percent": 100}]}
+    resp = await stack.api.put(f"/v1/policies/{model}", json=policy)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["shadow_first"]["then_waves"] is True
     bad = classifier("iris", c=1e-5)
     await stack.validated(model, "3", bad.onnx, good.reference)
     code, body = await stack.start(
-        model,
-        "3",
-        sel,
-        waves=[{"count": 2}, {"percent": 100}],
-        bake_seconds=0,
-        shadow={**SHADOW, "then_waves": True},
+        model, "3", sel, waves=[{"count": 2}, {"percent": 100}], bake_seconds=0
     )
     assert code == 201, body
     failed = await stack.wait_rollout(body["rollout_id"], "shadow_failed", "completed")

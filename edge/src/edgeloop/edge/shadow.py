@@ -19,7 +19,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +126,8 @@ class Challenger:
     labels: list[str]
     rng: random.Random
     tally: Tally = field(default_factory=Tally)
+    clock: Callable[[], float] = time.perf_counter
+    """Times the challenger's inferences (the budget's measure)."""
 
     @property
     def key(self) -> tuple[str, str, float, float, float]:
@@ -160,15 +162,15 @@ class Challenger:
         if tally.challenger_seconds > limit * tally.champion_seconds:
             tally.skipped_budget += n
             return
-        started = time.perf_counter()
+        started = self.clock()
         try:
             prediction = self.model.predict(rows)
         except Exception:
-            tally.challenger_seconds += time.perf_counter() - started
+            tally.challenger_seconds += self.clock() - started
             self.aggregator.add_errors(n)
             tally.compare(champion, [ERROR_LABEL] * n, champion_seconds * 1000 / n)
             return
-        elapsed = time.perf_counter() - started
+        elapsed = self.clock() - started
         tally.challenger_seconds += elapsed
         labels = output_labels(prediction, self.labels, n)
         confidence = prediction.confidence if prediction.labels is not None else None
