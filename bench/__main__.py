@@ -28,6 +28,7 @@ from bench import (
     monitor_alarm,
     nats_permissions,
     outages,
+    shadow_overhead,
 )
 from edgeloop.devstack.servers import NatsCluster, NatsServer, OciRegistry, Postgres
 
@@ -52,6 +53,7 @@ def main() -> None:
             "monitor",
             "nats-auth",
             "outages",
+            "shadow",
         ],
         help="run one benchmark",
     )
@@ -87,6 +89,8 @@ def main() -> None:
         edge(args, connections_only=args.only == "edge-connections")
     if args.only in (None, "edge-gateway"):
         edge_checks(args)
+    if args.only in (None, "shadow"):
+        _save("shadow_overhead.json", shadow_overhead.run(runs=max(args.runs, 3)))
 
 
 @contextlib.contextmanager
