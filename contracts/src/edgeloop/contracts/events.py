@@ -179,6 +179,14 @@ class ShadowSpec(BaseModel):
     min_compared: NonNegativeInt = Field(
         default=100, description="fewer compared inputs at the end of the phase fail it"
     )
+    evidence_wait_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        le=86400,
+        description="at the end of the duration, how long the phase may go on while fewer "
+        "than min_compared inputs were compared (telemetry arrives in windows, late from "
+        "devices that were offline): judged as soon as there are enough, failed after it",
+    )
     max_overhead: float = Field(
         default=0.5,
         gt=0,

@@ -13,7 +13,10 @@ ends ``shadow_passed`` (a shadow rollout), goes on to its waves (``then_waves``)
 
 Phases (``rollouts.shadow_state``): ``None`` → (challenger written, ``rollout.shadow.
 started``) ``observing`` → (duration over, verdict stored) ``deciding`` → (challenger
-removed, ``rollout.shadow.passed|failed``) ``passed`` | ``failed``. Each transition
+removed, ``rollout.shadow.passed|failed``) ``passed`` | ``failed``. A phase whose
+duration ended with fewer than ``min_compared`` inputs compared goes on observing (asking
+the monitor every 2 s) for up to ``evidence_wait_seconds`` and is judged as soon as there
+are enough: telemetry comes in windows, late from devices offline a while. Each transition
 commits with its events; a deployer killed anywhere redoes at most the write of the same
 documents (idempotent) or the removal.
 """
@@ -108,7 +111,8 @@ class ShadowPhase:
         assert spec is not None
         assert r.digest is not None
         current = await self.twin.get_desired(devices)
-        until = datetime.now(UTC) + timedelta(seconds=spec.duration_seconds) + UNTIL_MARGIN
+        longest = spec.duration_seconds + spec.evidence_wait_seconds
+        until = datetime.now(UTC) + timedelta(seconds=longest) + UNTIL_MARGIN
         docs: dict[str, DesiredModel | None] = {}
         for device, raw in sorted(current.items()):
             doc = DesiredModel.from_bytes(raw) if raw else None
@@ -192,6 +196,10 @@ class ShadowPhase:
             return 2.0
         overall = dict(report.get("overall") or {})
         passed, reason = judge(spec, overall)
+        short = int(overall.get("compared") or 0) < spec.min_compared
+        if short and -left < spec.evidence_wait_seconds:
+            # too little evidence yet (telemetry comes in windows): look again shortly
+            return min(2.0, spec.evidence_wait_seconds + left)
         result = {
             "verdict": "passed" if passed else "failed",
             "reason": reason,
