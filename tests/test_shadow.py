@@ -6,7 +6,6 @@ gateway, agents, deployer process, monitor service, NATS and PostgreSQL."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,13 +17,13 @@ from edgeloop.devstack.testing import eventually
 from edgeloop.edge.runtime import OnnxModel
 from edgeloop.edge.shadow import output_labels
 from tests.deploy_harness import DeployStack, monitor_beside
-from tests.modelzoo import classifier
+from tests.modelzoo import classifier, relabelled
 
-# ten agents, a rollout and two shadow phases: about a minute and a half on a loaded machine
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+# ten agents, a rollout and two shadow phases: about a minute (several on a loaded machine)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 #: short phases; two equal-sized models: a budget the challenger stays within at half the
-#: inputs (10 devices x ~4 batches of 16 inputs a second)
+#: inputs (10 devices x ~4 batches of 16 inputs a second, 2 s telemetry windows)
 SHADOW = {
     "sample": 0.5,
     "duration_seconds": 8,  # then judged once 200 inputs were compared (telemetry lags)
@@ -49,17 +48,16 @@ async def stack(
 async def test_a_challenger_runs_beside_the_champion_and_only_an_agreeing_one_passes(
     stack: DeployStack,
 ) -> None:
-    t0 = time.monotonic()
     sel = {"fleet": stack.unique}
     model = f"iris{stack.unique}"
     good = classifier("iris")
-    devices = await stack.devices(10, sel, telemetry_seconds=0.5, infer_seconds=0.25)
+    # few, larger telemetry batches: the gateway and the monitor share this process
+    devices = await stack.devices(10, sel, telemetry_seconds=2, infer_seconds=0.25)
     v1 = await stack.validated(model, "1", good.onnx, good.reference)
     code, body = await stack.start(model, "1", sel, waves=[{"percent": 100}], bake_seconds=0)
     assert code == 201, body
     await stack.wait_rollout(body["rollout_id"], "completed")
     await stack.running(devices, v1)
-    print(f"v1 on all at {time.monotonic() - t0:.1f}")
 
     # what each device acts on: every inference batch's rows and the labels acted on
     acted: dict[str, list[tuple[Any, list[str], str]]] = {d: [] for d in devices}
@@ -83,8 +81,9 @@ async def test_a_challenger_runs_beside_the_champion_and_only_an_agreeing_one_pa
 
     await eventually(challengers, within=30, what="the challenger on every device")
     assert {stack.agents[d].running.installed.version for d in devices} == {"1"}  # type: ignore[union-attr]
-    passed = await stack.wait_rollout(body["rollout_id"], "shadow_passed", "shadow_failed")
-    print(f"shadow 2 ended at {time.monotonic() - t0:.1f}")
+    passed = await stack.wait_rollout(
+        body["rollout_id"], "shadow_passed", "shadow_failed", within=180
+    )
     assert passed["state"] == "shadow_passed", passed["reason"]
     result = passed["shadow_result"]
     assert result["verdict"] == "passed"
@@ -123,7 +122,7 @@ async def test_a_challenger_runs_beside_the_champion_and_only_an_agreeing_one_pa
         shown = await stack.monitor("/v1/shadow", model=model, version="2")
         return shown if shown["overall"]["devices"] == 10 else None
 
-    shown = await eventually(from_all, within=20, what="challenger telemetry of 10 devices")
+    shown = await eventually(from_all, within=90, what="challenger telemetry of 10 devices")
     assert shown["overall"]["agreement"] == pytest.approx(result["agreement"], abs=0.05)
     assert set(shown["overall"]["flip_matrix"]) <= {
         "setosa",
@@ -134,22 +133,20 @@ async def test_a_challenger_runs_beside_the_champion_and_only_an_agreeing_one_pa
         "2",
     }
 
-    # a challenger that predicts one class for every input, under a release policy that
+    # a challenger that disagrees on nearly every input, under a release policy that
     # requires a shadow phase first: it fails the phase and never gets a real wave
     policy = {"shadow_first": SHADOW, "waves": [{"count": 2}, {"percent": 100}]}
     resp = await stack.api.put(f"/v1/policies/{model}", json=policy)
     assert resp.status_code == 200, resp.text
     assert resp.json()["shadow_first"]["then_waves"] is True
-    bad = classifier("iris", c=1e-5)
-    await stack.validated(model, "3", bad.onnx, good.reference)
+    await stack.validated(model, "3", relabelled("iris"), good.reference)
     code, body = await stack.start(
         model, "3", sel, waves=[{"count": 2}, {"percent": 100}], bake_seconds=0
     )
     assert code == 201, body
-    failed = await stack.wait_rollout(body["rollout_id"], "shadow_failed", "completed")
-    print(f"shadow 3 ended at {time.monotonic() - t0:.1f}")
+    failed = await stack.wait_rollout(body["rollout_id"], "shadow_failed", "completed", within=180)
     assert failed["state"] == "shadow_failed"
-    assert failed["shadow_result"]["agreement"] < 0.8
+    assert failed["shadow_result"]["agreement"] < 0.2  # it disagrees on most inputs
     assert "agrees with the champion on" in failed["reason"]
     assert [w["state"] for w in failed["wave_status"]] == ["pending", "pending"]
     assert all(w["started_at"] is None for w in failed["wave_status"])

@@ -227,6 +227,10 @@ class Engine:
             first = "shadowing" if r.shadow is not None else "running"
             await self._transition(r, expect=("pending",), rollout={"state": first})
             return 0.0
+        if r.state == "running" and r.shadow is not None and r.shadow_state != "passed":
+            # resumed after a pause before its shadow phase: no wave before a passing one
+            await self._transition(r, rollout={"state": "shadowing"})
+            return 0.0
         if r.state == "shadowing":
             async with self.pool.acquire() as conn:
                 targets = sorted(await self.store.undrawn(conn, rid, 0))
