@@ -80,6 +80,7 @@ async def test_a_challenger_runs_beside_the_champion_and_only_an_agreeing_one_pa
         return all(stack.agents[d].challenger is not None for d in devices)
 
     await eventually(challengers, within=30, what="the challenger on every device")
+    await stack.restart_deployer()  # SIGKILL mid-phase: it resumes the phase where it was
     assert {stack.agents[d].running.installed.version for d in devices} == {"1"}  # type: ignore[union-attr]
     passed = await stack.wait_rollout(
         body["rollout_id"], "shadow_passed", "shadow_failed", within=180
@@ -152,6 +153,8 @@ async def test_a_challenger_runs_beside_the_champion_and_only_an_agreeing_one_pa
     assert all(w["started_at"] is None for w in failed["wave_status"])
     events = await stack.events("rollout.shadow.failed")
     assert [e["rollout_id"] for e in events] == [body["rollout_id"]]
+    started = await stack.events("rollout.shadow.started")
+    assert len(started) == 2  # once per phase, the killed deployer's included
     assert not [e for e in await stack.events("rollout.wave.started") if e["version"] == "3"]
     await stack.running(devices, v1)
     assert v2.version == "2"
