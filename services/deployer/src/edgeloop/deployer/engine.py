@@ -416,16 +416,8 @@ class Engine:
         return self.tick * 4
 
     def _doc(self, r: Rollout) -> DesiredModel:
-        return DesiredModel(
-            model=r.model,
-            version=r.version,
-            image=r.image,
-            manifest_digest=r.digest,
-            model_digest=r.model_digest,
-            rollout_id=r.rollout_id,
-            trace_parent=r.trace_parent,
-            set_by=f"deployer rollout {r.rollout_id}",
-        )
+        doc: DesiredModel = r.desired()
+        return doc
 
     async def _write_wave(self, r: Rollout, wave: Wave) -> float:
         members, stragglers = await self._wave_devices(r, wave.wave)

@@ -118,23 +118,10 @@ class ShadowPhase:
             doc = DesiredModel.from_bytes(raw) if raw else None
             if doc is None or doc.manifest_digest is None:
                 continue  # runs nothing: no champion to compare with
-            docs[device] = doc.model_copy(
-                update={
-                    "shadow": ShadowModel(
-                        model=r.model,
-                        version=r.version,
-                        image=r.image,
-                        manifest_digest=r.digest,
-                        model_digest=r.model_digest,
-                        rollout_id=r.rollout_id,
-                        trace_parent=r.trace_parent,
-                        set_by=f"deployer shadow rollout {r.rollout_id}",
-                        sample=spec.sample,
-                        max_overhead=spec.max_overhead,
-                        until=until,
-                    )
-                }
+            challenger = r.desired(
+                ShadowModel, sample=spec.sample, max_overhead=spec.max_overhead, until=until
             )
+            docs[device] = doc.model_copy(update={"shadow": challenger})
         if not docs:
             reason = (
                 f"none of the {len(devices)} targeted devices runs a model to compare the "
@@ -149,7 +136,7 @@ class ShadowPhase:
                     "finished_at": datetime.now(UTC),
                 },
                 ("shadowing",),
-                [_failed(r, reason, None, 0)],
+                [_verdict(r, reason, None, 0, passed=False)],
             )
             return 0.0
         await self.twin.put_desired(docs)
@@ -236,14 +223,6 @@ class ShadowPhase:
                 update |= {"state": "shadow_passed", "finished_at": now}
             else:
                 update |= {"state": "running"}
-            event: Event = RolloutShadowPassed(
-                rollout_id=r.rollout_id,
-                model=r.model,
-                version=r.version,
-                agreement=agreement,
-                compared=compared,
-                reason=reason,
-            )
         else:
             update = {
                 "shadow_state": "failed",
@@ -251,14 +230,17 @@ class ShadowPhase:
                 "finished_at": now,
                 "reason": f"shadow phase: {reason}",
             }
-            event = _failed(r, reason, agreement, compared)
+        event = _verdict(r, reason, agreement, compared, passed=passed)
         await self.commit(r, update, ("shadowing",), [event])
         log.info("rollout %s: shadow phase %s: %s", r.rollout_id, result.get("verdict"), reason)
         return 0.0
 
 
-def _failed(r: Rollout, reason: str, agreement: float | None, compared: int) -> Event:
-    return RolloutShadowFailed(
+def _verdict(
+    r: Rollout, reason: str, agreement: float | None, compared: int, *, passed: bool
+) -> Event:
+    kind = RolloutShadowPassed if passed else RolloutShadowFailed
+    return kind(
         rollout_id=r.rollout_id,
         model=r.model,
         version=r.version,

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from edgeloop.contracts.events import RolloutRequested, ShadowSpec, WavePlan
+from edgeloop.contracts.twin import DesiredModel
 from edgeloop.kit.db import Conn
 
 ACTIVE = ("pending", "shadowing", "running", "paused", "awaiting_approval", "rolling_back")
@@ -60,6 +61,20 @@ class Rollout:
     shadow_started_at: datetime | None = None
     shadow_devices: list[str] | None = None
     shadow_result: dict[str, Any] | None = None
+
+    def desired(self, kind: type[DesiredModel] = DesiredModel, **extra: Any) -> Any:
+        """The rollout's image as a device's desired document (``kind``: or as its
+        challenger, ``ShadowModel``, with ``extra``)."""
+        return kind(
+            model=self.model,
+            version=self.version,
+            image=self.image,
+            manifest_digest=self.digest,
+            model_digest=self.model_digest,
+            rollout_id=self.rollout_id,
+            trace_parent=self.trace_parent,
+            **{"set_by": f"deployer rollout {self.rollout_id}", **extra},
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
