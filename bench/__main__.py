@@ -32,6 +32,7 @@ from bench import (
     notify,
     outages,
     prom,
+    shadow_overhead,
     windows,
 )
 from edgeloop.devstack.servers import NatsCluster, NatsServer, OciRegistry, Postgres
@@ -62,6 +63,7 @@ def main() -> None:
             "webconsole",
             "windows",
             "cbpe",
+            "shadow",
         ],
         help="run one benchmark",
     )
@@ -116,6 +118,8 @@ def main() -> None:
         edge(args, connections_only=args.only == "edge-connections")
     if args.only in (None, "edge-gateway"):
         edge_checks(args)
+    if args.only in (None, "shadow"):
+        _save("shadow_overhead.json", shadow_overhead.run(runs=max(args.runs, 3)))
 
 
 @contextlib.contextmanager

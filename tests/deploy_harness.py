@@ -169,6 +169,7 @@ def deployer_process(
     api_port: int,
     instance: str,
     token: str,
+    monitor_api: str | None = None,
     **extra: str,
 ) -> ServiceProcess:
     """``python -m edgeloop.deployer`` configured for a stack (not started); ``token``:
@@ -188,6 +189,8 @@ def deployer_process(
         "EDGELOOP_DEPLOYER_INSTANCE_ID": instance,
         **{f"EDGELOOP_DEPLOYER_{k.upper()}": v for k, v in extra.items()},
     }
+    if monitor_api is not None:
+        env["EDGELOOP_DEPLOYER_MONITOR_API"] = monitor_api
     return ServiceProcess("deployer", "edgeloop.deployer", http_port, env, root / "deployer.log")
 
 
@@ -202,6 +205,8 @@ class DeployStack:
     unique: str
     service_tokens: dict[str, str] = field(repr=False)
     """Each calling service's own token (``service_tokens``), by service."""
+    monitor_port: int = 0
+    """Where the deployer expects the monitor's API (``monitor_beside(…, monitor_port)``)."""
     agents: dict[str, Agent] = field(default_factory=dict)
     configs: dict[str, AgentConfig] = field(default_factory=dict)
     clock_shift: Path | None = None
@@ -365,6 +370,18 @@ class DeployStack:
         tmp.write_text(f"{shift:.3f}")
         tmp.replace(self.clock_shift)  # the deployer never reads half a number
 
+    async def monitor(self, path: str, **params: str) -> Any:
+        """``GET`` of the monitor's API beside the stack (``monitor_beside(…,
+        monitor_port)``): its JSON."""
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.monitor_port}",
+            headers={"Authorization": f"Bearer {TOKEN}"},
+            timeout=30,
+        ) as client:
+            resp = await client.get(path, params=params)
+        assert resp.status_code == 200, resp.text
+        return resp.json()
+
     async def events(self, subject: str) -> list[dict[str, Any]]:
         """Every event published on ``subject`` so far (LIFECYCLE, from the start)."""
         return await lifecycle_events(self.edge.js, subject)
@@ -424,6 +441,7 @@ async def deploy_stack(
     ``RegistrySettings`` fields to override; ``gateway_settings``: ``GatewaySettings``
     ones)."""
     deployer_port = free_port()
+    monitor_port = free_port()
     tokens = await service_tokens(pg_dsn)
     async with (
         registry_service(nats_url, pg_dsn, registry_url, unique, **registry_settings) as (
@@ -442,6 +460,7 @@ async def deploy_stack(
             api_port=deployer_port,
             instance=f"deployer-{unique}",
             token=tokens["deployer"],
+            monitor_api=f"http://127.0.0.1:{monitor_port}",
             tick_seconds="0.2",
             retry_backoff="0.5,1",
             max_attempts="3",
@@ -463,6 +482,7 @@ async def deploy_stack(
                     deployer,
                     unique,
                     tokens,
+                    monitor_port,
                     clock_shift=root / "deployer-clock-shift",
                 )
         finally:

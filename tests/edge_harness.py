@@ -196,6 +196,15 @@ class EdgeStack:
             return 0
         return int(await kv.put(s.kv_key(device_id), doc.to_bytes()))
 
+    async def desired(self, device_id: str) -> DesiredModel | None:
+        """A device's desired state as the bucket holds it."""
+        kv = await self.js.key_value(s.KV_DESIRED)
+        try:
+            entry = await kv.get(s.kv_key(device_id))
+        except Exception:
+            return None
+        return DesiredModel.from_bytes(entry.value) if entry.value else None
+
     async def reported(self, device_id: str) -> dict[str, Any] | None:
         kv = await self.js.key_value(s.KV_REPORTED)
         try:

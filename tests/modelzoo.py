@@ -2,9 +2,25 @@
 
 from onnx import TensorProto, helper
 
-from examples.sklearn_models import ModelFiles, classifier, npz, regressor
+from examples.sklearn_models import (
+    ModelFiles,
+    classifier,
+    logistic,
+    logistic_onnx,
+    npz,
+    regressor,
+    split,
+)
 
-__all__ = ["ModelFiles", "classifier", "failing_model", "npz", "regressor"]
+__all__ = ["ModelFiles", "classifier", "failing_model", "npz", "regressor", "relabelled"]
+
+
+def relabelled(dataset: str = "iris", shift: int = 1) -> bytes:
+    """A classifier trained on labels moved by ``shift`` classes (``(y + shift) % k``):
+    valid, confident, and wrong on nearly every input (a challenger that disagrees)."""
+    s = split(dataset)
+    k = int(s.y_train.max()) + 1
+    return logistic_onnx(logistic(s.x_train, (s.y_train + shift) % k), s.x_train)
 
 
 def failing_model(n_features: int = 4) -> bytes:

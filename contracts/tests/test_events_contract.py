@@ -61,6 +61,15 @@ EXAMPLES: dict[type[ev.Event], Callable[[], ev.Event]] = {
     ev.RolloutApproved: lambda: ev.RolloutApproved(
         **REF, rollout_id=RID, wave=1, actor="token:abc", reason="canary fine"
     ),
+    ev.RolloutShadowStarted: lambda: ev.RolloutShadowStarted(
+        **REF, rollout_id=RID, devices=["d1"], spec=ev.ShadowSpec(sample=0.2, then_waves=True)
+    ),
+    ev.RolloutShadowPassed: lambda: ev.RolloutShadowPassed(
+        **REF, rollout_id=RID, agreement=0.97, compared=400
+    ),
+    ev.RolloutShadowFailed: lambda: ev.RolloutShadowFailed(
+        **REF, rollout_id=RID, agreement=0.1, compared=400, reason="agreement 0.1 < 0.9"
+    ),
     ev.CanaryVerdict: lambda: ev.CanaryVerdict(
         **REF, rollout_id=RID, wave=1, verdict=ev.Verdict.FAIL, reasons=["p95"]
     ),
@@ -200,3 +209,15 @@ def test_subject_tokens_are_sanitised() -> None:
     assert s.kv_key("dev:1/a") == "dev_1/a"
     with pytest.raises(ValueError, match="empty"):
         s.device_status_subject("")
+
+
+def test_a_shadow_batch_must_compare_what_it_counts() -> None:
+    base = EXAMPLES[ev.TelemetryBatch]()
+    assert isinstance(base, ev.TelemetryBatch)
+    flips = [ev.ShadowFlip(champion="a", challenger="b", count=1)]
+    good = ev.ShadowComparison(champion_version="2", compared=3, agreed=2, flips=flips)
+    assert base.model_copy(update={"shadow": good}).inconsistency() is None
+    bad = base.model_copy(update={"shadow": good.model_copy(update={"agreed": 3})})
+    assert "3 agreed and 1 flipped of 3 compared" in str(bad.inconsistency())
+    short = base.model_copy(update={"shadow": good.model_copy(update={"compared": 2})})
+    assert "compares 2 inputs but counts 3" in str(short.inconsistency())

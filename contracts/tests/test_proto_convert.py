@@ -14,7 +14,14 @@ from edgeloop.contracts.convert import (
     telemetry_to_proto,
 )
 from edgeloop.contracts.edge.v1 import edge_pb2 as pb
-from edgeloop.contracts.events import DeviceState, DeviceStatusReported, Histogram, TelemetryBatch
+from edgeloop.contracts.events import (
+    DeviceState,
+    DeviceStatusReported,
+    Histogram,
+    ShadowComparison,
+    ShadowFlip,
+    TelemetryBatch,
+)
 
 NOW = datetime(2026, 11, 24, 12, 0, 0, 123456, tzinfo=UTC)
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -69,6 +76,26 @@ def test_telemetry_event_to_proto_and_back_is_lossless() -> None:
 def test_telemetry_proto_to_event_and_back_is_lossless() -> None:
     msg = telemetry_to_proto(_batch())
     assert telemetry_to_proto(telemetry_from_proto(_wire(msg))) == msg
+
+
+def test_a_challenger_batch_keeps_its_comparison_both_ways() -> None:
+    shadow = ShadowComparison(
+        rollout_id=RID,
+        champion_version="2",
+        champion_digest="sha256:" + "d" * 64,
+        compared=256,
+        agreed=250,
+        flips=[ShadowFlip(champion="0", challenger="1", count=6)],
+        champion_prediction_counts={"0": 206, "1": 50},
+        champion_latency_ms_histogram=Histogram(edges=[1.0], counts=[200, 56]),
+        sampled_out=1000,
+        skipped_budget=16,
+        overhead=0.25,
+    )
+    ev = _batch().model_copy(update={"shadow": shadow})
+    back = telemetry_from_proto(_wire(telemetry_to_proto(ev)))
+    assert back.shadow == shadow
+    assert telemetry_from_proto(_wire(telemetry_to_proto(_batch()))).shadow is None
 
 
 def test_a_minimal_batch_keeps_its_absent_parts_absent() -> None:

@@ -20,6 +20,7 @@ from edgeloop.cli import (
     monitor,
     notify,
     rollout,
+    shadow,
     signing,
     status,
     tokens,
@@ -48,6 +49,7 @@ app.add_typer(audit.app, name="audit")
 app.add_typer(tokens.app, name="tokens")
 app.add_typer(dlq.app, name="dlq")
 app.add_typer(notify.app, name="notify")
+app.add_typer(shadow.app, name="shadow")
 
 
 @app.callback()

@@ -21,7 +21,9 @@ policy_app = typer.Typer(
 )
 app.add_typer(policy_app, name="policy")
 
-FINISHED = ("completed", "rolled_back", "aborted", "refused")
+FINISHED = ("completed", "rolled_back", "aborted", "refused", "shadow_passed", "shadow_failed")
+#: States a watch exits 0 on.
+SUCCEEDED = ("completed", "shadow_passed")
 
 
 def _fail(message: str) -> typer.Exit:
@@ -55,6 +57,30 @@ def start(
     ] = "1h",
     window: WindowOption = None,
     max_unavailable: MaxUnavailableOption = None,
+    shadow: Annotated[
+        bool,
+        typer.Option(
+            "--shadow",
+            help="a shadow rollout: the devices keep acting on their model and run this one "
+            "beside it on the same inputs; it passes or fails on agreement, no wave follows",
+        ),
+    ] = False,
+    shadow_first: Annotated[
+        str | None,
+        typer.Option(help="run a shadow phase this long first; only a pass starts the waves"),
+    ] = None,
+    sample: Annotated[float, typer.Option(help="share of inputs the challenger runs on")] = 0.2,
+    duration: Annotated[str, typer.Option(help="how long a --shadow rollout runs")] = "1h",
+    min_agreement: Annotated[
+        float, typer.Option(help="the shadow phase passes at this agreement or more")
+    ] = 0.9,
+    min_compared: Annotated[
+        int, typer.Option(help="fewer inputs compared at the end fail the shadow phase")
+    ] = 100,
+    max_overhead: Annotated[
+        float,
+        typer.Option(help="the challenger's inference time at most this x the champion's"),
+    ] = 0.5,
     watch: Annotated[bool, typer.Option("--watch", help="then follow it")] = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -81,14 +107,30 @@ def start(
             max_unavailable=max_unavailable,
         ),
     }
+    if shadow or shadow_first:
+        if shadow and shadow_first:
+            raise _fail("--shadow (a shadow rollout) or --shadow-first D (then waves), not both")
+        body["shadow"] = shadow_spec(
+            shadow_first or duration,
+            sample=sample,
+            min_agreement=min_agreement,
+            min_compared=min_compared,
+            max_overhead=max_overhead,
+            then_waves=bool(shadow_first),
+        )
     r = DEPLOYER.request("POST", "/v1/rollouts", json=body)
     if as_json:
         echo_json(_watch_quietly(r["rollout_id"]) if watch else r)
         return
     typer.echo(r["rollout_id"])
+    what = f"waves of {', '.join(str(n) for n in r['waves_planned'])}"
+    if r.get("shadow"):
+        spec = r["shadow"]
+        what = f"a shadow phase of {spec['duration_seconds']:g} s (sample {spec['sample']:g})" + (
+            f", then {what}" if spec["then_waves"] else ""
+        )
     typer.echo(
-        f"rollout of {name}@{version} to {r['devices']} devices in waves of "
-        f"{', '.join(str(n) for n in r['waves_planned'])}; "
+        f"rollout of {name}@{version} to {r['devices']} devices in {what}; "
         f"follow it: edgeloop rollout status {r['rollout_id']} --watch",
         err=True,
     )
@@ -117,6 +159,36 @@ def _selector(items: list[str]) -> dict[str, str]:
     for item in items:
         labels |= pairs(item.split(","), "--selector")
     return labels
+
+
+def shadow_spec(duration: str, **spec: Any) -> dict[str, Any]:
+    """A shadow phase as the API takes it."""
+    try:
+        return {"duration_seconds": parse_duration(duration), **spec}
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _shadow_line(r: dict[str, Any]) -> list[str]:
+    spec = r.get("shadow")
+    if not spec:
+        return []
+    phase = r.get("shadow_state") or "starting"
+    line = (
+        f"  shadow phase {phase}: sample {spec['sample']:g}, {spec['duration_seconds']:g} s, "
+        f"passes at agreement ≥ {spec['min_agreement']:g} on ≥ {spec['min_compared']} inputs"
+        + (", then the waves" if spec["then_waves"] else "")
+    )
+    out = [line]
+    result = r.get("shadow_result") or {}
+    if result:
+        out.append(f"    {result['verdict']}: {result['reason']}")
+    elif r.get("shadow_devices"):
+        out.append(
+            f"    challenger on {len(r['shadow_devices'])} devices; "
+            f"edgeloop shadow report {r['model']}@{r['version']}"
+        )
+    return out
 
 
 def rollout_options(
@@ -190,7 +262,8 @@ def render(r: dict[str, Any]) -> str:
         f"{r.get('device_deadline_seconds', 3600):g} s, requested {when(r['created_at'])} "
         f"by {r.get('requested_by') or '-'}",
     ]
-    waves = r.get("wave_status", [])
+    lines += _shadow_line(r)
+    waves = r.get("wave_status", []) if r["state"] not in ("shadow_passed", "shadow_failed") else []
     for w in waves:
         live = w.get("live")
         converged = live["converged"] if live else w["converged"]
@@ -279,7 +352,7 @@ def _watch(rollout_id: str) -> None:
         typer.echo(text)
         shown = text.count("\n") + 1
         if r["state"] in FINISHED:
-            raise typer.Exit(0 if r["state"] == "completed" else 1)
+            raise typer.Exit(0 if r["state"] in SUCCEEDED else 1)
         time.sleep(1)
 
 
@@ -379,7 +452,17 @@ def _policy_text(p: dict[str, Any]) -> str:
             f"  approval for any rollout to: {gated or '-'}",
             f"  maintenance window: {p.get('window') or 'any time'}",
             f"  max unavailable: {_cap(p) or '-'}",
+            f"  shadow phase first: {_shadow_first(p.get('shadow_first'))}",
         ]
+    )
+
+
+def _shadow_first(spec: dict[str, Any] | None) -> str:
+    if not spec:
+        return "-"
+    return (
+        f"{spec['duration_seconds']:g} s, sample {spec['sample']:g}, passes at agreement "
+        f"≥ {spec['min_agreement']:g}"
     )
 
 
@@ -420,6 +503,17 @@ def policy_set(
     ] = None,
     window: WindowOption = None,
     max_unavailable: MaxUnavailableOption = None,
+    shadow_first: Annotated[
+        str | None,
+        typer.Option(
+            help="every rollout first runs the version as a challenger this long; only a "
+            "passing shadow phase gets a real wave"
+        ),
+    ] = None,
+    sample: Annotated[float, typer.Option(help="with --shadow-first: share of inputs")] = 0.2,
+    min_agreement: Annotated[
+        float, typer.Option(help="with --shadow-first: the agreement that passes")
+    ] = 0.9,
     as_json: JsonOption = False,
 ) -> None:
     """Set (replace) the model's release policy."""
@@ -440,6 +534,10 @@ def policy_set(
             max_unavailable=max_unavailable,
         ),
     }
+    if shadow_first:
+        body["shadow_first"] = shadow_spec(
+            shadow_first, sample=sample, min_agreement=min_agreement, then_waves=True
+        )
     p = DEPLOYER.request("PUT", f"/v1/policies/{model}", json=body)
     typer.echo(json.dumps(p, indent=1) if as_json else _policy_text(p))
 

@@ -15,7 +15,14 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from edgeloop.contracts.edge.v1 import edge_pb2 as pb
-from edgeloop.contracts.events import DeviceState, DeviceStatusReported, Histogram, TelemetryBatch
+from edgeloop.contracts.events import (
+    DeviceState,
+    DeviceStatusReported,
+    Histogram,
+    ShadowComparison,
+    ShadowFlip,
+    TelemetryBatch,
+)
 
 __all__ = [
     "BATCH_ID_NAMESPACE",
@@ -137,7 +144,50 @@ def telemetry_to_proto(ev: TelemetryBatch) -> pb.TelemetryBatch:
         msg.confidence_by_prediction[label].CopyFrom(_hist_to_pb(h))
     for sample in ev.samples:
         _sample_to_pb(sample, msg.samples.add())
+    if ev.shadow is not None:
+        msg.shadow.CopyFrom(_shadow_to_pb(ev.shadow))
     return msg
+
+
+def _shadow_to_pb(c: ShadowComparison) -> pb.ShadowComparison:
+    msg = pb.ShadowComparison(
+        rollout_id=str(c.rollout_id) if c.rollout_id else "",
+        champion_version=c.champion_version,
+        champion_digest=c.champion_digest or "",
+        compared=c.compared,
+        agreed=c.agreed,
+        flips=[
+            pb.Flip(champion=f.champion, challenger=f.challenger, count=f.count) for f in c.flips
+        ],
+        champion_prediction_counts=c.champion_prediction_counts,
+        sampled_out=c.sampled_out,
+        skipped_budget=c.skipped_budget,
+        overhead=c.overhead,
+    )
+    if c.champion_latency_ms_histogram is not None:
+        msg.champion_latency_ms_histogram.CopyFrom(_hist_to_pb(c.champion_latency_ms_histogram))
+    return msg
+
+
+def _shadow_from_pb(msg: pb.ShadowComparison) -> ShadowComparison:
+    return ShadowComparison(
+        rollout_id=uuid.UUID(msg.rollout_id) if msg.rollout_id else None,
+        champion_version=msg.champion_version,
+        champion_digest=msg.champion_digest or None,
+        compared=msg.compared,
+        agreed=msg.agreed,
+        flips=[
+            ShadowFlip(champion=f.champion, challenger=f.challenger, count=f.count)
+            for f in msg.flips
+        ],
+        champion_prediction_counts=dict(msg.champion_prediction_counts),
+        champion_latency_ms_histogram=_hist_from_pb(msg.champion_latency_ms_histogram)
+        if msg.HasField("champion_latency_ms_histogram")
+        else None,
+        sampled_out=msg.sampled_out,
+        skipped_budget=msg.skipped_budget,
+        overhead=msg.overhead,
+    )
 
 
 def telemetry_from_proto(msg: pb.TelemetryBatch, group: str | None = None) -> TelemetryBatch:
@@ -183,6 +233,7 @@ def telemetry_from_proto(msg: pb.TelemetryBatch, group: str | None = None) -> Te
         corrupt_batches=msg.corrupt_batches,
         trace_parent=msg.trace_parent or None,
         group=group,
+        shadow=_shadow_from_pb(msg.shadow) if msg.HasField("shadow") else None,
     )
 
 

@@ -160,6 +160,48 @@ class WavePlan(BaseModel):
     percent: float | None = Field(default=None, gt=0, le=100)
 
 
+class ShadowSpec(BaseModel):
+    """A shadow (challenger) phase: the targeted devices keep acting on their current
+    model and also run this version on the same inputs, never acting on it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sample: float = Field(
+        default=0.2, gt=0, le=1, description="share of inference batches the challenger also runs"
+    )
+    duration_seconds: float = Field(default=3600.0, gt=0, le=30 * 86400)
+    min_agreement: float = Field(
+        default=0.9,
+        ge=0,
+        le=1,
+        description="the phase passes when the challenger agrees with the champion on at "
+        "least this share of the compared inputs",
+    )
+    min_compared: NonNegativeInt = Field(
+        default=100, description="fewer compared inputs at the end of the phase fail it"
+    )
+    evidence_wait_seconds: float = Field(
+        default=600.0,
+        ge=0,
+        le=86400,
+        description="at the end of the duration, how long the phase may go on while fewer "
+        "than min_compared inputs were compared (telemetry arrives in windows, late from "
+        "devices that were offline): judged as soon as there are enough, failed after it",
+    )
+    max_overhead: float = Field(
+        default=0.5,
+        gt=0,
+        le=100,
+        description="the challenger's inference time may be at most this share of the "
+        "champion's; the agent skips sampled batches over it (and reports them)",
+    )
+    then_waves: bool = Field(
+        default=False,
+        description="a passing phase goes on to the rollout's waves (--shadow-first); "
+        "false: the rollout is the shadow phase alone (--shadow)",
+    )
+
+
 class RolloutRequested(Event, ModelRef):
     """An operator (or the loop) asked to roll a validated image out."""
 
@@ -203,6 +245,9 @@ class RolloutRequested(Event, ModelRef):
         le=100,
         description="the same as a share of the wave's devices (rounded up; the stricter "
         "of the two when both are set)",
+    )
+    shadow: ShadowSpec | None = Field(
+        default=None, description="a shadow phase before (or instead of) the waves"
     )
 
 
@@ -321,6 +366,36 @@ class RolloutApproved(_RolloutEvent):
     reason: str | None = None
 
 
+class RolloutShadowStarted(_RolloutEvent):
+    """The challenger was given to the targeted devices beside what they run."""
+
+    subject: ClassVar[str] = s.ROLLOUT_SHADOW_STARTED
+
+    devices: list[str] = Field(default_factory=list)
+    spec: ShadowSpec
+
+
+class RolloutShadowPassed(_RolloutEvent):
+    """The shadow phase ended with the challenger agreeing enough with the champion."""
+
+    subject: ClassVar[str] = s.ROLLOUT_SHADOW_PASSED
+
+    agreement: float | None = None
+    compared: NonNegativeInt = 0
+    reason: str = ""
+
+
+class RolloutShadowFailed(_RolloutEvent):
+    """The shadow phase ended with too little agreement (or evidence): the challenger gets
+    no real wave."""
+
+    subject: ClassVar[str] = s.ROLLOUT_SHADOW_FAILED
+
+    agreement: float | None = None
+    compared: NonNegativeInt = 0
+    reason: str
+
+
 class Verdict(StrEnum):
     """The monitor's judgement of a canary cohort."""
 
@@ -407,6 +482,34 @@ class Histogram(BaseModel):
     counts: list[NonNegativeInt]
 
 
+class ShadowFlip(BaseModel):
+    """Inputs the champion predicted as ``champion`` and the challenger as ``challenger``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    champion: str
+    challenger: str
+    count: NonNegativeInt
+
+
+class ShadowComparison(BaseModel):
+    """How a challenger's batch compares with the champion on the same inputs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rollout_id: uuid.UUID | None = None
+    champion_version: str = Field(min_length=1, max_length=128)
+    champion_digest: str | None = None
+    compared: NonNegativeInt = 0
+    agreed: NonNegativeInt = 0
+    flips: list[ShadowFlip] = Field(default_factory=list)
+    champion_prediction_counts: dict[str, NonNegativeInt] = Field(default_factory=dict)
+    champion_latency_ms_histogram: Histogram | None = None
+    sampled_out: NonNegativeInt = 0
+    skipped_budget: NonNegativeInt = 0
+    overhead: float = Field(default=0.0, ge=0)
+
+
 class TelemetryBatch(Event, ModelRef):
     """Many inferences of one device in one bus message (DESIGN §6: batching)."""
 
@@ -440,6 +543,11 @@ class TelemetryBatch(Event, ModelRef):
     group: str | None = Field(
         default=None,
         description="the device's group: its value of the gateway's group label (monitor windows)",
+    )
+    shadow: ShadowComparison | None = Field(
+        default=None,
+        description="set on a challenger's batch (a shadow model, never acted on): its "
+        "comparison with the champion on the same inputs",
     )
 
     def bus_subject(self) -> str:
@@ -476,7 +584,24 @@ class TelemetryBatch(Event, ModelRef):
             if not count - self.errors <= n <= count:
                 name = self.feature_names[i] if i < len(self.feature_names) else f"#{i}"
                 return f"feature {name} counts {n} of {count} inferences ({self.errors} failed)"
+        if self.shadow is not None:
+            return _shadow_inconsistency(self.shadow, count)
         return None
+
+
+def _shadow_inconsistency(shadow: ShadowComparison, count: int) -> str | None:
+    """Why a challenger batch's comparison cannot be true (None when it agrees)."""
+    if shadow.compared != count:
+        return f"a shadow batch compares {shadow.compared} inputs but counts {count}"
+    flipped = sum(f.count for f in shadow.flips)
+    if shadow.agreed + flipped > shadow.compared:
+        return f"{shadow.agreed} agreed and {flipped} flipped of {shadow.compared} compared"
+    if sum(shadow.champion_prediction_counts.values()) > count:
+        return "more champion predictions than compared inputs"
+    h = shadow.champion_latency_ms_histogram
+    if h is not None and sum(h.counts) > count:
+        return f"the champion latency histogram counts {sum(h.counts)} of {count} inferences"
+    return None
 
 
 # --- monitor -----------------------------------------------------------------------
@@ -557,6 +682,9 @@ LIFECYCLE_EVENTS: tuple[type[Event], ...] = (
     RolloutAborted,
     RolloutApprovalRequested,
     RolloutApproved,
+    RolloutShadowStarted,
+    RolloutShadowPassed,
+    RolloutShadowFailed,
     CanaryVerdict,
     AlarmRaised,
     AlarmResolved,

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["DesiredModel", "image_repository"]
+__all__ = ["DesiredModel", "ShadowModel", "image_repository"]
 
 SCHEMA_VERSION = 1
 
@@ -42,12 +42,35 @@ class DesiredModel(BaseModel):
     trace_parent: str | None = None
     set_at: AwareDatetime = Field(default_factory=lambda: datetime.now(UTC))
     set_by: str | None = None
+    shadow: ShadowModel | None = Field(
+        default=None,
+        description="a challenger run beside this model on the same inputs, never acted on",
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> DesiredModel:
         if self.manifest_digest is not None and not (self.model and self.version and self.image):
             raise ValueError("a desired image needs model, version and image")
+        if self.shadow is not None and self.manifest_digest is None:
+            raise ValueError("a challenger needs a champion: no shadow without a desired image")
         return self
+
+    def images(self) -> list[tuple[str, str]]:
+        """(image, manifest digest) of what the device may fetch: the model, then the
+        challenger."""
+        out = []
+        for doc in (self, self.shadow):
+            if doc is not None and doc.image and doc.manifest_digest:
+                out.append((doc.image, doc.manifest_digest))
+        return out
+
+    def versions(self) -> list[tuple[str, str]]:
+        """(model, version) the device is desired to run: the model and the challenger."""
+        return [
+            (doc.model, doc.version)
+            for doc in (self, self.shadow)
+            if doc is not None and doc.model and doc.version
+        ]
 
     def to_bytes(self) -> bytes:
         """The KV value."""
@@ -57,6 +80,20 @@ class DesiredModel(BaseModel):
     def from_bytes(cls, data: bytes) -> DesiredModel:
         """Parse a KV value (``pydantic.ValidationError`` when it is not one)."""
         return cls.model_validate_json(data)
+
+
+class ShadowModel(DesiredModel):
+    """A challenger: an image like any desired one, plus what the agent enforces on it."""
+
+    manifest_digest: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    sample: float = Field(default=0.2, gt=0, le=1)
+    max_overhead: float = Field(default=0.5, gt=0)
+    until: AwareDatetime | None = Field(
+        default=None, description="the agent stops running the challenger after this"
+    )
+
+
+DesiredModel.model_rebuild()
 
 
 def image_repository(image: str) -> str:

@@ -558,6 +558,7 @@ def main() -> None:
                 "EDGELOOP_DEPLOYER_REGISTRY_TOKEN": caller["deployer"],
                 "EDGELOOP_DEPLOYER_GATEWAY_API": gateway_api,
                 "EDGELOOP_DEPLOYER_GATEWAY_TOKEN": caller["deployer"],
+                "EDGELOOP_DEPLOYER_MONITOR_API": monitor_api,
             },
             "monitor": {
                 "EDGELOOP_MONITOR_API_TOKENS": api_token,

@@ -55,6 +55,7 @@ from edgeloop.edge.bundle import normalise_fingerprint
 from edgeloop.edge.durable import write_durably
 from edgeloop.edge.lock import UpdateLock
 from edgeloop.edge.runtime import ModelLoadError, OnnxModel
+from edgeloop.edge.shadow import Challenger, output_labels
 from edgeloop.edge.sources import Drift, InputSource, open_source
 from edgeloop.edge.store import ActivationError, Installed, ModelStore, version_key
 from edgeloop.edge.telemetry import TelemetryAggregator, edges_from_profile
@@ -221,6 +222,9 @@ class Agent:
             [normalise_fingerprint(f) for f in config.trusted_key_fingerprints],
         )
         self.running: Running | None = None
+        self.challenger: Challenger | None = None
+        self.shadow_error = ""
+        """Why the desired challenger does not run (its image refused, not loadable …)."""
         self.state = pb.DEVICE_STATE_IDLE
         self.error = ""
         self.deferred: tuple[float, float] | None = None
@@ -245,6 +249,8 @@ class Agent:
         self._stub: pb_grpc.EdgeGatewayStub | None = None
         self._offline_until = 0.0
         self.on_status: Callable[[Agent], None] | None = None
+        self.on_outputs: Callable[[Any, list[str]], None] | None = None
+        """Called with each inference batch's rows and the champion's labels."""
 
     # --- running ------------------------------------------------------------------------
 
@@ -551,6 +557,7 @@ class Agent:
                 continue
             try:
                 await self.apply(desired)
+                await self.apply_shadow(desired)
             except _Retry as exc:
                 log.info("%s: will retry %s: %s", self.config.device_id, desired.version, exc)
                 await asyncio.sleep(self.rng.uniform(1, 3))
@@ -656,17 +663,64 @@ class Agent:
         write_durably(path, json.dumps({"desired": key, "since": now}).encode())
         return now
 
+    async def apply_shadow(self, desired: pb.DesiredState) -> None:
+        """Run the desired state's challenger beside the running model, or none.
+
+        Its image goes through the same checks as any desired one (signature, signed
+        claims, anti-rollback, download, digests, warm-up) but is never activated: the
+        floor stays, the status is the champion's. A refusal is kept in ``shadow_error``.
+        """
+        wanted = desired.shadow if desired.HasField("shadow") else None
+        running = self.running
+        if wanted is None or not wanted.manifest_digest or running is None:
+            self.challenger, self.shadow_error = None, ""
+            return
+        current = self.challenger
+        if current is not None and current.key[:2] == (wanted.manifest_digest, wanted.rollout_id):
+            current.policy = desired.shadow_policy  # a new budget or end applies now
+            return
+        try:
+            installed = await self._prepare(wanted, report=False)
+            model, aggregator, labels = await self._load(installed)
+        except ActivationError as exc:
+            if not exc.permanent:
+                raise _Retry(str(exc)) from exc
+            self.challenger, self.shadow_error = None, f"challenger refused: {exc}"
+            log.warning("%s: %s", self.config.device_id, self.shadow_error)
+            return
+        aggregator.max_samples = 0  # its inputs are the champion's: no samples twice
+        self.challenger = Challenger(
+            desired=wanted,
+            policy=desired.shadow_policy,
+            installed=installed,
+            model=model,
+            aggregator=aggregator,
+            labels=labels,
+            rng=random.Random(self.rng.randrange(1 << 30)),
+        )
+        self.shadow_error = ""
+        log.info(
+            "%s: challenger %s@%s runs beside %s (sample %g)",
+            self.config.device_id,
+            installed.model,
+            installed.version,
+            running.installed.version,
+            desired.shadow_policy.sample,
+        )
+
     def _fail(self, reason: str) -> None:
         log.warning("%s: %s", self.config.device_id, reason)
         self.state, self.error = pb.DEVICE_STATE_FAILED, reason
         self._report()
 
-    async def _prepare(self, desired: pb.DesiredState) -> Installed:
-        """Verify and download; the installed (not yet running) model."""
+    async def _prepare(self, desired: pb.DesiredState, *, report: bool = True) -> Installed:
+        """Verify and download; the installed (not yet running) model (``report``: say
+        so in the device's state; not for a challenger)."""
         signed = self._verify_signature(desired)
         self._check_release(desired, signed)
-        self.state = pb.DEVICE_STATE_DOWNLOADING
-        self._report()
+        if report:
+            self.state = pb.DEVICE_STATE_DOWNLOADING
+            self._report()
         manifest_path = await self._download(
             desired.manifest_digest, desired.image, desired.trace_parent
         )
@@ -834,6 +888,14 @@ class Agent:
 
     async def _start(self, installed: Installed) -> None:
         """Load, warm up, swap. Raises ActivationError (the running model is untouched)."""
+        model, aggregator, labels = await self._load(installed)
+        old = self.running
+        self.running = Running(installed, model, aggregator, labels)
+        if old is not None and old.aggregator.count:
+            self._flush(old)
+
+    async def _load(self, installed: Installed) -> tuple[OnnxModel, TelemetryAggregator, list[str]]:
+        """Load and warm up a model; its telemetry window and class names."""
         try:
             model = await self.models.load(installed)
         except ModelLoadError as exc:
@@ -860,11 +922,7 @@ class Agent:
             low_confidence=float(meta.get("low_confidence", 0.6)),
             seed=self.rng.randrange(1 << 30),
         )
-        labels = [str(x) for x in meta.get("labels") or []]
-        old = self.running
-        self.running = Running(installed, model, aggregator, labels)
-        if old is not None and old.aggregator.count:
-            self._flush(old)
+        return model, aggregator, [str(x) for x in meta.get("labels") or []]
 
     # --- inference and telemetry ----------------------------------------------------------
 
@@ -937,18 +995,21 @@ class Agent:
         except Exception:
             running.aggregator.add_errors(len(rows))
             return
-        latency = (time.perf_counter() - started) * 1000 / len(rows)
-        if prediction.labels is not None:
-            labels: Any = prediction.labels
-            if running.labels and np.issubdtype(np.asarray(labels).dtype, np.integer):
-                names = running.labels
-                labels = [names[i] if 0 <= i < len(names) else str(i) for i in labels]
-            running.aggregator.add(rows, labels, prediction.confidence, latency)
-        else:
-            values = np.asarray(prediction.values)
-            running.aggregator.add(
-                rows, [f"{v:.3g}" for v in values.reshape(len(rows), -1)[:, 0]], None, latency
-            )
+        seconds = time.perf_counter() - started
+        latency = seconds * 1000 / len(rows)
+        labels = output_labels(prediction, running.labels, len(rows))
+        confidence = prediction.confidence if prediction.labels is not None else None
+        running.aggregator.add(rows, labels, confidence, latency)
+        self.acted(rows, labels)
+        challenger = self.challenger
+        if challenger is not None and not challenger.expired():
+            challenger.observe(rows, labels, seconds)
+
+    def acted(self, rows: Any, labels: list[str]) -> None:
+        """What the device does with the champion's outputs (only the champion's are
+        acted on); a hook for the application (and the tests), nothing by default."""
+        if self.on_outputs is not None:
+            self.on_outputs(rows, labels)
 
     def _flush(self, running: Running) -> None:
         if not running.aggregator.count:
@@ -965,6 +1026,14 @@ class Agent:
         )
         if batch is None:
             return
+        self._send_batch(batch)
+        challenger = self.challenger
+        if challenger is not None:
+            shadow = challenger.flush(self.config.device_id, installed)
+            if shadow is not None:
+                self._send_batch(shadow)
+
+    def _send_batch(self, batch: pb.TelemetryBatch) -> None:
         self.buffer.append(batch.batch_id, batch.SerializeToString())
         if self._drain is not None:
             self._drain.add(batch.batch_id)

@@ -134,6 +134,8 @@ class Admission:
             )
         policy = await load_policy(conn, req.model)
         gate = policy.approval_wave(len(plan), req.selector, labels) if policy else None
+        # the request's own shadow phase, else the one its model's policy requires first
+        shadow = req.shadow or (policy.shadow_first if policy else None)
         await self.store.insert(
             conn,
             req,
@@ -144,6 +146,7 @@ class Admission:
             state="pending",
             trace_parent=trace_parent,
             approval_wave=gate,
+            shadow=shadow,
         )
         await audit.record(
             conn,
@@ -161,6 +164,7 @@ class Admission:
                 "devices": req.devices,
                 "waves": [len(w) for w in plan],
                 "approval_wave": gate,
+                "shadow": shadow.model_dump() if shadow else None,
             },
         )
         log.info(

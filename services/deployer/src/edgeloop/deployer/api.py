@@ -29,6 +29,7 @@ from edgeloop.contracts.events import (
     RolloutPaused,
     RolloutRequested,
     RolloutResumed,
+    ShadowSpec,
 )
 from edgeloop.contracts.names import check_labels, check_model, check_version
 from edgeloop.deployer.admission import Admission
@@ -60,6 +61,11 @@ class StartBody(RolloutKnobs):
     selector: dict[str, str]
     devices: list[str] | None = Field(
         default=None, description="exactly these devices (that match the selector, may be {})"
+    )
+    shadow: ShadowSpec | None = Field(
+        default=None,
+        description="a shadow phase: the devices run the version beside their model, never "
+        "acting on it, and it passes on agreement (then_waves: its waves follow a pass)",
     )
 
 
@@ -358,7 +364,8 @@ def create_api(
         reason = (body.reason if body else None) or f"aborted by {who}"
         return await act(
             rollout_id,
-            ("pending", "running", "paused", "waiting_for_window"),
+            # a challenger left on devices by an aborted shadow phase stops at its `until`
+            ("pending", "shadowing", "running", "paused", "waiting_for_window"),
             "aborted",
             {"state": "aborted", "reason": reason, "finished_at": datetime.now(UTC)},
             lambda r: RolloutAborted(

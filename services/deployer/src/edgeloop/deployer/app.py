@@ -14,7 +14,7 @@ from edgeloop.deployer.config import DeployerSettings
 from edgeloop.deployer.engine import Engine, shifted_clock
 from edgeloop.deployer.handlers import register_handlers
 from edgeloop.deployer.retire import Retirements
-from edgeloop.deployer.sources import Devices, Registry
+from edgeloop.deployer.sources import Devices, Monitor, Registry
 from edgeloop.deployer.store import Store
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit.api import serve_api
@@ -67,6 +67,10 @@ def build(settings: DeployerSettings) -> Service:
                 clock=shifted_clock(settings.clock_shift_file)
                 if settings.clock_shift_file
                 else None,
+                monitor=Monitor(
+                    settings.monitor_api,
+                    (settings.monitor_token or settings.registry_token).get_secret_value(),
+                ),
             )
         )
         retirements = Retirements(lambda: service.pool, service.schema, admission, wake)

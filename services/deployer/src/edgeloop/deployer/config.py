@@ -29,6 +29,11 @@ class DeployerSettings(ApiServiceSettings):
     gateway_token: SecretStr = secret_field(
         "The deployer's own API token for the gateway's HTTP API (the same as its registry_token)"
     )
+    monitor_api: str = "http://127.0.0.1:18400"
+    """The monitor's HTTP API (a shadow phase's comparison of challenger and champion)."""
+    monitor_token: SecretStr | None = None
+    """The deployer's own API token for the monitor's HTTP API (reads only); unset: its
+    registry_token (the same service token)."""
     instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-deployer")
     """Names this replica as the owner of the rollouts it drives. A restarted replica with
     the same id takes its rollouts back at once; another replica takes them over when

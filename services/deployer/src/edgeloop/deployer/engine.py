@@ -73,8 +73,9 @@ from edgeloop.deployer.plan import (
     progress,
     wave_target,
 )
-from edgeloop.deployer.sources import Devices
-from edgeloop.deployer.store import Rollout, Store, Wave
+from edgeloop.deployer.shadow import ShadowPhase
+from edgeloop.deployer.sources import Devices, Monitor
+from edgeloop.deployer.store import TERMINAL, Rollout, Store, Wave
 from edgeloop.deployer.twin import Twin
 from edgeloop.kit.db import TRANSIENT_DB_ERRORS
 from edgeloop.kit.outbox import add_event
@@ -124,6 +125,7 @@ class Engine:
         offline_grace: float = 60.0,
         tracer: Tracer | None = None,
         clock: Callable[[], datetime] | None = None,
+        monitor: Monitor | None = None,
     ) -> None:
         self.tracer = tracer or trace.get_tracer("edgeloop.deployer")
         self.clock = clock or _now
@@ -146,6 +148,8 @@ class Engine:
         """When a starting wave may ask the gateway again (monotonic time)."""
         self._rewritten: set[tuple[uuid.UUID, int]] = set()
         """Waves whose written devices this process has written again since it started."""
+        self.monitor = monitor
+        self.shadow = ShadowPhase(twin, self._shadow_report, self._shadow_commit, tick=tick)
 
     # --- scheduling ---------------------------------------------------------------------
 
@@ -234,7 +238,7 @@ class Engine:
         None once it is finished."""
         async with self.pool.acquire() as conn:
             r = await self.store.rollout(conn, rid)
-        if r.state in ("completed", "rolled_back", "aborted", "refused"):
+        if r.state in TERMINAL:
             return None
         if r.state in ("paused", "awaiting_approval"):
             return self.tick * 4
@@ -244,8 +248,17 @@ class Engine:
             await self._roll_back(r)
             return 0.0
         if r.state == "pending":
-            await self._transition(r, expect=("pending",), rollout={"state": "running"})
+            first = "shadowing" if r.shadow is not None else "running"
+            await self._transition(r, expect=("pending",), rollout={"state": first})
             return 0.0
+        if r.state == "running" and r.shadow is not None and r.shadow_state != "passed":
+            # resumed after a pause before its shadow phase: no wave before a passing one
+            await self._transition(r, rollout={"state": "shadowing"})
+            return 0.0
+        if r.state == "shadowing":
+            async with self.pool.acquire() as conn:
+                targets = sorted(await self.store.undrawn(conn, rid, 0))
+            return await self.shadow.step(r, targets)
         async with self.pool.acquire() as conn:
             wave = await self.store.wave(conn, rid, r.current_wave)
         handler = {
@@ -429,16 +442,8 @@ class Engine:
         return self.tick * 4
 
     def _doc(self, r: Rollout) -> DesiredModel:
-        return DesiredModel(
-            model=r.model,
-            version=r.version,
-            image=r.image,
-            manifest_digest=r.digest,
-            model_digest=r.model_digest,
-            rollout_id=r.rollout_id,
-            trace_parent=r.trace_parent,
-            set_by=f"deployer rollout {r.rollout_id}",
-        )
+        doc: DesiredModel = r.desired()
+        return doc
 
     async def _write_wave(self, r: Rollout, wave: Wave) -> float:
         members, stragglers = await self._wave_devices(r, wave.wave)
@@ -674,6 +679,24 @@ class Engine:
             )
             return None
         return 0.0
+
+    async def _shadow_report(
+        self, model: str, version: str, rollout_id: uuid.UUID
+    ) -> dict[str, object]:
+        if self.monitor is None:
+            raise httpx.HTTPError("no monitor API is configured (EDGELOOP_DEPLOYER_MONITOR_API)")
+        return await self.monitor.shadow(model, version, rollout_id)
+
+    async def _shadow_commit(
+        self,
+        r: Rollout,
+        values: dict[str, object],
+        expect: tuple[str, ...],
+        events: Sequence[Event],
+    ) -> None:
+        await self._transition(r, expect=expect, rollout=values, events=events)
+        if values.get("state") in TERMINAL:
+            ROLLOUTS.labels(str(values["state"])).inc()
 
     async def _wave_list(self, r: Rollout) -> list[Wave]:
         async with self.pool.acquire() as conn:

@@ -14,9 +14,9 @@ import uuid
 from collections.abc import Iterable
 from enum import StrEnum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from edgeloop.contracts.events import RolloutRequested, ValidationPassed, WavePlan
+from edgeloop.contracts.events import RolloutRequested, ShadowSpec, ValidationPassed, WavePlan
 from edgeloop.contracts.windows import WindowSpec
 from edgeloop.kit.db import Conn
 
@@ -58,6 +58,14 @@ class ReleasePolicy(BaseModel):
     max_unavailable: int | None = Field(default=None, ge=1)
     """Disruption budget of its rollouts: devices of a wave activating at once."""
     max_unavailable_percent: float | None = Field(default=None, gt=0, le=100)
+    shadow_first: ShadowSpec | None = None
+    """Every rollout of the model (automatic or not) first runs the version as a
+    challenger (``--shadow-first 1h``); only a passing shadow phase leads to a real wave."""
+
+    @field_validator("shadow_first")
+    @classmethod
+    def _then_waves(cls, spec: ShadowSpec | None) -> ShadowSpec | None:
+        return spec.model_copy(update={"then_waves": True}) if spec is not None else None
 
     def check(self) -> str | None:
         """Why the policy cannot work, or None."""
@@ -135,6 +143,9 @@ async def load_policy(conn: Conn, model: str) -> ReleasePolicy | None:
         window=row["window_spec"],
         max_unavailable=row["max_unavailable"],
         max_unavailable_percent=row["max_unavailable_percent"],
+        shadow_first=ShadowSpec.model_validate_json(row["shadow_first"])
+        if row["shadow_first"]
+        else None,
     )
 
 
@@ -144,14 +155,15 @@ async def save_policy(conn: Conn, model: str, policy: ReleasePolicy, actor: str)
         """INSERT INTO policies (model, auto_rollout, selector, waves, bake_seconds,
                converge_timeout_seconds, max_failures, max_failures_percent, approval,
                updated_by, updated_at, approval_labels, window_spec, max_unavailable,
-               max_unavailable_percent)
+               max_unavailable_percent, shadow_first)
            VALUES ($1, $2, $3::jsonb, $4::jsonb, $5, $6, $7, $8, $9, $10, now(), $11::jsonb,
-                   $12, $13, $14)
+                   $12, $13, $14, $15::jsonb)
            ON CONFLICT (model) DO UPDATE SET auto_rollout = $2, selector = $3::jsonb,
                waves = $4::jsonb, bake_seconds = $5, converge_timeout_seconds = $6,
                max_failures = $7, max_failures_percent = $8, approval = $9,
                updated_by = $10, updated_at = now(), approval_labels = $11::jsonb,
-               window_spec = $12, max_unavailable = $13, max_unavailable_percent = $14""",
+               window_spec = $12, max_unavailable = $13, max_unavailable_percent = $14,
+               shadow_first = $15::jsonb""",
         model,
         policy.auto_rollout,
         json.dumps(policy.selector) if policy.selector else None,
@@ -168,4 +180,5 @@ async def save_policy(conn: Conn, model: str, policy: ReleasePolicy, actor: str)
         policy.window,
         policy.max_unavailable,
         policy.max_unavailable_percent,
+        policy.shadow_first.model_dump_json() if policy.shadow_first else None,
     )

@@ -5,6 +5,7 @@ and which of them are online).
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -106,6 +107,25 @@ class Registry:
         return ValidatedImage(
             model, version, image, digest, record.get("model_digest"), record.get("trace_parent")
         )
+
+
+class Monitor:
+    """The monitor's HTTP API (shadow comparisons)."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"}
+
+    async def shadow(self, model: str, version: str, rollout_id: uuid.UUID) -> dict[str, Any]:
+        """The monitor's comparison of the challenger ``model@version`` with the champions
+        of one shadow rollout (``GET /v1/shadow``); errors propagate (retried)."""
+        async with httpx.AsyncClient(timeout=15, headers=self.headers) as client:
+            resp = await client.get(
+                f"{self.url}/v1/shadow",
+                params={"model": model, "version": version, "rollout_id": str(rollout_id)},
+            )
+        resp.raise_for_status()
+        return dict(resp.json())
 
 
 class Devices:

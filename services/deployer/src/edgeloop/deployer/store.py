@@ -10,18 +10,20 @@ from typing import Any
 
 import asyncpg
 
-from edgeloop.contracts.events import RolloutRequested, WavePlan
+from edgeloop.contracts.events import RolloutRequested, ShadowSpec, WavePlan
+from edgeloop.contracts.twin import DesiredModel
 from edgeloop.kit.db import Conn
 
 ACTIVE = (
     "pending",
+    "shadowing",
     "running",
     "paused",
     "awaiting_approval",
     "waiting_for_window",
     "rolling_back",
 )
-TERMINAL = ("completed", "rolled_back", "aborted", "refused")
+TERMINAL = ("completed", "rolled_back", "aborted", "refused", "shadow_passed", "shadow_failed")
 #: States of a retirement under way (one per version at a time).
 UNDER_WAY = ("replacing", "retiring")
 #: A device's row of a rollout's plan, as the API shows it.
@@ -67,6 +69,26 @@ class Rollout:
     """While ``waiting_for_window``: when its window next opens."""
     max_unavailable: int | None = None
     max_unavailable_percent: float | None = None
+    shadow: ShadowSpec | None = None
+    """The rollout's shadow phase (None: none)."""
+    shadow_state: str | None = None
+    shadow_started_at: datetime | None = None
+    shadow_devices: list[str] | None = None
+    shadow_result: dict[str, Any] | None = None
+
+    def desired(self, kind: type[DesiredModel] = DesiredModel, **extra: Any) -> Any:
+        """The rollout's image as a device's desired document (``kind``: or as its
+        challenger, ``ShadowModel``, with ``extra``)."""
+        return kind(
+            model=self.model,
+            version=self.version,
+            image=self.image,
+            manifest_digest=self.digest,
+            model_digest=self.model_digest,
+            rollout_id=self.rollout_id,
+            trace_parent=self.trace_parent,
+            **{"set_by": f"deployer rollout {self.rollout_id}", **extra},
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -74,7 +96,15 @@ class Rollout:
         out["rollout_id"] = str(self.rollout_id)
         out["waves"] = [w.model_dump(exclude_none=True) for w in self.waves]
         out["window"] = out.pop("window_spec")
-        for key in ("created_at", "updated_at", "finished_at", "approved_at", "window_opens_at"):
+        out["shadow"] = self.shadow.model_dump() if self.shadow else None
+        for key in (
+            "created_at",
+            "updated_at",
+            "finished_at",
+            "approved_at",
+            "window_opens_at",
+            "shadow_started_at",
+        ):
             out[key] = out[key].isoformat() if out[key] else None
         return out
 
@@ -115,6 +145,9 @@ def _rollout(row: asyncpg.Record) -> Rollout:
     d.pop("lease_until", None)
     d["selector"] = json.loads(d["selector"])
     d["waves"] = [WavePlan.model_validate(w) for w in json.loads(d["waves"])]
+    d["shadow"] = ShadowSpec.model_validate_json(d["shadow"]) if d.get("shadow") else None
+    for key in ("shadow_devices", "shadow_result"):
+        d[key] = json.loads(d[key]) if d.get(key) else None
     return Rollout(**d)
 
 
@@ -280,17 +313,19 @@ class Store:
         reason: str | None = None,
         trace_parent: str | None = None,
         approval_wave: int | None = None,
+        shadow: ShadowSpec | None = None,
     ) -> None:
-        """A new rollout with its plan (``state`` pending, or refused with ``reason``)."""
+        """A new rollout with its plan (``state`` pending, or refused with ``reason``);
+        ``shadow``: its shadow phase (the request's, or its model's policy's)."""
         await conn.execute(
             """INSERT INTO rollouts (rollout_id, model, version, image, digest, model_digest,
                    selector, waves, bake_seconds, converge_timeout_seconds, max_failures,
                    max_failures_percent, state, reason, requested_by, trace_parent, finished_at,
                    approval_wave, device_deadline_seconds, window_spec, max_unavailable,
-                   max_unavailable_percent)
+                   max_unavailable_percent, shadow)
                VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9, $10, $11, $12, $13,
                        $14, $15, $16, CASE WHEN $13 = 'refused' THEN now() END, $17, $18,
-                       $19, $20, $21)""",
+                       $19, $20, $21, $22::jsonb)""",
             req.rollout_id,
             req.model,
             req.version,
@@ -312,6 +347,7 @@ class Store:
             req.window,
             req.max_unavailable,
             req.max_unavailable_percent,
+            shadow.model_dump_json() if shadow else None,
         )
         await conn.executemany(
             "INSERT INTO waves (rollout_id, wave, size) VALUES ($1, $2, $3)",

@@ -126,8 +126,8 @@ class Session:
 
     def push_desired(self, revision: int, doc: DesiredModel | None) -> None:
         """Replace any unsent desired state with this one."""
-        if doc is not None and doc.model and doc.version:
-            self.ran(doc.model, doc.version)
+        for model, version in doc.versions() if doc is not None else []:
+            self.ran(model, version)  # a challenger's too: its last batches come after it
         if self.desired is None or self.desired[0] < revision:
             self.desired = (revision, doc)
             self.wake.set()
@@ -290,9 +290,23 @@ class EdgeGateway:
             session.push_desired(revision, doc)
 
     async def desired_message(self, revision: int, doc: DesiredModel | None) -> pb.DesiredState:
-        """The wire form of a desired-state document, with its image's signature."""
+        """The wire form of a desired-state document, with its image's signature (and its
+        challenger's, signed the same way, when it has one)."""
         if doc is None or doc.manifest_digest is None or doc.image is None:
             return pb.DesiredState(revision=revision)
+        msg = await self._signed(revision, doc)
+        if doc.shadow is not None:
+            msg.shadow.CopyFrom(await self._signed(revision, doc.shadow))
+            msg.shadow_policy.sample = doc.shadow.sample
+            msg.shadow_policy.max_overhead = doc.shadow.max_overhead
+            if doc.shadow.until is not None:
+                msg.shadow_policy.until.FromDatetime(doc.shadow.until)
+        return msg
+
+    async def _signed(self, revision: int, doc: DesiredModel) -> pb.DesiredState:
+        """One image of a desired state with its signature and the key rotations."""
+        assert doc.manifest_digest is not None
+        assert doc.image is not None
         msg = pb.DesiredState(
             model=doc.model or "",
             version=doc.version or "",
@@ -592,8 +606,8 @@ class EdgeGateway:
         runs = set(session.runs)
         current = self.desired.get(s.kv_key(session.device_id))
         doc = current[1] if current is not None else None
-        if doc is not None and doc.model and doc.version:
-            runs.add((doc.model, doc.version))
+        if doc is not None:
+            runs.update(doc.versions())  # the model and its challenger, if any
         check_batch(event, runs=runs, now=datetime.now(UTC), policy=self.policy)
         assert session.budget is not None
         over = session.budget.take(event.count, size)
@@ -739,7 +753,12 @@ class EdgeGateway:
                 grpc.StatusCode.PERMISSION_DENIED, "this device has no desired image to fetch"
             )
             return
-        if request.image and image_repository(request.image) != image_repository(doc.image):
+        # the desired image or its challenger; the digest must belong to the one named
+        images = doc.images()
+        if request.image:
+            wanted = image_repository(request.image)
+            images = [i for i in images if image_repository(i[0]) == wanted]
+        if not images:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{request.image} is not this device's desired image ({doc.image})",
@@ -747,13 +766,7 @@ class EdgeGateway:
             return
         chunk = min(request.max_chunk_bytes or self.chunk_bytes, 4 << 20)
         try:
-            media_type, size, chunks = await self.artifacts.open(
-                image_repository(doc.image),
-                doc.manifest_digest,
-                request.digest,
-                request.offset,
-                chunk,
-            )
+            media_type, size, chunks = await self._open_artifact(images, request, chunk)
         except NotAllowed as exc:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
             return
@@ -804,6 +817,21 @@ class EdgeGateway:
                 last=True,
                 media_type=media_type,
             )
+
+    async def _open_artifact(
+        self, images: list[tuple[str, str]], request: pb.FetchArtifactRequest, chunk: int
+    ) -> tuple[str, int, AsyncIterator[bytes]]:
+        """The artifact from the first of ``images`` (image, manifest digest) it belongs to
+        (``NotAllowed`` when it belongs to none)."""
+        refused = NotAllowed(f"{request.digest} is not part of this device's desired image")
+        for image, manifest in images:
+            try:
+                return await self.artifacts.open(
+                    image_repository(image), manifest, request.digest, request.offset, chunk
+                )
+            except NotAllowed as exc:
+                refused = exc
+        raise refused
 
     # --- housekeeping -------------------------------------------------------------------
 

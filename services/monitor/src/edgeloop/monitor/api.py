@@ -18,6 +18,7 @@ from edgeloop.contracts.names import check_model
 from edgeloop.kit import audit
 from edgeloop.kit.api import Actor, DataWriter, MonitorWriter, new_api
 from edgeloop.kit.db import Conn
+from edgeloop.monitor import shadow
 from edgeloop.monitor.aggregate import Window
 from edgeloop.monitor.references import References, UnknownVersion
 from edgeloop.monitor.report import render
@@ -114,6 +115,18 @@ def create_api(
                 409, f"alarm {alarm_id} is {state}; only a raised alarm is acknowledged"
             )
         return _row(row)
+
+    @api.get("/v1/shadow")
+    async def shadow_report(
+        _: Actor, model: str, version: str, rollout_id: uuid.UUID | None = None
+    ) -> dict[str, Any]:
+        """How the challenger ``model@version`` compared with the champion on the same
+        inputs (of one shadow rollout, or all): agreement, flip matrix, latency ratio,
+        prediction drift, per device group and overall."""
+        async with pool().acquire() as conn:
+            return await shadow.report(
+                conn, model, version, str(rollout_id) if rollout_id else None
+            )
 
     @api.get("/v1/rules/{model}")
     async def show_rules(model: str, _: Actor) -> dict[str, Any]:

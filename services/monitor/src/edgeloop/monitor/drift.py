@@ -82,7 +82,7 @@ def chi_square(reference: Counts, current: Counts) -> TestResult:
     dof = seen.sum(-1) - 1
     ok = (total[:, 0] > 0) & (dof >= 1)
     expected = np.divide(r * total, ref_total, out=np.zeros_like(r), where=seen & (ref_total > 0))
-    terms = np.divide((c - expected) ** 2, expected, out=np.zeros_like(r), where=seen)
+    terms = np.divide((c - expected) ** 2, expected, out=np.zeros_like(r), where=expected > 0)
     stat = np.where(ok, terms.sum(-1), 0.0)
     pval = np.where(ok, stats.chi2.sf(stat, np.maximum(dof, 1)), 1.0)
     return TestResult(stat, pval)

@@ -18,6 +18,7 @@ from edgeloop.kit.consumer import Tx
 from edgeloop.kit.db import Conn
 from edgeloop.kit.partitions import Partitioned
 from edgeloop.kit.service import Service
+from edgeloop.monitor import shadow
 from edgeloop.monitor.aggregate import BadTelemetry, Window, check
 from edgeloop.monitor.references import References, UnknownVersion
 from edgeloop.monitor.robust import record_rejection
@@ -71,13 +72,22 @@ def register_handlers(
     async def on_telemetry(batch: TelemetryBatch, tx: Tx) -> None:
         try:
             ref = await refs.get(batch.model, batch.version)
-            check(batch, ref, max_count=max_count)
+            if batch.shadow is not None:
+                shadow.check_challenger(batch, ref, max_count=max_count)
+            else:
+                check(batch, ref, max_count=max_count)
         except (UnknownVersion, BadTelemetry) as exc:
             code = exc.code if isinstance(exc, BadTelemetry) else "unknown_model"
             await _reject(tx.conn, batch.device_id, code, str(exc))
             return
         except httpx.HTTPError:
             raise  # the registry is unreachable: retried
+        if batch.shadow is not None:
+            # a challenger's outputs: compared, never part of the model's windows (a canary
+            # baseline, drift or an alarm would otherwise count what nobody acted on)
+            shadow.add(tx, batch)
+            RECORDS.inc(batch.count)
+            return
         windows: dict[WindowKey, tuple[datetime, Window]] = tx.shared.setdefault("windows", {})
         start, end = window_of(batch.window_end, window_seconds)
         key = (batch.model, batch.version, batch.group or "", start)

@@ -379,6 +379,7 @@ class TelemetryBatch(_message.Message):
     TRACE_PARENT_FIELD_NUMBER: _builtins.int
     CORRUPT_BATCHES_FIELD_NUMBER: _builtins.int
     CONFIDENCE_BY_PREDICTION_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """unique per device (a UUID): re-sends de-duplicate"""
     device_id: _builtins.str
@@ -424,6 +425,13 @@ class TelemetryBatch(_message.Message):
         bins (label-free accuracy estimation, CBPE); older agents leave it empty
         """
 
+    @_builtins.property
+    def shadow(self) -> Global___ShadowComparison:
+        """Set on a challenger's batch (a shadow model: model/version/digest are the
+        challenger's, and the counts, histograms and predictions above are its outputs on
+        the inputs it was given); never acted on. Unset on every champion batch.
+        """
+
     def __init__(
         self,
         *,
@@ -447,14 +455,127 @@ class TelemetryBatch(_message.Message):
         trace_parent: _builtins.str = ...,
         corrupt_batches: _builtins.int = ...,
         confidence_by_prediction: _abc.Mapping[_builtins.str, Global___Histogram] | None = ...,
+        shadow: Global___ShadowComparison | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confidence_histogram", b"confidence_histogram", "latency_ms_histogram", b"latency_ms_histogram", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confidence_histogram", b"confidence_histogram", "latency_ms_histogram", b"latency_ms_histogram", "shadow", b"shadow", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "confidence_by_prediction", b"confidence_by_prediction", "confidence_histogram", b"confidence_histogram", "corrupt_batches", b"corrupt_batches", "count", b"count", "device_id", b"device_id", "digest", b"digest", "dropped_batches", b"dropped_batches", "errors", b"errors", "feature_histograms", b"feature_histograms", "feature_names", b"feature_names", "latency_ms_histogram", b"latency_ms_histogram", "low_confidence", b"low_confidence", "model", b"model", "prediction_counts", b"prediction_counts", "samples", b"samples", "trace_parent", b"trace_parent", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "confidence_by_prediction", b"confidence_by_prediction", "confidence_histogram", b"confidence_histogram", "corrupt_batches", b"corrupt_batches", "count", b"count", "device_id", b"device_id", "digest", b"digest", "dropped_batches", b"dropped_batches", "errors", b"errors", "feature_histograms", b"feature_histograms", "feature_names", b"feature_names", "latency_ms_histogram", b"latency_ms_histogram", "low_confidence", b"low_confidence", "model", b"model", "prediction_counts", b"prediction_counts", "samples", b"samples", "shadow", b"shadow", "trace_parent", b"trace_parent", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TelemetryBatch: _TypeAlias = TelemetryBatch  # noqa: Y015
+
+@_typing.final
+class ShadowComparison(_message.Message):
+    """How a challenger compared with the champion on the same inputs during a window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ChampionPredictionCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    CHAMPION_VERSION_FIELD_NUMBER: _builtins.int
+    CHAMPION_DIGEST_FIELD_NUMBER: _builtins.int
+    COMPARED_FIELD_NUMBER: _builtins.int
+    AGREED_FIELD_NUMBER: _builtins.int
+    FLIPS_FIELD_NUMBER: _builtins.int
+    CHAMPION_PREDICTION_COUNTS_FIELD_NUMBER: _builtins.int
+    CHAMPION_LATENCY_MS_HISTOGRAM_FIELD_NUMBER: _builtins.int
+    SAMPLED_OUT_FIELD_NUMBER: _builtins.int
+    SKIPPED_BUDGET_FIELD_NUMBER: _builtins.int
+    OVERHEAD_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    """the shadow rollout (DesiredState.shadow.rollout_id)"""
+    champion_version: _builtins.str
+    """the model acted on"""
+    champion_digest: _builtins.str
+    compared: _builtins.int
+    """inputs both models ran on (== TelemetryBatch.count)"""
+    agreed: _builtins.int
+    """of them, the same prediction"""
+    sampled_out: _builtins.int
+    """inputs not in the sampled share"""
+    skipped_budget: _builtins.int
+    """sampled inputs skipped: the challenger was over budget"""
+    overhead: _builtins.float
+    """challenger time / champion time so far (the budget's measure)"""
+    @_builtins.property
+    def flips(self) -> _containers.RepeatedCompositeFieldContainer[Global___Flip]:
+        """disagreements: champion label -> challenger label"""
+
+    @_builtins.property
+    def champion_prediction_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """the champion, on the same inputs"""
+
+    @_builtins.property
+    def champion_latency_ms_histogram(self) -> Global___Histogram:
+        """the champion, on the same inputs"""
+
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        champion_version: _builtins.str = ...,
+        champion_digest: _builtins.str = ...,
+        compared: _builtins.int = ...,
+        agreed: _builtins.int = ...,
+        flips: _abc.Iterable[Global___Flip] | None = ...,
+        champion_prediction_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        champion_latency_ms_histogram: Global___Histogram | None = ...,
+        sampled_out: _builtins.int = ...,
+        skipped_budget: _builtins.int = ...,
+        overhead: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["champion_latency_ms_histogram", b"champion_latency_ms_histogram"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreed", b"agreed", "champion_digest", b"champion_digest", "champion_latency_ms_histogram", b"champion_latency_ms_histogram", "champion_prediction_counts", b"champion_prediction_counts", "champion_version", b"champion_version", "compared", b"compared", "flips", b"flips", "overhead", b"overhead", "rollout_id", b"rollout_id", "sampled_out", b"sampled_out", "skipped_budget", b"skipped_budget"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowComparison: _TypeAlias = ShadowComparison  # noqa: Y015
+
+@_typing.final
+class Flip(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAMPION_FIELD_NUMBER: _builtins.int
+    CHALLENGER_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    champion: _builtins.str
+    challenger: _builtins.str
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        champion: _builtins.str = ...,
+        challenger: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenger", b"challenger", "champion", b"champion", "count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Flip: _TypeAlias = Flip  # noqa: Y015
 
 @_typing.final
 class StatusReport(_message.Message):
@@ -658,6 +779,8 @@ class DesiredState(_message.Message):
     TRACE_PARENT_FIELD_NUMBER: _builtins.int
     SIGNATURE_KEY_ID_FIELD_NUMBER: _builtins.int
     KEY_ROTATIONS_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    SHADOW_POLICY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.str
     image: _builtins.str
@@ -687,6 +810,17 @@ class DesiredState(_message.Message):
         applies those that continue the chain of the key it pinned at enrolment.
         """
 
+    @_builtins.property
+    def shadow(self) -> Global___DesiredState:
+        """A challenger to run beside this model on the same inputs (a shadow rollout): checked
+        exactly like a desired state (signature, anti-rollback, download) but never acted on
+        and never raising the anti-rollback floor; unset: no challenger.
+        """
+
+    @_builtins.property
+    def shadow_policy(self) -> Global___ShadowPolicy:
+        """how the challenger may run (with shadow only)"""
+
     def __init__(
         self,
         *,
@@ -705,14 +839,50 @@ class DesiredState(_message.Message):
         trace_parent: _builtins.str = ...,
         signature_key_id: _builtins.str = ...,
         key_rotations: _abc.Iterable[Global___KeyRotation] | None = ...,
+        shadow: Global___DesiredState | None = ...,
+        shadow_policy: Global___ShadowPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shadow", b"shadow", "shadow_policy", b"shadow_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["explicit_rollback", b"explicit_rollback", "image", b"image", "key_rotations", b"key_rotations", "manifest_digest", b"manifest_digest", "model", b"model", "model_digest", b"model_digest", "model_size", b"model_size", "revision", b"revision", "rollout_id", b"rollout_id", "signature", b"signature", "signature_algorithm", b"signature_algorithm", "signature_key_id", b"signature_key_id", "signature_payload", b"signature_payload", "trace_parent", b"trace_parent", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["explicit_rollback", b"explicit_rollback", "image", b"image", "key_rotations", b"key_rotations", "manifest_digest", b"manifest_digest", "model", b"model", "model_digest", b"model_digest", "model_size", b"model_size", "revision", b"revision", "rollout_id", b"rollout_id", "shadow", b"shadow", "shadow_policy", b"shadow_policy", "signature", b"signature", "signature_algorithm", b"signature_algorithm", "signature_key_id", b"signature_key_id", "signature_payload", b"signature_payload", "trace_parent", b"trace_parent", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DesiredState: _TypeAlias = DesiredState  # noqa: Y015
+
+@_typing.final
+class ShadowPolicy(_message.Message):
+    """What the agent enforces on a challenger."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAMPLE_FIELD_NUMBER: _builtins.int
+    MAX_OVERHEAD_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    sample: _builtins.float
+    """share of inference batches given to it too (0, 1]"""
+    max_overhead: _builtins.float
+    """its inference time at most this × the champion's;"""
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """over it, sampled batches are skipped (and counted)
+        the agent stops running it after this
+        """
+
+    def __init__(
+        self,
+        *,
+        sample: _builtins.float = ...,
+        max_overhead: _builtins.float = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_overhead", b"max_overhead", "sample", b"sample", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowPolicy: _TypeAlias = ShadowPolicy  # noqa: Y015
 
 @_typing.final
 class KeyRotation(_message.Message):
