@@ -10,6 +10,13 @@ import typer
 
 from edgeloop.cli import lineage, retire
 from edgeloop.cli.api import REGISTRY, JsonOption, echo_json, pairs, valid, version_ref, when
+from edgeloop.cli.upload import (
+    FileChanged,
+    FilePart,
+    MultipartFiles,
+    progress_console,
+    upload_progress,
+)
 from edgeloop.contracts.names import check_model, check_version
 
 app = typer.Typer(help="Register model versions and look at them.", no_args_is_help=True)
@@ -41,11 +48,9 @@ def register(
     valid(check_model, name)
     if version is not None:
         valid(check_version, version)
-    files: dict[str, tuple[str, bytes]] = {"model": (model.name, model.read_bytes())}
-    if suite:
-        files["suite"] = (suite.name, suite.read_bytes())
-    if reference:
-        files["reference"] = (reference.name, reference.read_bytes())
+    console = progress_console(json_out)
+    fields = {"model": model, "suite": suite, "reference": reference}
+    files = [FilePart(field, path) for field, path in fields.items() if path is not None]
     form = {
         k: v
         for k, v in {
@@ -59,7 +64,17 @@ def register(
         }.items()
         if v is not None
     }
-    body = _request("POST", f"/api/v1/models/{name}/versions", data=form, files=files)
+    # streamed from disk: a model of a gigabyte needs no gigabyte of memory here
+    upload = MultipartFiles(form, files)
+    names = {f.field: f.path.name for f in files}
+    try:
+        with upload_progress(upload, console, names=names, waiting="sent; the registry checks it"):
+            body = _request(
+                "POST", f"/api/v1/models/{name}/versions", content=upload, headers=upload.headers
+            )
+    except FileChanged as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        raise typer.Exit(1) from None
     if json_out:
         echo_json(body)
         return
