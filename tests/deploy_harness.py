@@ -120,6 +120,22 @@ async def make_validated(
     pushed and signed (with the reference profile, as the builder does), ``image.built``
     and ``validation.passed`` published."""
     profile = await register_version(registry, model, version, onnx, reference)
+    return await build_and_validate(js, registry, registry_url, repo, model, version, onnx, profile)
+
+
+async def build_and_validate(
+    js: JetStreamContext,
+    registry: httpx.AsyncClient,
+    registry_url: str,
+    repo: str,
+    model: str,
+    version: str,
+    onnx: bytes,
+    profile: dict[str, Any] | None = None,
+) -> Image:
+    """What the builder and the validator do with a registered version: its image pushed
+    and signed, ``image.built`` and ``validation.passed`` published; until the registry
+    shows it validated."""
     image = await push_model_image(registry_url, repo, model, version, onnx, profile=profile)
     await publish_event(
         js,
@@ -231,6 +247,24 @@ class DeployStack:
             version,
             onnx,
             reference,
+        )
+
+    async def build_and_validate(self, model: str, version: str, onnx: bytes) -> Image:
+        """Play the builder and the validator for a version registered otherwise (e.g.
+        from the console): its image carries the reference profile the registry keeps."""
+        resp = await self.registry.get(
+            f"/api/v1/models/{model}/versions/{version}", params={"profile": "true"}
+        )
+        resp.raise_for_status()
+        return await build_and_validate(
+            self.edge.js,
+            self.registry,
+            self.edge.registry_url,
+            f"{self.edge.prefix}/images/{model}",
+            model,
+            version,
+            onnx,
+            resp.json().get("profile"),
         )
 
     async def failed_validation(self, model: str, version: str, onnx: bytes, why: str) -> None:

@@ -1,7 +1,7 @@
 """The ops console in Chromium against a real stack: the registry, the gateway with real
 agents, the deployer as its own process, the monitor, a trace collector, on private NATS
 and PostgreSQL (one stack for the module). People sign in with tokens the registry
-issued (operators alice and bob, viewer vera); the console calls the APIs with them.
+issued (operators alice and bob, viewer vera, admin ada); the console calls the APIs with them.
 
 Each test leaves a screenshot of what it checked in its directory (``tmp_path``).
 """
@@ -81,6 +81,7 @@ async def console(
                         ("alice", "operator"),
                         ("bob", "operator"),
                         ("vera", "viewer"),
+                        ("ada", "admin"),  # what `make up`'s own token is
                     ):
                         resp = await st.registry.post(
                             "/api/v1/tokens", json={"name": f"{name}-{unique}", "role": role}
@@ -422,3 +423,127 @@ async def test_a_viewer_sees_no_write_buttons_and_a_forged_post_is_refused(
     finally:
         await conn.close()
     assert state == "raised"
+
+
+async def test_a_version_is_registered_and_rolled_out_from_the_pages(
+    browser: Browser, console: Console, tmp_path: Path
+) -> None:
+    st = console.stack
+    model = f"reg{st.unique}"
+    files = classifier("iris")
+    context, page = await sign_in(browser, console, "ada")
+    try:
+        # a file that is no ONNX model: the registry's refusal, on the page
+        await page.goto(f"{console.url}/models")
+        form = page.locator("#register")
+        await form.locator("input[name=name]").fill(model)
+        await form.locator("input[name=model]").set_input_files(
+            {"name": "model.onnx", "mimeType": "application/octet-stream", "buffer": b"no model"}
+        )
+        await form.locator("button[data-action=register]").click()
+        await expect(page.locator("#register-error")).to_contain_text("the registry refused it")
+        await page.screenshot(path=str(tmp_path / "register-refused.png"), full_page=True)
+
+        # the real model, its validation suite, reference sample and params
+        form = page.locator("#register")
+        await expect(form.locator("input[name=name]")).to_have_value(model)  # kept
+        for part, data in (
+            ("model", files.onnx),
+            ("suite", files.suite),
+            ("reference", files.reference),
+        ):
+            await form.locator(f"input[name={part}]").set_input_files(
+                {"name": f"{part}.npz", "mimeType": "application/octet-stream", "buffer": data}
+            )
+        await form.locator("textarea[name=params]").fill("threshold.accuracy=0.85\nlr=0.1")
+        await form.locator("summary").click()  # lineage
+        await form.locator("input[name=source_commit]").fill("0a1b2c3d")
+        await form.locator("button[data-action=register]").click()
+        await expect(page.locator("#done")).to_contain_text(f"{model}@1 registered")
+        await expect(page.locator("main")).to_contain_text("validation pending")
+        await page.screenshot(path=str(tmp_path / "registered.png"), full_page=True)
+        record = (await st.registry.get(f"/api/v1/models/{model}/versions/1")).json()
+        assert record["created_by"] == f"ada-{st.unique}"
+        assert record["params"] == {"threshold.accuracy": "0.85", "lr": "0.1"}
+        assert record["source_commit"] == "0a1b2c3d"
+        assert record["suite_digest"]
+        assert record["reference_digest"]
+
+        # the builder and validator's part; then the rollout from the version's page
+        await st.build_and_validate(model, "1", files.onnx)
+        await page.reload()
+        await expect(page.locator("#image")).to_contain_text("@sha256:")
+        form = page.locator("#start-rollout")
+        await form.locator("input[name=selector]").fill(f"group=a-{st.unique}")
+        await form.locator("input[name=waves]").fill("1,100%")
+        await form.locator("input[name=bake]").fill("0s")
+        await form.locator("button[data-action=start-rollout]").click()
+        await expect(page).to_have_url(re.compile(r"/rollouts/[0-9a-f-]{36}\?done=start$"))
+        rid = page.url.split("/rollouts/")[1].split("?")[0]
+        await expect(page.locator("#rollout-state")).to_have_text("completed", timeout=90_000)
+        await page.screenshot(path=str(tmp_path / "rollout-started.png"), full_page=True)
+    finally:
+        await context.close()
+    r = await st.rollout(rid)
+    assert (r["model"], r["version"], r["requested_by"]) == (model, "1", f"ada-{st.unique}")
+    assert [w["size"] for w in r["wave_status"]] == [1, 2]
+
+
+async def test_the_register_and_rollout_forms_follow_the_role(
+    browser: Browser, console: Console, tmp_path: Path
+) -> None:
+    st = console.stack
+    model = f"forms{st.unique}"
+    onnx = classifier("iris").onnx
+    await validated(console, model)
+    version_page = f"{console.url}/models/{model}/versions/1"
+
+    # an operator starts rollouts but does not register versions (models.write)
+    context, page = await sign_in(browser, console, "alice")
+    try:
+        await page.goto(f"{console.url}/models")
+        await expect(page.locator("#models")).to_be_visible()
+        await expect(page.locator("#register")).to_have_count(0)
+        await page.goto(version_page)
+        await expect(page.locator("#start-rollout")).to_be_visible()
+    finally:
+        await context.close()
+
+    context, page = await sign_in(browser, console, "vera")
+    try:
+        await page.goto(f"{console.url}/models")
+        await expect(page.locator("#models")).to_be_visible()
+        await expect(page.locator("#register")).to_have_count(0)
+        await page.goto(version_page)
+        await expect(page.locator("#lineage")).to_be_visible()
+        assert await page.locator("main form[method=post]").count() == 0
+        await page.screenshot(path=str(tmp_path / "viewer-version.png"), full_page=True)
+
+        # forged: no CSRF token, then the viewer's own
+        csrf = await page.locator("header input[name=csrf]").get_attribute("value")
+        assert csrf
+        upload = {"name": "model.onnx", "mimeType": "application/octet-stream", "buffer": onnx}
+        for extra, why in (({}, "CSRF"), ({"csrf": csrf}, "role viewer")):
+            resp = await page.request.post(
+                f"{console.url}/models/register",
+                multipart={"name": model, "version": "2", "model": upload, **extra},
+            )
+            assert resp.status == 403, await resp.text()
+            assert why in await resp.text()
+            resp = await page.request.post(
+                f"{version_page}/rollout",
+                form={"selector": f"group=a-{st.unique}", "waves": "100%", **extra},
+            )
+            assert resp.status == 403, await resp.text()
+            assert why in await resp.text()
+    finally:
+        await context.close()
+
+    async with httpx.AsyncClient(base_url=console.url) as anonymous:  # no session
+        resp = await anonymous.post(
+            "/models/register", data={"csrf": csrf, "name": model}, files={"model": onnx}
+        )
+        assert resp.status_code == 403
+    versions = (await st.registry.get(f"/api/v1/models/{model}")).json()["versions"]
+    assert [v["version"] for v in versions] == ["1"]
+    assert (await st.api.get("/v1/rollouts", params={"model": model})).json()["rollouts"] == []

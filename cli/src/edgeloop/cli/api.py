@@ -17,6 +17,7 @@ import httpx
 import typer
 
 from edgeloop.contracts.names import InvalidName, check_model, check_version
+from edgeloop.contracts.parsing import parse_pairs
 from edgeloop.contracts.stackfile import load_stack_json, state_dir
 
 
@@ -114,14 +115,11 @@ def version_ref(ref: str) -> tuple[str, str]:
 
 def pairs(values: list[str] | None, what: str) -> dict[str, str]:
     """``k=v`` options → dict (exit 2 on a malformed one)."""
-    out: dict[str, str] = {}
-    for item in values or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            typer.secho(f"{what} takes key=value, got {item!r}", err=True, fg="red")
-            raise typer.Exit(2)
-        out[key] = value
-    return out
+    try:
+        return parse_pairs(values or [], what)
+    except ValueError as exc:
+        typer.secho(str(exc), err=True, fg="red")
+        raise typer.Exit(2) from exc
 
 
 DEPLOYER = Api("deployer", "EDGELOOP_DEPLOYER_API", "deployer_api", "http://127.0.0.1:18300")

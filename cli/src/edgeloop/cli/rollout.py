@@ -10,8 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from edgeloop.cli.api import DEPLOYER, JsonOption, echo_json, pairs, version_ref, when
-from edgeloop.contracts.parsing import parse_duration, parse_waves
-from edgeloop.contracts.windows import parse_window
+from edgeloop.contracts.parsing import parse_duration, rollout_knobs
 
 app = typer.Typer(help="Roll validated versions out to device groups.", no_args_is_help=True)
 list_app = typer.Typer(help="Rollouts.", no_args_is_help=True)
@@ -201,38 +200,20 @@ def rollout_options(
     window: str | None = None,
     max_unavailable: str | None = None,
 ) -> dict[str, Any]:
-    """The wave options of a rollout (or a release policy) as the API takes them."""
-    body: dict[str, Any] = {}
+    """The wave options of a rollout (or a release policy) as the API takes them (exit 2
+    with the reason when one is malformed)."""
     try:
-        if window:
-            body["window"] = parse_window(window).text
-        if max_unavailable:
-            body |= _share(max_unavailable, "max_unavailable", "--max-unavailable")
-        if device_deadline:
-            body["device_deadline_seconds"] = parse_duration(device_deadline)
-        if waves:
-            body["waves"] = [w.model_dump(exclude_none=True) for w in parse_waves(waves)]
-        if bake:
-            body["bake_seconds"] = parse_duration(bake)
-        if converge_timeout:
-            body["converge_timeout_seconds"] = parse_duration(converge_timeout)
-        if max_failures:
-            body |= _share(max_failures, "max_failures", "--max-failures")
+        return rollout_knobs(
+            waves,
+            bake,
+            max_failures,
+            converge_timeout,
+            device_deadline=device_deadline,
+            window=window,
+            max_unavailable=max_unavailable,
+        )
     except ValueError as exc:
         raise _fail(str(exc)) from exc
-    return body
-
-
-def _share(text: str, field: str, option: str) -> dict[str, float | int]:
-    """``N`` or ``P%`` as the API's ``field`` or ``field_percent``."""
-    try:
-        if text.endswith("%"):
-            return {f"{field}_percent": float(text[:-1])}
-        return {field: int(text)}
-    except ValueError:
-        raise ValueError(
-            f"invalid {option} {text!r}: use a device count or a percentage, e.g. 2 or 10%"
-        ) from None
 
 
 def _bar(done: int, failed: int, size: int, width: int = 24) -> str:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
+from typing import Any
 
 from edgeloop.contracts.events import WavePlan
+from edgeloop.contracts.windows import parse_window
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
@@ -37,3 +40,66 @@ def parse_waves(text: str) -> list[WavePlan]:
     if not waves:
         raise ValueError("a rollout needs at least one wave, e.g. 1,10%,50%,100%")
     return waves
+
+
+def parse_pairs(items: Iterable[str], what: str) -> dict[str, str]:
+    """``k=v`` items → a dict (blank items skipped); ValueError naming ``what`` on an
+    item without ``=`` or a key."""
+    out: dict[str, str] = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{what} takes key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_selector(text: str, what: str = "the selector") -> dict[str, str]:
+    """``k=v[,k=v]`` → a label selector (ValueError when malformed)."""
+    return parse_pairs(text.split(","), what)
+
+
+def parse_share(text: str, field: str, what: str) -> dict[str, float | int]:
+    """``N`` or ``P%`` as the API's ``field`` or ``field_percent`` (``what``: the option
+    named in the error)."""
+    try:
+        if text.endswith("%"):
+            return {f"{field}_percent": float(text[:-1])}
+        return {field: int(text)}
+    except ValueError:
+        raise ValueError(
+            f"invalid {what} {text!r}: use a device count or a percentage, e.g. 2 or 10%"
+        ) from None
+
+
+def rollout_knobs(
+    waves: str | None,
+    bake: str | None,
+    max_failures: str | None,
+    converge_timeout: str | None,
+    *,
+    device_deadline: str | None = None,
+    window: str | None = None,
+    max_unavailable: str | None = None,
+) -> dict[str, Any]:
+    """A rollout's (or a release policy's) wave options, as the people's forms write them
+    (``1,10%,100%``, ``30s``, ``2`` or ``10%``), in the shape the deployer's API takes;
+    options that are None or empty are left out. ValueError names the malformed one."""
+    body: dict[str, Any] = {}
+    if window:
+        body["window"] = parse_window(window).text
+    if max_unavailable:
+        body |= parse_share(max_unavailable, "max_unavailable", "--max-unavailable")
+    if device_deadline:
+        body["device_deadline_seconds"] = parse_duration(device_deadline)
+    if waves:
+        body["waves"] = [w.model_dump(exclude_none=True) for w in parse_waves(waves)]
+    if bake:
+        body["bake_seconds"] = parse_duration(bake)
+    if converge_timeout:
+        body["converge_timeout_seconds"] = parse_duration(converge_timeout)
+    if max_failures:
+        body |= parse_share(max_failures, "max_failures", "--max-failures")
+    return body

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,12 +27,14 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from edgeloop.console import views
 from edgeloop.console.apis import ApiError, Apis, q
 from edgeloop.console.config import ConsoleSettings
 from edgeloop.console.sessions import SESSION_COOKIE, SIGNIN_COOKIE, Session, Sessions
+from edgeloop.contracts.parsing import parse_pairs, parse_selector, rollout_knobs
 from edgeloop.kit.svg import line_chart
 
 log = logging.getLogger(__name__)
@@ -126,9 +129,13 @@ def checked_post(capability: str) -> Callable[..., Awaitable[Session]]:
     return check
 
 
+#: The register form's optional text fields, passed to the registry as they are.
+REGISTER_FIELDS = ("version", "source_commit", "data_digest", "parent", "retrain_request_id")
+
 RolloutWriter = Annotated[Session, Depends(checked_post("rollouts.write"))]
 MonitorWriter = Annotated[Session, Depends(checked_post("monitor.write"))]
 DataWriter = Annotated[Session, Depends(checked_post("data.write"))]
+ModelWriter = Annotated[Session, Depends(checked_post("models.write"))]
 
 
 def create_app(settings: ConsoleSettings) -> FastAPI:
@@ -406,13 +413,65 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
 
     # --- models -----------------------------------------------------------------------
 
-    @app.get("/models", response_class=HTMLResponse)
-    async def models(request: Request, who: Who) -> Response:
+    async def models_page(
+        request: Request, who: Session, status: int = 200, **extra: Any
+    ) -> Response:
+        """The list of models, with the register form (``extra``: its error and values)."""
         try:
             body = await apis().get("registry", "/api/v1/models", who.token)
         except ApiError as exc:
             return api_failed(request, who, exc)
-        return page(request, "models.html", who, models=body)
+        return page(request, "models.html", who, models=body, status=status, **extra)
+
+    @app.get("/models", response_class=HTMLResponse)
+    async def models(request: Request, who: Who) -> Response:
+        return await models_page(request, who)
+
+    @app.post("/models/register")
+    async def register(request: Request, who: ModelWriter) -> Response:
+        """The register form, posted on as ``edgeloop models register`` does: the files
+        go to the registry as they were spooled here (to disk past 1 MiB), read in chunks
+        on the way out, never whole in memory."""
+        form = await request.form()
+        fields = {k: str(form.get(k) or "").strip() for k in ("name", "params", *REGISTER_FIELDS)}
+
+        def refused(status: int, message: str) -> Awaitable[Response]:
+            return models_page(request, who, status, register_error=message, form=fields)
+
+        files: dict[str, tuple[str, Any, str]] = {}
+        for part in ("model", "suite", "reference"):
+            upload = form.get(part)
+            if isinstance(upload, UploadFile) and upload.filename:
+                files[part] = (
+                    upload.filename,
+                    upload.file,
+                    upload.content_type or "application/octet-stream",
+                )
+        if not fields["name"]:
+            return await refused(422, "give the model a name")
+        if "model" not in files:
+            return await refused(422, "choose the model's ONNX file")
+        try:
+            params = parse_pairs(fields["params"].splitlines(), "a params line")
+        except ValueError as exc:
+            return await refused(422, str(exc))
+        data = {"params": json.dumps(params)} | {k: fields[k] for k in REGISTER_FIELDS if fields[k]}
+        try:
+            body = await apis().call(
+                "registry",
+                "POST",
+                f"/api/v1/models/{q(fields['name'])}/versions",
+                who.token,
+                data=data,
+                files=files,
+            )
+        except ApiError as exc:
+            if exc.status == 401:
+                return api_failed(request, who, exc)
+            return await refused(exc.status, f"the registry refused it: {exc.detail}")
+        done = "registered" if body.get("created", True) else "already registered"
+        target = f"/models/{q(body['name'])}/versions/{q(body['version'])}"
+        return RedirectResponse(f"{target}?done={quote(done)}", status_code=303)
 
     @app.get("/models/{name}", response_class=HTMLResponse)
     async def model(request: Request, who: Who, name: str) -> Response:
@@ -422,8 +481,10 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
             return api_failed(request, who, exc)
         return page(request, "model.html", who, model=body, name=name)
 
-    @app.get("/models/{name}/versions/{version}", response_class=HTMLResponse)
-    async def version(request: Request, who: Who, name: str, version: str) -> Response:
+    async def version_page(
+        request: Request, who: Session, name: str, version: str, status: int = 200, **extra: Any
+    ) -> Response:
+        """A version's page (``extra``: the rollout form's error and values, ``done``)."""
         a, t = apis(), who.token
         try:
             record = await a.get(
@@ -461,7 +522,62 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
             bars=bars,
             length=length,
             services=sorted({b.service for b in bars}),
+            status=status,
+            **extra,
         )
+
+    @app.get("/models/{name}/versions/{version}", response_class=HTMLResponse)
+    async def version(
+        request: Request, who: Who, name: str, version: str, done: str | None = None
+    ) -> Response:
+        return await version_page(request, who, name, version, done=done)
+
+    @app.post("/models/{name}/versions/{version}/rollout")
+    async def start_rollout(
+        request: Request,
+        name: str,
+        version: str,
+        who: RolloutWriter,
+        selector: Annotated[str, Form()] = "",
+        waves: Annotated[str, Form()] = "",
+        bake: Annotated[str, Form()] = "",
+        max_failures: Annotated[str, Form()] = "",
+    ) -> Response:
+        """The rollout form, as ``edgeloop rollout start NAME@V`` sends it; then the new
+        rollout's live page."""
+        fields = {
+            "selector": selector.strip(),
+            "waves": waves.strip(),
+            "bake": bake.strip(),
+            "max_failures": max_failures.strip(),
+        }
+        try:
+            labels = parse_selector(fields["selector"])
+            if not labels:
+                raise ValueError("give the devices' selector, e.g. site=plant-1")
+            knobs = rollout_knobs(
+                fields["waves"], fields["bake"], fields["max_failures"] or None, None
+            )
+        except ValueError as exc:
+            return await version_page(
+                request, who, name, version, 422, rollout_error=str(exc), form=fields
+            )
+        body = {"model": name, "version": version, "selector": labels, **knobs}
+        try:
+            r = await apis().post("deployer", "/v1/rollouts", who.token, json=body)
+        except ApiError as exc:
+            if exc.status == 401:
+                return api_failed(request, who, exc)
+            return await version_page(
+                request,
+                who,
+                name,
+                version,
+                exc.status,
+                rollout_error=f"the deployer refused it: {exc.detail}",
+                form=fields,
+            )
+        return RedirectResponse(f"/rollouts/{q(r['rollout_id'])}?done=start", status_code=303)
 
     # --- devices ----------------------------------------------------------------------
 
