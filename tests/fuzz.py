@@ -590,7 +590,10 @@ class HostileFrames:
 
         how = self.rng.randrange(6)
         if how == 0:
-            report = pb.StatusReport(state=self.rng.choice((0, 6, 99, 2**31 - 1)))
+            # unspecified, the first number no state has yet (a new state is not a bad
+            # one), and far beyond
+            undefined = max(pb.DeviceState.values()) + 1
+            report = pb.StatusReport(state=self.rng.choice((0, undefined, 99, 2**31 - 1)))
             raw = pb.AgentMessage(status=report).SerializeToString()
             return Frame("bad_status", raw, frozenset({"error:invalid_message"}))
         if how == 1:
