@@ -61,8 +61,11 @@ format: $(VENV)/.synced
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Two workers (pytest-xdist), a test module each at a time: most tests wait on servers and
+# processes of their own (every worker starts its own NATS, PostgreSQL and registry on
+# free ports), so two cores run two modules at once.
 test: setup lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 test-fast: setup
 	$(BIN)/pytest -x -q
