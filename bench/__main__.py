@@ -30,6 +30,7 @@ from bench import (
     monitor_alarm,
     nats_permissions,
     notify,
+    offline_rollout,
     outages,
     prom,
     shadow_overhead,
@@ -62,6 +63,7 @@ def main() -> None:
             "notify",
             "webconsole",
             "windows",
+            "offline-rollout",
             "cbpe",
             "shadow",
         ],
@@ -85,6 +87,8 @@ def main() -> None:
         loop(args)
     if args.only in (None, "deploy"):
         deploy(args)
+    if args.only in (None, "offline-rollout"):
+        offline(args)
     if args.only in (None, "windows"):
         window_budget(args)
     if args.only in (None, "monitor"):
@@ -258,6 +262,23 @@ def deploy(args: argparse.Namespace) -> None:
     with servers("bench_deploy") as common:
         results = asyncio.run(deployer_rollout.run(*common, devices=args.rollout_devices))
     _save("deployer_rollout.json", results)
+
+
+def offline(args: argparse.Namespace) -> None:
+    """A rollout with 30 % of its devices offline against one with all online, ``--runs``
+    times on fresh servers."""
+    runs = []
+    for i in range(args.runs):
+        with servers(f"bench_offline_{i}") as common:
+            result = asyncio.run(offline_rollout.run(*common, devices=30, seed=i))
+        print(f"run {i + 1}: {json.dumps(result)}", flush=True)
+        runs.append(result)
+    summary: dict[str, Any] = {"runs": runs}
+    for key in ("all_online_s", "offline_30_s"):
+        values = sorted(r[key] for r in runs)
+        summary[key] = {"min": values[0], "median": statistics.median(values), "max": values[-1]}
+    summary["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    _save("offline_rollout.json", summary)
 
 
 def window_budget(args: argparse.Namespace) -> None:
