@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -44,6 +45,7 @@ class Console:
     gated: list[str]
     """Devices labelled ``group=b-<unique>`` (running agents)."""
     monitor_dsn: str
+    monitor_url: str
 
     def as_user(self, name: str) -> httpx.AsyncClient:
         """A client of the deployer's API with ``name``'s token."""
@@ -98,7 +100,9 @@ async def console(
                         live_poll_seconds=0.2,
                     )
                     async with serving(settings) as url:
-                        yield Console(st, url, tokens, group, gated, dsn)
+                        yield Console(
+                            st, url, tokens, group, gated, dsn, f"http://127.0.0.1:{monitor_port}"
+                        )
                     for agent in list(st.agents.values()):
                         await st.edge.stop_agent(agent)
         finally:
@@ -547,3 +551,102 @@ async def test_the_register_and_rollout_forms_follow_the_role(
     versions = (await st.registry.get(f"/api/v1/models/{model}")).json()["versions"]
     assert [v["version"] for v in versions] == ["1"]
     assert (await st.api.get("/v1/rollouts", params={"model": model})).json()["rollouts"] == []
+
+
+async def test_a_release_policy_and_monitor_rules_are_set_from_the_models_page(
+    browser: Browser, console: Console, tmp_path: Path
+) -> None:
+    st = console.stack
+    model = f"policy{st.unique}"
+    await st.register(model, "1", classifier("iris").onnx)
+    # set with the CLI before: a maintenance window, which the form does not show
+    window = "Sat-Sun 02:00-04:00 UTC"
+    resp = await st.api.put(f"/v1/policies/{model}", json={"window": window})
+    assert resp.status_code == 200, resp.text
+    fleet = f"fleet=p-{st.unique}"
+
+    async def stored() -> tuple[dict[str, Any], dict[str, Any]]:
+        """The policy (the deployer's API) and the model's own rules (the monitor's)."""
+        headers = {"Authorization": f"Bearer {console.tokens['vera']}"}
+        async with httpx.AsyncClient(base_url=console.monitor_url, headers=headers) as monitor:
+            rules = (await monitor.get(f"/v1/rules/{model}")).json()["own"]
+        return (await st.api.get(f"/v1/policies/{model}")).json(), rules
+
+    context, page = await sign_in(browser, console, "alice")
+    try:
+        await page.goto(f"{console.url}/models/{model}")
+        await expect(page.locator("#policy-shown td[data-field=auto_rollout]")).to_have_text("off")
+        form = page.locator("#set-policy")
+        await form.locator("input[name=auto_rollout]").check()
+        await form.locator("input[name=waves]").fill("10%,100%")
+        await form.locator("input[name=bake]").fill("5s")
+        await form.locator("input[name=max_failures]").fill("10%")
+        await form.locator("button[data-action=set-policy]").click()  # no selector
+        await expect(page.locator("#policy-error")).to_contain_text(
+            "the deployer refused it: an automatic rollout needs a selector"
+        )
+        await page.screenshot(path=str(tmp_path / "policy-refused.png"), full_page=True)
+        await form.locator("input[name=selector]").fill(fleet)
+        await expect(form.locator("input[name=waves]")).to_have_value("10%,100%")  # kept
+        await form.locator("button[data-action=set-policy]").click()
+        await expect(page.locator("#done")).to_contain_text("policy set")
+        shown = page.locator("#policy-shown")
+        await expect(shown.locator("td[data-field=auto_rollout]")).to_have_text("on")
+        await expect(shown.locator("td[data-field=selector]")).to_have_text(fleet)
+        await expect(shown.locator("td[data-field=waves]")).to_have_text("10%, 100%")
+        await expect(shown.locator("td[data-field=max_failures]")).to_have_text("10%")
+
+        rules = page.locator("#set-rules textarea[name=rules]")
+        await rules.fill("prediction_psi: 0.6\npredictoin_psi: 0.5")
+        await page.click("#set-rules button[data-action=set-rules]")
+        await expect(page.locator("#rules-error")).to_contain_text(
+            "the monitor refused them: unknown rule 'predictoin_psi'"
+        )
+        await page.screenshot(path=str(tmp_path / "rules-refused.png"), full_page=True)
+        await page.locator("#set-rules textarea[name=rules]").fill("prediction_psi: 0.6")
+        await page.click("#set-rules button[data-action=set-rules]")
+        await expect(page.locator("#done")).to_contain_text("rules set")
+        row = page.locator("#rules-shown tr[data-rule=prediction_psi]")
+        await expect(row).to_contain_text("0.6")
+        await expect(row).to_contain_text("its own")
+        await expect(page.locator("#rules-shown tr[data-rule=drift_psi]")).to_contain_text(
+            "default"
+        )
+        await page.screenshot(path=str(tmp_path / "policy-and-rules-set.png"), full_page=True)
+    finally:
+        await context.close()
+    policy, own = await stored()
+    assert policy["auto_rollout"] is True
+    assert policy["selector"] == {"fleet": f"p-{st.unique}"}
+    assert [w["percent"] for w in policy["waves"]] == [10.0, 100.0]
+    assert (policy["bake_seconds"], policy["max_failures_percent"]) == (5.0, 10.0)
+    assert policy["window"] == window  # kept
+    assert own == {"prediction_psi": 0.6}
+
+    # a viewer sees both, without the forms; forged POSTs change nothing
+    context, page = await sign_in(browser, console, "vera")
+    try:
+        await page.goto(f"{console.url}/models/{model}")
+        await expect(page.locator("#policy-shown td[data-field=auto_rollout]")).to_have_text("on")
+        await expect(page.locator("#rules-shown tr[data-rule=prediction_psi]")).to_be_visible()
+        assert await page.locator("main form[method=post]").count() == 0
+        await page.screenshot(path=str(tmp_path / "viewer-policy-and-rules.png"), full_page=True)
+        csrf = await page.locator("header input[name=csrf]").get_attribute("value")
+        assert csrf
+        for extra, why in (({}, "CSRF"), ({"csrf": csrf}, "role viewer")):
+            resp = await page.request.post(
+                f"{console.url}/models/{model}/policy", form={"selector": "fleet=evil", **extra}
+            )
+            assert resp.status == 403, await resp.text()
+            assert why in await resp.text()
+            resp = await page.request.post(
+                f"{console.url}/models/{model}/rules", form={"rules": "drift_psi: 9", **extra}
+            )
+            assert resp.status == 403, await resp.text()
+            assert why in await resp.text()
+    finally:
+        await context.close()
+    async with httpx.AsyncClient(base_url=console.url) as anonymous:  # no session
+        resp = await anonymous.post(f"/models/{model}/rules", data={"csrf": csrf, "rules": ""})
+        assert resp.status_code == 403
+    assert await stored() == (policy, own)

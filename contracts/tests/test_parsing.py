@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from edgeloop.contracts.parsing import parse_pairs, parse_selector, rollout_knobs
+from edgeloop.contracts.parsing import (
+    format_pairs,
+    format_rules,
+    format_waves,
+    parse_pairs,
+    parse_rules,
+    parse_selector,
+    parse_waves,
+    release_policy,
+    rollout_knobs,
+)
 
 
 def test_pairs_and_selectors() -> None:
@@ -29,3 +39,46 @@ def test_rollout_knobs_as_the_deployer_takes_them() -> None:
         rollout_knobs("1,x", None, None, None)
     with pytest.raises(ValueError, match="invalid --max-failures 'some'"):
         rollout_knobs(None, None, "some", None)
+
+
+def test_a_release_policy_as_the_deployer_takes_it() -> None:
+    body = release_policy(True, "fleet=iris", "10%,100%", "5s", "10%", approval="after-first-wave")
+    assert body == {
+        "auto_rollout": True,
+        "selector": {"fleet": "iris"},
+        "approval": "after_first_wave",
+        "approval_labels": None,
+        "waves": [{"percent": 10.0}, {"percent": 100.0}],
+        "bake_seconds": 5.0,
+        "max_failures_percent": 10.0,
+    }
+    assert release_policy(False, "", None, None, None, approval_labels="env=prod") == {
+        "auto_rollout": False,
+        "selector": None,
+        "approval": "none",
+        "approval_labels": {"env": "prod"},
+    }
+    with pytest.raises(ValueError, match="approval is none, before-rollout or after-first-wave"):
+        release_policy(False, "", None, None, None, approval="always")
+    with pytest.raises(ValueError, match="the approval labels takes key=value"):
+        release_policy(False, "", None, None, None, approval_labels="prod")
+
+
+def test_selectors_and_waves_written_back() -> None:
+    assert format_pairs({"site": "a", "fleet": "x"}) == "fleet=x,site=a"
+    assert format_pairs(None) == ""
+    assert format_waves([{"count": 1}, {"percent": 12.5}, {"percent": 100.0}]) == "1, 12.5%, 100%"
+    assert parse_waves(format_waves([{"count": 1}, {"percent": 50.0}])) == parse_waves("1,50%")
+
+
+def test_monitor_rules_as_yaml() -> None:
+    text = "prediction_psi: 0.6\nkpis:\n  flagged: {predictions: ['1'], max: 0.2}\n"
+    rules = parse_rules(text)
+    assert rules == {"prediction_psi": 0.6, "kpis": {"flagged": {"predictions": ["1"], "max": 0.2}}}
+    assert parse_rules(format_rules(rules)) == rules
+    assert parse_rules("") == {}
+    assert format_rules({}) == ""
+    with pytest.raises(ValueError, match="rules-file must be a mapping of rule: number"):
+        parse_rules("- 1\n- 2", "rules-file")
+    with pytest.raises(ValueError, match="the rules are not YAML"):
+        parse_rules("a: [1,")

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import yaml
 
 from edgeloop.cli.api import MONITOR, JsonOption, check, echo_json, version_ref, when
+from edgeloop.contracts.parsing import format_rules, parse_rules
 
 alarms_app = typer.Typer(help="Drift and KPI alarms.", no_args_is_help=True)
 app = typer.Typer(help="Drift and KPI monitoring: rules and windows.", no_args_is_help=True)
@@ -64,7 +64,7 @@ def show_rules(
         echo_json(r)
         return
     typer.echo(f"# rules of {model}; its own: {', '.join(sorted(r['own'])) or 'none'}")
-    typer.echo(yaml.safe_dump(r["rules"], sort_keys=True).rstrip())
+    typer.echo(format_rules(r["rules"]))
 
 
 @rules_app.command("set")
@@ -75,13 +75,10 @@ def set_rules(
 ) -> None:
     """Replace the model's own rules with the file's."""
     try:
-        rules = yaml.safe_load(file.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        rules = parse_rules(file.read_text(), str(file))
+    except (OSError, ValueError) as exc:
         typer.secho(f"cannot read {file}: {exc}", err=True, fg="red")
         raise typer.Exit(2) from exc
-    if not isinstance(rules, dict):
-        typer.secho(f"{file} must hold a mapping of rule: number", err=True, fg="red")
-        raise typer.Exit(2)
     r = MONITOR.request("PUT", f"/v1/rules/{model}", json={"rules": rules})
     if as_json:
         echo_json(r)

@@ -10,7 +10,13 @@ from typing import Annotated, Any
 import typer
 
 from edgeloop.cli.api import DEPLOYER, JsonOption, echo_json, pairs, version_ref, when
-from edgeloop.contracts.parsing import parse_duration, rollout_knobs
+from edgeloop.contracts.parsing import (
+    format_pairs,
+    format_waves,
+    parse_duration,
+    release_policy,
+    rollout_knobs,
+)
 
 app = typer.Typer(help="Roll validated versions out to device groups.", no_args_is_help=True)
 list_app = typer.Typer(help="Rollouts.", no_args_is_help=True)
@@ -417,12 +423,9 @@ def approve(
 def _policy_text(p: dict[str, Any]) -> str:
     if not p["defined"]:
         return f"{p['model']}: no release policy (rollouts are started by hand, no approval gate)"
-    selector = ",".join(f"{k}={v}" for k, v in sorted((p["selector"] or {}).items())) or "-"
-    waves = ", ".join(
-        f"{w['percent']:g}%" if w.get("percent") is not None else str(w["count"])
-        for w in p["waves"] or []
-    )
-    gated = ",".join(f"{k}={v}" for k, v in sorted((p.get("approval_labels") or {}).items()))
+    selector = format_pairs(p["selector"]) or "-"
+    waves = format_waves(p["waves"])
+    gated = format_pairs(p.get("approval_labels"))
     return "\n".join(
         [
             f"{p['model']}:",
@@ -498,23 +501,21 @@ def policy_set(
     as_json: JsonOption = False,
 ) -> None:
     """Set (replace) the model's release policy."""
-    gate = approval.replace("-", "_")
-    if gate not in ("none", "before_rollout", "after_first_wave"):
-        raise _fail("--approval is none, before-rollout or after-first-wave")
-    body = {
-        "auto_rollout": auto,
-        "selector": _selector(selector or []) or None,
-        "approval": gate,
-        "approval_labels": _selector(approval_labels or []) or None,
-        **rollout_options(
+    try:
+        body = release_policy(
+            auto,
+            ",".join(selector or []),
             waves,
             bake,
             max_failures,
-            converge_timeout,
+            approval=approval,
+            approval_labels=",".join(approval_labels or []),
+            converge_timeout=converge_timeout,
             window=window,
             max_unavailable=max_unavailable,
-        ),
-    }
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
     if shadow_first:
         body["shadow_first"] = shadow_spec(
             shadow_first, sample=sample, min_agreement=min_agreement, then_waves=True

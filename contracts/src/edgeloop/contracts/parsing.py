@@ -1,4 +1,5 @@
-"""Parsers of the command-line forms every component shares (durations, wave plans)."""
+"""Parsers of the forms people write in, shared by the CLI and the console (durations,
+wave plans, selectors, release policies, monitor rules), and their inverses."""
 
 from __future__ import annotations
 
@@ -103,3 +104,79 @@ def rollout_knobs(
     if max_failures:
         body |= parse_share(max_failures, "max_failures", "--max-failures")
     return body
+
+
+#: Which wave of a model's rollouts waits for an approval (a release policy's ``approval``).
+APPROVALS = ("none", "before_rollout", "after_first_wave")
+
+
+def release_policy(
+    auto_rollout: bool,
+    selector: str,
+    waves: str | None,
+    bake: str | None,
+    max_failures: str | None,
+    *,
+    approval: str = "none",
+    approval_labels: str = "",
+    converge_timeout: str | None = None,
+    window: str | None = None,
+    max_unavailable: str | None = None,
+) -> dict[str, Any]:
+    """A release policy as people write it (``k=v[,k=v]`` selectors, ``1,10%,100%``,
+    ``30s``, ``2`` or ``10%``, ``before-rollout``) → the deployer's ``PUT
+    /v1/policies/{model}`` body. ValueError names the malformed field."""
+    gate = approval.strip().replace("-", "_") or "none"
+    if gate not in APPROVALS:
+        raise ValueError(f"approval is none, before-rollout or after-first-wave, not {approval!r}")
+    return {
+        "auto_rollout": auto_rollout,
+        "selector": parse_selector(selector) or None,
+        "approval": gate,
+        "approval_labels": parse_selector(approval_labels, "the approval labels") or None,
+        **rollout_knobs(
+            waves,
+            bake,
+            max_failures,
+            converge_timeout,
+            window=window,
+            max_unavailable=max_unavailable,
+        ),
+    }
+
+
+def format_pairs(pairs: dict[str, str] | None) -> str:
+    """A selector as people write it: ``k=v,k=v`` (sorted; empty for none)."""
+    return ",".join(f"{k}={v}" for k, v in sorted((pairs or {}).items()))
+
+
+def format_waves(waves: list[dict[str, Any]] | None) -> str:
+    """Wave plans as people write them: ``1, 10%, 100%`` (empty for none)."""
+    return ", ".join(
+        f"{w['percent']:g}%" if w.get("percent") is not None else str(w["count"])
+        for w in waves or []
+    )
+
+
+def parse_rules(text: str, source: str = "the rules") -> dict[str, Any]:
+    """A model's monitor rules as YAML (``rule: number`` lines; ``kpis:`` a mapping) →
+    the mapping the monitor's ``PUT /v1/rules/{model}`` takes (empty text: none).
+    ValueError, naming ``source``, when it is no YAML mapping; the monitor checks the
+    names and values."""
+    # PyYAML only here: the edge agent imports this module and does not install it.
+    import yaml
+
+    try:
+        rules = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{source} are not YAML: {exc}") from exc
+    if not isinstance(rules, dict):
+        raise ValueError(f"{source} must be a mapping of rule: number, e.g. prediction_psi: 0.6")
+    return rules
+
+
+def format_rules(rules: dict[str, Any]) -> str:
+    """Rules as YAML, as :func:`parse_rules` reads them (empty for none)."""
+    import yaml
+
+    return yaml.safe_dump(rules, sort_keys=True).rstrip() if rules else ""

@@ -34,7 +34,16 @@ from edgeloop.console import views
 from edgeloop.console.apis import ApiError, Apis, q
 from edgeloop.console.config import ConsoleSettings
 from edgeloop.console.sessions import SESSION_COOKIE, SIGNIN_COOKIE, Session, Sessions
-from edgeloop.contracts.parsing import parse_pairs, parse_selector, rollout_knobs
+from edgeloop.contracts.parsing import (
+    format_pairs,
+    format_rules,
+    format_waves,
+    parse_pairs,
+    parse_rules,
+    parse_selector,
+    release_policy,
+    rollout_knobs,
+)
 from edgeloop.kit.svg import line_chart
 
 log = logging.getLogger(__name__)
@@ -132,6 +141,16 @@ def checked_post(capability: str) -> Callable[..., Awaitable[Session]]:
 #: The register form's optional text fields, passed to the registry as they are.
 REGISTER_FIELDS = ("version", "source_commit", "data_digest", "parent", "retrain_request_id")
 
+#: A release policy's fields the console's form does not show: a PUT from the form keeps
+#: them as they are (``edgeloop rollout policy set`` sets them).
+POLICY_KEPT = (
+    "converge_timeout_seconds",
+    "window",
+    "max_unavailable",
+    "max_unavailable_percent",
+    "shadow_first",
+)
+
 RolloutWriter = Annotated[Session, Depends(checked_post("rollouts.write"))]
 MonitorWriter = Annotated[Session, Depends(checked_post("monitor.write"))]
 DataWriter = Annotated[Session, Depends(checked_post("data.write"))]
@@ -160,6 +179,10 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.globals["colour"] = views.colour
     templates.env.globals["prometheus_url"] = settings.prometheus_url
+    # a policy and rules shown (and put in their forms) as people write them
+    templates.env.globals.update(
+        format_pairs=format_pairs, format_waves=format_waves, format_rules=format_rules
+    )
 
     def apis() -> Apis:
         return state["apis"]
@@ -473,13 +496,121 @@ def create_app(settings: ConsoleSettings) -> FastAPI:
         target = f"/models/{q(body['name'])}/versions/{q(body['version'])}"
         return RedirectResponse(f"{target}?done={quote(done)}", status_code=303)
 
-    @app.get("/models/{name}", response_class=HTMLResponse)
-    async def model(request: Request, who: Who, name: str) -> Response:
+    async def model_page(
+        request: Request, who: Session, name: str, status: int = 200, **extra: Any
+    ) -> Response:
+        """A model's page: its versions, release policy and monitor rules (``extra``: a
+        form's error and values, ``done``)."""
+        a, t = apis(), who.token
         try:
-            body = await apis().get("registry", f"/api/v1/models/{q(name)}", who.token)
+            body = await a.get("registry", f"/api/v1/models/{q(name)}", t)
         except ApiError as exc:
             return api_failed(request, who, exc)
-        return page(request, "model.html", who, model=body, name=name)
+        (policy, policy_error), (rules, rules_error) = await asyncio.gather(
+            or_error(a.get("deployer", f"/v1/policies/{q(name)}", t)),
+            or_error(a.get("monitor", f"/v1/rules/{q(name)}", t)),
+        )
+        return page(
+            request,
+            "model.html",
+            who,
+            model=body,
+            name=name,
+            policy=policy,
+            policy_error=policy_error,
+            rules=rules,
+            rules_error=rules_error,
+            status=status,
+            **extra,
+        )
+
+    @app.get("/models/{name}", response_class=HTMLResponse)
+    async def model(request: Request, who: Who, name: str, done: str | None = None) -> Response:
+        return await model_page(request, who, name, done=done)
+
+    @app.post("/models/{name}/policy")
+    async def set_policy(
+        request: Request,
+        name: str,
+        who: RolloutWriter,
+        auto_rollout: Annotated[str, Form()] = "",
+        selector: Annotated[str, Form()] = "",
+        waves: Annotated[str, Form()] = "",
+        bake: Annotated[str, Form()] = "",
+        max_failures: Annotated[str, Form()] = "",
+        approval: Annotated[str, Form()] = "none",
+        approval_labels: Annotated[str, Form()] = "",
+    ) -> Response:
+        """The release policy form, as ``edgeloop rollout policy set`` sends it. The PUT
+        replaces the policy: what the form does not show (converge timeout, maintenance
+        window, disruption budget, shadow phase first) is kept from the current one."""
+        fields = {
+            "auto_rollout": auto_rollout,
+            "selector": selector.strip(),
+            "waves": waves.strip(),
+            "bake": bake.strip(),
+            "max_failures": max_failures.strip(),
+            "approval": approval.strip(),
+            "approval_labels": approval_labels.strip(),
+        }
+
+        def refused(status: int, message: str) -> Awaitable[Response]:
+            return model_page(
+                request, who, name, status, policy_form_error=message, policy_form=fields
+            )
+
+        try:
+            body = release_policy(
+                bool(auto_rollout),
+                fields["selector"],
+                fields["waves"],
+                fields["bake"],
+                fields["max_failures"] or None,
+                approval=fields["approval"],
+                approval_labels=fields["approval_labels"],
+            )
+        except ValueError as exc:
+            return await refused(422, str(exc))
+        a, path = apis(), f"/v1/policies/{q(name)}"
+        try:
+            current = await a.get("deployer", path, who.token)
+            if current.get("defined"):
+                body |= {k: current[k] for k in POLICY_KEPT if current.get(k) is not None}
+            await a.call("deployer", "PUT", path, who.token, json=body)
+        except ApiError as exc:
+            if exc.status == 401:
+                return api_failed(request, who, exc)
+            return await refused(exc.status, f"the deployer refused it: {exc.detail}")
+        return RedirectResponse(f"/models/{q(name)}?done=policy+set#policy", status_code=303)
+
+    @app.post("/models/{name}/rules")
+    async def set_rules(
+        request: Request,
+        name: str,
+        who: MonitorWriter,
+        rules: Annotated[str, Form()] = "",
+    ) -> Response:
+        """The monitor rules form (YAML, as ``edgeloop monitor rules set --file`` reads
+        it): the model's own rules replaced."""
+
+        def refused(status: int, message: str) -> Awaitable[Response]:
+            return model_page(
+                request, who, name, status, rules_form_error=message, rules_form=rules
+            )
+
+        try:
+            body = parse_rules(rules)
+        except ValueError as exc:
+            return await refused(422, str(exc))
+        try:
+            await apis().call(
+                "monitor", "PUT", f"/v1/rules/{q(name)}", who.token, json={"rules": body}
+            )
+        except ApiError as exc:
+            if exc.status == 401:
+                return api_failed(request, who, exc)
+            return await refused(exc.status, f"the monitor refused them: {exc.detail}")
+        return RedirectResponse(f"/models/{q(name)}?done=rules+set#rules", status_code=303)
 
     async def version_page(
         request: Request, who: Session, name: str, version: str, status: int = 200, **extra: Any
