@@ -568,3 +568,32 @@ async def test_a_device_connecting_while_the_database_is_down_is_told_to_come_ba
         finally:
             await asyncio.to_thread(postgres_private.start)
         await eventually(lambda: _connected(agent), within=90, what="a session once PG is back")
+
+
+async def test_a_device_that_leaves_while_the_database_is_down_is_shown_offline_after(
+    nats_private: NatsServer,
+    postgres_private: Postgres,
+    registry_url: str,
+    tmp_path: Path,
+    unique: str,
+) -> None:
+    """A session ending while the gateway's PostgreSQL was down lost its one write (the
+    error was swallowed): the device showed online until it connected again, for ever if
+    it never did. The gateway records the disconnection again until PostgreSQL answers."""
+    dsn = await asyncio.to_thread(postgres_private.create_database, f"t_{unique}")
+    async with edge_stack(nats_private.url, dsn, registry_url, tmp_path / "edge") as edge:
+        device = f"dev-{unique}"
+        agent = await edge.start_agent(await edge.enroll(device))
+        await eventually(lambda: _online(edge, device), within=60, what="device online")
+        await asyncio.to_thread(postgres_private.stop)
+        try:
+            await edge.stop_agent(agent)
+            await asyncio.sleep(2)  # its disconnection meets the outage
+        finally:
+            await asyncio.to_thread(postgres_private.start)
+
+        async def offline() -> bool:
+            resp = await edge.api.get(f"/v1/devices/{device}")
+            return resp.status_code == 200 and resp.json()["online"] is False
+
+        await eventually(offline, within=60, what="the device shown offline")

@@ -60,6 +60,7 @@ from edgeloop.gateway.trust import (
 from edgeloop.kit.consumer import printable
 from edgeloop.kit.faults import looks_like_outage
 from edgeloop.kit.kv import KvMirror
+from edgeloop.kit.supervise import cancel_and_wait
 from edgeloop.kit.tracing import parent_context
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,8 @@ BUS_UNAVAILABLE = (
 )
 #: How long a device's status report waits for the bus to answer again.
 REPORT_PATIENCE = 30.0
+#: How long a device's disconnection is recorded again while PostgreSQL or the bus is down.
+OFFLINE_PATIENCE = 300.0
 REJECTED = Counter("edgeloop_gateway_rejected_messages", "Agent messages refused", ["code"])
 REFUSED = Counter("edgeloop_gateway_refused_sessions", "Sessions refused", ["reason"])
 TELEMETRY_REFUSED = Counter(
@@ -234,6 +237,8 @@ class EdgeGateway:
         self._desired_mirror = KvMirror(desired_kv, self._desired_changed, name=s.KV_DESIRED)
         self._seen: dict[str, datetime] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._offline_writes: set[asyncio.Task[None]] = set()
+        """Disconnections being recorded (a reference keeps each task alive)."""
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -253,6 +258,9 @@ class EdgeGateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._offline_writes:  # the last disconnections, briefly
+            await asyncio.wait(set(self._offline_writes), timeout=5)
+        await cancel_and_wait(list(self._offline_writes))
         with contextlib.suppress(Exception):
             await self._flush_seen()
 
@@ -712,13 +720,54 @@ class EdgeGateway:
             del self.sessions[key]
         SESSIONS.set(len(self.sessions))
         log.info("device %s disconnected (%s)", session.device_id, session.closed)
-        with contextlib.suppress(Exception):
-            await self.store.disconnected(session.device_id, session.session_id, datetime.now(UTC))
-            await self._report(
-                DeviceStatusReported(
-                    device_id=session.device_id, state=DeviceState.OFFLINE, labels=session.labels
+        # Recorded by a task of its own: the RPC's own task may be cancelled at any await
+        # (the device went away), and a write it started would be lost with it.
+        task = asyncio.create_task(
+            self._record_offline(session, datetime.now(UTC)),
+            name=f"offline-{session.device_id}",
+        )
+        self._offline_writes.add(task)
+        task.add_done_callback(self._offline_writes.discard)
+
+    async def _record_offline(self, session: Session, at: datetime) -> None:
+        """Mark the device offline in the registry and report it, again while PostgreSQL
+        or the bus does not answer (for up to ``OFFLINE_PATIENCE`` seconds): a lost write
+        would show the device online until it connects again, for ever if it never does."""
+        delay = 0.2
+        deadline = time.monotonic() + OFFLINE_PATIENCE
+        recorded = False
+        while True:
+            try:
+                if not recorded:
+                    await self.store.disconnected(session.device_id, session.session_id, at)
+                    recorded = True
+                await self._report(
+                    DeviceStatusReported(
+                        device_id=session.device_id,
+                        state=DeviceState.OFFLINE,
+                        labels=session.labels,
+                    )
                 )
-            )
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if time.monotonic() >= deadline or not looks_like_outage(exc):
+                    log.error(
+                        "device %s: its disconnection could not be recorded: %s: %s",
+                        session.device_id,
+                        type(exc).__name__,
+                        exc,
+                    )
+                    return
+                log.warning(
+                    "device %s: recording its disconnection: %s; again in %.1f s",
+                    session.device_id,
+                    type(exc).__name__,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     # --- artifacts ----------------------------------------------------------------------
 
