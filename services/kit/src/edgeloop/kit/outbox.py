@@ -254,9 +254,16 @@ class OutboxRelay:
         conn, self._listen_conn = self._listen_conn, None
         if conn is None:
             return
-        with contextlib.suppress(*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+        # a relay cancelled mid-statement may leave the connection busy ("another
+        # operation is in progress"): it is dropped, not an error of the stop
+        broken: tuple[type[BaseException], ...] = (
+            *TRANSIENT_DB_ERRORS,
+            asyncpg.PostgresError,
+            asyncpg.InternalClientError,
+        )
+        with contextlib.suppress(*broken):
             await conn.remove_listener(f"edgeloop_outbox_{self._schema}", self._on_notify)
-        with contextlib.suppress(*TRANSIENT_DB_ERRORS, asyncpg.PostgresError):
+        with contextlib.suppress(*broken):
             await self._pool.release(conn, timeout=2)
 
     def _on_notify(self, *_: object) -> None:
